@@ -1,0 +1,299 @@
+"""Open a DS4 GGUF without reading its weights.
+
+:func:`load_model` parses the GGUF header through the ``gguf`` package (the
+tensor data stays a read-only memory map), reads the ``deepseek4.*`` keys into
+a :class:`ModelConfig`, checks every tensor against the schema in
+:mod:`ds4nb.model.catalog`, and binds them into typed :class:`Weights` plus a
+flat tensor catalog that placement policies and ``ds4nb info`` use.
+
+Any problem is a :class:`ModelError` with one line naming the key or tensor
+and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader, GGUFValueType
+from gguf.constants import GGML_QUANT_SIZES
+
+from ds4nb.errors import ModelError
+from ds4nb.model.catalog import FileKind, Role, TensorSpec, expected_tensors
+from ds4nb.model.config import ModelConfig, config_from_metadata
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the file: catalog facts plus a read-only view of its bytes."""
+
+    name: str
+    role: Role | None      # None for tensors the schema does not know (ignored)
+    layer: int | None
+    qtype: Q
+    shape: tuple[int, ...]  # numpy order (last axis contiguous)
+    nbytes: int
+    offset: int             # absolute byte offset in the file
+    data: np.ndarray = field(repr=False, compare=False)  # uint8 memmap view, len == nbytes
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one contiguous row (the last axis)."""
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        return self.shape[-1] // block * size
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """The tensors of one transformer block (fields as in docs/model.md)."""
+
+    hc_attn_fn: TensorInfo
+    hc_attn_scale: TensorInfo
+    hc_attn_base: TensorInfo
+    attn_norm: TensorInfo
+    attn_q_a: TensorInfo
+    attn_q_a_norm: TensorInfo
+    attn_q_b: TensorInfo
+    attn_kv: TensorInfo
+    attn_kv_a_norm: TensorInfo
+    attn_sinks: TensorInfo
+    attn_output_a: TensorInfo
+    attn_output_b: TensorInfo
+    hc_ffn_fn: TensorInfo
+    hc_ffn_scale: TensorInfo
+    hc_ffn_base: TensorInfo
+    ffn_norm: TensorInfo
+    ffn_gate_inp: TensorInfo
+    ffn_gate_exps: TensorInfo
+    ffn_up_exps: TensorInfo
+    ffn_down_exps: TensorInfo
+    ffn_gate_shexp: TensorInfo
+    ffn_up_shexp: TensorInfo
+    ffn_down_shexp: TensorInfo
+    ffn_exp_probs_b: TensorInfo | None = None
+    ffn_gate_tid2eid: TensorInfo | None = None
+    attn_compressor_ape: TensorInfo | None = None
+    attn_compressor_kv: TensorInfo | None = None
+    attn_compressor_gate: TensorInfo | None = None
+    attn_compressor_norm: TensorInfo | None = None
+    indexer_attn_q_b: TensorInfo | None = None
+    indexer_proj: TensorInfo | None = None
+    indexer_compressor_ape: TensorInfo | None = None
+    indexer_compressor_kv: TensorInfo | None = None
+    indexer_compressor_gate: TensorInfo | None = None
+    indexer_compressor_norm: TensorInfo | None = None
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Model-level tensors plus one :class:`LayerWeights` per block."""
+
+    token_embd: TensorInfo
+    output_hc_base: TensorInfo
+    output_hc_fn: TensorInfo
+    output_hc_scale: TensorInfo
+    output_norm: TensorInfo
+    output: TensorInfo
+    layers: tuple[LayerWeights, ...]
+
+
+@dataclass(frozen=True)
+class MtpWeights:
+    """The multi-token-prediction support file (recognised; not run yet)."""
+
+    hc_head_base: TensorInfo
+    hc_head_fn: TensorInfo
+    hc_head_scale: TensorInfo
+    e_proj: TensorInfo
+    h_proj: TensorInfo
+    enorm: TensorInfo
+    hnorm: TensorInfo
+    norm: TensorInfo
+    block: LayerWeights
+
+
+@dataclass(frozen=True)
+class Model:
+    """An opened DS4 GGUF file."""
+
+    path: Path
+    kind: FileKind
+    config: ModelConfig
+    metadata: Mapping[str, Any] = field(repr=False)
+    metadata_types: Mapping[str, GGUFValueType] = field(repr=False)
+    catalog: tuple[TensorInfo, ...] = field(repr=False)
+    weights: Weights | MtpWeights = field(repr=False)
+    file_size: int = 0
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return {t.name: t for t in self.catalog}
+
+    def tensor(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ModelError(f"{self.path.name}: tensor {name} is not in the file") from None
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.catalog)
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("general.name", self.path.stem))
+
+
+# ---------------------------------------------------------------------------
+# reading
+
+
+def _decode_field(f: Any) -> tuple[Any, GGUFValueType]:
+    """(python value, value type) of a ReaderField; arrays report their element type."""
+    main = f.types[0]
+    if main == GGUFValueType.ARRAY:
+        sub = f.types[-1] if len(f.types) > 1 else GGUFValueType.UINT8
+        if sub == GGUFValueType.STRING:
+            return [bytes(f.parts[i]).decode("utf-8", errors="replace") for i in f.data], sub
+        if len(f.types) > 2:  # nested arrays are not used by DS4 files
+            return None, GGUFValueType.ARRAY
+        if not f.data:
+            return [], sub
+        return np.concatenate([f.parts[i] for i in f.data]).tolist(), sub
+    if main == GGUFValueType.STRING:
+        return bytes(f.parts[-1]).decode("utf-8", errors="replace"), main
+    return f.parts[-1].tolist()[0], main
+
+
+def _check_header(path: Path) -> int:
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelError(f"not a regular file: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise ModelError(f"{path.name}: not a GGUF file (bad magic)")
+    version = int.from_bytes(head[4:8], "little")
+    if version != 3:
+        raise ModelError(f"{path.name}: GGUF version {version} is not supported, expected 3")
+    return size
+
+
+def _open_reader(path: Path) -> GGUFReader:
+    try:
+        return GGUFReader(path, "r")
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError):
+        raise ModelError(f"{path.name}: file is truncated or corrupt (its GGUF header cannot be parsed)") from None
+
+
+def _tensor_infos(reader: GGUFReader, path: Path, size: int) -> list[tuple[str, Q, tuple[int, ...], int, int]]:
+    """(name, qtype, numpy shape, absolute offset, nbytes) per tensor, bounds-checked."""
+    out = []
+    for t in reader.tensors:
+        try:
+            qtype = Q(int(t.tensor_type))
+        except ValueError:
+            raise ModelError(f"{path.name}: tensor {t.name} has unknown GGML type {int(t.tensor_type)}") from None
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        block, tsize = GGML_QUANT_SIZES[qtype]
+        if shape and shape[-1] % block:
+            raise ModelError(f"{path.name}: tensor {t.name} row length {shape[-1]} is not a multiple of "
+                             f"the {qtype.name} block size {block}")
+        nbytes = int(np.prod(shape)) // block * tsize
+        offset = int(t.data_offset)
+        if offset + nbytes > size:
+            raise ModelError(f"{path.name}: file is truncated (tensor {t.name} ends at byte "
+                             f"{offset + nbytes}, file has {size})")
+        out.append((t.name, qtype, shape, offset, nbytes))
+    return out
+
+
+def _check_tensor(spec: TensorSpec, qtype: Q, shape: tuple[int, ...], fname: str) -> None:
+    if qtype not in spec.qtypes:
+        allowed = " or ".join(q.name for q in spec.qtypes)
+        raise ModelError(f"{fname}: tensor {spec.name} has type {qtype.name}, expected {allowed}")
+    if shape != spec.shape:
+        raise ModelError(f"{fname}: tensor {spec.name} has shape {list(shape)}, expected {list(spec.shape)}")
+
+
+def _detect_kind(names: set[str]) -> FileKind:
+    if any(n.startswith("blk.") for n in names):
+        return "main"
+    if any(n.startswith("mtp.") for n in names):
+        return "mtp"
+    return "main"
+
+
+def load_model(path: str | os.PathLike[str]) -> Model:
+    """Open, validate and catalog a DS4 GGUF (main model or MTP support file)."""
+    path = Path(path)
+    size = _check_header(path)
+    reader = _open_reader(path)
+
+    metadata: dict[str, Any] = {}
+    types: dict[str, GGUFValueType] = {}
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        metadata[name], types[name] = _decode_field(f)
+
+    infos = _tensor_infos(reader, path, size)
+    names = {n for n, *_ in infos}
+    kind = _detect_kind(names)
+    try:
+        config = config_from_metadata(metadata, types)
+    except ModelError as e:
+        raise ModelError(f"{path.name}: {e}") from None
+
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    specs = {s.name: s for s in expected_tensors(config, kind)}
+    catalog: list[TensorInfo] = []
+    by_name: dict[str, TensorInfo] = {}
+    for name, qtype, shape, offset, nbytes in infos:
+        spec = specs.get(name)
+        if spec is not None:
+            _check_tensor(spec, qtype, shape, path.name)
+        info = TensorInfo(name, spec.role if spec else None, spec.layer if spec else None,
+                          qtype, shape, nbytes, offset, mm[offset:offset + nbytes])
+        catalog.append(info)
+        by_name[name] = info
+    for spec in specs.values():
+        if spec.required and spec.name not in by_name:
+            raise ModelError(f"{path.name}: required tensor is missing: {spec.name}")
+
+    weights = _bind(config, kind, specs, by_name, path.name)
+    return Model(path=path, kind=kind, config=config, metadata=metadata, metadata_types=types,
+                 catalog=tuple(catalog), weights=weights, file_size=size)
+
+
+def _bind(cfg: ModelConfig, kind: FileKind, specs: Mapping[str, TensorSpec],
+          by_name: Mapping[str, TensorInfo], fname: str) -> Weights | MtpWeights:
+    groups: dict[int | None, dict[str, TensorInfo]] = {}
+    for name, spec in specs.items():
+        if name in by_name:
+            groups.setdefault(spec.layer, {})[spec.field] = by_name[name]
+    top = groups.get(None, {})
+    if kind == "mtp":
+        layer_fields = set(LayerWeights.__dataclass_fields__)
+        block = LayerWeights(**{k: v for k, v in top.items() if k in layer_fields})
+        head = {k: v for k, v in top.items() if k not in layer_fields}
+        return MtpWeights(block=block, **head)
+    layers = tuple(LayerWeights(**groups[il]) for il in range(cfg.n_layer))
+    for il, lw in enumerate(layers):
+        if lw.ffn_gate_exps.qtype != lw.ffn_up_exps.qtype:
+            raise ModelError(f"{fname}: routed gate/up experts of layer {il} use different quant types "
+                             f"({lw.ffn_gate_exps.qtype.name} vs {lw.ffn_up_exps.qtype.name})")
+    return Weights(layers=layers, **top)
