@@ -280,3 +280,21 @@ def test_info_and_synth_cli(capsys, tmp_path: Path) -> None:
     copy = tmp_path / "copy.gguf"
     shutil.copy(out, copy)
     assert load_model(copy).config == load_model(out).config
+
+
+def test_header_reader_agrees_with_gguf_reader(fresh_tiny) -> None:
+    """ds4nb's fast header parser against the gguf package's GGUFReader, field by field."""
+    from ds4nb.model.gguf_header import read_header
+
+    path, _ = fresh_tiny
+    ours = read_header(path)
+    theirs = GGUFReader(path)
+    fields = {k: f for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert set(ours.metadata) == set(fields)
+    for key, f in fields.items():
+        main_type = f.types[0]
+        elem_type = f.types[-1]
+        assert ours.types[key] == (elem_type if main_type == GGUFValueType.ARRAY else main_type), key
+        assert ours.metadata[key] == f.contents(), key
+    assert [(t.name, t.dims, t.ggml_type, ours.data_offset + t.offset) for t in ours.tensors] == [
+        (t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.data_offset)) for t in theirs.tensors]

@@ -2,7 +2,7 @@
 
 :func:`expected_tensors` lists every tensor a DS4 file of a given
 :class:`ModelConfig` must (or may) hold: name, role, layer, shape and the
-quant types allowed (docs/runtime.md, "Tensors").  The loader validates a file
+quant types allowed (docs/runtime.md, section 4).  The loader validates a file
 against it and the synthetic-model writer writes exactly it, so the two can
 never drift apart.
 

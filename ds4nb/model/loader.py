@@ -1,7 +1,7 @@
 """Open a DS4 GGUF without reading its weights.
 
-:func:`load_model` parses the GGUF header through the ``gguf`` package (the
-tensor data stays a read-only memory map), reads the ``deepseek4.*`` keys into
+:func:`load_model` parses the GGUF header (:mod:`ds4nb.model.gguf_header`;
+the tensor data stays a read-only memory map), reads the ``deepseek4.*`` keys into
 a :class:`ModelConfig`, checks every tensor against the schema in
 :mod:`ds4nb.model.catalog`, and binds them into typed :class:`Weights` plus a
 flat tensor catalog that placement policies and ``ds4nb info`` use.
@@ -12,6 +12,7 @@ and what was expected.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,14 +21,13 @@ from typing import Any, Mapping
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader, GGUFValueType
+from gguf import GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
 
 from ds4nb.errors import ModelError
 from ds4nb.model.catalog import FileKind, Role, TensorSpec, expected_tensors
 from ds4nb.model.config import ModelConfig, config_from_metadata
-
-GGUF_MAGIC = b"GGUF"
+from ds4nb.model.gguf_header import GGUFHeader, read_header
 
 
 @dataclass(frozen=True)
@@ -159,61 +159,29 @@ class Model:
 # reading
 
 
-def _decode_field(f: Any) -> tuple[Any, GGUFValueType]:
-    """(python value, value type) of a ReaderField; arrays report their element type."""
-    main = f.types[0]
-    if main == GGUFValueType.ARRAY:
-        sub = f.types[-1] if len(f.types) > 1 else GGUFValueType.UINT8
-        if sub == GGUFValueType.STRING:
-            return [bytes(f.parts[i]).decode("utf-8", errors="replace") for i in f.data], sub
-        if len(f.types) > 2:  # nested arrays are not used by DS4 files
-            return None, GGUFValueType.ARRAY
-        if not f.data:
-            return [], sub
-        return np.concatenate([f.parts[i] for i in f.data]).tolist(), sub
-    if main == GGUFValueType.STRING:
-        return bytes(f.parts[-1]).decode("utf-8", errors="replace"), main
-    return f.parts[-1].tolist()[0], main
-
-
-def _check_header(path: Path) -> int:
+def _check_file(path: Path) -> int:
     if not path.exists():
         raise ModelError(f"model file not found: {path}")
     if not path.is_file():
         raise ModelError(f"not a regular file: {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if len(head) < 8 or head[:4] != GGUF_MAGIC:
-        raise ModelError(f"{path.name}: not a GGUF file (bad magic)")
-    version = int.from_bytes(head[4:8], "little")
-    if version != 3:
-        raise ModelError(f"{path.name}: GGUF version {version} is not supported, expected 3")
-    return size
+    return path.stat().st_size
 
 
-def _open_reader(path: Path) -> GGUFReader:
-    try:
-        return GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError):
-        raise ModelError(f"{path.name}: file is truncated or corrupt (its GGUF header cannot be parsed)") from None
-
-
-def _tensor_infos(reader: GGUFReader, path: Path, size: int) -> list[tuple[str, Q, tuple[int, ...], int, int]]:
+def _tensor_infos(header: GGUFHeader, path: Path, size: int) -> list[tuple[str, Q, tuple[int, ...], int, int]]:
     """(name, qtype, numpy shape, absolute offset, nbytes) per tensor, bounds-checked."""
     out = []
-    for t in reader.tensors:
+    for t in header.tensors:
         try:
-            qtype = Q(int(t.tensor_type))
+            qtype = Q(t.ggml_type)
         except ValueError:
-            raise ModelError(f"{path.name}: tensor {t.name} has unknown GGML type {int(t.tensor_type)}") from None
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            raise ModelError(f"{path.name}: tensor {t.name} has unknown GGML type {t.ggml_type}") from None
+        shape = tuple(reversed(t.dims))
         block, tsize = GGML_QUANT_SIZES[qtype]
-        if shape and shape[-1] % block:
+        if shape[-1] % block:
             raise ModelError(f"{path.name}: tensor {t.name} row length {shape[-1]} is not a multiple of "
                              f"the {qtype.name} block size {block}")
-        nbytes = int(np.prod(shape)) // block * tsize
-        offset = int(t.data_offset)
+        nbytes = math.prod(shape) // block * tsize
+        offset = header.data_offset + t.offset
         if offset + nbytes > size:
             raise ModelError(f"{path.name}: file is truncated (tensor {t.name} ends at byte "
                              f"{offset + nbytes}, file has {size})")
@@ -240,17 +208,10 @@ def _detect_kind(names: set[str]) -> FileKind:
 def load_model(path: str | os.PathLike[str]) -> Model:
     """Open, validate and catalog a DS4 GGUF (main model or MTP support file)."""
     path = Path(path)
-    size = _check_header(path)
-    reader = _open_reader(path)
-
-    metadata: dict[str, Any] = {}
-    types: dict[str, GGUFValueType] = {}
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF."):
-            continue
-        metadata[name], types[name] = _decode_field(f)
-
-    infos = _tensor_infos(reader, path, size)
+    size = _check_file(path)
+    header = read_header(path)
+    metadata, types = header.metadata, header.types
+    infos = _tensor_infos(header, path, size)
     names = {n for n, *_ in infos}
     kind = _detect_kind(names)
     try:
