@@ -20,6 +20,8 @@ from rich.table import Table
 from ds4nb import __version__
 from ds4nb.errors import Ds4Error, UsageError
 
+DEFAULT_CTX = 32768  # the reference CLI's default context
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -119,6 +121,69 @@ class _bytes_progress:
 
 
 # ---------------------------------------------------------------------------
+# generate
+
+
+def _load_for_run(model_arg: Path | None):
+    """The model to run: ``-m`` or the embedded default (written on first use)."""
+    from ds4nb.model import load_model
+    from ds4nb.model.default import default_model_path, ensure_default_model
+
+    if model_arg is not None:
+        return load_model(model_arg)
+    if not default_model_path().is_file():
+        err_console.print(f"[dim]writing the embedded default model to {default_model_path()} (once)[/dim]")
+        with _bytes_progress("default model") as advance:
+            ensure_default_model(progress=advance)
+    return load_model(default_model_path())
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ds4nb.chat import StopCondition, render_prompt
+    from ds4nb.engine.backends import open_engine
+    from ds4nb.engine.generate import generate
+    from ds4nb.sampling import SamplingParams
+    from ds4nb.tokenizer import Tokenizer
+
+    params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+    model = _load_for_run(args.model)
+    limit = model.config.context_length or None
+    if args.ctx is None:
+        args.ctx = min(DEFAULT_CTX, limit or DEFAULT_CTX)
+    elif limit is not None and args.ctx > limit:
+        raise UsageError(f"--ctx {args.ctx} is larger than the model's context length {limit}")
+    tok = Tokenizer.from_gguf(model)
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        try:
+            prompt = args.prompt_file.read_text(encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+    ids = render_prompt(tok, prompt, system=args.system, think="none" if args.nothink else args.think, ctx=args.ctx)
+    stop = StopCondition.for_tokenizer(tok, max_tokens=args.n)
+    budget = stop.token_budget(args.ctx, len(ids))
+    if budget <= 0:
+        raise UsageError(f"the prompt has {len(ids)} tokens: no room to generate in --ctx {args.ctx}")
+    engine, where = open_engine(model, args.backend, ctx=args.ctx)
+    err_console.print(f"[dim]{model.name} | {where} | prompt {len(ids)} tokens[/dim]", highlight=False)
+
+    def emit(text: str) -> None:
+        console.out(text, end="", highlight=False)
+        console.file.flush()
+
+    out, stats = generate(engine, tok, ids, max_new_tokens=budget, params=params, stop=stop, on_text=emit,
+                          rng=np.random.default_rng(args.seed))
+    console.out("")
+    err_console.print(
+        f"[dim]prompt {stats.prompt_tokens} tok, prefill {stats.prefill_tps:.1f} t/s | generated "
+        f"{stats.generated_tokens} tok, decode {stats.decode_tps:.2f} t/s | first token "
+        f"{stats.first_token_seconds:.2f} s | stop: {stats.stop} | {where}[/dim]", highlight=False)
+    return 130 if stats.stop == "interrupted" else 0
+
+
+# ---------------------------------------------------------------------------
 # parser
 
 
@@ -140,6 +205,17 @@ def _seed(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
     return v
+
+
+def _non_negative_int(text: str) -> int:
+    return _seed(text)
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -167,6 +243,35 @@ def build_parser() -> argparse.ArgumentParser:
                        help="number of layers (default: the preset's; e.g. a flash-shaped model that fits a GPU)")
     synth.add_argument("--workers", type=_positive_int, default=None, help="writer processes (default: all cores)")
     synth.set_defaults(func=cmd_synth)
+
+    from ds4nb.chat import DEFAULT_SYSTEM_PROMPT
+    from ds4nb.engine.backends import BACKENDS
+    from ds4nb.sampling import SamplingParams
+
+    d = SamplingParams()
+    gen = sub.add_parser("generate", help="generate text from a prompt (streams tokens, prints stats)")
+    gen.add_argument("-m", "--model", type=Path, default=None,
+                     help="DS4 GGUF file (default: the embedded small synthetic model)")
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument("-p", "--prompt", default="Hello! Who are you?", help="the user prompt")
+    src.add_argument("--prompt-file", type=Path, default=None, help="read the user prompt from a file")
+    gen.add_argument("-n", "--tokens", dest="n", type=_positive_int, default=256,
+                     help="most tokens to generate (default 256)")
+    gen.add_argument("--ctx", type=_positive_int, default=None,
+                     help=f"context size in tokens (default {DEFAULT_CTX}, or the model's if smaller)")
+    gen.add_argument("--temp", type=_float, default=d.temperature,
+                     help=f"temperature, 0 = greedy (default {d.temperature:g})")
+    gen.add_argument("--top-k", type=_non_negative_int, default=d.top_k, help=f"top-k, 0 = off (default {d.top_k})")
+    gen.add_argument("--top-p", type=_float, default=d.top_p, help=f"top-p (default {d.top_p:g})")
+    gen.add_argument("--min-p", type=_float, default=d.min_p, help=f"min-p (default {d.min_p:g})")
+    gen.add_argument("--seed", type=_seed, default=None, help="sampling seed (default: random)")
+    think = gen.add_mutually_exclusive_group()
+    think.add_argument("--nothink", action="store_true", help="answer without a thinking section")
+    think.add_argument("--think", choices=("high", "max"), default="high",
+                       help="thinking mode (max needs --ctx >= 393216; default high)")
+    gen.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt ('' for none)")
+    gen.add_argument("--backend", choices=BACKENDS, default="auto", help="auto (default): cuda if a GPU, else cpu")
+    gen.set_defaults(func=cmd_generate)
     return p
 
 

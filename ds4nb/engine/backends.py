@@ -1,0 +1,50 @@
+"""Choosing and opening a backend: ``cpu`` (the numpy oracle) or ``cuda``."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from ds4nb.errors import Ds4Error
+from ds4nb.model import Model
+
+Backend = Literal["auto", "cuda", "cpu"]
+BACKENDS: tuple[Backend, ...] = ("auto", "cuda", "cpu")
+
+
+def cuda_available() -> bool:
+    """A real CUDA GPU that numba-cuda can use (the simulator does not count)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:  # numba-cuda present but no driver / library
+        return False
+
+
+def resolve_backend(requested: Backend) -> Literal["cuda", "cpu"]:
+    if requested == "cpu":
+        return "cpu"
+    if requested == "cuda":
+        if not cuda_available():
+            raise Ds4Error("--backend cuda: no CUDA GPU is available (numba-cuda found no device); "
+                           "use --backend cpu")
+        return "cuda"
+    if requested == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    raise Ds4Error(f"unknown backend {requested!r}: expected one of {', '.join(BACKENDS)}")
+
+
+def open_engine(model: Model, backend: Backend, *, ctx: int):
+    """An engine for ``model`` on the resolved backend, and a one-line description of it."""
+    kind = resolve_backend(backend)
+    if kind == "cuda":
+        from ds4nb.engine.session import CudaEngine
+
+        engine = CudaEngine(model, ctx=ctx)
+        return engine, engine.describe()
+    from ds4nb.reference.engine import CpuEngine
+
+    return CpuEngine(model), "cpu backend (numpy reference)"

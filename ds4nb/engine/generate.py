@@ -1,0 +1,98 @@
+"""The generation loop shared by every backend.
+
+Prefill the rendered prompt, then sample / stream / decode until a stop
+condition.  The engine is anything with ``prefill(tokens) -> logits`` and
+``decode(token) -> logits`` (the oracle's ``CpuEngine`` or the CUDA engine);
+text leaves through the tokenizer's streaming detokenizer, so a multi-byte
+character split across tokens is never printed half-way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal, Protocol, Sequence
+
+import numpy as np
+
+from ds4nb.chat import StopCondition
+from ds4nb.sampling import SamplingParams, sample
+from ds4nb.tokenizer import Tokenizer
+
+StopReason = Literal["eos", "length", "interrupted"]
+
+
+class LogitsEngine(Protocol):
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray: ...
+
+    def decode(self, token: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    prefill_seconds: float
+    generated_tokens: int
+    decode_steps: int           # engine.decode calls (one per generated token but the last)
+    decode_seconds: float       # time from the first token to the end
+    first_token_seconds: float  # prefill + first sample
+    stop: StopReason
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        if self.decode_steps == 0 or self.decode_seconds <= 0:
+            return 0.0
+        return self.decode_steps / self.decode_seconds
+
+
+def generate(engine: LogitsEngine, tokenizer: Tokenizer, prompt: Sequence[int], *, max_new_tokens: int,
+             params: SamplingParams, stop: StopCondition, on_text: Callable[[str], None],
+             rng: np.random.Generator) -> tuple[list[int], GenerationStats]:
+    """Generate up to ``max_new_tokens`` tokens after ``prompt``; returns (tokens, stats).
+
+    Ctrl-C ends generation early with ``stop == "interrupted"`` and keeps what was produced.
+    """
+    stream = tokenizer.stream()
+    out: list[int] = []
+    decodes = 0
+    reason: StopReason = "length"
+    t0 = time.perf_counter()
+    t_first = t_prefill = t_end = t0
+    try:
+        logits = engine.prefill(prompt)
+        t_prefill = time.perf_counter()
+        for step in range(max_new_tokens):
+            token = sample(logits, params, rng)
+            if step == 0:
+                t_first = time.perf_counter()
+            if stop.is_stop(token):
+                reason = "eos"
+                break
+            out.append(token)
+            if text := stream.push(token):
+                on_text(text)
+            if step + 1 == max_new_tokens:
+                break
+            logits = engine.decode(token)
+            decodes += 1
+    except KeyboardInterrupt:
+        reason = "interrupted"
+    t_end = time.perf_counter()
+    if tail := stream.flush():
+        on_text(tail)
+    if t_first < t_prefill:  # interrupted before the first token
+        t_first = t_end
+    stats = GenerationStats(
+        prompt_tokens=len(prompt),
+        prefill_seconds=max(t_prefill - t0, 0.0),
+        generated_tokens=len(out),
+        decode_steps=decodes,
+        decode_seconds=max(t_end - t_first, 0.0),
+        first_token_seconds=max(t_first - t0, 0.0),
+        stop=reason,
+    )
+    return out, stats
