@@ -184,6 +184,87 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import csv
+
+    from ds4nb.bench import FILLER, BenchRow, frontiers, run_bench
+    from ds4nb.engine.backends import open_engine
+    from ds4nb.tokenizer import Tokenizer
+
+    frontiers(args.ctx_start, args.ctx_max, args.step_incr)  # validate before any output
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'ds4nb[plot]'") from None
+    model = _load_for_run(args.model)
+    limit = model.config.context_length or None
+    if limit is not None and args.ctx_max + args.gen_tokens > limit:
+        raise UsageError(f"--ctx-max {args.ctx_max} + --gen-tokens {args.gen_tokens} exceeds the model's "
+                         f"context length {limit}")
+    tok = Tokenizer.from_gguf(model)
+    if args.prompt_file is not None:
+        try:
+            text = args.prompt_file.read_text(encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+        tokens = tok.encode_ordinary(text)
+    else:
+        unit = tok.encode_ordinary(FILLER)
+        tokens = unit * (args.ctx_max // len(unit) + 1)
+    engine, where = open_engine(model, args.backend, ctx=args.ctx_max + args.gen_tokens + 1)
+    err_console.print(f"[dim]{model.name} | {where}[/dim]", highlight=False)
+    table = Table(title="ds4nb bench", title_justify="left")
+    for col in BenchRow.header():
+        table.add_column(col, justify="right")
+    rows: list[BenchRow] = []
+    out = open(args.csv, "w", newline="") if args.csv else None
+    try:
+        writer = csv.writer(out if out else sys.stdout)
+        writer.writerow(BenchRow.header())
+        for row in run_bench(engine, tokens, ctx_start=args.ctx_start, ctx_max=args.ctx_max,
+                             step_incr=args.step_incr, gen_tokens=args.gen_tokens, eos_id=tok.eos_id):
+            rows.append(row)
+            writer.writerow([f"{v:.3f}" if isinstance(v, float) else v for v in row.values()])
+            if out:
+                out.flush()
+                err_console.print(f"ctx {row.ctx_tokens}: prefill {row.prefill_tps:.1f} t/s, "
+                                  f"gen {row.gen_tps:.2f} t/s", highlight=False)
+    finally:
+        if out:
+            out.close()
+    if out:
+        for row in rows:
+            table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()])
+        console.print(table)
+    if args.plot is not None:
+        _plot(rows, args.plot, model.name)
+    return 0
+
+
+def _plot(rows, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ctx = [r.ctx_tokens for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(ctx, [r.prefill_tps for r in rows], marker="o", label="prefill t/s")
+    ax.plot(ctx, [r.gen_tps for r in rows], marker="o", label="generation t/s")
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("tokens / s")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------
 # parser
 
 
@@ -272,6 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt ('' for none)")
     gen.add_argument("--backend", choices=BACKENDS, default="auto", help="auto (default): cuda if a GPU, else cpu")
     gen.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="prefill and generation tokens/s at context frontiers (CSV)")
+    b.add_argument("-m", "--model", type=Path, default=None, help="DS4 GGUF file (default: the embedded model)")
+    b.add_argument("--ctx-start", type=_positive_int, default=2048, help="first frontier (default 2048)")
+    b.add_argument("--ctx-max", type=_positive_int, default=32768, help="last frontier (default 32768)")
+    b.add_argument("--step-incr", type=_positive_int, default=2048, help="frontier step (default 2048)")
+    b.add_argument("--gen-tokens", type=_positive_int, default=128, help="greedy tokens per frontier (default 128)")
+    b.add_argument("--prompt-file", type=Path, default=None, help="benchmark text (default: built-in filler)")
+    b.add_argument("--csv", type=Path, default=None, help="write the CSV here (default: stdout)")
+    b.add_argument("--plot", type=Path, default=None, help="write a PNG of t/s vs context (needs matplotlib)")
+    b.add_argument("--backend", choices=BACKENDS, default="auto", help="auto (default): cuda if a GPU, else cpu")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -53,3 +53,13 @@ def tiny_model(tiny_gguf: Path):
     from ds4nb.model import load_model
 
     return load_model(tiny_gguf)
+
+
+@pytest.fixture
+def kernel_rng() -> "np.random.Generator":
+    """A fresh generator per test; the seed is printed (shown on failure), DS4NB_TEST_SEED pins it."""
+    import numpy as np
+
+    seed = int(os.environ.get("DS4NB_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+    print(f"DS4NB_TEST_SEED={seed}")
+    return np.random.default_rng(seed)

@@ -28,6 +28,8 @@ class LogitsEngine(Protocol):
     def decode(self, token: int) -> np.ndarray: ...
 
 
+
+
 @dataclass(frozen=True)
 class GenerationStats:
     prompt_tokens: int
@@ -62,11 +64,13 @@ def generate(engine: LogitsEngine, tokenizer: Tokenizer, prompt: Sequence[int], 
     reason: StopReason = "length"
     t0 = time.perf_counter()
     t_first = t_prefill = t_end = t0
+    # Engines that sample on the device (the CUDA engine) return only the token id.
+    device_step = getattr(engine, "decode_sample", None)
     try:
         logits = engine.prefill(prompt)
         t_prefill = time.perf_counter()
+        token = sample(logits, params, rng)
         for step in range(max_new_tokens):
-            token = sample(logits, params, rng)
             if step == 0:
                 t_first = time.perf_counter()
             if stop.is_stop(token):
@@ -77,7 +81,10 @@ def generate(engine: LogitsEngine, tokenizer: Tokenizer, prompt: Sequence[int], 
                 on_text(text)
             if step + 1 == max_new_tokens:
                 break
-            logits = engine.decode(token)
+            if device_step is not None:
+                token = device_step(token, params, rng)
+            else:
+                token = sample(engine.decode(token), params, rng)
             decodes += 1
     except KeyboardInterrupt:
         reason = "interrupted"

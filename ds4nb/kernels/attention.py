@@ -1,0 +1,576 @@
+"""Decode attention and the row kernels around it (docs/model.md steps 5, 7, 8, 11, 12).
+
+Ops
+---
+``attn.q_norm_rope``
+    Per-head unweighted RMSNorm of q, then RoPE on each head's tail
+    (steps 5.4 and 7 fused; one block per (head, token)).
+``attn.kv_store``
+    The KV row of a token: ``rms(kv; attn_kv_a_norm)``, RoPE, FP8 (E4M3)
+    round trip of the non-rotated dims in blocks of 64, F16 rounding, stored
+    into row ``row`` of the window cache (steps 6-8, one block per token).
+``attn.decode``
+    One query token: ``n_head`` heads over the ``n_raw`` window rows plus the
+    visible compressed rows (all ``n_comp``, or the indexer's selection
+    ``sel``), with the per-head sink logit in the denominator (step 11),
+    optionally followed by the inverse RoPE of the output (step 12).
+
+Row-kernel geometry ("pair per thread"): a block of ``max(32, head_dim/2)``
+threads rounded to whole warps, thread ``p`` owning dims ``2p, 2p+1``.  A
+64-dim FP8 block is then exactly one warp (32 pairs), so its amax is one
+warp reduction; the rotary tail pairs are the last ``n_rot/2`` threads.
+
+Decode attention geometry (flash-decoding): grid ``(n_head / HPB, n_split)``,
+256 threads.  A block owns ``HPB`` heads (their queries in shared memory)
+and walks chunks of ``CH`` rows (chunk ``c`` goes to split ``c mod n_split``):
+each warp scores rows (lane ``l`` holds dims ``l + 32 j`` of the row, one
+shuffle reduction per head), one warp per head turns the chunk's scores into
+``exp(s - m)`` with a running max, and every thread accumulates
+``HPB x (head_dim / 256)`` output dims in registers, rescaled when the max
+grows.  A second kernel (one block per head) merges the splits with the sink:
+``out = sum_s acc_s e^(m_s - M) / (e^(sink - M) + sum_s l_s e^(m_s - M))``.
+Each KV row is read from memory once per head group (8 heads), not per head.
+Rows may be F16 (the cache format: values are F16-rounded anyway) or F32.
+
+Numerics: float32 dots and sums in another order than the oracle, expf instead
+of a correctly rounded exp: ~1e-6 relative.  RMS sums are float64 like the
+oracle; the FP8 rounding is exact (same scale, same ties-to-even).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+from numba import cuda, float32, float64
+
+from ds4nb.kernels import _launch as L
+from ds4nb.kernels.f16_matvec import block_sum, group_max, group_sum
+from ds4nb.kernels.intrinsics import SIMULATOR, device, rint
+from ds4nb.kernels.parity import Case
+from ds4nb.kernels.registry import OpSpec, implementation
+from ds4nb.kernels.rope import RopeArgs, fmul_rn, rope_args, rope_cos_sin, rope_rotate
+
+_F0 = np.float32(0.0)
+_F1 = np.float32(1.0)
+_D0 = np.float64(0.0)
+NEG_INF = np.float32(-1.0e30)       # the reference's "minus infinity" for masked scores
+_HALF_NEG_INF = np.float32(-0.5e30)
+_E4M3_MAX = np.float32(448.0)
+_E4M3_MIN_NORMAL = np.float32(2.0 ** -6)
+_E4M3_SUB_STEP = np.float32(2.0 ** -9)
+_FP8_AMAX_FLOOR = np.float32(1.0e-4)
+FP8_BLOCK = 64
+
+# ---------------------------------------------------------------------------
+# Device helpers (also used by the compressor)
+# ---------------------------------------------------------------------------
+
+
+@device
+def pow2_scale(amax, top):
+    """2^ceil(log2f(amax / top)), log2 rounded to float32 once (as ops._pow2_scale)."""
+    ratio = amax / top
+    e = math.ceil(float32(math.log2(float64(ratio))))
+    return float32(math.ldexp(_F1, int(e)))
+
+
+@device
+def e4m3_round(v):
+    """Nearest E4M3FN value of v (|v| <= 448), ties to the even code (as ops.e4m3_round).
+
+    Codes are consecutive multiples of the binade's step (2^-9 below 2^-6,
+    else 2^(floor(log2 |v|) - 3)) and the code's parity is the multiple's
+    parity, so round-half-even of ``|v| / step`` is the tie rule.
+    """
+    a = abs(v)
+    if a < _E4M3_MIN_NORMAL:
+        step = _E4M3_SUB_STEP
+    else:
+        _, e = math.frexp(a)
+        step = float32(math.ldexp(_F1, int(e) - 4))
+    q = min(float32(rint(a / step)) * step, _E4M3_MAX)
+    return -q if v < _F0 else q
+
+
+@device
+def fp8_pair(y0, y1, active):
+    """FP8 round trip of one pair of a 64-dim block that is exactly this warp's lanes.
+
+    ``active``: this lane's pair belongs to the block (inactive lanes add 0 to
+    the amax and return their values unchanged).  All lanes must call.
+    """
+    a = max(abs(y0), abs(y1)) if active else _F0
+    amax = group_max(a, 32)
+    if not active:
+        return y0, y1
+    scale = pow2_scale(max(amax, _FP8_AMAX_FLOOR), _E4M3_MAX)
+    v0 = min(max(y0 / scale, -_E4M3_MAX), _E4M3_MAX)
+    v1 = min(max(y1 / scale, -_E4M3_MAX), _E4M3_MAX)
+    return e4m3_round(v0) * scale, e4m3_round(v1) * scale
+
+
+@device
+def f16_round(y):
+    """float32 -> nearest float16 (ties to even) -> float32."""
+    return float32(np.float16(y))
+
+
+def row_threads(head_dim: int) -> int:
+    """Threads of a pair-per-thread row block: head_dim/2 rounded up to whole warps."""
+    return max(32, L.cdiv(head_dim // 2, 32) * 32)
+
+
+# ---------------------------------------------------------------------------
+# attn.q_norm_rope
+# ---------------------------------------------------------------------------
+
+
+@cuda.jit
+def _q_norm_rope_kernel(q, out, n_head, head_dim, eps, pos0, do_rope, n_rot, ts, fscale, ext, low, denom, msc):
+    h = cuda.blockIdx.x
+    t = cuda.blockIdx.y
+    p = cuda.threadIdx.x
+    half = head_dim // 2
+    valid = p < half
+    base = (t * n_head + h) * head_dim + 2 * p
+    x0 = _F0
+    x1 = _F0
+    if valid:
+        x0 = q[base]
+        x1 = q[base + 1]
+    red = cuda.shared.array(32, float64)
+    ss = block_sum(float64(x0) * float64(x0) + float64(x1) * float64(x1), red, cuda.blockDim.x // 32, _D0)
+    rs = _F1 / math.sqrt(float32(ss / float64(head_dim)) + eps)
+    y0 = x0 * rs
+    y1 = x1 * rs
+    k = p - (head_dim - n_rot) // 2
+    if valid and do_rope and k >= 0:
+        c, s = rope_cos_sin(k, pos0 + t, ts, fscale, ext, low, denom, msc)
+        y0, y1 = rope_rotate(y0, y1, c, s, False)
+    if valid:
+        out[base] = y0
+        out[base + 1] = y1
+
+
+@implementation("attn.q_norm_rope", "pair_per_thread", layout="f32")
+def q_norm_rope(q: Any, *, out: Any, n_head: int, head_dim: int, eps: float, rope: Any | None, pos: int,
+                stream: Any = 0) -> Any:
+    """q (T, n_head*head_dim): per-head RMSNorm (no weight), then RoPE of each tail at pos + t.
+
+    ``rope=None`` skips the rotation; ``out`` may be ``q``.
+    """
+    n_tok = q.size // (n_head * head_dim)
+    ra = _rope(rope, head_dim)
+    _q_norm_rope_kernel[(n_head, n_tok), row_threads(head_dim), stream](
+        L.flat(q), L.flat(out), n_head, head_dim, np.float32(eps), int(pos), int(rope is not None), *ra)
+    return out
+
+
+def _rope(rope: Any | None, head_dim: int) -> RopeArgs:
+    if rope is None:
+        return RopeArgs(0, _F1, _F1, _F0, _F0, _F1, _F1)
+    ra = rope if isinstance(rope, RopeArgs) else rope_args(rope)
+    if ra.n_rot > head_dim or ra.n_rot % 2:
+        raise ValueError(f"n_rot {ra.n_rot} does not fit head_dim {head_dim}")
+    return ra
+
+
+# ---------------------------------------------------------------------------
+# attn.kv_store
+# ---------------------------------------------------------------------------
+
+
+@cuda.jit
+def _kv_store_kernel(kv, w, eps, out, row0, cap, head_dim, pos0, n_rot, ts, fscale, ext, low, denom, msc):
+    t = cuda.blockIdx.x
+    p = cuda.threadIdx.x
+    half = head_dim // 2
+    valid = p < half
+    base = t * head_dim + 2 * p
+    x0 = _F0
+    x1 = _F0
+    if valid:
+        x0 = kv[base]
+        x1 = kv[base + 1]
+    red = cuda.shared.array(32, float64)
+    ss = block_sum(float64(x0) * float64(x0) + float64(x1) * float64(x1), red, cuda.blockDim.x // 32, _D0)
+    rs = _F1 / math.sqrt(float32(ss / float64(head_dim)) + eps)
+    y0 = _F0
+    y1 = _F0
+    if valid:
+        y0 = fmul_rn(x0, rs) * w[2 * p]
+        y1 = fmul_rn(x1, rs) * w[2 * p + 1]
+    k = p - (head_dim - n_rot) // 2
+    if valid and k >= 0:
+        c, s = rope_cos_sin(k, pos0 + t, ts, fscale, ext, low, denom, msc)
+        y0, y1 = rope_rotate(y0, y1, c, s, False)
+    # FP8 blocks of 64 dims = 32 pairs = this warp (a trailing partial block is its own block)
+    y0, y1 = fp8_pair(y0, y1, valid and k < 0)
+    if valid:
+        ob = ((row0 + t) % cap) * head_dim + 2 * p
+        out[ob] = f16_round(y0)
+        out[ob + 1] = f16_round(y1)
+
+
+@implementation("attn.kv_store", "pair_per_thread", layout="cache f16|f32 (cap, head_dim)")
+def kv_store(kv: Any, weight: Any, *, out: Any, row: int, rope: Any, pos: int, eps: float,
+             stream: Any = 0) -> Any:
+    """kv (T, head_dim) -> rows ``(row + t) % cap`` of the cache ``out (cap, head_dim)``.
+
+    rms(kv; weight) -> RoPE at pos + t -> FP8 round trip of the first
+    head_dim - n_rot dims -> F16 rounding.  ``out`` may be F16 or F32.
+    """
+    cap, head_dim = out.shape
+    ra = _rope(rope, head_dim)
+    n_tok = kv.size // head_dim
+    _kv_store_kernel[n_tok, row_threads(head_dim), stream](
+        L.flat(kv), L.flat(weight), np.float32(eps), L.flat(out), int(row), cap, head_dim, int(pos), *ra)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# attn.decode
+# ---------------------------------------------------------------------------
+
+ATTN_THREADS = 256
+MAX_SPLITS = 32
+TARGET_BLOCKS = 160
+_ATTN: dict[tuple[int, int, int, int], tuple[Any, Any]] = {}
+
+
+def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
+    key = (hpb, head_dim, ch, nt)
+    if key in _ATTN:
+        return _ATTN[key]
+    HPB, HD, CH, NT = hpb, head_dim, ch, nt
+    NW = NT // 32
+    DPL = HD // 32                  # dims per lane when a warp scores one row
+    DPT = max(1, L.cdiv(HD, NT))    # dims per thread in the weighted sum
+    RPL = L.cdiv(CH, 32)            # chunk rows per lane in the softmax step
+    HPB_W = L.cdiv(HPB, NW) * NW    # heads padded to whole rounds of warps
+    CH_W = L.cdiv(CH, NW) * NW      # chunk rows padded likewise
+    QS, SCN, ACCN = HPB * HD, HPB * CH, HPB * DPT   # array sizes must be single constants
+
+    @cuda.jit
+    def partial_kernel(q, raw, n_raw, comp, sel, use_sel, n_vis, kq_scale, n_head, part_m, part_l, part_acc):
+        g = cuda.blockIdx.x
+        sp = cuda.blockIdx.y
+        n_split = cuda.gridDim.y
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        warp = tid // 32
+        h0 = g * HPB
+        n_total = n_raw + n_vis
+        n_chunks = (n_total + CH - 1) // CH
+        q_s = cuda.shared.array(QS, float32)
+        sc = cuda.shared.array(SCN, float32)
+        run_m = cuda.shared.array(HPB, float32)
+        run_l = cuda.shared.array(HPB, float32)
+        alpha = cuda.shared.array(HPB, float32)
+        for i in range(tid, HPB * HD, NT):
+            q_s[i] = q[h0 * HD + i]
+        if tid < HPB:
+            run_m[tid] = NEG_INF
+            run_l[tid] = _F0
+        acc = cuda.local.array(ACCN, float32)
+        for i in range(HPB * DPT):
+            acc[i] = _F0
+        vals = cuda.local.array(DPL, float32)
+        cuda.syncthreads()
+        for chunk in range(sp, n_chunks, n_split):
+            r0 = chunk * CH
+            # 1. scores: warp per row, lane holds dims lane + 32 j
+            for rr in range(warp, CH_W, NW):
+                r = r0 + rr
+                valid = rr < CH and r < n_total
+                if valid:
+                    src = raw
+                    b = r * HD
+                    if r >= n_raw:
+                        c = r - n_raw
+                        if use_sel:
+                            c = sel[c]
+                        src = comp
+                        b = c * HD
+                    for j in range(DPL):
+                        vals[j] = float32(src[b + lane + 32 * j])
+                else:
+                    for j in range(DPL):
+                        vals[j] = _F0
+                for h in range(HPB):
+                    d = _F0
+                    for j in range(DPL):
+                        d += vals[j] * q_s[h * HD + lane + 32 * j]
+                    d = group_sum(d, 32)
+                    if lane == 0 and rr < CH:
+                        sc[h * CH + rr] = d * kq_scale if valid else NEG_INF
+            cuda.syncthreads()
+            # 2. softmax step: warp per head, running max and sum
+            for hh in range(warp, HPB_W, NW):
+                h = min(hh, HPB - 1)
+                mx = NEG_INF
+                for k in range(RPL):
+                    rr = lane + 32 * k
+                    if rr < CH:
+                        mx = max(mx, sc[h * CH + rr])
+                mx = group_max(mx, 32)
+                m_old = run_m[h]
+                m_new = max(m_old, mx)
+                lsum = _F0
+                for k in range(RPL):
+                    rr = lane + 32 * k
+                    if rr < CH:
+                        s = sc[h * CH + rr]
+                        e = math.exp(s - m_new) if s > _HALF_NEG_INF else _F0
+                        if hh < HPB:
+                            sc[h * CH + rr] = e
+                        lsum += e
+                lsum = group_sum(lsum, 32)
+                if lane == 0 and hh < HPB:
+                    a = math.exp(m_old - m_new)
+                    alpha[h] = a
+                    run_l[h] = run_l[h] * a + lsum
+                    run_m[h] = m_new
+            cuda.syncthreads()
+            # 3. weighted sum of the chunk's rows into the register accumulators
+            for h in range(HPB):
+                a = alpha[h]
+                for j in range(DPT):
+                    acc[h * DPT + j] *= a
+            n_rows = min(CH, n_total - r0)
+            for rr in range(n_rows):
+                r = r0 + rr
+                src = raw
+                b = r * HD
+                if r >= n_raw:
+                    c = r - n_raw
+                    if use_sel:
+                        c = sel[c]
+                    src = comp
+                    b = c * HD
+                for j in range(DPT):
+                    d = tid + NT * j
+                    if d < HD:
+                        v = float32(src[b + d])
+                        for h in range(HPB):
+                            acc[h * DPT + j] += sc[h * CH + rr] * v
+            cuda.syncthreads()
+        for h in range(HPB):
+            o = (sp * n_head + h0 + h)
+            for j in range(DPT):
+                d = tid + NT * j
+                if d < HD:
+                    part_acc[o * HD + d] = acc[h * DPT + j]
+        if tid < HPB:
+            part_m[sp * n_head + h0 + tid] = run_m[tid]
+            part_l[sp * n_head + h0 + tid] = run_l[tid]
+
+    @cuda.jit
+    def combine_kernel(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, pos,
+                       n_rot, ts, fscale, ext, low, denom, msc):
+        h = cuda.blockIdx.x
+        p = cuda.threadIdx.x
+        if 2 * p >= HD:
+            return
+        sink = sinks[h]
+        mx = sink
+        for s in range(n_split):
+            mx = max(mx, part_m[s * n_head + h])
+        den = math.exp(sink - mx)
+        y0 = _F0
+        y1 = _F0
+        for s in range(n_split):
+            f = math.exp(part_m[s * n_head + h] - mx)
+            den += part_l[s * n_head + h] * f
+            b = (s * n_head + h) * HD + 2 * p
+            y0 += part_acc[b] * f
+            y1 += part_acc[b + 1] * f
+        inv = _F1 / den
+        y0 = y0 * inv
+        y1 = y1 * inv
+        k = p - (HD - n_rot) // 2
+        if do_rope and k >= 0:
+            c, s_ = rope_cos_sin(k, pos, ts, fscale, ext, low, denom, msc)
+            y0, y1 = rope_rotate(y0, y1, c, s_, True)
+        out[h * HD + 2 * p] = y0
+        out[h * HD + 2 * p + 1] = y1
+
+    _ATTN[key] = (partial_kernel, combine_kernel)
+    return _ATTN[key]
+
+
+class AttnScratch(NamedTuple):
+    part_m: Any     # f32 (max_split, n_head)
+    part_l: Any     # f32 (max_split, n_head)
+    part_acc: Any   # f32 (max_split, n_head, head_dim)
+
+
+def alloc_attn_scratch(n_head: int, head_dim: int, stream: Any = 0) -> AttnScratch:
+    return AttnScratch(L.device_array(MAX_SPLITS * n_head, np.float32, stream),
+                       L.device_array(MAX_SPLITS * n_head, np.float32, stream),
+                       L.device_array(MAX_SPLITS * n_head * head_dim, np.float32, stream))
+
+
+def heads_per_block(n_head: int) -> int:
+    for hpb in (8, 4, 2, 1):
+        if n_head % hpb == 0:
+            return hpb
+    return 1
+
+
+def attn_geometry(n_head: int, head_dim: int, n_total: int, hpb: int | None = None, chunk: int = 32,
+                  splits: int | None = None) -> tuple[int, int, int, int]:
+    """(heads per block, chunk rows, threads, splits) for one decode attention launch.
+
+    Splits: enough blocks for ~1.2 waves on 132 SMs (the simulator: 1 unless
+    forced), never more than there are chunks or ``MAX_SPLITS``.
+    """
+    hpb = hpb or heads_per_block(n_head)
+    nt = ATTN_THREADS if head_dim >= ATTN_THREADS else max(64, head_dim)
+    n_chunks = max(1, L.cdiv(n_total, chunk))
+    if splits is None:
+        splits = 1 if SIMULATOR else max(1, TARGET_BLOCKS // (n_head // hpb))
+    return hpb, chunk, nt, max(1, min(n_chunks, splits, MAX_SPLITS))
+
+
+@implementation("attn.decode", "split_heads8", layout="rows f16|f32 (n, head_dim)")
+def attention_decode(q: Any, raw: Any, n_raw: int, comp: Any | None, n_comp: int, sinks: Any,
+                     sel: Any | None = None, *, out: Any, rope: Any | None = None, pos: int = 0,
+                     scratch: AttnScratch | None = None, hpb: int | None = None, chunk: int = 32,
+                     splits: int | None = None, stream: Any = 0) -> Any:
+    """Attention of one token's q (n_head, head_dim) over raw rows [0, n_raw) and compressed rows.
+
+    Compressed rows: ``comp[sel[i]]`` for ``i < n_comp`` when ``sel`` (int32
+    indices, e.g. the indexer top-k) is given, else ``comp[0:n_comp]``.
+    ``sinks`` f32 (n_head,).  ``rope`` given: the output tails are rotated
+    back by the angle of ``pos`` (step 12).  ``raw`` and ``comp`` must share
+    a dtype (F16 or F32).  ``hpb``/``chunk``/``splits`` override the geometry
+    (heads per block, rows per chunk, row splits) for tests and benchmarks.
+    """
+    n_head, head_dim = sinks.size, raw.shape[1]
+    if q.size != n_head * head_dim or head_dim % 32:
+        raise ValueError(f"attn.decode: q has {q.size} values for {n_head} x {head_dim} (head_dim % 32 == 0)")
+    if comp is None:
+        comp, n_comp = raw, 0
+    if comp.dtype != raw.dtype:
+        raise ValueError("attn.decode: raw and comp rows must have the same dtype")
+    n_total = n_raw + n_comp
+    hpb, ch, nt, n_split = attn_geometry(n_head, head_dim, n_total, hpb, chunk, splits)
+    if scratch is None:
+        scratch = alloc_attn_scratch(n_head, head_dim, stream)
+    part_k, comb_k = _attn_kernels(hpb, head_dim, ch, nt)
+    kq = np.float32(1.0) / np.float32(math.sqrt(head_dim))
+    sel_arr = sel if sel is not None else _dummy_i32()
+    part_k[(n_head // hpb, n_split), nt, stream](
+        L.flat(q), L.flat(raw), int(n_raw), L.flat(comp), L.flat(sel_arr), int(sel is not None), int(n_comp),
+        kq, n_head, scratch.part_m, scratch.part_l, scratch.part_acc)
+    ra = _rope(rope, head_dim)
+    comb_k[n_head, row_threads(head_dim), stream](
+        scratch.part_m, scratch.part_l, scratch.part_acc, n_split, n_head, L.flat(sinks), L.flat(out),
+        int(rope is not None), int(pos), *ra)
+    return out
+
+
+_DUMMY: dict[str, Any] = {}
+
+
+def _dummy_i32() -> Any:
+    if "i32" not in _DUMMY:
+        _DUMMY["i32"] = cuda.to_device(np.zeros(1, dtype=np.int32))
+    return _DUMMY["i32"]
+
+
+# ---------------------------------------------------------------------------
+# Parity cases
+# ---------------------------------------------------------------------------
+
+
+def _case_q(rng: np.random.Generator, scale: str) -> Case:
+    from ds4nb.kernels.rope import make_test_rope
+    from ds4nb.reference import ops
+
+    n_tok, n_head, head_dim, n_rot = (2, 4, 64, 16) if scale == "tiny" else (1, 64, 512, 64)
+    rope = make_test_rope(n_rot, bool(rng.integers(0, 2)))
+    pos = int(rng.integers(0, 100000))
+    q = (rng.standard_normal((n_tok, n_head * head_dim)) * rng.uniform(0.1, 10)).astype(np.float32)
+    ref = np.stack([ops.apply_rope_tail(ops.head_rms_norm(q[t], n_head, head_dim, 1e-6).reshape(n_head, head_dim),
+                                        rope, pos + t).reshape(-1) for t in range(n_tok)])
+    out = L.device_array(q.size, np.float32)
+    return Case((cuda.to_device(q),), out, (ref.reshape(-1),), (False,),
+                kwargs=dict(n_head=n_head, head_dim=head_dim, eps=1e-6, rope=rope, pos=pos),
+                info={"shape": (n_tok, n_head, head_dim), "pos": pos})
+
+
+def kv_store_reference(kv: np.ndarray, weight: np.ndarray, rope: Any, pos: int, eps: float,
+                       n_rot: int) -> np.ndarray:
+    """The oracle's window row: rms -> RoPE -> FP8 -> F16 (docs/model.md steps 6-8)."""
+    from ds4nb.reference import ops
+
+    rows = []
+    for t in range(kv.shape[0]):
+        r = ops.rms_norm(kv[t], weight, eps)
+        r = ops.apply_rope_tail(r, rope, pos + t)
+        rows.append(ops.f16_round(ops.fp8_kv_round(r, n_rot)))
+    return np.stack(rows)
+
+
+def _case_kv(rng: np.random.Generator, scale: str) -> Case:
+    from ds4nb.kernels.rope import make_test_rope
+
+    n_tok, head_dim, n_rot = (2, 64, 16) if scale == "tiny" else (1, 512, 64)
+    rope = make_test_rope(n_rot, bool(rng.integers(0, 2)))
+    pos = int(rng.integers(0, 100000))
+    kv = (rng.standard_normal((n_tok, head_dim)) * rng.uniform(0.01, 100)).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(head_dim)).astype(np.float32)
+    ref = kv_store_reference(kv, w, rope, pos, 1e-6, n_rot)
+    out = L.device_array((n_tok, head_dim), np.float32)
+    return Case((cuda.to_device(kv), cuda.to_device(w)), out, (ref,), (False,),
+                kwargs=dict(row=0, rope=rope, pos=pos, eps=1e-6), info={"shape": (n_tok, head_dim), "pos": pos})
+
+
+def _case_decode(rng: np.random.Generator, scale: str) -> Case:
+    from ds4nb.kernels.rope import make_test_rope
+    from ds4nb.reference import ops
+
+    if scale == "tiny":
+        n_head, head_dim, n_rot, n_raw, n_comp, top = 4, 64, 16, 8, 12, 4
+    else:
+        n_head, head_dim, n_rot, n_raw, n_comp, top = 64, 512, 64, 128, 2048, 512
+    raw = ops.f16_round(rng.standard_normal((n_raw, head_dim))).astype(np.float32)
+    comp = ops.f16_round(rng.standard_normal((n_comp, head_dim))).astype(np.float32)
+    q = (rng.standard_normal((n_head, head_dim)) * 2).astype(np.float32)
+    sinks = (0.5 * rng.standard_normal(n_head)).astype(np.float32)
+    sel = np.sort(rng.choice(n_comp, top, replace=False)).astype(np.int32)
+    rope = make_test_rope(n_rot, True)
+    pos = int(rng.integers(0, 100000))
+    visible = np.concatenate([np.ones(n_raw, bool), np.isin(np.arange(n_comp), sel)])
+    ref = ops.attention_with_sinks(q, np.concatenate([raw, comp]), sinks, visible)
+    ref = ops.apply_rope_tail(ref, rope, pos, inverse=True)
+    out = L.device_array(n_head * head_dim, np.float32)
+    return Case((cuda.to_device(q), cuda.to_device(raw.astype(np.float16)), n_raw,
+                 cuda.to_device(comp.astype(np.float16)), top, cuda.to_device(sinks), cuda.to_device(sel)),
+                out, (ref.reshape(-1),), (False,), kwargs=dict(rope=rope, pos=pos),
+                info={"shape": (n_head, head_dim), "rows": n_raw + top})
+
+
+OPS = [
+    OpSpec("attn.q_norm_rope", "per-head RMSNorm of q (no weight) + RoPE of each head's tail",
+           "(q f32 (T, n_head*head_dim), *, out, n_head, head_dim, eps, rope, pos, stream)",
+           "ops.head_rms_norm + ops.apply_rope_tail", 1e-6, _case_q),  # ~1 ulp (FMA in the rotation)
+    OpSpec("attn.kv_store", "KV row: rms(kv; w), RoPE, FP8 round trip of the non-rotated dims, F16, into the "
+           "window cache",
+           "(kv f32 (T, head_dim), weight f32 (head_dim,), *, out f16|f32 (cap, head_dim), row, rope, pos, eps, "
+           "stream)",
+           "ops.rms_norm + ops.apply_rope_tail + ops.fp8_kv_round + ops.f16_round",
+           # FP8/F16 rounding is exact; a 1-ulp difference before it can flip one E4M3 rounding (1/16 of a
+           # value in a 64-block), so the bound is loose; typical runs are 0 or ~1e-4
+           2e-3, _case_kv),
+    OpSpec("attn.decode", "decode attention with sinks over window + (selected) compressed rows, "
+           "optional inverse RoPE",
+           "(q f32 (n_head, head_dim), raw (cap, head_dim), n_raw, comp (n, head_dim) | None, n_comp, sinks f32 "
+           "(n_head,), sel int32 (n_comp,) | None, *, out f32 (n_head, head_dim), rope=None, pos=0, "
+           "scratch=None, stream)",
+           "ops.attention_with_sinks (+ ops.apply_rope_tail inverse)", 1e-5, _case_decode),
+]

@@ -1,0 +1,263 @@
+"""Small dense matvecs: F16 (or F32) weights times float32 activations.
+
+Used for the DS4 tensors stored as F16: the router ``ffn_gate_inp`` (256 x
+4096), the compressor and indexer projections (up to 1024 x 4096 and 8192 x
+1024), ``indexer.proj``.  The HC mixing matvec (24 x 16384) has its own fused
+kernel in ``ds4nb.kernels.hc``.
+
+``f16.matvec`` computes ``out[t, r] = sum_i w[r, i] * x[t, i] (+ bias[r])``,
+and optionally a second matrix with the same input in the same launch
+(``w2`` -> ``out2``, ``bias2``): the compressor's kv and gate projections of
+one token are one launch that writes straight into the compressor's window
+state rows, the gate row plus its ``ape`` bias.
+
+Layout: weights row-major ``(n_out, n_in)`` exactly as in the GGUF file
+(F16 or F32), activations float32 ``(T, n_in)``.
+
+Launch geometry: 256-thread blocks (8 warps); each output row gets
+``wpr`` warps (1, 2, 4 or 8) so that narrow matrices still launch enough
+blocks to fill the GPU (router: 256 rows -> one row per block, 8 warps
+splitting the 4096 columns).  A thread walks its columns with stride
+``32 * wpr`` keeping 4 independent partial sums (4 loads in flight), a warp
+shuffle reduces them, and the ``wpr`` warp sums of a row are added in warp
+order from shared memory.  float32 accumulation in a different order than
+numpy's: ~1e-6 relative.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+from numba import cuda, float32
+
+from ds4nb.kernels import _launch as L
+from ds4nb.kernels.intrinsics import SIMULATOR, device, warp_max, warp_sum
+from ds4nb.kernels.parity import Case
+from ds4nb.kernels.registry import OpSpec, implementation
+
+THREADS = 256
+WARPS = THREADS // 32
+_F0 = np.float32(0.0)
+# ~2 blocks per SM on a 132-SM H100; the simulator pays per block barrier, so it packs rows
+TARGET_BLOCKS = 1 if SIMULATOR else 264
+
+# ---------------------------------------------------------------------------
+# Reductions shared by the model kernels (hc, attention, compressor, indexer, router, sample)
+#
+# On the GPU these are the xor-butterfly shuffles of ds4nb.kernels.intrinsics.
+# In the simulator a shuffle costs two block barriers, and a barrier costs
+# milliseconds, so a whole group reduction is done with one table exchange
+# (two barriers) instead of log2(width) shuffles, combining the values in the
+# same butterfly order so that the float32 result is the GPU's.  As with real
+# shuffles, every live thread of the block must make the same calls.
+# ---------------------------------------------------------------------------
+
+
+def _sim_group(value, width, is_max):
+    t = threading.current_thread()
+    table = t._manager.__dict__.setdefault("_ds4nb_group", {})
+    tid = t.thread_id
+    table[tid] = value
+    t.syncthreads()
+    g0 = tid - tid % width
+    try:
+        vals = [table[g0 + j] for j in range(width)]
+    except KeyError:
+        raise RuntimeError(f"group reduction: a lane of thread {tid}'s group is not in it") from None
+    t.syncthreads()
+    del table[tid]
+    off = width >> 1
+    while off > 0:
+        if is_max:
+            vals = [vals[j ^ off] if vals[j ^ off] > vals[j] else vals[j] for j in range(width)]
+        else:
+            vals = [vals[j] + vals[j ^ off] for j in range(width)]
+        off >>= 1
+    return vals[tid - g0]
+
+
+if SIMULATOR:
+    def group_sum(v, width):
+        """Sum of ``v`` over aligned groups of ``width`` lanes (power of two <= 32); all lanes get it."""
+        return _sim_group(v, width, False)
+
+    def group_max(v, width):
+        """Max of ``v`` over aligned groups of ``width`` lanes; all lanes get it."""
+        return _sim_group(v, width, True)
+else:
+    @device
+    def group_sum(v, width):
+        """Sum of ``v`` over aligned groups of ``width`` lanes (power of two <= 32); all lanes get it."""
+        return warp_sum(v, width)
+
+    @device
+    def group_max(v, width):
+        """Max of ``v`` over aligned groups of ``width`` lanes; all lanes get it."""
+        return warp_max(v, width)
+
+
+@device
+def block_sum(v, red, n_warps, zero):
+    """Sum of ``v`` over a block of ``n_warps`` warps; every thread gets the total.
+
+    Warp sums go to ``red`` (shared, >= n_warps entries), then every warp
+    re-reduces them (``zero``: a 0 of ``v``'s type).  A caller that reuses
+    ``red`` must sync first.
+    """
+    lane = cuda.threadIdx.x % 32
+    v = group_sum(v, 32)
+    if lane == 0:
+        red[cuda.threadIdx.x // 32] = v
+    cuda.syncthreads()
+    w = zero
+    if lane < n_warps:
+        w = red[lane]
+    return group_sum(w, 32)
+
+
+@cuda.jit
+def _matvec_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out, n_out2, n_in, wpr, rpw):
+    tid = cuda.threadIdx.x
+    warp = tid // 32
+    lane = tid % 32
+    rpb = WARPS // wpr
+    t = cuda.blockIdx.y
+    sub = (warp % wpr) * 32 + lane
+    stride = 32 * wpr
+    xb = t * n_in
+    part = cuda.shared.array(WARPS, float32)
+    for rep in range(rpw):   # rpw > 1 only in the simulator, where a block costs more than a row
+        row = (cuda.blockIdx.x * rpw + rep) * rpb + warp // wpr
+        a0 = _F0
+        a1 = _F0
+        a2 = _F0
+        a3 = _F0
+        # rows [0, n_out) read w, rows [n_out, n_out + n_out2) read w2
+        if row < n_out + n_out2:
+            second = row >= n_out
+            r = row - n_out if second else row
+            wb = r * n_in
+            i = sub
+            if not second:
+                while i + 3 * stride < n_in:
+                    a0 += float32(w[wb + i]) * x[xb + i]
+                    a1 += float32(w[wb + i + stride]) * x[xb + i + stride]
+                    a2 += float32(w[wb + i + 2 * stride]) * x[xb + i + 2 * stride]
+                    a3 += float32(w[wb + i + 3 * stride]) * x[xb + i + 3 * stride]
+                    i += 4 * stride
+                while i < n_in:
+                    a0 += float32(w[wb + i]) * x[xb + i]
+                    i += stride
+            else:
+                while i + 3 * stride < n_in:
+                    a0 += float32(w2[wb + i]) * x[xb + i]
+                    a1 += float32(w2[wb + i + stride]) * x[xb + i + stride]
+                    a2 += float32(w2[wb + i + 2 * stride]) * x[xb + i + 2 * stride]
+                    a3 += float32(w2[wb + i + 3 * stride]) * x[xb + i + 3 * stride]
+                    i += 4 * stride
+                while i < n_in:
+                    a0 += float32(w2[wb + i]) * x[xb + i]
+                    i += stride
+        acc = group_sum((a0 + a1) + (a2 + a3), 32)  # every warp reduces (uniform control flow)
+        if lane == 0:
+            part[warp] = acc
+        cuda.syncthreads()
+        if sub == 0 and row < n_out + n_out2:
+            s = _F0
+            for j in range(wpr):
+                s += part[warp + j]
+            if row < n_out:
+                if has_bias:
+                    s += float32(bias[row])
+                out[t * n_out + row] = s
+            else:
+                r = row - n_out
+                if has_bias2:
+                    s += float32(bias2[r])
+                out2[t * n_out2 + r] = s
+        cuda.syncthreads()
+
+
+_DUMMY: dict[str, Any] = {}
+
+
+def _dummy() -> Any:
+    if "f32" not in _DUMMY:
+        _DUMMY["f32"] = cuda.to_device(np.zeros(1, dtype=np.float32))
+    return _DUMMY["f32"]
+
+
+def warps_per_row(n_rows: int, n_tok: int = 1) -> int:
+    """Smallest split (1, 2, 4, 8 warps a row) that gives ~TARGET_BLOCKS blocks, else 8."""
+    for wpr in (1, 2, 4):
+        if L.cdiv(n_rows, WARPS // wpr) * n_tok >= TARGET_BLOCKS:
+            return wpr
+    return 8
+
+
+@implementation("f16.matvec", "warp_rows", layout="f16|f32/row-major")
+def f16_matvec(w: Any, x: Any, bias: Any | None = None, *, out: Any, w2: Any | None = None,
+               bias2: Any | None = None, out2: Any | None = None, wpr: int | None = None,
+               stream: Any = 0) -> Any:
+    """out (T, n_out) = x (T, n_in) @ w.T (+ bias); optionally out2 = x @ w2.T (+ bias2) in the same launch.
+
+    ``w``/``w2`` are F16 or F32 ``(n_out, n_in)``; ``bias`` F16/F32 ``(n_out,)``
+    (e.g. one row of the compressor ``ape``).  ``out`` may be any contiguous
+    device buffer of ``T * n_out`` floats (a row of a state array).
+    """
+    n_out, n_in = w.shape
+    n_tok = x.size // n_in
+    if x.size != n_tok * n_in:
+        raise ValueError(f"f16.matvec: x has {x.size} values, not a multiple of n_in={n_in}")
+    n_out2 = 0
+    if w2 is not None:
+        if w2.shape[1] != n_in or out2 is None:
+            raise ValueError("f16.matvec: w2 needs the same n_in and an out2")
+        n_out2 = w2.shape[0]
+    wpr = wpr or warps_per_row(n_out + n_out2, n_tok)
+    if wpr not in (1, 2, 4, 8):
+        raise ValueError(f"f16.matvec: wpr must be 1, 2, 4 or 8, got {wpr}")
+    rpw = 8 if SIMULATOR else 1
+    grid = (L.cdiv(n_out + n_out2, (WARPS // wpr) * rpw), n_tok)
+    d = _dummy()
+    _matvec_kernel[grid, THREADS, stream](
+        L.flat(w), d if bias is None else L.flat(bias), int(bias is not None), L.flat(out),
+        d if w2 is None else L.flat(w2), d if bias2 is None else L.flat(bias2), int(bias2 is not None),
+        d if out2 is None else L.flat(out2), L.flat(x), n_out, n_out2, n_in, wpr, rpw)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Parity cases
+# ---------------------------------------------------------------------------
+
+
+def _case(rng: np.random.Generator, scale: str) -> Case:
+    # tiny: a router-like (8 x 256) plus a compressor-like pair; model: compressor kv+gate of a CSA layer
+    if scale == "tiny":
+        n_tok, n_out, n_out2, n_in = 1, 8, 16, 256
+    else:
+        n_tok, n_out, n_out2, n_in = 1, 1024, 1024, 4096
+    w = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float16)
+    w2 = (rng.standard_normal((n_out2, n_in)) / np.sqrt(n_in)).astype(np.float16)
+    b2 = rng.standard_normal(n_out2).astype(np.float16)
+    x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    ref2 = x.astype(np.float64) @ w2.astype(np.float64).T + b2.astype(np.float64)
+    out = L.device_array(n_tok * n_out, np.float32)
+    out2 = L.device_array(n_tok * n_out2, np.float32)
+    return Case((cuda.to_device(w), cuda.to_device(x)), out, (ref.reshape(-1),), (False,),
+                kwargs=dict(w2=cuda.to_device(w2), bias2=cuda.to_device(b2), out2=out2),
+                weight_bytes=(w.nbytes + w2.nbytes), info={"shape": (n_tok, n_out, n_out2, n_in)})
+
+
+OPS = [
+    OpSpec("f16.matvec", "dense F16/F32 matvec (optional bias, optional second matrix on the same input)",
+           "(w f16|f32 (n_out, n_in), x f32 (T, n_in), bias=None, *, out f32 (T, n_out), w2=None, "
+           "bias2=None, out2=None, stream)",
+           "float64 numpy x @ w.T (+ bias); the oracle's DenseMatrix.matvec",
+           # float32 sums in another order than the float64 twin: ~1e-7 (tiny) .. 1e-6 (4096 wide)
+           1e-5, _case),
+]

@@ -1,0 +1,453 @@
+"""The CSA indexer on the device (docs/model.md steps 9-10) and a generic top-k.
+
+Ops
+---
+``indexer.q_prep``
+    Indexer queries ``(T, n_ih, d)`` after the F16 ``indexer.attn_q_b``
+    matvec: RoPE of each head's tail at ``pos + t``, Hadamard transform,
+    FP4 (E2M1) round trip in blocks of 32 (``ops.indexer_qat``).  One block
+    per (head, token), thread ``p`` owning dims ``2p, 2p+1``; the butterflies
+    of stride >= 2 go through shared memory, one butterfly per thread per
+    stage.  A 32-value FP4 block is 16 lanes: its amax is a 16-lane reduction.
+``indexer.scores``
+    ``score[c] = sum_h relu(row_c . q_h) * (w_h * w_scale)`` over ``n_comp``
+    index rows.  Blocks loop over 16-row tiles (a grid of at most ~2 blocks
+    per SM, so the 64 x 128 queries are loaded into shared memory once per
+    block, padded by one word per row against bank conflicts); thread
+    ``(row = tid / 16, lane16 = tid % 16)`` computes heads ``lane16 + 16 j``
+    of its row, then a 16-lane reduction adds the heads.
+``topk.select``
+    Indices of the ``k`` largest float32 values, best first, ties to the
+    lower index (``ops.top_k_stable``), ``k <= 1024``.  One block: radix
+    select on 64-bit keys ``(order-preserving value bits << 32) | ~index``,
+    which are all distinct, 8 bits per pass from the top (a 256-bin shared
+    histogram, a suffix scan, usually done after 4 passes, at most 8), then
+    every key >= the threshold is gathered (exactly k) and bitonic-sorted in
+    shared memory.  Non-finite values get key 0 and are never chosen while
+    ``k`` does not exceed the number of finite values.  Used by the indexer
+    (``indexer_top_k`` of ``n_comp``) and by device sampling (top-k logits).
+
+Numerics: the FP4 round trip is exact given the same input; scores are float32
+dots in another order (~1e-6); the selection is exact for distinct scores.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numba import cuda, float32, int32, uint64
+
+from ds4nb.kernels import _launch as L
+from ds4nb.kernels.attention import pow2_scale, row_threads
+from ds4nb.kernels.f16_matvec import group_max, group_sum
+from ds4nb.kernels.intrinsics import SIMULATOR, device, rint
+from ds4nb.kernels.parity import Case
+from ds4nb.kernels.registry import OpSpec, implementation
+from ds4nb.kernels.rope import RopeArgs, rope_args, rope_cos_sin, rope_rotate
+
+_F0 = np.float32(0.0)
+_F1 = np.float32(1.0)
+_F2 = np.float32(2.0)
+_F4 = np.float32(4.0)
+_F6 = np.float32(6.0)
+_HALF = np.float32(0.5)
+_FP4_AMAX_FLOOR = np.float32(7.052966104933725e-38)   # 6 * 2^-126
+FP4_BLOCK = 32
+
+# ---------------------------------------------------------------------------
+# Hadamard + FP4 (shared with the compressor's indexer rows)
+# ---------------------------------------------------------------------------
+
+
+@device
+def e2m1_round(v):
+    """Nearest E2M1 value of v (|v| <= 6), ties to the even code (as ops.e2m1_round).
+
+    The codes are multiples of 0.5 below 2, of 1 in [2, 4], of 2 in [4, 6]; in
+    each range the multiple's parity is the code's parity.
+    """
+    a = abs(v)
+    if a < _F2:
+        q = float32(rint(a * _F2)) * _HALF
+    elif a < _F4:
+        q = float32(rint(a))
+    else:
+        q = float32(rint(a * _HALF)) * _F2
+    return -q if v < _F0 else q
+
+
+@device
+def hadamard_fp4_pair(y0, y1, p, half, hs, inv_sqrt):
+    """Hadamard transform of a row held as pairs (thread p: dims 2p, 2p+1), then FP4 round trip.
+
+    ``hs``: shared float32 scratch of >= 2*half values; ``half`` = head_dim/2
+    (a power of two); threads with ``p >= half`` take part in the barriers
+    and reductions only.  Every thread of the block must call.
+    """
+    valid = p < half
+    a = y0 + y1            # stride-1 butterfly stays inside the thread
+    b = y0 - y1
+    if valid:
+        hs[2 * p] = a
+        hs[2 * p + 1] = b
+    stride = 2
+    while stride < 2 * half:
+        cuda.syncthreads()
+        if valid:
+            i = (p // stride) * 2 * stride + p % stride
+            u = hs[i]
+            w = hs[i + stride]
+            hs[i] = u + w
+            hs[i + stride] = u - w
+        stride *= 2
+    cuda.syncthreads()
+    z0 = _F0
+    z1 = _F0
+    if valid:
+        z0 = hs[2 * p] * inv_sqrt
+        z1 = hs[2 * p + 1] * inv_sqrt
+    cuda.syncthreads()     # hs may be reused by the caller
+    # FP4 blocks of 32 dims = 16 pairs = aligned groups of 16 lanes
+    amax = group_max(max(abs(z0), abs(z1)), 16)
+    if valid:
+        scale = pow2_scale(max(amax, _FP4_AMAX_FLOOR), _F6)
+        z0 = e2m1_round(min(max(z0 / scale, -_F6), _F6)) * scale
+        z1 = e2m1_round(min(max(z1 / scale, -_F6), _F6)) * scale
+    return z0, z1
+
+
+def hadamard_scale(d: int) -> np.float32:
+    """The oracle's ``F32(1 / sqrt(d))``."""
+    return np.float32(1.0 / math.sqrt(d))
+
+
+def check_qat_width(d: int) -> None:
+    if d & (d - 1) or d % FP4_BLOCK:
+        raise ValueError(f"indexer rows need a power-of-two width that is a multiple of 32, got {d}")
+
+
+# ---------------------------------------------------------------------------
+# indexer.q_prep
+# ---------------------------------------------------------------------------
+
+MAX_ROW = 512   # widest row the pair kernels stage in shared memory
+
+
+@cuda.jit
+def _q_prep_kernel(q, out, n_head, head_dim, pos0, inv_sqrt, n_rot, ts, fscale, ext, low, denom, msc):
+    h = cuda.blockIdx.x
+    t = cuda.blockIdx.y
+    p = cuda.threadIdx.x
+    half = head_dim // 2
+    valid = p < half
+    base = (t * n_head + h) * head_dim + 2 * p
+    y0 = _F0
+    y1 = _F0
+    if valid:
+        y0 = q[base]
+        y1 = q[base + 1]
+    k = p - (head_dim - n_rot) // 2
+    if valid and k >= 0:
+        c, s = rope_cos_sin(k, pos0 + t, ts, fscale, ext, low, denom, msc)
+        y0, y1 = rope_rotate(y0, y1, c, s, False)
+    hs = cuda.shared.array(MAX_ROW, float32)
+    z0, z1 = hadamard_fp4_pair(y0, y1, p, half, hs, inv_sqrt)
+    if valid:
+        out[base] = z0
+        out[base + 1] = z1
+
+
+@implementation("indexer.q_prep", "pair_per_thread", layout="f32")
+def q_prep(q: Any, *, out: Any, n_head: int, head_dim: int, rope: Any, pos: int, stream: Any = 0) -> Any:
+    """q (T, n_head*head_dim) -> RoPE at pos + t -> Hadamard -> FP4 round trip, per head row."""
+    check_qat_width(head_dim)
+    if head_dim > MAX_ROW:
+        raise ValueError(f"indexer.q_prep: head_dim {head_dim} > {MAX_ROW}")
+    ra = rope if isinstance(rope, RopeArgs) else rope_args(rope)
+    n_tok = q.size // (n_head * head_dim)
+    _q_prep_kernel[(n_head, n_tok), row_threads(head_dim), stream](
+        L.flat(q), L.flat(out), n_head, head_dim, int(pos), hadamard_scale(head_dim), *ra)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# indexer.scores
+# ---------------------------------------------------------------------------
+
+SCORE_THREADS = 256
+TILE_ROWS = SCORE_THREADS // 16
+_SCORES: dict[tuple[int, int], Any] = {}
+
+
+def _scores_kernel(n_ih: int, d: int) -> Any:
+    key = (n_ih, d)
+    if key in _SCORES:
+        return _SCORES[key]
+    HPT = L.cdiv(n_ih, 16)          # heads per thread
+    NH = HPT * 16                   # heads padded to the 16 lanes
+    DP = d + 1                      # padded row stride in shared memory
+    QN, RN = NH * DP, TILE_ROWS * DP
+
+    @cuda.jit
+    def kernel(q, w, w_scale, rows, n_comp, out):
+        tid = cuda.threadIdx.x
+        r_loc = tid // 16
+        hl = tid % 16
+        q_s = cuda.shared.array(QN, float32)
+        w_s = cuda.shared.array(NH, float32)
+        r_s = cuda.shared.array(RN, float32)
+        for i in range(tid, NH * d, SCORE_THREADS):
+            h = i // d
+            q_s[h * DP + i % d] = q[i] if h < n_ih else _F0
+        for h in range(tid, NH, SCORE_THREADS):
+            w_s[h] = w[h] * w_scale if h < n_ih else _F0
+        n_tiles = (n_comp + TILE_ROWS - 1) // TILE_ROWS
+        for tile in range(cuda.blockIdx.x, n_tiles, cuda.gridDim.x):
+            r0 = tile * TILE_ROWS
+            cuda.syncthreads()          # previous tile's reads are done (and q_s is loaded)
+            for i in range(tid, TILE_ROWS * d, SCORE_THREADS):
+                rr = i // d
+                r_s[rr * DP + i % d] = float32(rows[(r0 + rr) * d + i % d]) if r0 + rr < n_comp else _F0
+            cuda.syncthreads()
+            part = _F0
+            for j in range(HPT):
+                h = hl + 16 * j
+                dot = _F0
+                for kk in range(d):
+                    dot += r_s[r_loc * DP + kk] * q_s[h * DP + kk]
+                part += max(dot, _F0) * w_s[h]
+            tot = group_sum(part, 16)
+            if hl == 0 and r0 + r_loc < n_comp:
+                out[r0 + r_loc] = tot
+
+    _SCORES[key] = kernel
+    return kernel
+
+
+SCORE_BLOCKS = 1 if SIMULATOR else 264
+
+
+@implementation("indexer.scores", "tile16_persistent", layout="rows f16|f32 (n_comp, d)")
+def indexer_scores(q: Any, w: Any, rows: Any, n_comp: int, *, out: Any, w_scale: float = 1.0,
+                   stream: Any = 0) -> Any:
+    """score[c] = sum_h relu(rows[c] . q[h]) * w[h] * w_scale for c < n_comp.
+
+    q f32 (n_ih, d) after ``indexer.q_prep``; w f32 (n_ih,) from
+    ``indexer.proj`` (``w_scale`` = 1/sqrt(d * n_ih) as the oracle rounds it).
+    """
+    n_ih = w.size
+    d = q.size // n_ih
+    kern = _scores_kernel(n_ih, d)
+    n_tiles = L.cdiv(max(n_comp, 1), TILE_ROWS)
+    kern[min(n_tiles, SCORE_BLOCKS), SCORE_THREADS, stream](L.flat(q), L.flat(w), np.float32(w_scale),
+                                                             L.flat(rows), int(n_comp), L.flat(out))
+    return out
+
+
+def indexer_w_scale(d: int, n_ih: int) -> np.float32:
+    """``F32(1) / sqrt(F32(d * n_ih))`` as the oracle computes it."""
+    return np.float32(np.float32(1.0) / np.sqrt(np.float32(d * n_ih)))
+
+
+# ---------------------------------------------------------------------------
+# topk.select
+# ---------------------------------------------------------------------------
+
+TOPK_MAX = 1024
+_U0 = np.uint64(0)
+_U1 = np.uint64(1)
+_U8 = np.uint64(8)
+_U32 = np.uint64(32)
+_U255 = np.uint64(255)
+_ULO = np.uint64(0xFFFFFFFF)
+_USIGN = np.uint64(0x80000000)
+_UEXP = np.uint64(0x7F800000)
+
+
+@device
+def topk_key(bits, i):
+    """Distinct 64-bit sort key of float bits ``bits`` at index ``i``: larger value first, then lower index."""
+    u = uint64(bits)
+    if (u & _UEXP) == _UEXP:
+        return _U0                                   # inf / nan: never selected
+    o = (~u & _ULO) if (u & _USIGN) != _U0 else (u | _USIGN)
+    return (o << _U32) | (_ULO - uint64(i))
+
+
+@cuda.jit
+def _topk_kernel(bits, n, k, kcap, use_kcap, out):
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    if use_kcap:                  # k limited by a count computed on the device (e.g. finite logits)
+        k = min(k, kcap[0])
+    if k <= 0:
+        return
+    hist = cuda.shared.array(256, int32)
+    suf = cuda.shared.array(256, int32)
+    suf2 = cuda.shared.array(256, int32)
+    st_u = cuda.shared.array(1, uint64)     # key prefix found so far
+    st_i = cuda.shared.array(3, int32)      # remaining, done, gather count
+    keys = cuda.shared.array(TOPK_MAX, uint64)
+    if tid == 0:
+        st_u[0] = _U0
+        st_i[0] = k
+        st_i[1] = 0
+        st_i[2] = 0
+    for ps in range(8):
+        shift = uint64(56 - 8 * ps)
+        for b in range(tid, 256, nt):
+            hist[b] = 0
+        cuda.syncthreads()
+        pre = st_u[0]
+        rem = st_i[0]
+        for i in range(tid, n, nt):
+            key = topk_key(bits[i], i)
+            if ps == 0 or (key >> (shift + _U8)) == (pre >> (shift + _U8)):
+                cuda.atomic.add(hist, int32((key >> shift) & _U255), 1)
+        cuda.syncthreads()
+        # suf[b] = sum of hist[b' > b] (Hillis-Steele on the reversed bins, ping-pong buffers)
+        for b in range(tid, 256, nt):
+            suf[b] = hist[b + 1] if b < 255 else 0
+        step = 1
+        while step < 256:
+            cuda.syncthreads()
+            for b in range(tid, 256, nt):
+                v = suf[b]
+                if b + step < 256:
+                    v += suf[b + step]
+                suf2[b] = v
+            cuda.syncthreads()
+            for b in range(tid, 256, nt):
+                suf[b] = suf2[b]
+            step *= 2
+        cuda.syncthreads()
+        for b in range(tid, 256, nt):
+            above = suf[b]
+            if above < rem and rem <= above + hist[b]:
+                st_u[0] = pre | (uint64(b) << shift)
+                st_i[0] = rem - above
+                if hist[b] == rem - above:
+                    st_i[1] = 1
+        cuda.syncthreads()
+        if st_i[1] != 0:
+            break
+    thr = st_u[0]
+    for i in range(tid, n, nt):
+        key = topk_key(bits[i], i)
+        if key >= thr:
+            slot = cuda.atomic.add(st_i, 2, 1)
+            if slot < TOPK_MAX:
+                keys[slot] = key
+    sb = 1
+    while sb < k:
+        sb *= 2
+    cuda.syncthreads()
+    for j in range(k + tid, sb, nt):
+        keys[j] = _U0
+    # bitonic sort of keys[0:sb], descending
+    size = 2
+    while size <= sb:
+        stride = size // 2
+        while stride > 0:
+            cuda.syncthreads()
+            for i in range(tid, sb, nt):
+                j = i ^ stride
+                if j > i:
+                    a = keys[i]
+                    b2 = keys[j]
+                    up = (i & size) == 0
+                    if (a < b2) == up:
+                        keys[i] = b2
+                        keys[j] = a
+            stride //= 2
+        size *= 2
+    cuda.syncthreads()
+    for j in range(tid, k, nt):
+        out[j] = int32(_ULO - (keys[j] & _ULO))
+
+
+TOPK_THREADS = 1024
+
+
+@implementation("topk.select", "radix_block", layout="f32")
+def topk(values: Any, n: int, k: int, *, out: Any, kcap: Any | None = None, stream: Any = 0) -> Any:
+    """out[0:k] = indices of the k largest of values[0:n], best first, ties to the lower index.
+
+    ``kcap`` (int32 device array): k is lowered to ``kcap[0]`` on the device.
+    """
+    if not 0 < k <= min(n, TOPK_MAX):
+        raise ValueError(f"topk.select: need 0 < k <= min(n, {TOPK_MAX}), got k={k}, n={n}")
+    nt = TOPK_THREADS if not SIMULATOR else L.pow2_at_least(max(n, k), 32, 256)
+    _topk_kernel[1, nt, stream](L.flat(values).view(np.uint32), int(n), int(k),
+                                _dummy_i32() if kcap is None else kcap, int(kcap is not None), L.flat(out))
+    return out
+
+
+_DUMMY: dict[str, Any] = {}
+
+
+def _dummy_i32() -> Any:
+    if "i32" not in _DUMMY:
+        _DUMMY["i32"] = cuda.to_device(np.zeros(1, dtype=np.int32))
+    return _DUMMY["i32"]
+
+
+# ---------------------------------------------------------------------------
+# Parity cases
+# ---------------------------------------------------------------------------
+
+
+def _case_q(rng: np.random.Generator, scale: str) -> Case:
+    from ds4nb.kernels.rope import make_test_rope
+    from ds4nb.reference import ops
+
+    n_tok, n_head, d, n_rot = (2, 4, 32, 16) if scale == "tiny" else (1, 64, 128, 64)
+    rope = make_test_rope(n_rot, True)
+    pos = int(rng.integers(0, 100000))
+    q = (rng.standard_normal((n_tok, n_head, d)) * rng.uniform(0.1, 10)).astype(np.float32)
+    ref = np.stack([ops.indexer_qat(ops.apply_rope_tail(q[t], rope, pos + t)) for t in range(n_tok)])
+    out = L.device_array(q.size, np.float32)
+    return Case((cuda.to_device(q),), out, (ref.reshape(-1),), (False,),
+                kwargs=dict(n_head=n_head, head_dim=d, rope=rope, pos=pos),
+                info={"shape": q.shape, "pos": pos})
+
+
+def _case_scores(rng: np.random.Generator, scale: str) -> Case:
+    from ds4nb.reference import ops
+
+    n_ih, d, n_comp = (4, 32, 40) if scale == "tiny" else (64, 128, 8192)
+    q = ops.indexer_qat(rng.standard_normal((n_ih, d)).astype(np.float32))
+    rows = ops.f16_round(ops.indexer_qat(rng.standard_normal((n_comp, d)).astype(np.float32)))
+    w = rng.standard_normal(n_ih).astype(np.float32)
+    ws = indexer_w_scale(d, n_ih)
+    ref = ops.indexer_scores(q, w * ws, rows)
+    out = L.device_array(n_comp, np.float32)
+    return Case((cuda.to_device(q), cuda.to_device(w), cuda.to_device(rows.astype(np.float16)), n_comp), out,
+                (ref,), (False,), kwargs=dict(w_scale=ws), info={"shape": (n_ih, d, n_comp)})
+
+
+def _case_topk(rng: np.random.Generator, scale: str) -> Case:
+    from ds4nb.reference import ops
+
+    n, k = (40, 4) if scale == "tiny" else (32768, 512)
+    v = rng.standard_normal(n).astype(np.float32)
+    v[rng.integers(0, n, n // 8)] = v[0]     # ties, resolved by index
+    ref = ops.top_k_stable(v, k).astype(np.int32)
+    out = L.device_array(k, np.int32)
+    return Case((cuda.to_device(v), n, k), out, (ref,), (True,), info={"n": n, "k": k})
+
+
+OPS = [
+    OpSpec("indexer.q_prep", "indexer queries: RoPE, Hadamard, FP4 round trip per head",
+           "(q f32 (T, n_head*d), *, out, n_head, head_dim, rope, pos, stream)",
+           "ops.apply_rope_tail + ops.indexer_qat",
+           # exact FP4 grid; a 1-ulp Hadamard difference can flip one E2M1 rounding in a block
+           2e-3, _case_q),
+    OpSpec("indexer.scores", "indexer scores sum_h relu(row . q_h) w_h over the compressed index rows",
+           "(q f32 (n_ih, d), w f32 (n_ih,), rows f16|f32 (n, d), n_comp, *, out f32 (n_comp,), w_scale, stream)",
+           "ops.indexer_scores", 1e-5, _case_scores),
+    OpSpec("topk.select", "indices of the k largest values, best first, ties to the lower index",
+           "(values f32 (n,), n, k, *, out int32 (k,), stream)", "ops.top_k_stable", 0.0, _case_topk),
+]

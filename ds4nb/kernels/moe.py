@@ -1,0 +1,729 @@
+"""Routed-expert matvecs over the selected experts only (IQ2_XXS, Q2_K, Q4_K x Q8_K).
+
+Expert tensors ``(E, N, K)`` are block-minor (``ds4nb.quants.repack``) and
+activations are Q8_K from ``act.quantize_q8_K`` (block-minor too).  Per
+quant type there are three ops, all taking the selected expert ids
+``(n_used,)`` int32 on the device:
+
+``<q>.moe_matvec``   ``out[s, r] = W[ids[s]][r] . x[s]`` (x: one row shared by
+                     every slot, or one row per slot)
+``<q>.moe_gate_up``  ``mid[s, r] = silu(min(g, c)) * clip(u, -c, c) * weight[s]``
+                     with ``g, u`` the gate and up rows (DS4's clamped SwiGLU,
+                     ds4.c ``swiglu``; no clamp when ``c <= 1e-6``), fused so
+                     gate/up never reach memory
+``<q>.moe_down_sum`` ``out[r] = sum_s W[ids[s]][r] . mid[s]`` (the expert sum,
+                     deterministic: a fixed slot order, no atomics)
+
+Launch geometry.  A row is handled by ``lpr`` lanes (a power of two, 4..32:
+one per 256-value block, 16 for K=4096, or one per two blocks for
+``moe_down_sum``, see ``default_lanes_per_row``), each lane owning whole
+super-blocks ``b = lane, lane+lpr, ...``, so
+the per-block scale arithmetic stays in one lane and a row costs one
+``log2(lpr)``-step shuffle reduction.  Lanes owning consecutive blocks read
+consecutive words of every block-minor field (coalesced).  ``moe_matvec``
+and ``moe_gate_up`` use 256-thread blocks of ``256 / lpr`` rows with the slot
+in ``blockIdx.y``.  ``moe_down_sum`` puts the slots in the block instead (warp
+``s`` = slot ``s``, ``32 / lpr`` rows per block) and sums the per-slot rows
+through shared memory: with only 4096 output rows, one warp per slot keeps
+~6x more warps resident than looping over the slots in one warp.
+
+IQ2_XXS decodes each 8-value grid point with two shared-memory table reads
+and two ``byte_perm`` (PRMT) instructions (see the section below).  A first
+version held the grid as uint64 magnitudes and the signs as uint64 byte masks
+(two 64-bit random reads per grid point, ~7 bank-conflict wavefronts each):
+the gate/up kernel took 29.7 us on H100, which a wavefront count attributes
+mostly to those conflicts; this version takes 18.9 us (bench/results).
+
+Numerics: every 32/16-value dot is an exact integer (``dp4a``); the float32
+work per super-block is ``d_w * d_x * isum`` (``- dmin_w * d_x * summs`` for
+the K-quants), accumulated in float32: ~1e-6 relative to the float64 twin.
+Array indices are cast to uint64 at each access (no signed wraparound code).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType
+from numba import cuda, float32, int32, uint32, uint64
+
+from ds4nb.kernels import _launch as L
+from ds4nb.kernels.activation import Q8KAct, q8_K_to_device
+from ds4nb.kernels.intrinsics import as_i32, byte_perm, device, dot8, dp4a, hi_i32, jit_kernel, warp_sum
+from ds4nb.kernels.parity import Case
+from ds4nb.kernels.registry import OpSpec, implementation
+from ds4nb.quants import dequantize, dequantize_q8_K_activation, quantize_q8_K, random_blocks
+from ds4nb.quants.formats import iq2xxs_grid, iq2xxs_sign_bytes
+from ds4nb.quants.repack import PackedWeight, layout_name, repack
+
+Q = GGMLQuantizationType
+QK_K = 256
+THREADS = 256
+MAX_SLOTS = 32  # moe_down_sum: one warp per slot, 1024 threads at most
+
+_F0 = np.float32(0.0)
+_F1 = np.float32(1.0)
+_F_EIGHTH = np.float32(0.125)
+_F_CLAMP_MIN = np.float32(1.0e-6)
+_U1 = np.uint64(1)
+_U4 = np.uint64(4)
+_UFF = np.uint64(0xFF)
+_M2 = np.uint64(0x0303030303030303)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_M6_32 = np.uint64(0x3F3F3F3F)
+_M4_32 = np.uint64(0x0F0F0F0F)
+_M30_32 = np.uint64(0x30303030)
+_U2 = np.uint64(2)
+_U32 = np.uint64(32)
+
+
+# ---------------------------------------------------------------------------
+# Per-type partial dots: one lane's share of row ``wrow`` (= expert * N + row)
+# against activation row ``yrow``.  Same signature for every type so the
+# kernel factories below can take any of them.
+# ---------------------------------------------------------------------------
+
+
+@device
+def _lo16(w):
+    """Sign-extended low half of an int32 pair word (bsums[2p])."""
+    return ((w & 0xFFFF) ^ 0x8000) - 0x8000
+
+
+@device
+def _q2_k_partial(qs, sc, dm, wrow, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s):
+    acc = _F0
+    for b in range(lane, nb, lpr):
+        qb = wrow * 8 * nb + b
+        sb = wrow * 4 * nb + b
+        yb = yrow * 32 * nb + b
+        bb = yrow * 8 * nb + b
+        isum = int32(0)
+        for h in range(2):  # two halves of 128 values = 32 quant bytes = 4 words
+            w0 = qs[uint64(qb + (4 * h) * nb)]
+            w1 = qs[uint64(qb + (4 * h + 1) * nb)]
+            w2 = qs[uint64(qb + (4 * h + 2) * nb)]
+            w3 = qs[uint64(qb + (4 * h + 3) * nb)]
+            for k in range(4):  # bit pair k: values h*128 + 32k + [0, 32) = sub-blocks j, j+1
+                sh = uint64(2 * k)
+                yk = yb + (16 * h + 4 * k) * nb
+                d0 = dot8((w0 >> sh) & _M2, yq[uint64(yk)], int32(0))
+                d0 = dot8((w1 >> sh) & _M2, yq[uint64(yk + nb)], d0)
+                d1 = dot8((w2 >> sh) & _M2, yq[uint64(yk + 2 * nb)], int32(0))
+                d1 = dot8((w3 >> sh) & _M2, yq[uint64(yk + 3 * nb)], d1)
+                # scale bytes j = 8h + 2k and j + 1: word j // 4, byte j % 4 (low nibble)
+                scw = sc[uint64(sb + (2 * h + k // 2) * nb)]
+                bsh = 16 * (k % 2)
+                isum = int32(isum + int32((scw >> bsh) & 0xF) * d0 + int32((scw >> (bsh + 8)) & 0xF) * d1)
+        summs = int32(0)
+        for p in range(8):  # bsum pair p = sub-blocks 2p, 2p+1; mins are the high nibbles
+            scw = sc[uint64(sb + (p // 2) * nb)]
+            bsh = 16 * (p % 2)
+            bw = ybs[uint64(bb + p * nb)]
+            lo = _lo16(bw)
+            hi = bw >> 16  # arithmetic shift: the signed high half
+            summs = int32(summs + int32((scw >> (bsh + 4)) & 0xF) * lo + int32((scw >> (bsh + 12)) & 0xF) * hi)
+        d = float32(dm[uint64(2 * wrow * nb + b)])
+        dmin = float32(dm[uint64((2 * wrow + 1) * nb + b)])
+        acc += yd[uint64(yrow * nb + b)] * (d * float32(isum) - dmin * float32(summs))
+    return acc
+
+
+@device
+def _q4_k_partial(qs, sc, dm, wrow, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s):
+    acc = _F0
+    for b in range(lane, nb, lpr):
+        qb = wrow * 16 * nb + b
+        sb = wrow * 3 * nb + b
+        yb = yrow * 32 * nb + b
+        bb = yrow * 8 * nb + b
+        lo = uint64(sc[uint64(sb)])
+        hi = uint64(sc[uint64(sb + nb)])
+        ex = uint64(sc[uint64(sb + 2 * nb)])
+        # the 8 six-bit scales / mins, byte j = sub-block j (GGUF's get_scale_min_k4, word-wide)
+        scs = (lo & _M6_32) | (((ex & _M4_32) | ((lo >> _U2) & _M30_32)) << _U32)
+        mns = (hi & _M6_32) | ((((ex >> _U4) & _M4_32) | ((hi >> _U2) & _M30_32)) << _U32)
+        isum = int32(0)
+        summs = int32(0)
+        for c in range(4):  # chunk c: 32 bytes; low nibbles = sub-block 2c, high = 2c + 1
+            dlo = int32(0)
+            dhi = int32(0)
+            for pq in range(4):
+                w = qs[uint64(qb + (4 * c + pq) * nb)]
+                dlo = dot8(w & _M4, yq[uint64(yb + (8 * c + pq) * nb)], dlo)
+                dhi = dot8((w >> _U4) & _M4, yq[uint64(yb + (8 * c + 4 + pq) * nb)], dhi)
+            s0 = int32((scs >> uint64(16 * c)) & _UFF)
+            s1 = int32((scs >> uint64(16 * c + 8)) & _UFF)
+            m0 = int32((mns >> uint64(16 * c)) & _UFF)
+            m1 = int32((mns >> uint64(16 * c + 8)) & _UFF)
+            isum = int32(isum + s0 * dlo + s1 * dhi)
+            b0 = ybs[uint64(bb + (2 * c) * nb)]
+            b1 = ybs[uint64(bb + (2 * c + 1) * nb)]
+            summs = int32(summs + m0 * (_lo16(b0) + (b0 >> 16)) + m1 * (_lo16(b1) + (b1 >> 16)))
+        d = float32(dm[uint64(2 * wrow * nb + b)])
+        dmin = float32(dm[uint64((2 * wrow + 1) * nb + b)])
+        acc += yd[uint64(yrow * nb + b)] * (d * float32(isum) - dmin * float32(summs))
+    return acc
+
+
+# ---------------------------------------------------------------------------
+# IQ2_XXS.  A group word holds 4 grid indices (low half) and 4 seven-bit sign
+# indices plus a 4-bit scale (high half); each grid point is 8 magnitudes from
+# {8, 25, 43}.  Decoding a grid point to 8 signed int8 for dp4a takes two
+# shared-memory table reads and two PRMTs:
+#   grid_s[g]  8 nibbles: the code 0/1/2 of each magnitude
+#   sign_s[s]  8 nibbles: 4 where that value is negative (parity bit included)
+# ``sel = grid_s[g] | sign_s[s]`` selects, per byte, one of the 8 bytes
+# (8, 25, 43, 0, -8, -25, -43, 0): ``byte_perm(_POS, _NEG, sel)`` gives values
+# 0..3 and ``byte_perm(_POS, _NEG, sel >> 16)`` values 4..7.
+# The tables are read at random indices, so the reads conflict on shared-memory
+# banks; ``R`` copies interleaved word by word (entry ``e`` of copy ``c`` at
+# ``e * R + c``, lane ``l`` reading copy ``l % R``) spread the lanes of a warp
+# over R times more banks -- but filling them costs more than it saves on H100
+# (see IQ2_REPLICAS), so the default is one copy.
+# ---------------------------------------------------------------------------
+
+_POS = np.uint32(0x002B1908)  # bytes 8, 25, 43, 0
+_NEG = np.uint32(0x00D5E7F8)  # bytes -8, -25, -43, 0
+_U16 = np.uint32(16)
+_U28 = np.uint32(28)
+_U1_32 = np.uint32(1)
+_U32_FF = np.uint32(0xFF)
+_U32_7F = np.uint32(0x7F)
+_ULO = np.uint64(0xFFFFFFFF)
+
+_IQ2_CACHE: dict[int, tuple[Any, Any]] = {}
+
+
+def _iq2_partials(replicas: int) -> tuple[Any, Any]:
+    """(single-row partial, gate/up pair partial) reading ``replicas``-way tables."""
+    if replicas in _IQ2_CACHE:
+        return _IQ2_CACHE[replicas]
+    rep_n = np.uint32(replicas)
+
+    @device
+    def point(gw, sw, i, grid_l, sign_l, y, acc):
+        """Grid point i of a group (gw: grid indices, sw: sign indices) . 8 activation int8 in y."""
+        sel = grid_l[((gw >> uint32(8 * i)) & _U32_FF) * rep_n] | sign_l[((sw >> uint32(7 * i)) & _U32_7F) * rep_n]
+        acc = dp4a(as_i32(byte_perm(_POS, _NEG, sel)), as_i32(y), acc)
+        return dp4a(as_i32(byte_perm(_POS, _NEG, sel >> _U16)), hi_i32(y), acc)
+
+    @device
+    def group(w, yq, yb, j, nb, grid_l, sign_l):
+        gw = uint32(w & _ULO)
+        sw = uint32(w >> _U32)
+        s = int32(0)
+        for i in range(4):
+            s = point(gw, sw, i, grid_l, sign_l, yq[uint64(yb + (4 * j + i) * nb)], s)
+        return int32(s * as_i32(((sw >> _U28) << _U1_32) | _U1_32))  # 2 * scale + 1, in eighths of d
+
+    @device
+    def group_pair(gw64, uw64, yq, yb, j, nb, grid_l, sign_l):
+        ggw = uint32(gw64 & _ULO)
+        gsw = uint32(gw64 >> _U32)
+        ugw = uint32(uw64 & _ULO)
+        usw = uint32(uw64 >> _U32)
+        gs = int32(0)
+        us = int32(0)
+        for i in range(4):
+            y = yq[uint64(yb + (4 * j + i) * nb)]  # one activation load for gate and up
+            gs = point(ggw, gsw, i, grid_l, sign_l, y, gs)
+            us = point(ugw, usw, i, grid_l, sign_l, y, us)
+        return (int32(gs * as_i32(((gsw >> _U28) << _U1_32) | _U1_32)),
+                int32(us * as_i32(((usw >> _U28) << _U1_32) | _U1_32)))
+
+    @device
+    def partial(qs, sc, dm, wrow, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s):
+        rep = cuda.threadIdx.x % replicas  # this lane's table copy: a view starting at it
+        grid_l = grid_s[rep:]
+        sign_l = sign_s[rep:]
+        acc = _F0
+        for b in range(lane, nb, lpr):
+            qb = wrow * 8 * nb + b
+            yb = yrow * 32 * nb + b
+            # all 8 group words first: 8 independent loads in flight per lane
+            w0 = qs[uint64(qb)]
+            w1 = qs[uint64(qb + nb)]
+            w2 = qs[uint64(qb + 2 * nb)]
+            w3 = qs[uint64(qb + 3 * nb)]
+            w4 = qs[uint64(qb + 4 * nb)]
+            w5 = qs[uint64(qb + 5 * nb)]
+            w6 = qs[uint64(qb + 6 * nb)]
+            w7 = qs[uint64(qb + 7 * nb)]
+            isum = group(w0, yq, yb, 0, nb, grid_l, sign_l)
+            isum += group(w1, yq, yb, 1, nb, grid_l, sign_l)
+            isum += group(w2, yq, yb, 2, nb, grid_l, sign_l)
+            isum += group(w3, yq, yb, 3, nb, grid_l, sign_l)
+            isum += group(w4, yq, yb, 4, nb, grid_l, sign_l)
+            isum += group(w5, yq, yb, 5, nb, grid_l, sign_l)
+            isum += group(w6, yq, yb, 6, nb, grid_l, sign_l)
+            isum += group(w7, yq, yb, 7, nb, grid_l, sign_l)
+            acc += float32(int32(isum)) * (float32(dm[uint64(wrow * nb + b)]) * yd[uint64(yrow * nb + b)])
+        return acc * _F_EIGHTH
+
+    @device
+    def pair(gqs, gsc, gdm, uqs, usc, udm, wrow, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s):
+        """Gate and up rows together: 16 weight words in flight per lane, each activation word loaded once."""
+        rep = cuda.threadIdx.x % replicas
+        grid_l = grid_s[rep:]
+        sign_l = sign_s[rep:]
+        gacc = _F0
+        uacc = _F0
+        for b in range(lane, nb, lpr):
+            qb = wrow * 8 * nb + b
+            yb = yrow * 32 * nb + b
+            g0 = gqs[uint64(qb)]
+            g1 = gqs[uint64(qb + nb)]
+            g2 = gqs[uint64(qb + 2 * nb)]
+            g3 = gqs[uint64(qb + 3 * nb)]
+            g4 = gqs[uint64(qb + 4 * nb)]
+            g5 = gqs[uint64(qb + 5 * nb)]
+            g6 = gqs[uint64(qb + 6 * nb)]
+            g7 = gqs[uint64(qb + 7 * nb)]
+            u0 = uqs[uint64(qb)]
+            u1 = uqs[uint64(qb + nb)]
+            u2 = uqs[uint64(qb + 2 * nb)]
+            u3 = uqs[uint64(qb + 3 * nb)]
+            u4 = uqs[uint64(qb + 4 * nb)]
+            u5 = uqs[uint64(qb + 5 * nb)]
+            u6 = uqs[uint64(qb + 6 * nb)]
+            u7 = uqs[uint64(qb + 7 * nb)]
+            gsum, usum = group_pair(g0, u0, yq, yb, 0, nb, grid_l, sign_l)
+            a, c = group_pair(g1, u1, yq, yb, 1, nb, grid_l, sign_l)
+            gsum += a
+            usum += c
+            a, c = group_pair(g2, u2, yq, yb, 2, nb, grid_l, sign_l)
+            gsum += a
+            usum += c
+            a, c = group_pair(g3, u3, yq, yb, 3, nb, grid_l, sign_l)
+            gsum += a
+            usum += c
+            a, c = group_pair(g4, u4, yq, yb, 4, nb, grid_l, sign_l)
+            gsum += a
+            usum += c
+            a, c = group_pair(g5, u5, yq, yb, 5, nb, grid_l, sign_l)
+            gsum += a
+            usum += c
+            a, c = group_pair(g6, u6, yq, yb, 6, nb, grid_l, sign_l)
+            gsum += a
+            usum += c
+            a, c = group_pair(g7, u7, yq, yb, 7, nb, grid_l, sign_l)
+            gsum += a
+            usum += c
+            ys = yd[uint64(yrow * nb + b)]
+            gacc += float32(int32(gsum)) * (float32(gdm[uint64(wrow * nb + b)]) * ys)
+            uacc += float32(int32(usum)) * (float32(udm[uint64(wrow * nb + b)]) * ys)
+        return gacc * _F_EIGHTH, uacc * _F_EIGHTH
+
+    _IQ2_CACHE[replicas] = (partial, pair)
+    return partial, pair
+
+
+def _pair_of(partial):
+    """Gate/up pair from a single-row partial (two independent walks)."""
+
+    @device
+    def pair(gqs, gsc, gdm, uqs, usc, udm, wrow, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s):
+        g = partial(gqs, gsc, gdm, wrow, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s)
+        u = partial(uqs, usc, udm, wrow, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s)
+        return g, u
+
+    return pair
+
+
+_K_PAIRS = {Q.Q2_K: (_q2_k_partial, _pair_of(_q2_k_partial)), Q.Q4_K: (_q4_k_partial, _pair_of(_q4_k_partial))}
+QTYPES = (Q.IQ2_XXS, Q.Q2_K, Q.Q4_K)
+
+#: IQ2_XXS table copies per kind.  Measured on H100 (gate/up, 6 x 2048 x 4096):
+#: 1 copy 19.3-19.8 us, 4 copies 20.3-21.5 us, 8 copies 20.1-22.3 us: filling
+#: the copies costs more than the bank conflicts they remove, so one copy.
+IQ2_REPLICAS = {"matvec": 1, "gate_up": 1, "down_sum": 1}
+
+
+def _partial_pair(qtype: GGMLQuantizationType, replicas: int) -> tuple[Any, Any]:
+    return _iq2_partials(replicas) if qtype == Q.IQ2_XXS else _K_PAIRS[qtype]
+
+
+@device
+def _load_luts(grid_g, sign_g, grid_s, sign_s, replicas):
+    # while loops: a range() with the run-time step blockDim.x costs a 64-bit division call
+    k = cuda.threadIdx.x
+    while k < 256 * replicas:
+        grid_s[k] = grid_g[k // replicas]
+        k += cuda.blockDim.x
+    k = cuda.threadIdx.x
+    while k < 128 * replicas:
+        sign_s[k] = sign_g[k // replicas]
+        k += cuda.blockDim.x
+
+
+# ---------------------------------------------------------------------------
+# Kernel factories, compiled per (kind, qtype, lanes per row, blocks per row,
+# table copies).  ``nb`` is a compile-time constant: every block-minor offset
+# ``j * nb`` then folds into the load instruction's immediate.
+# ---------------------------------------------------------------------------
+
+
+def _make_matvec(qtype, lpr: int, nb: int, replicas: int):
+    partial, _ = _partial_pair(qtype, replicas)
+    lut = qtype == Q.IQ2_XXS
+    grid_words, sign_words = (256 * replicas, 128 * replicas) if lut else (1, 1)
+    rows_per_block = THREADS // lpr
+
+    @cuda.jit
+    def kernel(qs, sc, dm, n_rows, ids, x_per_slot, yq, yd, ybs, grid_g, sign_g, out):
+        grid_s = cuda.shared.array(grid_words, uint32)
+        sign_s = cuda.shared.array(sign_words, uint32)
+        if lut:
+            _load_luts(grid_g, sign_g, grid_s, sign_s, replicas)
+            cuda.syncthreads()
+        slot = cuda.blockIdx.y
+        row = cuda.blockIdx.x * rows_per_block + cuda.threadIdx.x // lpr
+        lane = cuda.threadIdx.x % lpr
+        r = min(row, n_rows - 1)  # tail lanes compute a real row and drop it: shuffles stay full-warp
+        yrow = slot if x_per_slot else 0
+        acc = partial(qs, sc, dm, ids[slot] * n_rows + r, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s)
+        acc = warp_sum(acc, lpr)
+        if lane == 0 and row < n_rows:
+            out[slot * n_rows + row] = acc
+
+    return kernel
+
+
+def _make_gate_up(qtype, lpr: int, nb: int, replicas: int, min_blocks: int = 0):
+    _, pair = _partial_pair(qtype, replicas)
+    lut = qtype == Q.IQ2_XXS
+    grid_words, sign_words = (256 * replicas, 128 * replicas) if lut else (1, 1)
+    rows_per_block = THREADS // lpr
+
+    @jit_kernel(launch_bounds=(THREADS, min_blocks) if min_blocks else None)
+    def kernel(gqs, gsc, gdm, uqs, usc, udm, n_rows, ids, weights, clamp, x_per_slot,
+               yq, yd, ybs, grid_g, sign_g, mid):
+        grid_s = cuda.shared.array(grid_words, uint32)
+        sign_s = cuda.shared.array(sign_words, uint32)
+        if lut:
+            _load_luts(grid_g, sign_g, grid_s, sign_s, replicas)
+            cuda.syncthreads()
+        slot = cuda.blockIdx.y
+        row = cuda.blockIdx.x * rows_per_block + cuda.threadIdx.x // lpr
+        lane = cuda.threadIdx.x % lpr
+        r = min(row, n_rows - 1)
+        yrow = slot if x_per_slot else 0
+        g, u = pair(gqs, gsc, gdm, uqs, usc, udm, ids[slot] * n_rows + r, nb, yq, yd, ybs, yrow, lane, lpr,
+                    grid_s, sign_s)
+        g = warp_sum(g, lpr)
+        u = warp_sum(u, lpr)
+        if lane == 0 and row < n_rows:
+            if clamp > _F_CLAMP_MIN:
+                g = min(g, clamp)
+                u = min(max(u, -clamp), clamp)
+            mid[slot * n_rows + row] = g / (_F1 + math.exp(-g)) * u * weights[slot]
+
+    return kernel
+
+
+def _make_down_sum(qtype, lpr: int, nb: int, replicas: int):
+    partial, _ = _partial_pair(qtype, replicas)
+    lut = qtype == Q.IQ2_XXS
+    grid_words, sign_words = (256 * replicas, 128 * replicas) if lut else (1, 1)
+    rows_per_warp = 32 // lpr
+
+    @cuda.jit
+    def kernel(qs, sc, dm, n_rows, ids, yq, yd, ybs, grid_g, sign_g, out):
+        grid_s = cuda.shared.array(grid_words, uint32)
+        sign_s = cuda.shared.array(sign_words, uint32)
+        part = cuda.shared.array((MAX_SLOTS, rows_per_warp), float32)
+        if lut:
+            _load_luts(grid_g, sign_g, grid_s, sign_s, replicas)
+            cuda.syncthreads()
+        slot = cuda.threadIdx.x // 32
+        sub = (cuda.threadIdx.x % 32) // lpr
+        lane = cuda.threadIdx.x % lpr
+        row = cuda.blockIdx.x * rows_per_warp + sub
+        r = min(row, n_rows - 1)
+        acc = partial(qs, sc, dm, ids[slot] * n_rows + r, nb, yq, yd, ybs, slot, lane, lpr, grid_s, sign_s)
+        acc = warp_sum(acc, lpr)
+        if lane == 0:
+            part[slot, sub] = acc
+        cuda.syncthreads()
+        t = cuda.threadIdx.x
+        if t < rows_per_warp:
+            rr = cuda.blockIdx.x * rows_per_warp + t
+            if rr < n_rows:
+                s = _F0
+                for k in range(cuda.blockDim.x // 32):  # slot order: deterministic
+                    s += part[k, t]
+                out[rr] = s
+
+    return kernel
+
+
+_KERNELS: dict[tuple, Any] = {}
+_FACTORIES = {"matvec": _make_matvec, "gate_up": _make_gate_up, "down_sum": _make_down_sum}
+
+
+def _kernel(kind: str, qtype: GGMLQuantizationType, lpr: int, nb: int, replicas: int | None = None,
+            min_blocks: int = 0) -> Any:
+    """``min_blocks`` (gate_up only): launch bounds asking for that many 256-thread blocks per SM.
+    Measured on H100 (IQ2_XXS, 4 blocks: 64 registers with a 24-byte spill instead of 70): no
+    gain (18.8 vs 18.9 us), so the registered launchers leave it at 0."""
+    replicas = (replicas or IQ2_REPLICAS[kind]) if qtype == Q.IQ2_XXS else 1
+    key = (kind, qtype, lpr, nb, replicas, min_blocks)
+    k = _KERNELS.get(key)
+    if k is None:
+        extra = (min_blocks,) if min_blocks else ()
+        k = _KERNELS[key] = _FACTORIES[kind](qtype, lpr, nb, replicas, *extra)
+    return k
+
+
+def lanes_per_row(nb: int) -> int:
+    """Lanes sharing a row: >= one per super-block, 4..32 (16 for K=4096, 8 for K=2048)."""
+    return L.pow2_at_least(nb, 4, 32)
+
+
+def default_lanes_per_row(kind: str, nb: int) -> int:
+    """One super-block per lane for ``matvec``/``gate_up`` (16 lanes for K=4096), two for
+    ``down_sum`` (4 lanes for K=2048), where blocks hold few rows and a lane walking two
+    blocks overlaps the second's loads with the first's math.  Measured on H100 (6 experts):
+    Q2_K down 4096 x 2048 13.9 us (4 lanes) vs 15.1 (8) and 17.7 (2); IQ2_XXS 2048 x 4096
+    matvec 12.4 us (16 lanes) vs 14.8 (8), gate/up 18.7 us (16) vs 18.8 (8)."""
+    if kind == "down_sum":
+        return L.pow2_at_least(max(1, nb // 2), 4, 32)
+    return lanes_per_row(nb)
+
+
+_DEVICE_CONST: dict[str, Any] = {}
+
+
+def iq2_xxs_tables() -> tuple[np.ndarray, np.ndarray]:
+    """(grid uint32 (256,), signs uint32 (128,)): the PRMT selector tables the kernels hold.
+
+    Grid entry nibble ``i`` is the code (0, 1, 2) of magnitude ``i`` (8, 25, 43);
+    sign entry nibble ``i`` is 4 when value ``i`` is negative.
+    """
+    grid = iq2xxs_grid().astype(np.int64)  # (256, 8) of 8 / 25 / 43
+    codes = np.select([grid == 8, grid == 25, grid == 43], [0, 1, 2], default=-1)
+    assert (codes >= 0).all()
+    shifts = 4 * np.arange(8, dtype=np.int64)
+    grid_sel = (codes << shifts).sum(axis=1).astype(np.uint32)
+    neg = (iq2xxs_sign_bytes()[:, None].astype(np.int64) >> np.arange(8)) & 1  # (128, 8)
+    sign_sel = ((neg * 4) << shifts).sum(axis=1).astype(np.uint32)
+    return grid_sel, sign_sel
+
+
+def _consts() -> dict[str, Any]:
+    if not _DEVICE_CONST:
+        grid, sign = iq2_xxs_tables()
+        _DEVICE_CONST["grid"] = cuda.to_device(grid)
+        _DEVICE_CONST["sign"] = cuda.to_device(sign)
+        _DEVICE_CONST["no_sc"] = cuda.to_device(np.zeros(1, dtype=np.uint32))
+    return _DEVICE_CONST
+
+
+def _sc(w: PackedWeight, c: dict[str, Any]) -> Any:
+    return c["no_sc"] if w.sc is None else w.sc
+
+
+def _geometry(w: PackedWeight, qtype: GGMLQuantizationType, lpr: int | None, kind: str) -> tuple[int, int, int]:
+    if w.qtype != qtype:
+        raise ValueError(f"expected a {qtype.name} expert tensor, got {w.qtype.name}")
+    if len(w.shape) != 3:
+        raise ValueError(f"expected an (E, N, K) expert tensor, got shape {w.shape}")
+    nb = w.n_blocks
+    return w.shape[-2], nb, lpr or default_lanes_per_row(kind, nb)
+
+
+def _moe_matvec(qtype: GGMLQuantizationType, w: PackedWeight, ids: Any, x: Q8KAct, *, out: Any,
+                stream: Any = 0, lpr: int | None = None, replicas: int | None = None) -> Any:
+    n_rows, nb, lpr = _geometry(w, qtype, lpr, "matvec")
+    n_slots = ids.size
+    x_per_slot = 1 if x.d.size == n_slots * nb else 0
+    c = _consts()
+    grid = (L.cdiv(n_rows, THREADS // lpr), n_slots)
+    _kernel("matvec", qtype, lpr, nb, replicas)[grid, THREADS, stream](
+        w.qs, _sc(w, c), w.dm, n_rows, ids, x_per_slot, x.qs, x.d, x.bsums, c["grid"], c["sign"], L.flat(out))
+    return out
+
+
+def _moe_gate_up(qtype: GGMLQuantizationType, gate: PackedWeight, up: PackedWeight, ids: Any, weights: Any,
+                 x: Q8KAct, clamp: float, *, out: Any, stream: Any = 0, lpr: int | None = None,
+                 replicas: int | None = None, min_blocks: int = 0) -> Any:
+    n_rows, nb, lpr = _geometry(gate, qtype, lpr, "gate_up")
+    if up.shape != gate.shape or up.qtype != gate.qtype:
+        raise ValueError(f"gate {gate.shape} and up {up.shape} differ")
+    n_slots = ids.size
+    x_per_slot = 1 if x.d.size == n_slots * nb else 0
+    c = _consts()
+    grid = (L.cdiv(n_rows, THREADS // lpr), n_slots)
+    _kernel("gate_up", qtype, lpr, nb, replicas, min_blocks)[grid, THREADS, stream](
+        gate.qs, _sc(gate, c), gate.dm, up.qs, _sc(up, c), up.dm, n_rows, ids, weights, np.float32(clamp),
+        x_per_slot, x.qs, x.d, x.bsums, c["grid"], c["sign"], L.flat(out))
+    return out
+
+
+def _moe_down_sum(qtype: GGMLQuantizationType, w: PackedWeight, ids: Any, x: Q8KAct, *, out: Any,
+                  stream: Any = 0, lpr: int | None = None, replicas: int | None = None) -> Any:
+    n_rows, nb, lpr = _geometry(w, qtype, lpr, "down_sum")
+    n_slots = ids.size
+    if not 1 <= n_slots <= MAX_SLOTS:
+        raise ValueError(f"moe_down_sum takes 1..{MAX_SLOTS} experts, got {n_slots}")
+    c = _consts()
+    rows_per_block = 32 // lpr
+    _kernel("down_sum", qtype, lpr, nb, replicas)[L.cdiv(n_rows, rows_per_block), 32 * n_slots, stream](
+        w.qs, _sc(w, c), w.dm, n_rows, ids, x.qs, x.d, x.bsums, c["grid"], c["sign"], L.flat(out))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Registered launchers, one set per quant type
+# ---------------------------------------------------------------------------
+
+
+def _register_launchers(qtype: GGMLQuantizationType) -> dict[str, Any]:
+    q = qtype.name.lower()
+    layout = layout_name(qtype)
+
+    @implementation(f"{q}.moe_matvec", "lanes_per_row", layout=layout, priority=10)
+    def moe_matvec(w: PackedWeight, ids: Any, x: Q8KAct, *, out: Any, stream: Any = 0) -> Any:
+        return _moe_matvec(qtype, w, ids, x, out=out, stream=stream)
+
+    @implementation(f"{q}.moe_gate_up", "lanes_per_row", layout=layout, priority=10)
+    def moe_gate_up(gate: PackedWeight, up: PackedWeight, ids: Any, weights: Any, x: Q8KAct, clamp: float,
+                    *, out: Any, stream: Any = 0) -> Any:
+        return _moe_gate_up(qtype, gate, up, ids, weights, x, clamp, out=out, stream=stream)
+
+    @implementation(f"{q}.moe_down_sum", "warp_per_slot", layout=layout, priority=10)
+    def moe_down_sum(w: PackedWeight, ids: Any, x: Q8KAct, *, out: Any, stream: Any = 0) -> Any:
+        return _moe_down_sum(qtype, w, ids, x, out=out, stream=stream)
+
+    moe_matvec.__doc__ = f"{qtype.name} experts x Q8_K activations, selected experts only."
+    moe_gate_up.__doc__ = f"{qtype.name} gate+up fused with clamped SwiGLU and the router weight."
+    moe_down_sum.__doc__ = f"{qtype.name} down projections of the selected experts, summed over slots."
+    return {f"{q}_moe_matvec": moe_matvec, f"{q}_moe_gate_up": moe_gate_up, f"{q}_moe_down_sum": moe_down_sum}
+
+
+for _qt in QTYPES:
+    globals().update(_register_launchers(_qt))
+del _qt
+
+
+# ---------------------------------------------------------------------------
+# Parity cases (twin: dequantize(W[e]) @ dequantize_q8_K_activation(quantize_q8_K(x)), float64)
+# ---------------------------------------------------------------------------
+
+#: tiny (simulator) and model-scale expert shapes per op kind: (E, N, K, n_used)
+_TINY = {"matvec": (5, 12, 512, 3), "gate_up": (4, 10, 512, 3), "down_sum": (4, 12, 512, 3)}
+_MODEL_GATE_UP = (8, 2048, 4096, 6)  # ffn_gate_exps / ffn_up_exps: 2048 x 4096
+_MODEL_DOWN = (8, 4096, 2048, 6)  # ffn_down_exps: 4096 x 2048
+
+
+def _experts(rng: np.random.Generator, qtype: GGMLQuantizationType, e: int, n: int, k: int):
+    raw = random_blocks(qtype, (e, n, k), rng, rms=0.02)
+    return raw, repack(raw, qtype, (e, n, k)).to_device()
+
+
+def e_idx_slice(e: int, nbytes: int) -> slice:
+    return slice(e * nbytes, (e + 1) * nbytes)
+
+
+def expert_matvec_ref(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int, int],
+                      ids: np.ndarray, x_deq: np.ndarray) -> np.ndarray:
+    """float64 (n_used, N): row s = dequantize(W[ids[s]]) @ x_deq[s or 0]."""
+    e_total, n, k = shape
+    per = raw.size // e_total
+    out = np.empty((len(ids), n))
+    for s, e in enumerate(ids):
+        w = dequantize(raw[e_idx_slice(int(e), per)], qtype, (n, k)).astype(np.float64)
+        out[s] = w @ x_deq[s if x_deq.shape[0] > 1 else 0].astype(np.float64)
+    return out
+
+
+def _ids(rng: np.random.Generator, e: int, n_used: int) -> np.ndarray:
+    return rng.permutation(e)[:n_used].astype(np.int32)
+
+
+def _x(rng: np.random.Generator, rows: int, k: int) -> np.ndarray:
+    return (rng.standard_normal((rows, k)) * rng.uniform(0.5, 2.0, size=(rows, 1))).astype(np.float32)
+
+
+def _case_matvec(qtype: GGMLQuantizationType):
+    def make(rng: np.random.Generator, scale: str) -> Case:
+        e, n, k, n_used = _TINY["matvec"] if scale == "tiny" else (
+            _MODEL_DOWN if qtype == Q.Q2_K else _MODEL_GATE_UP)
+        raw, w = _experts(rng, qtype, e, n, k)
+        ids = _ids(rng, e, n_used)
+        x = _x(rng, n_used, k)  # one activation row per slot
+        ref = expert_matvec_ref(raw, qtype, (e, n, k), ids, dequantize_q8_K_activation(*quantize_q8_K(x)[:2]))
+        out = L.device_array(n_used * n, np.float32)
+        return Case((w, cuda.to_device(ids), q8_K_to_device(x)), out, (ref.reshape(-1),), (False,),
+                    weight_bytes=raw.size // e * n_used, info={"experts": (e, n, k), "ids": ids.tolist()})
+
+    return make
+
+
+def gate_up_ref(g: np.ndarray, u: np.ndarray, weights: np.ndarray, clamp: float) -> np.ndarray:
+    from ds4nb.reference.ops import swiglu_clamped
+
+    return swiglu_clamped(g.astype(np.float32), u.astype(np.float32), clamp) * weights[:, None].astype(np.float32)
+
+
+def _case_gate_up(qtype: GGMLQuantizationType):
+    def make(rng: np.random.Generator, scale: str) -> Case:
+        e, n, k, n_used = _TINY["gate_up"] if scale == "tiny" else _MODEL_GATE_UP
+        graw, gw = _experts(rng, qtype, e, n, k)
+        uraw, uw = _experts(rng, qtype, e, n, k)
+        ids = _ids(rng, e, n_used)
+        weights = rng.uniform(0.05, 1.0, n_used).astype(np.float32)
+        x = _x(rng, 1, k)  # one token's activation shared by every slot (decode)
+        xd = dequantize_q8_K_activation(*quantize_q8_K(x)[:2])
+        g = expert_matvec_ref(graw, qtype, (e, n, k), ids, xd)
+        u = expert_matvec_ref(uraw, qtype, (e, n, k), ids, xd)
+        # a clamp that bites: ~30% of |gate|/|up| values are above it
+        clamp = float(np.quantile(np.abs(np.concatenate([g.ravel(), u.ravel()])), 0.7))
+        ref = gate_up_ref(g, u, weights, clamp)
+        out = L.device_array(n_used * n, np.float32)
+        return Case((gw, uw, cuda.to_device(ids), cuda.to_device(weights), q8_K_to_device(x), clamp), out,
+                    (ref.reshape(-1).astype(np.float64),), (False,), weight_bytes=2 * graw.size // e * n_used,
+                    info={"experts": (e, n, k), "ids": ids.tolist(), "clamp": round(clamp, 4)})
+
+    return make
+
+
+def _case_down_sum(qtype: GGMLQuantizationType):
+    def make(rng: np.random.Generator, scale: str) -> Case:
+        e, n, k, n_used = _TINY["down_sum"] if scale == "tiny" else _MODEL_DOWN
+        raw, w = _experts(rng, qtype, e, n, k)
+        ids = _ids(rng, e, n_used)
+        mid = _x(rng, n_used, k) * np.float32(0.1)
+        per_slot = expert_matvec_ref(raw, qtype, (e, n, k), ids, dequantize_q8_K_activation(*quantize_q8_K(mid)[:2]))
+        out = L.device_array(n, np.float32)
+        return Case((w, cuda.to_device(ids), q8_K_to_device(mid)), out, (per_slot.sum(axis=0),), (False,),
+                    weight_bytes=raw.size // e * n_used, info={"experts": (e, n, k), "ids": ids.tolist()})
+
+    return make
+
+
+_TOL = 2e-5  # exact integer dots, float32 scale products and accumulation
+
+OPS = []
+for _qt in QTYPES:
+    _q = _qt.name.lower()
+    OPS += [
+        OpSpec(f"{_q}.moe_matvec", f"{_qt.name} routed experts x Q8_K, selected experts only",
+               "(w: PackedWeight (E, N, K), ids i32 (n_used,), x: Q8KAct (1 or n_used, K), *, "
+               "out f32 (n_used, N), stream)",
+               "dequantize(W[ids[s]]) @ dequantize_q8_K_activation(quantize_q8_K(x[s])) in float64",
+               _TOL, _case_matvec(_qt)),
+        OpSpec(f"{_q}.moe_gate_up", f"{_qt.name} gate+up experts, clamped SwiGLU x router weight",
+               "(gate, up: PackedWeight (E, N, K), ids i32 (n_used,), weights f32 (n_used,), x: Q8KAct, "
+               "clamp: float, *, out f32 (n_used, N), stream)",
+               "reference.ops.swiglu_clamped(G x, U x, clamp) * weight, dots as in moe_matvec",
+               _TOL, _case_gate_up(_qt)),
+        OpSpec(f"{_q}.moe_down_sum", f"{_qt.name} down experts, summed over the selected slots",
+               "(w: PackedWeight (E, N, K), ids i32 (n_used,), x: Q8KAct (n_used, K), *, out f32 (N,), stream)",
+               "sum_s dequantize(W[ids[s]]) @ dequantize_q8_K_activation(quantize_q8_K(mid[s])) in float64",
+               _TOL, _case_down_sum(_qt)),
+    ]
+del _qt, _q

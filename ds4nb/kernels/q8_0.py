@@ -1,0 +1,214 @@
+"""Q8_0 matrix-vector products on pre-quantized activations (the ``warp8`` strategy).
+
+Weights are block-minor (``ds4nb.quants.repack``): per row, ``qs`` word ``j``
+(8 int8) of block ``b`` at ``j * nb + b``, the fp16 scale of block ``b`` at
+``b``.  Activations come from ``act.quantize_q8_0`` in the same layout.
+
+``q8_0.matvec`` / ``warp8``: one warp per output row, 8 warps (8 rows) per
+256-thread block.  Lane ``l`` owns blocks ``l, l+32, ...``; for each it loads
+the 4 weight words and 4 activation words (independent 8-byte loads, so a
+warp has 4 x 256 contiguous bytes of weights in flight per step), does 8
+``dp4a``, and adds ``dot * d_w * d_x`` in float32.  The row sum is a 5-step
+shuffle reduction.  Integer dot products are exact; the only rounding is the
+float32 scale products and the float32 accumulation, so the result matches
+the float64 twin to ~1e-6 relative.
+
+Every array index is cast to uint64 at the access: numba emits negative-index
+wraparound code (shift, and, add on 64 bits) for signed indices, which costs
+more than the load itself in these loops.
+
+``q8_0.matmul`` / ``warp8_t8``: the same row-per-warp walk for a batch of
+tokens, each lane reusing its weight words for up to 8 tokens (``T``) before
+moving on: weights are read ``ceil(n / 8)`` times instead of ``n`` times.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType
+from numba import cuda, float32, int32, uint64
+
+from ds4nb.kernels import _launch as L
+from ds4nb.kernels.activation import Q8_0Act, q8_0_to_device
+from ds4nb.kernels.intrinsics import device, dot8, warp_sum
+from ds4nb.kernels.parity import Case
+from ds4nb.kernels.registry import OpSpec, Requirements, implementation
+from ds4nb.quants import dequantize, dequantize_q8_0_activation, quantize_q8_0, random_blocks
+from ds4nb.quants.repack import PackedWeight, layout_name, repack
+
+Q = GGMLQuantizationType
+QK8_0 = 32
+ROWS_PER_BLOCK = 8  # warps per block, one row each
+TOKENS_PER_PASS = 8  # q8_0.matmul: tokens sharing one read of the weights
+
+_F0 = np.float32(0.0)
+
+
+@device
+def _q8_block(qs, dm, xq, xd, wq, wd, nb, b):
+    """One 32-value block: 4 weight words . 4 activation words, scaled by d_w * d_x."""
+    s = dot8(qs[uint64(wq + b)], xq[uint64(b)], int32(0))
+    s = dot8(qs[uint64(wq + nb + b)], xq[uint64(nb + b)], s)
+    s = dot8(qs[uint64(wq + 2 * nb + b)], xq[uint64(2 * nb + b)], s)
+    s = dot8(qs[uint64(wq + 3 * nb + b)], xq[uint64(3 * nb + b)], s)
+    return float32(s) * (float32(dm[uint64(wd + b)]) * xd[uint64(b)])
+
+
+def _make_matvec(nb: int):
+    """Row-per-warp matvec for rows of ``nb`` blocks.  ``nb`` is a compile-time
+    constant: the block-minor offsets ``j * nb`` fold into the loads' immediates
+    and the ``nb // 32`` full steps have a constant trip count, so they unroll
+    and every lane has all of its weight words in flight at once."""
+    full = nb // 32
+
+    @cuda.jit
+    def kernel(qs, dm, n_rows, xq, xd, out):
+        lane = cuda.threadIdx.x % 32
+        row = cuda.blockIdx.x * ROWS_PER_BLOCK + cuda.threadIdx.x // 32
+        if row >= n_rows:  # a whole warp leaves: shuffles below stay full-warp
+            return
+        wq = row * 4 * nb
+        wd = row * nb
+        acc = _F0
+        for it in range(full):
+            acc += _q8_block(qs, dm, xq, xd, wq, wd, nb, lane + 32 * it)
+        if lane < nb - 32 * full:
+            acc += _q8_block(qs, dm, xq, xd, wq, wd, nb, lane + 32 * full)
+        acc = warp_sum(acc, 32)
+        if lane == 0:
+            out[row] = acc
+
+    return kernel
+
+
+def _make_matmul(nb: int):
+    @cuda.jit
+    def kernel(qs, dm, n_rows, n_tok, xq, xd, out):
+        lane = cuda.threadIdx.x % 32
+        row = cuda.blockIdx.x * ROWS_PER_BLOCK + cuda.threadIdx.x // 32
+        if row >= n_rows:
+            return
+        t0 = cuda.blockIdx.y * TOKENS_PER_PASS
+        wq = row * 4 * nb
+        acc = cuda.local.array(TOKENS_PER_PASS, float32)
+        for i in range(TOKENS_PER_PASS):
+            acc[i] = _F0
+        for b in range(lane, nb, 32):
+            w0 = qs[uint64(wq + b)]
+            w1 = qs[uint64(wq + nb + b)]
+            w2 = qs[uint64(wq + 2 * nb + b)]
+            w3 = qs[uint64(wq + 3 * nb + b)]
+            d = float32(dm[uint64(row * nb + b)])
+            for i in range(TOKENS_PER_PASS):
+                t = t0 + i
+                if t < n_tok:
+                    xb = t * 4 * nb + b
+                    s = dot8(w0, xq[uint64(xb)], int32(0))
+                    s = dot8(w1, xq[uint64(xb + nb)], s)
+                    s = dot8(w2, xq[uint64(xb + 2 * nb)], s)
+                    s = dot8(w3, xq[uint64(xb + 3 * nb)], s)
+                    acc[i] += float32(s) * (d * xd[uint64(t * nb + b)])
+        for i in range(TOKENS_PER_PASS):
+            v = warp_sum(acc[i], 32)
+            if lane == 0 and t0 + i < n_tok:
+                out[(t0 + i) * n_rows + row] = v
+
+    return kernel
+
+
+_KERNELS: dict[tuple[str, int], Any] = {}
+
+
+def kernel_for(kind: str, nb: int) -> Any:
+    """The compiled-on-first-launch kernel for ``kind`` ('matvec' or 'matmul') and ``nb`` blocks per row."""
+    k = _KERNELS.get((kind, nb))
+    if k is None:
+        k = _KERNELS[(kind, nb)] = (_make_matvec if kind == "matvec" else _make_matmul)(nb)
+    return k
+
+
+def _check(w: PackedWeight, x: Q8_0Act) -> tuple[int, int, int]:
+    if w.qtype != Q.Q8_0:
+        raise ValueError(f"expected a Q8_0 weight, got {w.qtype.name}")
+    n_rows, k = w.shape[-2], w.shape[-1]
+    nb = k // QK8_0
+    n_tok = x.d.size // nb
+    return n_rows, nb, n_tok
+
+
+@implementation("q8_0.matvec", "warp8", layout=layout_name(Q.Q8_0), priority=10,
+                requires=Requirements(max_batch=1))
+def q8_0_matvec_warp8(w: PackedWeight, x: Q8_0Act, *, out: Any, stream: Any = 0) -> Any:
+    """y = W x for one token: one warp per row, dp4a on block-minor words."""
+    n_rows, nb, _ = _check(w, x)
+    kernel_for("matvec", nb)[L.cdiv(n_rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, stream](
+        w.qs, w.dm, n_rows, x.qs, x.d, L.flat(out))
+    return out
+
+
+@implementation("q8_0.matmul", "warp8_t8", layout=layout_name(Q.Q8_0), priority=10)
+def q8_0_matmul_warp8(w: PackedWeight, x: Q8_0Act, *, out: Any, stream: Any = 0) -> Any:
+    """Y = X W^T for n tokens: row per warp, each weight word reused for 8 tokens."""
+    n_rows, nb, n_tok = _check(w, x)
+    grid = (L.cdiv(n_rows, ROWS_PER_BLOCK), L.cdiv(n_tok, TOKENS_PER_PASS))
+    kernel_for("matmul", nb)[grid, 32 * ROWS_PER_BLOCK, stream](w.qs, w.dm, n_rows, n_tok, x.qs, x.d, L.flat(out))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Parity cases: twin = dequantize(W) @ dequantize(quantize_q8_0(x)) in float64
+# ---------------------------------------------------------------------------
+
+#: model-scale shapes: attn_q_b (1024 -> 32768) and the output head (4096 -> 129280)
+MODEL_SHAPES = {"q_b": (32768, 1024), "output": (129280, 4096)}
+
+
+def q8_0_reference(raw: np.ndarray, shape: tuple[int, int], xq: np.ndarray, xd: np.ndarray,
+                   chunk: int = 16384) -> np.ndarray:
+    """float64 (n_tok, n_rows) = x_deq @ W_deq^T, dequantizing W in row chunks."""
+    x = dequantize_q8_0_activation(xq, xd).astype(np.float64)
+    n_rows, k = shape
+    rb = raw.size // n_rows
+    out = np.empty((x.shape[0], n_rows))
+    for r0 in range(0, n_rows, chunk):
+        r1 = min(n_rows, r0 + chunk)
+        wd = dequantize(raw[r0 * rb:r1 * rb], Q.Q8_0, (r1 - r0, k)).astype(np.float64)
+        out[:, r0:r1] = x @ wd.T
+    return out
+
+
+def make_q8_0_case(rng: np.random.Generator, n_rows: int, k: int, n_tok: int) -> Case:
+    raw = random_blocks(Q.Q8_0, (n_rows, k), rng, rms=0.02)
+    x = (rng.standard_normal((n_tok, k)) * rng.uniform(0.5, 2.0, size=(n_tok, 1))).astype(np.float32)
+    w = repack(raw, Q.Q8_0, (n_rows, k)).to_device()
+    xa = q8_0_to_device(x)
+    ref = q8_0_reference(raw, (n_rows, k), *quantize_q8_0(x))
+    out = L.device_array(n_tok * n_rows, np.float32)
+    return Case((w, xa), out, (ref.reshape(-1),), (False,), weight_bytes=raw.size,
+                info={"rows": n_rows, "k": k, "tokens": n_tok})
+
+
+def _case_matvec(rng: np.random.Generator, scale: str) -> Case:
+    if scale == "tiny":
+        return make_q8_0_case(rng, 19, 1088, 1)  # 34 blocks: lanes 0,1 take two, rows not a multiple of 8
+    return make_q8_0_case(rng, *MODEL_SHAPES["q_b"], 1)
+
+
+def _case_matmul(rng: np.random.Generator, scale: str) -> Case:
+    if scale == "tiny":
+        return make_q8_0_case(rng, 5, 256, 10)  # 10 tokens: one full pass of 8 and a partial one
+    return make_q8_0_case(rng, 4096, 4096, 24)
+
+
+_TOL = 2e-5  # float32 accumulation of exact integer block dots; bugs give O(1)
+
+OPS = [
+    OpSpec("q8_0.matvec", "Q8_0 weight x Q8_0 activation, one token",
+           "(w: PackedWeight Q8_0 (N, K), x: Q8_0Act (1, K), *, out f32 (N,), stream)",
+           "dequantize(W) @ dequantize_q8_0_activation(quantize_q8_0(x)) in float64", _TOL, _case_matvec),
+    OpSpec("q8_0.matmul", "Q8_0 weight x Q8_0 activations, n tokens",
+           "(w: PackedWeight Q8_0 (N, K), x: Q8_0Act (n, K), *, out f32 (n, N), stream)",
+           "dequantize(W) @ dequantize_q8_0_activation(quantize_q8_0(X)).T in float64", _TOL, _case_matmul),
+]

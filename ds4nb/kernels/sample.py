@@ -1,0 +1,310 @@
+"""Next-token sampling on the device (the twin: ``ds4nb.sampling``).
+
+Decode then copies 8 bytes (token id, status) to the host instead of the
+129280 logits.  The filters are the twin's, in its order: drop non-finite
+logits; top-k (ties to the lower id, k <= 1024); weights
+``w = exp((logit - max) / T)`` in float64 with ``total`` = their sum over the
+top-k set (or over every finite logit without top-k); min-p keeps
+``w >= min_p``; candidates sorted by weight (ties: lower id); top-p keeps the
+shortest prefix whose cumulative weight reaches ``top_p * total``; the
+draw is ``searchsorted(cumsum, u * cumsum[-1])`` with a uniform ``u`` from the
+host (one ``rng.random()`` per non-greedy call, like the twin, so a seeded
+generator reproduces the twin's tokens).  Temperature 0 is the argmax (NaN
+never wins, ties to the lower id).
+
+Kernels (single blocks of 1024 threads; a vocabulary pass is ~126 coalesced
+loads a thread):
+
+1. ``_stats``: argmax, finite max and count; without top-k a second pass
+   gathers the ids with ``w >= min_p`` (at most ``CAP``) and sums ``total``;
+   greedy writes the argmax and stops.
+2. top-k only: ``topk.select`` (``ds4nb.kernels.indexer``) over the logits,
+   with k capped on the device at the finite count.
+3. ``_draw``: sorts the candidates by (logit desc, id asc) (a bitonic sort of
+   64-bit keys; equals the twin's weight order except where distinct logits
+   round to the same float64 weight, i.e. underflowed weights), then min-p,
+   top-p, the cumulative sums (float64, one thread, in order) and the draw.
+
+More than ``CAP`` min-p survivors without top-k (e.g. ``min_p = 0``) set
+status 1; :func:`sample_token` then falls back to the twin on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+from numba import cuda, float32, float64, int32, int64, uint64
+
+from ds4nb.kernels import _launch as L
+from ds4nb.kernels import indexer as _ix   # module import: add_module registers marked names it sees
+from ds4nb.kernels.f16_matvec import block_sum, group_max
+from ds4nb.kernels.indexer import topk_key
+from ds4nb.kernels.intrinsics import SIMULATOR, device
+from ds4nb.kernels.parity import Case
+from ds4nb.kernels.registry import OpSpec, implementation
+from ds4nb.kernels.router import f32_bits
+
+CAP = 1024                      # candidates the draw kernel sorts in shared memory
+THREADS = 1024
+_F0 = np.float32(0.0)
+_D0 = np.float64(0.0)
+_I0 = np.int64(0)
+_I31 = np.int64(31)
+_ILO = np.int64(0x7FFFFFFF)
+_ISIGN = np.int64(0x80000000)
+_IMASK = np.int64(0xFFFFFFFF)
+_U0 = np.uint64(0)
+_ULO = np.uint64(0xFFFFFFFF)
+_NEG_INF = np.float32(-np.inf)
+_FINF = np.float32(np.inf)
+ST_ARGMAX, ST_FINITE, ST_NCAND = 0, 1, 2
+SF_TOTAL, SF_MAX = 0, 1
+
+
+@device
+def _greedy_key(v, i):
+    """Distinct int64 key for the twin's argmax: NaN counts as -inf, +-inf are ordinary values."""
+    if v != v:
+        v = _NEG_INF
+    u = f32_bits(v)
+    o = (~u & _IMASK) if (u & _ISIGN) != _I0 else (u | _ISIGN)
+    return (o << _I31) | (_ILO - int64(i))
+
+
+@cuda.jit
+def _stats_kernel(logits, n, greedy, gather, temp, min_p, cap, ids, st_i, st_f, out):
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    lane = tid % 32
+    nw = nt // 32
+    # pass 1: argmax (NaN as -inf, ties to the lower id), finite max and count
+    best = _I0
+    fmax = _NEG_INF
+    cnt = int32(0)
+    for i in range(tid, n, nt):
+        v = logits[i]
+        best = max(best, _greedy_key(v, i))
+        if not math.isinf(v) and v == v:
+            fmax = max(fmax, v)
+            cnt += 1
+    redi = cuda.shared.array(32, int64)
+    redf = cuda.shared.array(32, float32)
+    redc = cuda.shared.array(32, int32)
+    redd = cuda.shared.array(32, float64)
+    best = group_max(best, 32)
+    fmax = group_max(fmax, 32)
+    if lane == 0:
+        redi[tid // 32] = best
+        redf[tid // 32] = fmax
+    cuda.syncthreads()
+    best = group_max(redi[lane] if lane < nw else _I0, 32)
+    fmax = group_max(redf[lane] if lane < nw else _NEG_INF, 32)
+    cnt = block_sum(cnt, redc, nw, int32(0))
+    arg = int32(_ILO - (best & _ILO))
+    if best == _I0:
+        arg = int32(0)
+    if tid == 0:
+        st_i[ST_ARGMAX] = arg
+        st_i[ST_FINITE] = cnt
+        st_i[ST_NCAND] = 0
+        st_f[SF_MAX] = float64(fmax)
+        if greedy:
+            out[0] = arg
+            out[1] = 0
+    if greedy or not gather or cnt == 0:
+        return
+    # pass 2 (no top-k): weights, their total, and the min-p survivors
+    cuda.syncthreads()
+    tot = _D0
+    fm = float64(fmax)
+    for i in range(tid, n, nt):
+        v = logits[i]
+        if not math.isinf(v) and v == v:
+            w = math.exp((float64(v) - fm) / temp)
+            tot += w
+            if w >= min_p:
+                slot = cuda.atomic.add(st_i, ST_NCAND, 1)
+                if slot < cap:
+                    ids[slot] = i
+    tot = block_sum(tot, redd, nw, _D0)
+    if tid == 0:
+        st_f[SF_TOTAL] = tot
+
+
+@cuda.jit
+def _draw_kernel(logits, ids, st_i, st_f, use_topk, top_k, temp, min_p, top_p, u, out):
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    nw = nt // 32
+    keys = cuda.shared.array(CAP, uint64)
+    wts = cuda.shared.array(CAP, float64)
+    redd = cuda.shared.array(32, float64)
+    if st_i[ST_FINITE] == 0:          # nothing finite: the argmax (uniform branch)
+        if tid == 0:
+            out[0] = st_i[ST_ARGMAX]
+            out[1] = 0
+        return
+    n_c = min(top_k, st_i[ST_FINITE]) if use_topk else st_i[ST_NCAND]
+    if n_c > CAP:
+        if tid == 0:
+            out[0] = -1
+            out[1] = 1
+        return
+    for j in range(tid, CAP, nt):
+        keys[j] = topk_key(f32_bits(logits[ids[j]]), ids[j]) if j < n_c else _U0
+    sb = 1
+    while sb < n_c:
+        sb *= 2
+    size = 2
+    while size <= sb:
+        stride = size // 2
+        while stride > 0:
+            cuda.syncthreads()
+            for i in range(tid, sb, nt):
+                j = i ^ stride
+                if j > i:
+                    a = keys[i]
+                    b = keys[j]
+                    if (a < b) == ((i & size) == 0):
+                        keys[i] = b
+                        keys[j] = a
+            stride //= 2
+        size *= 2
+    cuda.syncthreads()
+    fm = st_f[SF_MAX]
+    part = _D0
+    for j in range(tid, n_c, nt):
+        idx = int32(_ULO - (keys[j] & _ULO))
+        w = math.exp((float64(logits[idx]) - fm) / temp)
+        wts[j] = w
+        part += w
+    total = block_sum(part, redd, nw, _D0)
+    if not use_topk:
+        total = st_f[SF_TOTAL]
+    cuda.syncthreads()
+    if tid == 0:
+        n_keep = 0
+        while n_keep < n_c and wts[n_keep] >= min_p:
+            n_keep += 1
+        cum = _D0
+        for j in range(n_keep):       # cumulative weights in place
+            cum += wts[j]
+            wts[j] = cum
+        if top_p > _D0 and top_p < np.float64(1.0):
+            for j in range(n_keep):
+                if wts[j] >= top_p * total:
+                    n_keep = j + 1
+                    break
+        target = u * wts[n_keep - 1]
+        pick = n_keep - 1
+        for j in range(n_keep):
+            if wts[j] >= target:
+                pick = j
+                break
+        out[0] = int32(_ULO - (keys[pick] & _ULO))
+        out[1] = 0
+
+
+class SampleScratch(NamedTuple):
+    ids: Any     # int32 (CAP,)
+    st_i: Any    # int32 (4,)
+    st_f: Any    # f64 (2,)
+
+
+def alloc_scratch(stream: Any = 0) -> SampleScratch:
+    return SampleScratch(L.device_array(CAP, np.int32, stream), L.device_array(4, np.int32, stream),
+                         L.device_array(2, np.float64, stream))
+
+
+def _threads() -> int:
+    return 64 if SIMULATOR else THREADS
+
+
+@implementation("sample.draw", "block_filters", layout="f32 logits")
+def sample_device(logits: Any, *, out: Any, params: Any, u: float, scratch: SampleScratch | None = None,
+                  stream: Any = 0) -> Any:
+    """out int32 (2,) = (token, status) for logits f32 (n_vocab,); status 1: fall back to the host.
+
+    ``params`` is a ``ds4nb.sampling.SamplingParams``; ``u`` in [0, 1) is the draw.
+    """
+    from ds4nb.sampling import MAX_TOP_K
+
+    scratch = scratch or alloc_scratch(stream)
+    n = logits.size
+    nt = _threads()
+    greedy = params.temperature == 0
+    k = min(int(params.top_k), MAX_TOP_K, CAP, n)
+    use_topk = k > 0
+    temp = np.float64(params.temperature if not greedy else 1.0)
+    _stats_kernel[1, nt, stream](L.flat(logits), n, int(greedy), int(not use_topk), temp,
+                                 np.float64(params.min_p), CAP, scratch.ids, scratch.st_i, scratch.st_f, out)
+    if greedy:
+        return out
+    if use_topk:
+        _ix.topk(logits, n, k, out=scratch.ids, kcap=scratch.st_i[ST_FINITE:ST_FINITE + 1], stream=stream)
+    _draw_kernel[1, nt, stream](L.flat(logits), scratch.ids, scratch.st_i, scratch.st_f, int(use_topk), k, temp,
+                                np.float64(params.min_p), np.float64(params.top_p), np.float64(u), out)
+    return out
+
+
+class _FixedDraw:
+    """Stands in for a numpy Generator: the twin's single ``random()`` returns ``u``."""
+
+    def __init__(self, u: float):
+        self.u = u
+
+    def random(self) -> float:
+        return self.u
+
+
+def sample_token(logits: Any, params: Any, rng: np.random.Generator, *, out: Any | None = None,
+                 scratch: SampleScratch | None = None, stream: Any = 0) -> int:
+    """Sample on the device; only 8 bytes come back (the logits too on the rare fallback)."""
+    from ds4nb.sampling import sample as host_sample
+
+    u = 0.0 if params.temperature == 0 else float(rng.random())
+    out = out if out is not None else L.device_array(2, np.int32, stream)
+    sample_device(logits, out=out, params=params, u=u, scratch=scratch, stream=stream)
+    tok, status = (int(v) for v in out.copy_to_host(stream=stream))
+    if status:
+        return host_sample(logits.copy_to_host(stream=stream), params, _FixedDraw(u))
+    return tok
+
+
+# ---------------------------------------------------------------------------
+# Parity cases
+# ---------------------------------------------------------------------------
+
+
+def random_logits(rng: np.random.Generator, n: int) -> np.ndarray:
+    # a vocabulary-sized row gets a spread that leaves < CAP min-p survivors (real logits do)
+    spread = rng.uniform(0.5, 4) if n < 10000 else rng.uniform(2.5, 6)
+    x = (rng.standard_normal(n) * spread).astype(np.float32)
+    x[rng.integers(0, n, 3)] = -np.inf
+    x[rng.integers(0, n)] = np.nan
+    x[rng.integers(0, n, 4)] = x.max()        # ties at the top
+    return x
+
+
+def _case(rng: np.random.Generator, scale: str) -> Case:
+    from ds4nb.sampling import SamplingParams, sample
+
+    n = 300 if scale == "tiny" else 129280
+    x = random_logits(rng, n)
+    params = SamplingParams(temperature=float(rng.choice([0.0, 0.7, 1.0])), top_k=int(rng.choice([0, 5, 12] if scale == "tiny" else [0, 50, 1024])),
+                            top_p=float(rng.choice([1.0, 0.9])), min_p=float(rng.choice([0.05, 0.2])))
+    u = float(rng.random())
+    ref = sample(x, params, _FixedDraw(u))
+    out = L.device_array(2, np.int32)
+    return Case((cuda.to_device(x),), out, (np.array([ref, 0], np.int32),), (True,),
+                kwargs=dict(params=params, u=u), info={"n": n, "params": params})
+
+
+OPS = [
+    OpSpec("sample.draw", "device sampling: greedy, or top-k / temperature / min-p / top-p with a host uniform",
+           "(logits f32 (n_vocab,), *, out int32 (2,) = (token, status), params: SamplingParams, u, "
+           "scratch=None, stream)",
+           "ds4nb.sampling.sample (with a generator returning u)", 0.0, _case),
+]

@@ -1,0 +1,326 @@
+"""The model kernels (HC, RoPE, attention, compressor, indexer, router, F16 matvec, sampling)
+against their numpy twins, beyond the generic per-op parity cases of test_kernels_parity.
+
+Simulator (tiny shapes of the ``tiny`` preset) or GPU: fresh random data per
+run (DS4NB_TEST_SEED pins it), every output poisoned with NaN (or a byte
+pattern) before the launch and checked to be written, relative error
+``||out - ref|| / ||ref||`` against the tolerance of the op's OpSpec.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import cuda
+
+from ds4nb.kernels import attention as A
+from ds4nb.kernels import compressor as C
+from ds4nb.kernels import f16_matvec as F
+from ds4nb.kernels import hc as H
+from ds4nb.kernels import indexer as I
+from ds4nb.kernels import rope as R
+from ds4nb.kernels import router as RT
+from ds4nb.kernels import sample as S
+from ds4nb.kernels.parity import rel_error
+from ds4nb.reference import ops
+
+MODULES = (A, C, F, H, I, R, RT, S)
+SPECS = {spec.name: spec for m in MODULES for spec in m.OPS}
+
+
+def tol(op: str) -> float:
+    return SPECS[op].tolerance
+
+
+def poisoned(shape, dtype=np.float32):
+    a = np.full(shape, np.nan, dtype) if np.dtype(dtype).kind == "f" else np.full(shape, -7, dtype)
+    return cuda.to_device(a)
+
+
+def check(got, ref, op: str, what: str = "") -> float:
+    got = np.asarray(got, np.float64).reshape(np.shape(ref))
+    err = rel_error(got, ref)
+    print(f"{op} {what}: rel error {err:.3g} (tol {tol(op):g})")
+    assert np.isfinite(got).all(), f"{op} {what}: unwritten (NaN) outputs"
+    assert err <= tol(op), f"{op} {what}: error {err:.3g} > {tol(op):g}"
+    return err
+
+
+# ---------------------------------------------------------------------------
+# f16.matvec
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wpr", [1, 8])
+def test_f16_matvec_pair_bias_and_split(kernel_rng, wpr):
+    rng = kernel_rng
+    n_tok, n0, n1, n_in = 2 if wpr == 1 else 1, 8 if wpr == 1 else 4, 4, 200   # n_in: not a multiple of the stride
+    w = (rng.standard_normal((n0, n_in)) / 10).astype(np.float16)
+    w2 = (rng.standard_normal((n1, n_in)) / 10).astype(np.float32)   # an F32 second matrix
+    b = rng.standard_normal(n0).astype(np.float32)
+    b2 = rng.standard_normal(n1).astype(np.float16)
+    x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+    out, out2 = poisoned(n_tok * n0), poisoned(n_tok * n1)
+    w2d = cuda.to_device(w2.astype(np.float16))
+    F.f16_matvec(cuda.to_device(w), cuda.to_device(x), cuda.to_device(b), out=out, w2=w2d,
+                 bias2=cuda.to_device(b2), out2=out2, wpr=wpr)
+    x64 = x.astype(np.float64)
+    check(out.copy_to_host(), x64 @ w.astype(np.float64).T + b, "f16.matvec", f"w wpr={wpr}")
+    ref2 = x64 @ w2.astype(np.float16).astype(np.float64).T + b2.astype(np.float64)
+    check(out2.copy_to_host(), ref2, "f16.matvec", f"w2 wpr={wpr}")
+
+
+# ---------------------------------------------------------------------------
+# hc
+# ---------------------------------------------------------------------------
+
+
+def test_hc_pre_without_norm_and_sinkhorn_order(kernel_rng):
+    rng = kernel_rng
+    n_tok, n_hc, n_embd = 1, 4, 128
+    hc_dim, n_mix = n_hc * n_embd, 24
+    hc = rng.standard_normal((n_tok, n_hc, n_embd)).astype(np.float32)
+    fn = (rng.standard_normal((n_mix, hc_dim)) / np.sqrt(hc_dim)).astype(np.float32)   # an F32 fn
+    sc = np.array([0.5, 0.4, 3.0], np.float32)      # a large comb scale: Sinkhorn does real work
+    bs = (0.5 * rng.standard_normal(n_mix)).astype(np.float32)
+    flat = ops.rms_norm(hc.reshape(n_tok, hc_dim), None, 1e-6)
+    split = ops.hc_split_sinkhorn(flat @ fn.T, sc, bs, n_hc, 20, 1e-6)
+    out = H.HcPreOut(poisoned(n_tok * n_embd), poisoned(n_tok * n_hc), poisoned(n_tok * n_hc * n_hc))
+    H.hc_pre(cuda.to_device(hc), cuda.to_device(fn), cuda.to_device(sc), cuda.to_device(bs), None, out=out,
+             n_hc=n_hc, iters=20, hc_eps=1e-6, rms_eps=1e-6)
+    check(out.x.copy_to_host(), ops.hc_weighted_sum(hc, split.pre), "hc.pre", "x")
+    check(out.post.copy_to_host(), split.post, "hc.pre", "post")
+    check(out.comb.copy_to_host(), split.comb, "hc.pre", "comb")
+
+
+# ---------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------
+
+
+def _attn_inputs(rng, n_head=4, head_dim=64, n_raw=8, n_comp=12, dtype=np.float16):
+    raw = ops.f16_round(rng.standard_normal((n_raw, head_dim)))
+    comp = ops.f16_round(rng.standard_normal((max(n_comp, 1), head_dim)))
+    q = (rng.standard_normal((n_head, head_dim)) * 2).astype(np.float32)
+    sinks = (0.5 * rng.standard_normal(n_head)).astype(np.float32)
+    return q, raw.astype(dtype), comp.astype(dtype), sinks
+
+
+@pytest.mark.parametrize("case", ["all_comp_f32_multisplit", "selected_chunked", "window_only", "empty"])
+def test_attention_decode_variants(kernel_rng, case):
+    rng = kernel_rng
+    dtype = np.float32 if "f32" in case else np.float16
+    n_raw, n_comp = (8, 12) if case != "empty" else (0, 0)
+    q, raw, comp, sinks = _attn_inputs(rng, n_raw=max(n_raw, 1), n_comp=n_comp, dtype=dtype)
+    raw = raw[:n_raw] if n_raw else raw
+    kw = {}
+    sel = None
+    visible = None
+    rows = np.concatenate([raw[:n_raw], comp[:n_comp]]).astype(np.float32)
+    if case == "all_comp_f32_multisplit":
+        kw = dict(chunk=4, splits=3)                  # 5 chunks over 3 splits: loops and merges
+    elif case == "selected_chunked":
+        sel = np.array([11, 2, 7, 5], np.int32)       # any order
+        visible = np.concatenate([np.ones(n_raw, bool), np.isin(np.arange(n_comp), sel)])
+        kw = dict(chunk=4, splits=1)
+    elif case == "window_only":
+        n_comp = 0
+        rows = raw.astype(np.float32)
+    if case == "selected_chunked":
+        ref = ops.attention_with_sinks(q, rows, sinks, visible)
+    elif case == "empty":
+        ref = ops.attention_with_sinks(q, np.zeros((0, q.shape[1]), np.float32), sinks)
+    else:
+        ref = ops.attention_with_sinks(q, rows[:n_raw + n_comp], sinks)
+    out = poisoned(q.size)
+    raw_d = cuda.to_device(raw if n_raw else np.zeros((1, q.shape[1]), dtype))
+    A.attention_decode(cuda.to_device(q), raw_d, n_raw, cuda.to_device(comp) if n_comp else None,
+                       len(sel) if sel is not None else n_comp, cuda.to_device(sinks),
+                       None if sel is None else cuda.to_device(sel), out=out, **kw)
+    got = out.copy_to_host()
+    if case == "empty":
+        assert np.array_equal(got, np.zeros_like(got))
+    else:
+        check(got, ref, "attn.decode", case)
+
+
+def test_kv_store_ring_row_f16_cache(kernel_rng):
+    rng = kernel_rng
+    cap, head_dim, n_rot = 8, 64, 16
+    rope = R.make_test_rope(n_rot, False)
+    kv = (rng.standard_normal((1, head_dim)) * 30).astype(np.float32)
+    kv[0, :8] *= 1e-7                                  # a block with tiny values (amax floor)
+    w = (1 + 0.1 * rng.standard_normal(head_dim)).astype(np.float32)
+    cache = cuda.to_device(np.full((cap, head_dim), np.float16(1.5), np.float16))
+    cache[5].copy_to_device(np.full(head_dim, np.nan, np.float16))
+    pos = 21                                          # ring slot 21 % 8 = 5
+    A.kv_store(cuda.to_device(kv), cuda.to_device(w), out=cache, row=pos, rope=rope, pos=pos, eps=1e-6)
+    got = cache.copy_to_host().astype(np.float32)
+    ref = A.kv_store_reference(kv, w, rope, pos, 1e-6, n_rot)[0]
+    check(got[5], ref, "attn.kv_store", "ring slot")
+    assert np.all(np.delete(got, 5, axis=0) == 1.5), "other cache rows touched"
+
+
+# ---------------------------------------------------------------------------
+# compressor: a token sequence through update + emit against the oracle's step 9
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ratio", "d", "overlap", "finish"),
+                         [(4, 64, True, "fp8"), (4, 32, True, "qat"), (8, 64, False, "fp8")],
+                         ids=["csa_attn", "csa_indexer", "hca"])
+def test_compressor_sequence(kernel_rng, ratio, d, overlap, finish):
+    from ds4nb.reference.state import CompressorState
+
+    rng = kernel_rng
+    n_embd, n_rot = 64, 16
+    width = 2 * d if overlap else d
+    wkv = (rng.standard_normal((width, n_embd)) / 8).astype(np.float16)
+    wg = (rng.standard_normal((width, n_embd)) / 8).astype(np.float16)
+    ape = rng.standard_normal((ratio, width)).astype(np.float16)
+    nw = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+    rope = R.make_test_rope(n_rot, True)
+    pos0 = 3 * ratio - 2                 # start mid-window: emit after 2 tokens, then one into the next window
+    n_steps = 3
+    st = CompressorState.empty(2 * ratio if overlap else ratio, width)
+    dev = C.alloc_state(ratio, d, overlap)
+    # the oracle's window as the device starts it: rows written earlier in this window
+    for slot in range((ratio if overlap else 0), (ratio if overlap else 0) + ratio - 2):
+        st.kv[slot] = rng.standard_normal(width)
+        st.score[slot] = rng.standard_normal(width)
+    if overlap:
+        st.kv[:ratio] = rng.standard_normal((ratio, width))
+        st.score[:ratio] = rng.standard_normal((ratio, width))
+    dev.kv.copy_to_device(st.kv)
+    dev.score.copy_to_device(st.score)
+    cache = poisoned((4, d))
+    n_rows = 0
+    refs = []
+    w32, g32, a32 = wkv.astype(np.float32), wg.astype(np.float32), ape.astype(np.float32)
+    wkv_d, wg_d, ape_d, nw_d = (cuda.to_device(a) for a in (wkv, wg, ape, nw))
+    for pos in range(pos0, pos0 + n_steps):
+        x = rng.standard_normal(n_embd).astype(np.float32)
+        r = pos % ratio
+        slot = ratio + r if overlap else r
+        st.kv[slot] = w32 @ x
+        st.score[slot] = g32 @ x + a32[r]
+        if (pos + 1) % ratio == 0:
+            row, st.kv, st.score = C.emit_reference(st.kv, st.score, nw, pos, ratio, overlap, rope, 1e-6,
+                                                    finish, n_rot)
+            refs.append(row)
+        emitted = C.compressor_step(cuda.to_device(x), wkv_d, wg_d, ape_d, nw_d, dev, cache, n_rows, pos=pos,
+                                    ratio=ratio, overlap=overlap, rope=rope, eps=1e-6, finish=finish)
+        n_rows += int(emitted)
+        check(dev.kv.copy_to_host(), st.kv, "compressor.update", f"kv after pos {pos}")
+        sc_dev = dev.score.copy_to_host()
+        empty = st.score <= ops.NEG_INF
+        assert np.array_equal(sc_dev <= ops.NEG_INF, empty), f"empty slots differ after pos {pos}"
+        check(np.where(empty, 0, sc_dev), np.where(empty, 0, st.score), "compressor.update",
+              f"score after pos {pos}")
+    assert n_rows == len(refs) >= 1
+    got = cache.copy_to_host()
+    check(got[:n_rows], np.stack(refs), "compressor.emit", "rows")
+    assert np.isnan(got[n_rows:]).all(), "rows past the emitted ones were written"
+
+
+# ---------------------------------------------------------------------------
+# indexer and top-k
+# ---------------------------------------------------------------------------
+
+
+def test_topk_ties_full_and_device_cap(kernel_rng):
+    rng = kernel_rng
+    v = np.round(rng.standard_normal(50), 1).astype(np.float32)     # many exact ties
+    v[7] = np.inf
+    v[8] = np.nan
+    finite = np.where(np.isfinite(v), v, -np.inf)
+    for k in (1, 6, 48):
+        out = poisoned(k, np.int32)
+        I.topk(cuda.to_device(v), v.size, k, out=out)
+        assert np.array_equal(out.copy_to_host(), ops.top_k_stable(finite, k)), k
+    out = poisoned(10, np.int32)
+    I.topk(cuda.to_device(v), v.size, 10, out=out, kcap=cuda.to_device(np.array([3], np.int32)))
+    got = out.copy_to_host()
+    assert np.array_equal(got[:3], ops.top_k_stable(finite, 3)) and np.all(got[3:] == -7)
+
+
+def test_indexer_pipeline(kernel_rng):
+    """q_prep -> scores -> top-k as Reference.indexer_visible does it."""
+    rng = kernel_rng
+    n_ih, d, n_comp, top_k, n_rot = 4, 32, 24, 4, 16
+    rope = R.make_test_rope(n_rot, True)
+    pos = int(rng.integers(100, 5000))
+    q = rng.standard_normal((n_ih, d)).astype(np.float32)
+    w = rng.standard_normal(n_ih).astype(np.float32)
+    rows = ops.f16_round(ops.indexer_qat(rng.standard_normal((n_comp, d)).astype(np.float32)))
+    qr = ops.indexer_qat(ops.apply_rope_tail(q, rope, pos))
+    ws = I.indexer_w_scale(d, n_ih)
+    scores = ops.indexer_scores(qr, w * ws, rows)
+    q_d = cuda.to_device(q)
+    I.q_prep(q_d, out=q_d, n_head=n_ih, head_dim=d, rope=rope, pos=pos)      # in place
+    check(q_d.copy_to_host(), qr, "indexer.q_prep")
+    sc = poisoned(n_comp)
+    I.indexer_scores(q_d, cuda.to_device(w), cuda.to_device(rows), n_comp, out=sc, w_scale=ws)
+    check(sc.copy_to_host(), scores, "indexer.scores")
+    sel = poisoned(top_k, np.int32)
+    I.topk(sc, n_comp, top_k, out=sel)
+    assert set(sel.copy_to_host().tolist()) == set(ops.top_k_stable(scores, top_k).tolist())
+
+
+# ---------------------------------------------------------------------------
+# router
+# ---------------------------------------------------------------------------
+
+
+def test_router_unnormalised_no_bias(kernel_rng):
+    rng = kernel_rng
+    n_tok, n_e, k = 2, 40, 3                # more experts than a warp
+    logits = (3 * rng.standard_normal((n_tok, n_e))).astype(np.float32)
+    out = RT.RouteOut(poisoned((n_tok, k), np.int32), poisoned((n_tok, k)))
+    RT.router_select(cuda.to_device(logits), None, out=out, k=k, scale=2.0, normalise=False)
+    probs = ops.router_probs(logits)
+    sel = np.stack([ops.select_experts_topk(probs[t], None, k) for t in range(n_tok)])
+    assert np.array_equal(out.selected.copy_to_host(), sel)
+    ref_w = np.stack([ops.route_weights(probs[t][sel[t]], 2.0, False) for t in range(n_tok)])
+    check(out.weights.copy_to_host(), ref_w, "router.select", "weights")
+
+
+# ---------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------
+
+
+def _sample_twin(x, params, u):
+    from ds4nb.sampling import sample
+
+    return sample(x, params, S._FixedDraw(u))
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0.0),
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.05),
+    dict(temperature=0.8, top_k=7, top_p=0.8, min_p=0.0),
+    dict(temperature=1.5, top_k=0, top_p=0.5, min_p=0.1),
+], ids=["greedy", "minp", "topk_topp", "topp_minp"])
+def test_sample_matches_twin(kernel_rng, params):
+    from ds4nb.sampling import SamplingParams
+
+    rng = kernel_rng
+    p = SamplingParams(**params)
+    x = S.random_logits(rng, 200)
+    x_d = cuda.to_device(x)
+    scratch = S.alloc_scratch()
+    for u in (0.0, float(rng.random()), 0.999999):
+        out = poisoned(2, np.int32)
+        S.sample_device(x_d, out=out, params=p, u=u, scratch=scratch)
+        tok, status = out.copy_to_host()
+        assert status == 0 and tok == _sample_twin(x, p, u), (params, u)
+
+
+def test_sample_no_finite_logit_and_token_helper(kernel_rng):
+    from ds4nb.sampling import SamplingParams
+
+    x = np.full(50, -np.inf, np.float32)
+    x[3] = np.nan
+    p = SamplingParams(temperature=1.0, top_k=5)
+    assert S.sample_token(cuda.to_device(x), p, np.random.default_rng(0)) == _sample_twin(x, p, 0.5)

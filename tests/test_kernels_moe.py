@@ -1,0 +1,78 @@
+"""The routed-expert kernels chained the way a decode step uses them.
+
+x -> act.quantize_q8_K -> iq2_xxs.moe_gate_up (clamped SwiGLU x router weight)
+  -> act.quantize_q8_K (per-slot mids) -> q2_k.moe_down_sum
+against the reference's routed MoE math (``ds4nb.reference``: Q8_K round
+trips, ``swiglu_clamped``, the expert sum).  The mids are re-quantized from
+float32 values computed in a different order on each side, so a rare
+round-half flip moves one int8 by one: tolerance 1e-3 instead of the
+per-op 2e-5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf.constants import GGMLQuantizationType
+from numba import cuda
+
+from ds4nb.kernels import get_registry
+from ds4nb.kernels.activation import alloc_q8_K
+from ds4nb.kernels.parity import rel_error
+from ds4nb.quants import dequantize, random_blocks
+from ds4nb.quants.repack import repack
+from ds4nb.reference.ops import swiglu_clamped
+from ds4nb.reference.weights import q8_k_round_trip
+
+Q = GGMLQuantizationType
+CHAIN_TOL = 1e-3
+
+
+def _routed_moe(rng: np.random.Generator, n_expert: int, d: int, f: int, n_used: int) -> tuple[float, float]:
+    reg = get_registry()
+    graw, uraw = (random_blocks(Q.IQ2_XXS, (n_expert, f, d), rng, rms=0.02) for _ in range(2))
+    draw = random_blocks(Q.Q2_K, (n_expert, d, f), rng, rms=0.02)
+    gate, up = (repack(r, Q.IQ2_XXS, (n_expert, f, d)).to_device() for r in (graw, uraw))
+    down = repack(draw, Q.Q2_K, (n_expert, d, f)).to_device()
+    ids = rng.permutation(n_expert)[:n_used].astype(np.int32)
+    weights = rng.uniform(0.1, 1.0, n_used).astype(np.float32)
+    x = rng.standard_normal(d).astype(np.float32)
+
+    # reference math, expert by expert
+    def expert(raw, e, n, k, qtype):
+        per = raw.size // n_expert
+        return dequantize(raw[e * per:(e + 1) * per], qtype, (n, k)).astype(np.float64)
+
+    x8 = q8_k_round_trip(x).astype(np.float64)
+    gu = [((expert(graw, e, f, d, Q.IQ2_XXS) @ x8).astype(np.float32),
+           (expert(uraw, e, f, d, Q.IQ2_XXS) @ x8).astype(np.float32)) for e in ids.tolist()]
+    # a clamp that bites: ~30% of the |gate| / |up| values are above it
+    clamp = float(np.quantile(np.abs(np.concatenate([np.concatenate(p) for p in gu])), 0.7))
+    ref = np.zeros(d)
+    for (g, u), e, w in zip(gu, ids.tolist(), weights):
+        m = swiglu_clamped(g, u, clamp) * w
+        ref += expert(draw, e, d, f, Q.Q2_K) @ q8_k_round_trip(m).astype(np.float64)
+
+    # device chain
+    xq = alloc_q8_K(1, d)
+    midq = alloc_q8_K(n_used, f)
+    mid = cuda.to_device(np.full(n_used * f, np.nan, np.float32))
+    out = cuda.to_device(np.full(d, np.nan, np.float32))
+    reg.select("act.quantize_q8_K")(cuda.to_device(x), out=xq)  # one row
+    reg.select("iq2_xxs.moe_gate_up")(gate, up, cuda.to_device(ids), cuda.to_device(weights), xq, clamp, out=mid)
+    reg.select("act.quantize_q8_K")(mid.reshape(n_used, f), out=midq)
+    reg.select("q2_k.moe_down_sum")(down, cuda.to_device(ids), midq, out=out)
+    got = out.copy_to_host()
+    return rel_error(got, ref), float(np.abs(got).max())
+
+
+def test_routed_moe_chain_tiny(kernel_rng: np.random.Generator) -> None:
+    err, peak = _routed_moe(kernel_rng, n_expert=4, d=256, f=256, n_used=3)
+    assert err < CHAIN_TOL and peak > 0, err
+
+
+@pytest.mark.gpu
+def test_routed_moe_chain_model_shapes(kernel_rng: np.random.Generator) -> None:
+    err, peak = _routed_moe(kernel_rng, n_expert=16, d=4096, f=2048, n_used=6)
+    print(f"routed MoE chain rel error {err:.3g}")
+    assert err < CHAIN_TOL and peak > 0, err

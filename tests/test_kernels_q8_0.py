@@ -1,0 +1,40 @@
+"""Q8_0 matvec / matmul at the shapes that matter beyond each op's default case."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ds4nb.kernels import get_registry
+from ds4nb.kernels.parity import check_case
+from ds4nb.kernels.q8_0 import MODEL_SHAPES, make_q8_0_case
+
+
+@pytest.mark.parametrize(("rows", "k"), [(9, 32), (8, 96), (3, 4096 + 64)], ids=["one-block", "3-blocks", "tail"])
+def test_matvec_odd_widths(rows: int, k: int, kernel_rng: np.random.Generator) -> None:
+    """Rows narrower than a warp's 32 blocks, and a tail after whole 32-block steps."""
+    reg = get_registry()
+    result = check_case(reg.get("q8_0.matvec", "warp8"), make_q8_0_case(kernel_rng, rows, k, 1),
+                        reg.op("q8_0.matvec").tolerance)
+    assert result.ok, str(result)
+
+
+@pytest.mark.gpu
+def test_output_head_matvec(kernel_rng: np.random.Generator) -> None:
+    """The output head: 4096 -> 129280 (563 MB of Q8_0)."""
+    reg = get_registry()
+    n, k = MODEL_SHAPES["output"]
+    result = check_case(reg.get("q8_0.matvec", "warp8"), make_q8_0_case(kernel_rng, n, k, 1),
+                        reg.op("q8_0.matvec").tolerance)
+    print(result)
+    assert result.ok, str(result)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 7, 33])
+def test_matmul_batches(tokens: int, kernel_rng: np.random.Generator) -> None:
+    reg = get_registry()
+    result = check_case(reg.get("q8_0.matmul", "warp8_t8"), make_q8_0_case(kernel_rng, 4096, 4096, tokens),
+                        reg.op("q8_0.matmul").tolerance)
+    print(result)
+    assert result.ok, str(result)
