@@ -5,7 +5,9 @@
 
 Wraps every launcher of ``engine.k`` (and the MoE triples) with a wall-clock
 timer keyed by launcher name (+ weight shape for the Q8_0 products) and prints
-a table per phase: calls, total seconds, seconds per call.
+a table per phase: calls, total seconds, seconds per call.  Each phase also
+reports the process CPU time (every simulator thread of the process): on a
+busy machine that is the better measure of what one free core would take.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ def instrument(engine, stats):
             setattr(k, name, wrap(name, fn))
 
 
-def report(title, stats, wall):
-    print(f"\n## {title}: {wall:.2f} s wall")
+def report(title, stats, wall, cpu):
+    print(f"\n## {title}: {wall:.2f} s wall, {cpu:.2f} s process CPU")
     print(f"{'launcher':44s} {'calls':>6s} {'total s':>9s} {'s/call':>9s}")
     tot = 0.0
     for key, (n, t) in sorted(stats.items(), key=lambda kv: -kv[1][1]):
@@ -68,7 +70,12 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--decode", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--switch", type=float, default=None, help="sys.setswitchinterval (seconds) before the run")
     a = ap.parse_args()
+    if a.switch:
+        import sys
+
+        sys.setswitchinterval(a.switch)
 
     from ds4nb.engine.session import CudaEngine
     from ds4nb.model import load_model
@@ -83,17 +90,18 @@ def main() -> None:
     instrument(eng, stats)
     if a.prefill:
         toks = rng.integers(0, vocab, a.prefill).tolist()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         logits = eng.prefill(toks)
-        report(f"prefill {a.prefill} tokens (chunk {a.chunk})", stats, time.perf_counter() - t0)
+        report(f"prefill {a.prefill} tokens (chunk {a.chunk})", stats, time.perf_counter() - t0,
+               time.process_time() - c0)
         tok = int(np.argmax(logits))
     else:
         tok = int(rng.integers(0, vocab))
     for i in range(a.decode):
         stats.clear()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         logits = eng.decode(tok)
-        report(f"decode step {i} (pos {eng.pos - 1})", stats, time.perf_counter() - t0)
+        report(f"decode step {i} (pos {eng.pos - 1})", stats, time.perf_counter() - t0, time.process_time() - c0)
         tok = int(np.argmax(logits))
 
 

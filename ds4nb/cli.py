@@ -84,6 +84,22 @@ def format_bytes(n: int) -> str:
 
 
 # ---------------------------------------------------------------------------
+# kernels
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from ds4nb.kernels.registry import KERNELS_TABLE_HEADER, kernels_table
+
+    t = Table(title="kernel registry", title_justify="left")
+    for col in KERNELS_TABLE_HEADER:
+        t.add_column(col)
+    for row in kernels_table():
+        t.add_row(*row)
+    console.print(t)
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # synth
 
 
@@ -312,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show a DS4 GGUF's configuration and tensor catalog")
     info.add_argument("model", type=Path, metavar="MODEL", help="path to a DS4 GGUF file")
     info.set_defaults(func=cmd_info)
+
+    kern = sub.add_parser("kernels", help="list the kernel registry (op, implementation, layout, needs, provider)")
+    kern.set_defaults(func=cmd_kernels)
 
     synth = sub.add_parser("synth", help="write a synthetic DS4 GGUF (random weights, real layout)")
     synth.add_argument("out", type=Path, metavar="OUT.gguf", help="output path (written atomically)")

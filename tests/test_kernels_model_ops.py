@@ -244,6 +244,25 @@ def test_topk_ties_full_and_device_cap(kernel_rng):
     assert np.array_equal(got[:3], ops.top_k_stable(finite, 3)) and np.all(got[3:] == -7)
 
 
+def test_topk_signed_zero_ties():
+    """-0.0 == +0.0: they tie, so the lower index comes first (a +0.0 after a -0.0 must not win)."""
+    v = np.array([1.0, -0.0, 0.5, 0.0, -0.0, 0.0, -1.0, 0.0], np.float32)
+    for k in (3, 5, 8):
+        out = poisoned(k, np.int32)
+        I.topk(cuda.to_device(v), v.size, k, out=out)
+        assert out.copy_to_host().tolist() == ops.top_k_stable(v, k).tolist(), k
+    logits = np.array([-0.0, 0.0, -3.0], np.float32)          # greedy: the first of the tied maxima
+    out = cuda.to_device(np.zeros(2, np.int32))
+    S.sample_device(cuda.to_device(logits), out=out, params=_greedy_params(), u=0.5)
+    assert out.copy_to_host().tolist() == [0, 0]
+
+
+def _greedy_params():
+    from ds4nb.sampling import SamplingParams
+
+    return SamplingParams(temperature=0.0)
+
+
 def test_indexer_pipeline(kernel_rng):
     """q_prep -> scores -> top-k as Reference.indexer_visible does it."""
     rng = kernel_rng

@@ -338,6 +338,7 @@ class CudaEngine(Engine):
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise ValueError("prefill needs at least one token")
+        self._check_room(len(tokens))  # before any work: a prompt that does not fit leaves the session as it was
         for i in range(0, len(tokens), self.chunk):
             self._forward(tokens[i:i + self.chunk])
         return self._logits_to_host()
@@ -362,14 +363,17 @@ class CudaEngine(Engine):
             return sample(self._logits_to_host(), params, rng)
         return int(tok)
 
+    def _check_room(self, n: int) -> None:
+        if self.pos + n > self.ctx:
+            raise Ds4Error(f"context is full: {self.pos + n} tokens do not fit --ctx {self.ctx}")
+
     def _logits_to_host(self) -> np.ndarray:
         return self.logits.copy_to_host()[:self._cfg.n_vocab].copy()
 
     def _forward(self, tokens: list[int]) -> None:
         cfg, k, res = self._cfg, self.k, self.res
         T = len(tokens)
-        if self.pos + T > self.ctx:
-            raise Ds4Error(f"context is full: {self.pos + T} tokens do not fit --ctx {self.ctx}")
+        self._check_room(T)
         for t in tokens:
             if not 0 <= t < cfg.n_vocab:
                 raise ValueError(f"token id {t} is outside the vocabulary (0..{cfg.n_vocab - 1})")

@@ -26,10 +26,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from gguf.constants import GGMLQuantizationType
-from numba import cuda, float32, int32, uint64
+from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.intrinsics import as_i32, device, rint, shfl_xor, warp_max
+from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, device, float32, int32, int64, rint, shfl_xor, uint64,
+                                      warp_max)
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.quants import quantize_q8_0, quantize_q8_K
@@ -39,7 +40,17 @@ Q = GGMLQuantizationType
 
 QK8_0 = 32
 QK_K = 256
-_WARPS = 4  # warps per block: tiny launches (K=4096 is 16 warps), keep many blocks
+_WARPS = 1 if SIMULATOR else 4  # warps per block: tiny launches (K=4096 is 16 warps), keep many blocks
+# Lanes per 256-value chunk (Q8_0) and per Q8_K block: a warp on the GPU.  The simulator, which
+# pays for every thread and every shuffle, gives a whole chunk / block to one thread: its loops
+# over the other words and blocks are constant-false branches on the GPU.
+CHUNK_LANES = 1 if SIMULATOR else 32
+Q8_0_LANES = 1 if SIMULATOR else 4    # lanes sharing a Q8_0 block (its amax: a Q8_0_LANES-lane max)
+Q8_0_WORDS = 4 // Q8_0_LANES          # 8-value words per lane
+Q8_K_LANES = 1 if SIMULATOR else 32
+Q8_K_WORDS = 32 // Q8_K_LANES
+_Q8_0_VALS = 8 * Q8_0_WORDS           # local array sizes must be single constants
+_Q8_K_VALS = 8 * Q8_K_WORDS
 
 _F127 = np.float32(127.0)
 _FM127 = np.float32(-127.0)
@@ -94,63 +105,113 @@ def _pack_byte(word, q, i):
     return word | ((uint64(int32(q) & 0xFF) & _U8) << uint64(8 * i))
 
 
-@cuda.jit
-def _quantize_q8_0_kernel(x, n_tok, k, xq, xd):
-    nb = k // QK8_0
-    chunks = (k + 255) // 256
-    gw = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) // 32
-    lane = cuda.threadIdx.x % 32
-    t = gw // chunks
-    if t >= n_tok:  # whole warps only: no partner lane is missing in the shuffles
-        return
-    c = gw - t * chunks
-    b = c * 8 + lane // 4  # the Q8_0 block this lane is in
-    j = lane % 4  # which of its 4 words
-    valid = b < nb
-    base = t * k + b * QK8_0 + j * 8
-    vals = cuda.local.array(8, float32)
+@device
+def _load8(x, base, valid, vals, o):
+    """vals[o:o+8] = x[base:base+8] (0 when not valid); returns their largest magnitude."""
     amax = _F0
     for i in range(8):
         v = x[base + i] if valid else _F0
-        vals[i] = v
+        vals[o + i] = v
         amax = max(amax, abs(v))
-    amax = warp_max(amax, 4)
-    d = amax / _F127
-    inv = _F1 / d if d != _F0 else _F0
+    return amax
+
+
+@device
+def _q8_0_word(vals, o, inv):
+    """The int8 quants of vals[o:o+8] at 1/d = ``inv``, packed in a word."""
     word = uint64(0)
     for i in range(8):
-        q = min(max(rint(vals[i] * inv), _QMIN), _QMAX)
+        q = min(max(rint(vals[o + i] * inv), _QMIN), _QMAX)
         word = _pack_byte(word, q, i)
+    return word
+
+
+@device
+def _q8_0_block(x, k, nb, xq, xd, t, b, j):
+    """This lane's share of Q8_0 block ``b`` of row ``t``: word ``j`` (and, in the simulator, the other three)."""
+    valid = b < nb
+    base = t * k + b * QK8_0 + j * 8
+    vals = cuda.local.array(_Q8_0_VALS, float32)
+    amax = _load8(x, base, valid, vals, 0)
+    if Q8_0_WORDS > 1:  # the simulator: the block's other words (a constant-false branch on the GPU)
+        for w in range(1, Q8_0_WORDS):
+            amax = max(amax, _load8(x, base + 8 * w, valid, vals, 8 * w))
+    amax = warp_max(amax, Q8_0_LANES)
+    d = amax / _F127
+    inv = _F1 / d if d != _F0 else _F0
+    word = _q8_0_word(vals, 0, inv)
     if valid:
         xq[(t * 4 + j) * nb + b] = word
         if j == 0:
             xd[t * nb + b] = d
+    if Q8_0_WORDS > 1:
+        for w in range(1, Q8_0_WORDS):
+            word = _q8_0_word(vals, 8 * w, inv)
+            if valid:
+                xq[(t * 4 + j + w) * nb + b] = word
+
+
+@cuda.jit
+def _quantize_q8_0_kernel(x, n_tok, k, xq, xd):
+    nb = k // QK8_0
+    chunks = (k + 255) // 256
+    gw = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) // CHUNK_LANES
+    lane = cuda.threadIdx.x % CHUNK_LANES
+    t = gw // chunks
+    if t >= n_tok:  # whole warps only: no partner lane is missing in the shuffles
+        return
+    c = gw - t * chunks
+    # the Q8_0 block this lane is in, and which of its 4 words
+    _q8_0_block(x, k, nb, xq, xd, t, c * 8 + lane // Q8_0_LANES, lane % Q8_0_LANES)
+    if CHUNK_LANES < 32:  # the simulator: the chunk's other blocks (a constant-false branch on the GPU)
+        for e in range(1, 8 // CHUNK_LANES):
+            _q8_0_block(x, k, nb, xq, xd, t, c * 8 + e, 0)
+
+
+@device
+def _q8_K_word(vals, o, iscale):
+    """(word, sum) of the int8 quants of vals[o:o+8] at scale ``iscale``."""
+    word = uint64(0)
+    s = int32(0)
+    for i in range(8):
+        q = min(max(rint(iscale * vals[o + i]), _QMIN), _QMAX)
+        s += int32(q)
+        word = _pack_byte(word, q, i)
+    return word, s
+
+
+@device
+def _xor_word(ws, w, m):
+    """The sum of word ``(lane * Q8_K_WORDS + w) ^ m``: a shuffle when it is another lane's (the GPU)."""
+    if Q8_K_WORDS > m:
+        return ws[w ^ m]
+    return shfl_xor(ws[w], m)
 
 
 @cuda.jit
 def _quantize_q8_K_kernel(x, n_tok, k, yq, yd, ybs):
     nb = k // QK_K
-    gw = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) // 32
-    lane = cuda.threadIdx.x % 32
+    gw = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) // Q8_K_LANES
+    lane = cuda.threadIdx.x % Q8_K_LANES
     t = gw // nb
     if t >= n_tok:
         return
     b = gw - t * nb
-    base = t * k + b * QK_K + lane * 8
-    vals = cuda.local.array(8, float32)
+    base = t * k + b * QK_K + lane * _Q8_K_VALS
+    vals = cuda.local.array(_Q8_K_VALS, float32)
     # first value of largest magnitude: strict '>' keeps the first inside a
     # lane, the lane reduction breaks ties by the smaller index
     best_abs = np.float32(-1.0)
     best_val = _F0
     best_idx = int32(0)
-    for i in range(8):
+    for i in range(_Q8_K_VALS):
         v = x[base + i]
         vals[i] = v
         if abs(v) > best_abs:
             best_abs = abs(v)
             best_val = v
-            best_idx = int32(lane * 8 + i)
-    off = 16
+            best_idx = int32(lane * _Q8_K_VALS + i)
+    off = Q8_K_LANES // 2
     while off > 0:
         o_abs = shfl_xor(best_abs, off)
         o_val = shfl_xor(best_val, off)
@@ -162,19 +223,24 @@ def _quantize_q8_K_kernel(x, n_tok, k, yq, yd, ybs):
         off //= 2
     iscale = _FM127 / best_val if best_val != _F0 else _F0
     d = _F1 / iscale if best_val != _F0 else _F0
-    word = uint64(0)
-    s = int32(0)
-    for i in range(8):
-        q = min(max(rint(iscale * vals[i]), _QMIN), _QMAX)
-        s += int32(q)
-        word = _pack_byte(word, q, i)
-    yq[(t * 32 + lane) * nb + b] = word
-    # bsums: lanes 2i, 2i+1 hold the 16 values of bsum i; word p packs
-    # bsum 2p (lanes 4p, 4p+1) low and bsum 2p+1 (lanes 4p+2, 4p+3) high
-    s2 = s + shfl_xor(s, 1)
-    hi = shfl_xor(s2, 2)
-    if lane % 4 == 0:
-        ybs[(t * 8 + lane // 4) * nb + b] = as_i32((s2 & 0xFFFF) | ((hi & 0xFFFF) << 16))
+    ws = cuda.local.array(Q8_K_WORDS, int64)   # the sum of each of this lane's words (int64 as numba
+    #                                            types int32 sums)
+    word, ws[0] = _q8_K_word(vals, 0, iscale)
+    yq[(t * 32 + lane * Q8_K_WORDS) * nb + b] = word
+    if Q8_K_WORDS > 1:  # the simulator: the block's other words (a constant-false branch on the GPU)
+        for w in range(1, Q8_K_WORDS):
+            word, ws[w] = _q8_K_word(vals, 8 * w, iscale)
+            yq[(t * 32 + lane * Q8_K_WORDS + w) * nb + b] = word
+    # bsums: words 2i, 2i+1 hold the 16 values of bsum i; bsum word p packs
+    # bsum 2p (words 4p, 4p+1) low and bsum 2p+1 (words 4p+2, 4p+3) high
+    s2s = cuda.local.array(Q8_K_WORDS, int64)
+    for w in range(Q8_K_WORDS):
+        s2s[w] = ws[w] + _xor_word(ws, w, 1)
+    for w in range(Q8_K_WORDS):
+        g = lane * Q8_K_WORDS + w
+        hi = _xor_word(s2s, w, 2)
+        if g % 4 == 0:
+            ybs[(t * 8 + g // 4) * nb + b] = as_i32((s2s[w] & 0xFFFF) | ((hi & 0xFFFF) << 16))
     if lane == 0:
         yd[t * nb + b] = d
 
@@ -194,7 +260,7 @@ def quantize_q8_0_device(x: Any, *, out: Q8_0Act, stream: Any = 0) -> Q8_0Act:
     if k % QK8_0:
         raise ValueError(f"Q8_0 needs K % 32 == 0, got {k}")
     warps = n * L.cdiv(k, 256)
-    _quantize_q8_0_kernel[L.cdiv(warps, _WARPS), 32 * _WARPS, stream](L.flat(x), n, k, out.qs, out.d)
+    _quantize_q8_0_kernel[L.cdiv(warps, _WARPS), CHUNK_LANES * _WARPS, stream](L.flat(x), n, k, out.qs, out.d)
     return out
 
 
@@ -205,7 +271,8 @@ def quantize_q8_K_device(x: Any, *, out: Q8KAct, stream: Any = 0) -> Q8KAct:
     if k % QK_K:
         raise ValueError(f"Q8_K needs K % 256 == 0, got {k}")
     warps = n * (k // QK_K)
-    _quantize_q8_K_kernel[L.cdiv(warps, _WARPS), 32 * _WARPS, stream](L.flat(x), n, k, out.qs, out.d, out.bsums)
+    _quantize_q8_K_kernel[L.cdiv(warps, _WARPS), Q8_K_LANES * _WARPS, stream](L.flat(x), n, k, out.qs, out.d,
+                                                                           out.bsums)
     return out
 
 

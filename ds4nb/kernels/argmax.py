@@ -17,6 +17,8 @@ block scanning ``chunk`` values:
 
 NaN logits are never selected (numpy would return the first NaN); a row of all
 -inf gives index 0.
+
+The simulator runs one-thread blocks (``THREADS = LANES = 1``: no shuffles).
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import cuda, float32, int32
+from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.intrinsics import device, shfl_xor
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, int32, shfl_xor
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
-THREADS = 256
-_WARPS = THREADS // 32
+THREADS = 1 if SIMULATOR else 256
+LANES = 1 if SIMULATOR else 32   # lanes of a shuffle reduction (a warp on the GPU)
+_WARPS = THREADS // LANES        # <= LANES: one warp re-reduces the warp winners
 CHUNK = 2048  # values per block: 129280 logits -> 64 blocks
 MAX_PARTS = 4096
 _NEG_INF = np.float32(-np.inf)
@@ -69,7 +72,7 @@ def _block_argmax(best, idx, vals, idxs):
     """(value, index) of the whole block, returned to every thread (all threads must call)."""
     tid = cuda.threadIdx.x
     for stage in range(2):
-        off = 16
+        off = LANES // 2
         while off > 0:
             ov = shfl_xor(best, off)
             oi = shfl_xor(idx, off)
@@ -79,11 +82,11 @@ def _block_argmax(best, idx, vals, idxs):
             off //= 2
         if stage == 0:
             cuda.syncthreads()  # the previous use of vals/idxs is over
-            if tid % 32 == 0:
-                vals[tid // 32] = best
-                idxs[tid // 32] = idx
+            if tid % LANES == 0:
+                vals[tid // LANES] = best
+                idxs[tid // LANES] = idx
             cuda.syncthreads()
-            lane = tid % 32
+            lane = tid % LANES
             if lane < _WARPS:
                 best = vals[lane]
                 idx = idxs[lane]

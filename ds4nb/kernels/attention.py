@@ -32,6 +32,13 @@ grows.  A second kernel (one block per head) merges the splits with the sink:
 Each KV row is read from memory once per head group (8 heads), not per head.
 Rows may be F16 (the cache format: values are F16-rounded anyway) or F32.
 
+Simulator geometry (the simulator pays for every thread and barrier): the
+decode kernels use one-lane "warps" (``LANES = 1``: a thread scores a whole
+row, no shuffles) and ``hpb`` threads; ``attn.q_norm_rope`` and the combine
+step run one thread per row that walks every pair (``PAIRS``), in branches
+that are constant-false on the GPU.  ``attn.kv_store`` keeps its warp-wide
+FP8 blocks (32 threads).
+
 Numerics: float32 dots and sums in another order than the oracle, expf instead
 of a correctly rounded exp: ~1e-6 relative.  RMS sums are float64 like the
 oracle; the FP8 rounding is exact (same scale, same ties-to-even).
@@ -43,11 +50,11 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import cuda, float32, float64
+from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.f16_matvec import block_sum, group_max, group_sum
-from ds4nb.kernels.intrinsics import SIMULATOR, device, rint
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, rint
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.rope import RopeArgs, fmul_rn, rope_args, rope_cos_sin, rope_rotate
@@ -62,6 +69,8 @@ _E4M3_MIN_NORMAL = np.float32(2.0 ** -6)
 _E4M3_SUB_STEP = np.float32(2.0 ** -9)
 _FP8_AMAX_FLOOR = np.float32(1.0e-4)
 FP8_BLOCK = 64
+LANES = 1 if SIMULATOR else 32      # lanes of a warp-level reduction in the decode and q-norm kernels
+PAIRS = 512 if SIMULATOR else 1     # pairs a thread takes in the one-thread-per-row simulator kernels
 
 # ---------------------------------------------------------------------------
 # Device helpers (also used by the compressor)
@@ -122,9 +131,28 @@ def row_threads(head_dim: int) -> int:
     return max(32, L.cdiv(head_dim // 2, 32) * 32)
 
 
+def pair_threads(head_dim: int) -> int:
+    """Threads of the q-norm and combine row blocks: ``row_threads``, one in the simulator."""
+    return 1 if SIMULATOR else row_threads(head_dim)
+
+
 # ---------------------------------------------------------------------------
 # attn.q_norm_rope
 # ---------------------------------------------------------------------------
+
+
+@device
+def _q_norm_rope_pair(out, base, x0, x1, rs, p, valid, head_dim, do_rope, pos, n_rot, ts, fscale, ext, low,
+                      denom, msc):
+    y0 = x0 * rs
+    y1 = x1 * rs
+    k = p - (head_dim - n_rot) // 2
+    if valid and do_rope and k >= 0:
+        c, s = rope_cos_sin(k, pos, ts, fscale, ext, low, denom, msc)
+        y0, y1 = rope_rotate(y0, y1, c, s, False)
+    if valid:
+        out[base] = y0
+        out[base + 1] = y1
 
 
 @cuda.jit
@@ -140,18 +168,26 @@ def _q_norm_rope_kernel(q, out, n_head, head_dim, eps, pos0, do_rope, n_rot, ts,
     if valid:
         x0 = q[base]
         x1 = q[base + 1]
+    sq = float64(x0) * float64(x0) + float64(x1) * float64(x1)
+    if PAIRS > 1:  # the simulator: this thread's further pairs (a constant-false branch on the GPU)
+        for e in range(1, PAIRS):
+            if p + e * cuda.blockDim.x >= half:
+                break
+            v0 = q[base + 2 * e * cuda.blockDim.x]
+            v1 = q[base + 2 * e * cuda.blockDim.x + 1]
+            sq += float64(v0) * float64(v0) + float64(v1) * float64(v1)
     red = cuda.shared.array(32, float64)
-    ss = block_sum(float64(x0) * float64(x0) + float64(x1) * float64(x1), red, cuda.blockDim.x // 32, _D0)
+    ss = block_sum(sq, red, cuda.blockDim.x // LANES, _D0, LANES)
     rs = _F1 / math.sqrt(float32(ss / float64(head_dim)) + eps)
-    y0 = x0 * rs
-    y1 = x1 * rs
-    k = p - (head_dim - n_rot) // 2
-    if valid and do_rope and k >= 0:
-        c, s = rope_cos_sin(k, pos0 + t, ts, fscale, ext, low, denom, msc)
-        y0, y1 = rope_rotate(y0, y1, c, s, False)
-    if valid:
-        out[base] = y0
-        out[base + 1] = y1
+    _q_norm_rope_pair(out, base, x0, x1, rs, p, valid, head_dim, do_rope, pos0 + t, n_rot, ts, fscale, ext, low,
+                      denom, msc)
+    if PAIRS > 1:
+        for e in range(1, PAIRS):
+            if p + e * cuda.blockDim.x >= half:
+                break
+            b = base + 2 * e * cuda.blockDim.x
+            _q_norm_rope_pair(out, b, q[b], q[b + 1], rs, p + e * cuda.blockDim.x, True, head_dim, do_rope,
+                              pos0 + t, n_rot, ts, fscale, ext, low, denom, msc)
 
 
 @implementation("attn.q_norm_rope", "pair_per_thread", layout="f32")
@@ -163,7 +199,7 @@ def q_norm_rope(q: Any, *, out: Any, n_head: int, head_dim: int, eps: float, rop
     """
     n_tok = q.size // (n_head * head_dim)
     ra = _rope(rope, head_dim)
-    _q_norm_rope_kernel[(n_head, n_tok), row_threads(head_dim), stream](
+    _q_norm_rope_kernel[(n_head, n_tok), pair_threads(head_dim), stream](
         L.flat(q), L.flat(out), n_head, head_dim, np.float32(eps), int(pos), int(rope is not None), *ra)
     return out
 
@@ -195,7 +231,7 @@ def _kv_store_kernel(kv, w, eps, out, row0, cap, head_dim, pos0, n_rot, ts, fsca
         x0 = kv[base]
         x1 = kv[base + 1]
     red = cuda.shared.array(32, float64)
-    ss = block_sum(float64(x0) * float64(x0) + float64(x1) * float64(x1), red, cuda.blockDim.x // 32, _D0)
+    ss = block_sum(float64(x0) * float64(x0) + float64(x1) * float64(x1), red, cuda.blockDim.x // 32, _D0, 32)
     rs = _F1 / math.sqrt(float32(ss / float64(head_dim)) + eps)
     y0 = _F0
     y1 = _F0
@@ -245,10 +281,10 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
     if key in _ATTN:
         return _ATTN[key]
     HPB, HD, CH, NT = hpb, head_dim, ch, nt
-    NW = NT // 32
-    DPL = HD // 32                  # dims per lane when a warp scores one row
+    NW = NT // LANES
+    DPL = HD // LANES               # dims per lane when a warp scores one row
     DPT = max(1, L.cdiv(HD, NT))    # dims per thread in the weighted sum
-    RPL = L.cdiv(CH, 32)            # chunk rows per lane in the softmax step
+    RPL = L.cdiv(CH, LANES)         # chunk rows per lane in the softmax step
     HPB_W = L.cdiv(HPB, NW) * NW    # heads padded to whole rounds of warps
     CH_W = L.cdiv(CH, NW) * NW      # chunk rows padded likewise
     QS, SCN, ACCN = HPB * HD, HPB * CH, HPB * DPT   # array sizes must be single constants
@@ -259,8 +295,8 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
         sp = cuda.blockIdx.y
         n_split = cuda.gridDim.y
         tid = cuda.threadIdx.x
-        lane = tid % 32
-        warp = tid // 32
+        lane = tid % LANES
+        warp = tid // LANES
         h0 = g * HPB
         n_total = n_raw + n_vis
         n_chunks = (n_total + CH - 1) // CH
@@ -295,15 +331,15 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
                         src = comp
                         b = c * HD
                     for j in range(DPL):
-                        vals[j] = float32(src[b + lane + 32 * j])
+                        vals[j] = float32(src[b + lane + LANES * j])
                 else:
                     for j in range(DPL):
                         vals[j] = _F0
                 for h in range(HPB):
                     d = _F0
                     for j in range(DPL):
-                        d += vals[j] * q_s[h * HD + lane + 32 * j]
-                    d = group_sum(d, 32)
+                        d += vals[j] * q_s[h * HD + lane + LANES * j]
+                    d = group_sum(d, LANES)
                     if lane == 0 and rr < CH:
                         sc[h * CH + rr] = d * kq_scale if valid else NEG_INF
             cuda.syncthreads()
@@ -312,22 +348,22 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
                 h = min(hh, HPB - 1)
                 mx = NEG_INF
                 for k in range(RPL):
-                    rr = lane + 32 * k
+                    rr = lane + LANES * k
                     if rr < CH:
                         mx = max(mx, sc[h * CH + rr])
-                mx = group_max(mx, 32)
+                mx = group_max(mx, LANES)
                 m_old = run_m[h]
                 m_new = max(m_old, mx)
                 lsum = _F0
                 for k in range(RPL):
-                    rr = lane + 32 * k
+                    rr = lane + LANES * k
                     if rr < CH:
                         s = sc[h * CH + rr]
                         e = math.exp(s - m_new) if s > _HALF_NEG_INF else _F0
                         if hh < HPB:
                             sc[h * CH + rr] = e
                         lsum += e
-                lsum = group_sum(lsum, 32)
+                lsum = group_sum(lsum, LANES)
                 if lane == 0 and hh < HPB:
                     a = math.exp(m_old - m_new)
                     alpha[h] = a
@@ -367,13 +403,10 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
             part_m[sp * n_head + h0 + tid] = run_m[tid]
             part_l[sp * n_head + h0 + tid] = run_l[tid]
 
-    @cuda.jit
-    def combine_kernel(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, pos,
-                       n_rot, ts, fscale, ext, low, denom, msc):
+    @device
+    def combine_pair(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, pos,
+                     n_rot, ts, fscale, ext, low, denom, msc, p):
         h = cuda.blockIdx.x
-        p = cuda.threadIdx.x
-        if 2 * p >= HD:
-            return
         sink = sinks[h]
         mx = sink
         for s in range(n_split):
@@ -396,6 +429,21 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
             y0, y1 = rope_rotate(y0, y1, c, s_, True)
         out[h * HD + 2 * p] = y0
         out[h * HD + 2 * p + 1] = y1
+
+    @cuda.jit
+    def combine_kernel(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, pos,
+                       n_rot, ts, fscale, ext, low, denom, msc):
+        p = cuda.threadIdx.x
+        if 2 * p >= HD:
+            return
+        combine_pair(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, pos, n_rot, ts, fscale, ext,
+                     low, denom, msc, p)
+        if PAIRS > 1:  # the simulator: this thread's further pairs (a constant-false branch on the GPU)
+            for e in range(1, PAIRS):
+                if 2 * (p + e * cuda.blockDim.x) >= HD:
+                    break
+                combine_pair(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, pos, n_rot, ts, fscale,
+                             ext, low, denom, msc, p + e * cuda.blockDim.x)
 
     _ATTN[key] = (partial_kernel, combine_kernel)
     return _ATTN[key]
@@ -429,6 +477,8 @@ def attn_geometry(n_head: int, head_dim: int, n_total: int, hpb: int | None = No
     """
     hpb = hpb or heads_per_block(n_head)
     nt = ATTN_THREADS if head_dim >= ATTN_THREADS else max(64, head_dim)
+    if SIMULATOR:
+        nt = hpb        # one-lane warps; tid < hpb threads keep the per-head state
     n_chunks = max(1, L.cdiv(n_total, chunk))
     if splits is None:
         splits = 1 if SIMULATOR else max(1, TARGET_BLOCKS // (n_head // hpb))
@@ -467,7 +517,7 @@ def attention_decode(q: Any, raw: Any, n_raw: int, comp: Any | None, n_comp: int
         L.flat(q), L.flat(raw), int(n_raw), L.flat(comp), L.flat(sel_arr), int(sel is not None), int(n_comp),
         kq, n_head, scratch.part_m, scratch.part_l, scratch.part_acc)
     ra = _rope(rope, head_dim)
-    comb_k[n_head, row_threads(head_dim), stream](
+    comb_k[n_head, pair_threads(head_dim), stream](
         scratch.part_m, scratch.part_l, scratch.part_acc, n_split, n_head, L.flat(sinks), L.flat(out),
         int(rope is not None), int(pos), *ra)
     return out

@@ -32,14 +32,14 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import cuda, float32, float64
+from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.attention import NEG_INF, f16_round, fp8_pair, row_threads
 from ds4nb.kernels import f16_matvec as _fm  # module import: add_module registers marked names it sees
 from ds4nb.kernels.f16_matvec import block_sum
 from ds4nb.kernels.indexer import MAX_ROW, check_qat_width, hadamard_fp4_pair, hadamard_scale
-from ds4nb.kernels.intrinsics import device
+from ds4nb.kernels.intrinsics import device, float32, float64
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.rope import RopeArgs, fmul_rn, rope_args, rope_cos_sin, rope_rotate
@@ -115,7 +115,7 @@ def _emit_kernel(kv, sc, ratio, overlap, d, norm_w, eps, out, row, finish, inv_s
         y0 = _pool(kv, sc, width, d, 2 * p, ratio, overlap)
         y1 = _pool(kv, sc, width, d, 2 * p + 1, ratio, overlap)
     red = cuda.shared.array(32, float64)
-    ss = block_sum(float64(y0) * float64(y0) + float64(y1) * float64(y1), red, nt // 32, _D0)
+    ss = block_sum(float64(y0) * float64(y0) + float64(y1) * float64(y1), red, nt // 32, _D0, 32)
     rs = _F1 / math.sqrt(float32(ss / float64(d)) + eps)
     if valid:
         y0 = fmul_rn(y0, rs) * norm_w[2 * p]

@@ -4,7 +4,8 @@ HC expansion, the dense SwiGLU, vector add, an axis swap (prefill's grouped
 output projection) and the per-token sum of routed expert slots (prefill).
 Each is one thread per output element over a flat index (grid-stride), so the
 launch geometry is the same for any shape; they move a few KiB per token and
-exist so a decode step never leaves the device.
+exist so a decode step never leaves the device.  The simulator, which pays for
+every thread, launches blocks of 8 threads that stride over ~128 elements each.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
+from ds4nb.kernels.intrinsics import SIMULATOR
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
-THREADS = 256
+THREADS = 8 if SIMULATOR else 256
+_PER_THREAD = 128 if SIMULATOR else 1   # elements a thread strides over (at least)
 _CLAMP_OFF = np.float32(1e-6)  # docs/model.md step 17: no clamp when c <= 1e-6
 
 
 def _blocks(n: int) -> int:
-    return max(1, min(L.cdiv(n, THREADS), 4096))
+    return max(1, min(L.cdiv(n, THREADS * _PER_THREAD), 4096))
 
 
 @cuda.jit

@@ -10,14 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda
 
 from ds4nb.kernels import _launch as L
+from ds4nb.kernels.intrinsics import SIMULATOR, float32
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
-THREADS = 256
-MAX_COL_BLOCKS = 8  # a 4096-wide row is 16 blocks of 256: 2 values per thread
+THREADS = 8 if SIMULATOR else 256   # the simulator pays for every thread: 8 a row
+MAX_COL_BLOCKS = 1 if SIMULATOR else 8  # a 4096-wide row is 16 blocks of 256: 2 values per thread
 
 
 @cuda.jit

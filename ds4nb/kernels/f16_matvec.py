@@ -17,7 +17,9 @@ Layout: weights row-major ``(n_out, n_in)`` exactly as in the GGUF file
 Launch geometry: 256-thread blocks (8 warps); each output row gets
 ``wpr`` warps (1, 2, 4 or 8) so that narrow matrices still launch enough
 blocks to fill the GPU (router: 256 rows -> one row per block, 8 warps
-splitting the 4096 columns).  A thread walks its columns with stride
+splitting the 4096 columns).  The simulator runs 16-thread blocks of
+one-lane "warps" (``LANES = 1``), each summing 8 rows between two barriers
+(``ROWS_PER_WARP``, a constant-false branch on the GPU), up to 4 times (``rpw``).  A thread walks its columns with stride
 ``32 * wpr`` keeping 4 independent partial sums (4 loads in flight), a warp
 shuffle reduces them, and the ``wpr`` warp sums of a row are added in warp
 order from shared memory.  float32 accumulation in a different order than
@@ -26,19 +28,22 @@ numpy's: ~1e-6 relative.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.intrinsics import SIMULATOR, device, warp_max, warp_sum
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, warp_max, warp_sum
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
-THREADS = 256
-WARPS = THREADS // 32
+#: lanes of a reduction group: a warp on the GPU, one thread in the simulator (no shuffles there)
+LANES = 1 if SIMULATOR else 32
+THREADS = 16 if SIMULATOR else 256
+WARPS = THREADS // LANES
+ROWS_PER_WARP = 8 if SIMULATOR else 1   # rows a warp sums before the block's barrier
+PARTS = WARPS * ROWS_PER_WARP
 _F0 = np.float32(0.0)
 # ~2 blocks per SM on a 132-SM H100; the simulator pays per block barrier, so it packs rows
 TARGET_BLOCKS = 1 if SIMULATOR else 264
@@ -47,45 +52,16 @@ TARGET_BLOCKS = 1 if SIMULATOR else 264
 # Reductions shared by the model kernels (hc, attention, compressor, indexer, router, sample)
 #
 # On the GPU these are the xor-butterfly shuffles of ds4nb.kernels.intrinsics.
-# In the simulator a shuffle costs two block barriers, and a barrier costs
-# milliseconds, so a whole group reduction is done with one table exchange
-# (two barriers) instead of log2(width) shuffles, combining the values in the
-# same butterfly order so that the float32 result is the GPU's.  As with real
-# shuffles, every live thread of the block must make the same calls.
+# In the simulator they are intrinsics' one-barrier group exchange, which
+# combines the values in the same butterfly order (the float32 result is the
+# GPU's) and costs nothing for a group of one lane.  As with real shuffles,
+# every live thread of the block must make the same calls.
 # ---------------------------------------------------------------------------
 
 
-def _sim_group(value, width, is_max):
-    t = threading.current_thread()
-    table = t._manager.__dict__.setdefault("_ds4nb_group", {})
-    tid = t.thread_id
-    table[tid] = value
-    t.syncthreads()
-    g0 = tid - tid % width
-    try:
-        vals = [table[g0 + j] for j in range(width)]
-    except KeyError:
-        raise RuntimeError(f"group reduction: a lane of thread {tid}'s group is not in it") from None
-    t.syncthreads()
-    del table[tid]
-    off = width >> 1
-    while off > 0:
-        if is_max:
-            vals = [vals[j ^ off] if vals[j ^ off] > vals[j] else vals[j] for j in range(width)]
-        else:
-            vals = [vals[j] + vals[j ^ off] for j in range(width)]
-        off >>= 1
-    return vals[tid - g0]
-
-
 if SIMULATOR:
-    def group_sum(v, width):
-        """Sum of ``v`` over aligned groups of ``width`` lanes (power of two <= 32); all lanes get it."""
-        return _sim_group(v, width, False)
-
-    def group_max(v, width):
-        """Max of ``v`` over aligned groups of ``width`` lanes; all lanes get it."""
-        return _sim_group(v, width, True)
+    group_sum = warp_sum
+    group_max = warp_max
 else:
     @device
     def group_sum(v, width):
@@ -99,84 +75,106 @@ else:
 
 
 @device
-def block_sum(v, red, n_warps, zero):
-    """Sum of ``v`` over a block of ``n_warps`` warps; every thread gets the total.
+def block_sum(v, red, n_warps, zero, width):
+    """Sum of ``v`` over a block of ``n_warps`` warps of ``width`` lanes; every thread gets the total.
 
     Warp sums go to ``red`` (shared, >= n_warps entries), then every warp
     re-reduces them (``zero``: a 0 of ``v``'s type).  A caller that reuses
-    ``red`` must sync first.
+    ``red`` must sync first.  ``n_warps <= width``: ``width`` is 32 on the GPU;
+    a simulator kernel with one-thread blocks passes 1.
     """
-    lane = cuda.threadIdx.x % 32
-    v = group_sum(v, 32)
+    lane = cuda.threadIdx.x % width
+    v = group_sum(v, width)
     if lane == 0:
-        red[cuda.threadIdx.x // 32] = v
+        red[cuda.threadIdx.x // width] = v
     cuda.syncthreads()
     w = zero
     if lane < n_warps:
         w = red[lane]
-    return group_sum(w, 32)
+    return group_sum(w, width)
+
+
+@device
+def _row_dot(w, w2, x, xb, n_out, n_out2, n_in, row, sub, stride):
+    """This lane's share of output row ``row``: rows [0, n_out) read w, rows [n_out, n_out + n_out2) read w2."""
+    a0 = _F0
+    a1 = _F0
+    a2 = _F0
+    a3 = _F0
+    if row < n_out + n_out2:
+        second = row >= n_out
+        r = row - n_out if second else row
+        wb = r * n_in
+        i = sub
+        if not second:
+            while i + 3 * stride < n_in:
+                a0 += float32(w[wb + i]) * x[xb + i]
+                a1 += float32(w[wb + i + stride]) * x[xb + i + stride]
+                a2 += float32(w[wb + i + 2 * stride]) * x[xb + i + 2 * stride]
+                a3 += float32(w[wb + i + 3 * stride]) * x[xb + i + 3 * stride]
+                i += 4 * stride
+            while i < n_in:
+                a0 += float32(w[wb + i]) * x[xb + i]
+                i += stride
+        else:
+            while i + 3 * stride < n_in:
+                a0 += float32(w2[wb + i]) * x[xb + i]
+                a1 += float32(w2[wb + i + stride]) * x[xb + i + stride]
+                a2 += float32(w2[wb + i + 2 * stride]) * x[xb + i + 2 * stride]
+                a3 += float32(w2[wb + i + 3 * stride]) * x[xb + i + 3 * stride]
+                i += 4 * stride
+            while i < n_in:
+                a0 += float32(w2[wb + i]) * x[xb + i]
+                i += stride
+    return (a0 + a1) + (a2 + a3)
+
+
+@device
+def _row_out(part, col, wpr, bias, has_bias, out, bias2, has_bias2, out2, t, n_out, n_out2, row):
+    """Adds the ``wpr`` warp sums of ``row`` (at part[col ...]) and writes it (+ bias)."""
+    s = _F0
+    for j in range(wpr):
+        s += part[col + j]
+    if row < n_out:
+        if has_bias:
+            s += float32(bias[row])
+        out[t * n_out + row] = s
+    else:
+        r = row - n_out
+        if has_bias2:
+            s += float32(bias2[r])
+        out2[t * n_out2 + r] = s
 
 
 @cuda.jit
 def _matvec_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out, n_out2, n_in, wpr, rpw):
     tid = cuda.threadIdx.x
-    warp = tid // 32
-    lane = tid % 32
+    warp = tid // LANES
+    lane = tid % LANES
     rpb = WARPS // wpr
     t = cuda.blockIdx.y
-    sub = (warp % wpr) * 32 + lane
-    stride = 32 * wpr
+    sub = (warp % wpr) * LANES + lane
+    stride = LANES * wpr
     xb = t * n_in
-    part = cuda.shared.array(WARPS, float32)
+    part = cuda.shared.array(PARTS, float32)
     for rep in range(rpw):   # rpw > 1 only in the simulator, where a block costs more than a row
-        row = (cuda.blockIdx.x * rpw + rep) * rpb + warp // wpr
-        a0 = _F0
-        a1 = _F0
-        a2 = _F0
-        a3 = _F0
-        # rows [0, n_out) read w, rows [n_out, n_out + n_out2) read w2
-        if row < n_out + n_out2:
-            second = row >= n_out
-            r = row - n_out if second else row
-            wb = r * n_in
-            i = sub
-            if not second:
-                while i + 3 * stride < n_in:
-                    a0 += float32(w[wb + i]) * x[xb + i]
-                    a1 += float32(w[wb + i + stride]) * x[xb + i + stride]
-                    a2 += float32(w[wb + i + 2 * stride]) * x[xb + i + 2 * stride]
-                    a3 += float32(w[wb + i + 3 * stride]) * x[xb + i + 3 * stride]
-                    i += 4 * stride
-                while i < n_in:
-                    a0 += float32(w[wb + i]) * x[xb + i]
-                    i += stride
-            else:
-                while i + 3 * stride < n_in:
-                    a0 += float32(w2[wb + i]) * x[xb + i]
-                    a1 += float32(w2[wb + i + stride]) * x[xb + i + stride]
-                    a2 += float32(w2[wb + i + 2 * stride]) * x[xb + i + 2 * stride]
-                    a3 += float32(w2[wb + i + 3 * stride]) * x[xb + i + 3 * stride]
-                    i += 4 * stride
-                while i < n_in:
-                    a0 += float32(w2[wb + i]) * x[xb + i]
-                    i += stride
-        acc = group_sum((a0 + a1) + (a2 + a3), 32)  # every warp reduces (uniform control flow)
-        if lane == 0:
+        row = (cuda.blockIdx.x * rpw + rep) * (rpb * ROWS_PER_WARP) + warp // wpr
+        acc = group_sum(_row_dot(w, w2, x, xb, n_out, n_out2, n_in, row, sub, stride), LANES)  # every warp
+        if lane == 0:                                                                         # reduces
             part[warp] = acc
+        if ROWS_PER_WARP > 1:  # the simulator: each warp's further rows (a constant-false branch on the GPU)
+            for e in range(1, ROWS_PER_WARP):
+                acc = group_sum(_row_dot(w, w2, x, xb, n_out, n_out2, n_in, row + e * rpb, sub, stride), LANES)
+                if lane == 0:
+                    part[warp + e * WARPS] = acc
         cuda.syncthreads()
         if sub == 0 and row < n_out + n_out2:
-            s = _F0
-            for j in range(wpr):
-                s += part[warp + j]
-            if row < n_out:
-                if has_bias:
-                    s += float32(bias[row])
-                out[t * n_out + row] = s
-            else:
-                r = row - n_out
-                if has_bias2:
-                    s += float32(bias2[r])
-                out2[t * n_out2 + r] = s
+            _row_out(part, warp, wpr, bias, has_bias, out, bias2, has_bias2, out2, t, n_out, n_out2, row)
+        if ROWS_PER_WARP > 1:
+            for e in range(1, ROWS_PER_WARP):
+                if sub == 0 and row + e * rpb < n_out + n_out2:
+                    _row_out(part, warp + e * WARPS, wpr, bias, has_bias, out, bias2, has_bias2, out2, t, n_out,
+                             n_out2, row + e * rpb)
         cuda.syncthreads()
 
 
@@ -219,8 +217,9 @@ def f16_matvec(w: Any, x: Any, bias: Any | None = None, *, out: Any, w2: Any | N
     wpr = wpr or warps_per_row(n_out + n_out2, n_tok)
     if wpr not in (1, 2, 4, 8):
         raise ValueError(f"f16.matvec: wpr must be 1, 2, 4 or 8, got {wpr}")
-    rpw = 8 if SIMULATOR else 1
-    grid = (L.cdiv(n_out + n_out2, (WARPS // wpr) * rpw), n_tok)
+    rows_per_pass = (WARPS // wpr) * ROWS_PER_WARP
+    rpw = min(4, L.cdiv(n_out + n_out2, rows_per_pass)) if SIMULATOR else 1
+    grid = (L.cdiv(n_out + n_out2, rows_per_pass * rpw), n_tok)
     d = _dummy()
     _matvec_kernel[grid, THREADS, stream](
         L.flat(w), d if bias is None else L.flat(bias), int(bias is not None), L.flat(out),

@@ -24,7 +24,11 @@ streams ``hc (T, n_hc, n_embd)`` into a sublayer input in two launches:
 one thread per output value.
 
 The simulator runs one split (``SIM`` geometry), the GPU ~one split per 128
-columns.  Errors against the oracle: ~1e-7 (float32 summation order).
+columns; it also runs 16 / 8 threads a block with one lane per reduction group
+(``LANES = 1``: no shuffles) and ``hc.post`` with 8 threads a block, each
+taking 128 outputs.  Parts that run on one thread per mix value loop over the
+values in the simulator, in branches that are constant-false on the GPU.
+Errors against the oracle: ~1e-7 (float32 summation order).
 """
 
 from __future__ import annotations
@@ -33,20 +37,23 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import cuda, float32, float64
+from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.f16_matvec import group_sum
-from ds4nb.kernels.intrinsics import SIMULATOR, device
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.rope import fmul_rn
 
-MIX_THREADS = 128
-MIX_WARPS = MIX_THREADS // 32
-FINISH_THREADS = 256
-FINISH_WARPS = FINISH_THREADS // 32
+LANES = 1 if SIMULATOR else 32     # lanes of a reduction group (a warp on the GPU)
+MIX_THREADS = 16 if SIMULATOR else 128
+MIX_WARPS = MIX_THREADS // LANES
+FINISH_THREADS = 8 if SIMULATOR else 256
+FINISH_WARPS = FINISH_THREADS // LANES
 COLS_PER_SPLIT = 128        # GPU: one column per thread per split
+POST_THREADS = 8 if SIMULATOR else 256
+POST_ITEMS = 128 if SIMULATOR else 1   # hc.post outputs per thread
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 _F2 = np.float32(2.0)
@@ -81,14 +88,32 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
     N_C = n_hc * n_hc
     HEAD = n_mix == n_hc
 
+    @device
+    def mix_out(red, part_dot, t, n_split, s, m):
+        d = _F0
+        for w in range(MIX_WARPS):
+            d += red[m, w]
+        part_dot[(t * n_split + s) * N_MIX + m] = d
+
+    @device
+    def mix_value(part_dot, part_ss, t, n_split, hc_dim, rms_eps, mix, m):
+        ss = _D0
+        for s in range(n_split):
+            ss += part_ss[t * n_split + s]
+        rs = _F1 / math.sqrt(float32(ss / float64(hc_dim)) + rms_eps)
+        d = _F0
+        for s in range(n_split):
+            d += part_dot[(t * n_split + s) * N_MIX + m]
+        mix[m] = d * rs
+
     @cuda.jit
     def mix_kernel(x, fn, hc_dim, cols, part_dot, part_ss):
         s = cuda.blockIdx.x
         t = cuda.blockIdx.y
         n_split = cuda.gridDim.x
         tid = cuda.threadIdx.x
-        lane = tid % 32
-        warp = tid // 32
+        lane = tid % LANES
+        warp = tid // LANES
         acc = cuda.local.array(N_MIX, float32)
         for m in range(N_MIX):
             acc[m] = _F0
@@ -104,18 +129,18 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
         red = cuda.shared.array((N_MIX, MIX_WARPS), float32)
         red_ss = cuda.shared.array(MIX_WARPS, float64)
         for m in range(N_MIX):
-            v = group_sum(acc[m], 32)
+            v = group_sum(acc[m], LANES)
             if lane == 0:
                 red[m, warp] = v
-        v64 = group_sum(ss, 32)
+        v64 = group_sum(ss, LANES)
         if lane == 0:
             red_ss[warp] = v64
         cuda.syncthreads()
         if tid < N_MIX:
-            d = _F0
-            for w in range(MIX_WARPS):
-                d += red[tid, w]
-            part_dot[(t * n_split + s) * N_MIX + tid] = d
+            mix_out(red, part_dot, t, n_split, s, tid)
+        if MIX_THREADS < N_MIX:  # the simulator: fewer threads than mix values
+            for m in range(tid + MIX_THREADS, N_MIX, MIX_THREADS):
+                mix_out(red, part_dot, t, n_split, s, m)
         if tid == 0:
             d64 = _D0
             for w in range(MIX_WARPS):
@@ -132,14 +157,10 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
         wts = cuda.shared.array(N_HC, float32)
         red = cuda.shared.array(FINISH_WARPS, float64)
         if tid < N_MIX:
-            ss = _D0
-            for s in range(n_split):
-                ss += part_ss[t * n_split + s]
-            rs = _F1 / math.sqrt(float32(ss / float64(hc_dim)) + rms_eps)
-            d = _F0
-            for s in range(n_split):
-                d += part_dot[(t * n_split + s) * N_MIX + tid]
-            mix[tid] = d * rs
+            mix_value(part_dot, part_ss, t, n_split, hc_dim, rms_eps, mix, tid)
+        if FINISH_THREADS < N_MIX:  # the simulator: fewer threads than mix values
+            for m in range(tid + FINISH_THREADS, N_MIX, FINISH_THREADS):
+                mix_value(part_dot, part_ss, t, n_split, hc_dim, rms_eps, mix, m)
         cuda.syncthreads()
         if HEAD:
             if tid < N_HC:
@@ -196,10 +217,10 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
             out[ob + d] = acc
             ss2 += float64(acc) * float64(acc)
         if has_norm:  # uniform branch: has_norm is a launch argument
-            lane = tid % 32
-            v = group_sum(ss2, 32)
+            lane = tid % LANES
+            v = group_sum(ss2, LANES)
             if lane == 0:
-                red[tid // 32] = v
+                red[tid // LANES] = v
             cuda.syncthreads()
             tot = _D0
             for w in range(FINISH_WARPS):
@@ -295,11 +316,8 @@ def hc_head(hc: Any, fn: Any, scale: Any, base: Any, *, out: Any, n_hc: int, hc_
     return out
 
 
-@cuda.jit
-def _post_kernel(y, hc, post, comb, n_tok, n_hc, n_embd, out):
-    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    if i >= n_tok * n_hc * n_embd:
-        return
+@device
+def _post_one(y, hc, post, comb, n_tok, n_hc, n_embd, out, i):
     d = i % n_embd
     j = (i // n_embd) % n_hc
     t = i // (n_embd * n_hc)
@@ -311,14 +329,27 @@ def _post_kernel(y, hc, post, comb, n_tok, n_hc, n_embd, out):
     out[i] = acc
 
 
+@cuda.jit
+def _post_kernel(y, hc, post, comb, n_tok, n_hc, n_embd, out):
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i >= n_tok * n_hc * n_embd:
+        return
+    _post_one(y, hc, post, comb, n_tok, n_hc, n_embd, out, i)
+    if POST_ITEMS > 1:  # the simulator's further outputs (a constant-false branch on the GPU)
+        for rep in range(1, POST_ITEMS):
+            k = i + rep * cuda.gridDim.x * cuda.blockDim.x
+            if k < n_tok * n_hc * n_embd:
+                _post_one(y, hc, post, comb, n_tok, n_hc, n_embd, out, k)
+
+
 @implementation("hc.post", "elementwise", layout="f32")
 def hc_post(y: Any, hc: Any, post: Any, comb: Any, *, out: Any, n_hc: int, stream: Any = 0) -> Any:
     """Steps 14/19: y (T, n_embd), streams hc (T, n_hc, n_embd) -> new streams (T, n_hc, n_embd)."""
     n_tok = post.size // n_hc
     n_embd = y.size // n_tok
     n = n_tok * n_hc * n_embd
-    _post_kernel[L.cdiv(n, 256), 256, stream](L.flat(y), L.flat(hc), L.flat(post), L.flat(comb), n_tok, n_hc,
-                                              n_embd, L.flat(out))
+    _post_kernel[L.cdiv(n, POST_THREADS * POST_ITEMS), POST_THREADS, stream](
+        L.flat(y), L.flat(hc), L.flat(post), L.flat(comb), n_tok, n_hc, n_embd, L.flat(out))
     return out
 
 

@@ -20,12 +20,16 @@ Ops
     Indices of the ``k`` largest float32 values, best first, ties to the
     lower index (``ops.top_k_stable``), ``k <= 1024``.  One block: radix
     select on 64-bit keys ``(order-preserving value bits << 32) | ~index``,
-    which are all distinct, 8 bits per pass from the top (a 256-bin shared
+    which are all distinct (-0.0 keyed as +0.0), 8 bits per pass from the top (a 256-bin shared
     histogram, a suffix scan, usually done after 4 passes, at most 8), then
     every key >= the threshold is gathered (exactly k) and bitonic-sorted in
     shared memory.  Non-finite values get key 0 and are never chosen while
     ``k`` does not exceed the number of finite values.  Used by the indexer
     (``indexer_top_k`` of ``n_comp``) and by device sampling (top-k logits).
+
+Simulator geometry: ``indexer.scores`` gives a row's heads to one thread
+(``HEAD_LANES = 1``: no shuffle) and ``topk.select`` runs on one thread (its
+many barriers then wait for no other thread).
 
 Numerics: the FP4 round trip is exact given the same input; scores are float32
 dots in another order (~1e-6); the selection is exact for distinct scores.
@@ -37,12 +41,12 @@ import math
 from typing import Any
 
 import numpy as np
-from numba import cuda, float32, int32, uint64
+from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.attention import pow2_scale, row_threads
 from ds4nb.kernels.f16_matvec import group_max, group_sum
-from ds4nb.kernels.intrinsics import SIMULATOR, device, rint
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, int32, rint, uint64
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.rope import RopeArgs, rope_args, rope_cos_sin, rope_rotate
@@ -176,8 +180,9 @@ def q_prep(q: Any, *, out: Any, n_head: int, head_dim: int, rope: Any, pos: int,
 # indexer.scores
 # ---------------------------------------------------------------------------
 
-SCORE_THREADS = 256
-TILE_ROWS = SCORE_THREADS // 16
+HEAD_LANES = 1 if SIMULATOR else 16      # lanes sharing a row's heads (the simulator: one thread a row)
+TILE_ROWS = 16
+SCORE_THREADS = TILE_ROWS * HEAD_LANES
 _SCORES: dict[tuple[int, int], Any] = {}
 
 
@@ -185,16 +190,16 @@ def _scores_kernel(n_ih: int, d: int) -> Any:
     key = (n_ih, d)
     if key in _SCORES:
         return _SCORES[key]
-    HPT = L.cdiv(n_ih, 16)          # heads per thread
-    NH = HPT * 16                   # heads padded to the 16 lanes
+    HPT = L.cdiv(n_ih, HEAD_LANES)  # heads per thread
+    NH = HPT * HEAD_LANES           # heads padded to the 16 lanes
     DP = d + 1                      # padded row stride in shared memory
     QN, RN = NH * DP, TILE_ROWS * DP
 
     @cuda.jit
     def kernel(q, w, w_scale, rows, n_comp, out):
         tid = cuda.threadIdx.x
-        r_loc = tid // 16
-        hl = tid % 16
+        r_loc = tid // HEAD_LANES
+        hl = tid % HEAD_LANES
         q_s = cuda.shared.array(QN, float32)
         w_s = cuda.shared.array(NH, float32)
         r_s = cuda.shared.array(RN, float32)
@@ -213,12 +218,12 @@ def _scores_kernel(n_ih: int, d: int) -> Any:
             cuda.syncthreads()
             part = _F0
             for j in range(HPT):
-                h = hl + 16 * j
+                h = hl + HEAD_LANES * j
                 dot = _F0
                 for kk in range(d):
                     dot += r_s[r_loc * DP + kk] * q_s[h * DP + kk]
                 part += max(dot, _F0) * w_s[h]
-            tot = group_sum(part, 16)
+            tot = group_sum(part, HEAD_LANES)
             if hl == 0 and r0 + r_loc < n_comp:
                 out[r0 + r_loc] = tot
 
@@ -268,10 +273,15 @@ _UEXP = np.uint64(0x7F800000)
 
 @device
 def topk_key(bits, i):
-    """Distinct 64-bit sort key of float bits ``bits`` at index ``i``: larger value first, then lower index."""
+    """Distinct 64-bit sort key of float bits ``bits`` at index ``i``: larger value first, then lower index.
+
+    -0.0 is keyed as +0.0: the two compare equal, so they tie and the lower index wins.
+    """
     u = uint64(bits)
     if (u & _UEXP) == _UEXP:
         return _U0                                   # inf / nan: never selected
+    if u == _USIGN:
+        u = _U0                                      # -0.0 -> +0.0
     o = (~u & _ULO) if (u & _USIGN) != _U0 else (u | _USIGN)
     return (o << _U32) | (_ULO - uint64(i))
 
@@ -379,7 +389,7 @@ def topk(values: Any, n: int, k: int, *, out: Any, kcap: Any | None = None, stre
     """
     if not 0 < k <= min(n, TOPK_MAX):
         raise ValueError(f"topk.select: need 0 < k <= min(n, {TOPK_MAX}), got k={k}, n={n}")
-    nt = TOPK_THREADS if not SIMULATOR else L.pow2_at_least(max(n, k), 32, 256)
+    nt = TOPK_THREADS if not SIMULATOR else 1   # the simulator: one thread, no waiting on others at barriers
     _topk_kernel[1, nt, stream](L.flat(values).view(np.uint32), int(n), int(k),
                                 _dummy_i32() if kcap is None else kcap, int(kcap is not None), L.flat(out))
     return out

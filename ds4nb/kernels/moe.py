@@ -27,6 +27,11 @@ in ``blockIdx.y``.  ``moe_down_sum`` puts the slots in the block instead (warp
 through shared memory: with only 4096 output rows, one warp per slot keeps
 ~6x more warps resident than looping over the slots in one warp.
 
+Simulator geometry: one lane per row (``default_lanes_per_row``), blocks of 16
+rows (``block_threads``; ``moe_down_sum``: 4 rows per slot) and a lane walking
+4 (8) rows one after the other, the rows beyond the first in a branch that is
+constant-false on the GPU, so the GPU kernels are unchanged.
+
 IQ2_XXS decodes each 8-value grid point with two shared-memory table reads
 and two ``byte_perm`` (PRMT) instructions (see the section below).  A first
 version held the grid as uint64 magnitudes and the signs as uint64 byte masks
@@ -47,11 +52,12 @@ from typing import Any
 
 import numpy as np
 from gguf.constants import GGMLQuantizationType
-from numba import cuda, float32, int32, uint32, uint64
+from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.activation import Q8KAct, q8_K_to_device
-from ds4nb.kernels.intrinsics import as_i32, byte_perm, device, dot8, dp4a, hi_i32, jit_kernel, warp_sum
+from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, byte_perm, device, dot8, dp4a, float32, hi_i32, int32,
+                                      jit_kernel, uint32, uint64, warp_sum)
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.quants import dequantize, dequantize_q8_K_activation, quantize_q8_K, random_blocks
@@ -62,6 +68,21 @@ Q = GGMLQuantizationType
 QK_K = 256
 THREADS = 256
 MAX_SLOTS = 32  # moe_down_sum: one warp per slot, 1024 threads at most
+# The simulator pays for every thread it starts and every barrier: one lane per row
+# (default_lanes_per_row), 8 rows a block and several rows per lane, one after the other.
+SIM_ROWS = 16
+ROWS_PER_THREAD = 4 if SIMULATOR else 1        # matvec / gate_up
+DOWN_ROWS_PER_THREAD = 8 if SIMULATOR else 1   # down_sum
+
+
+def block_threads(lpr: int) -> int:
+    """Threads of a matvec / gate_up block: 256 on the GPU, 16 rows of ``lpr`` lanes in the simulator."""
+    return lpr * SIM_ROWS if SIMULATOR else THREADS
+
+
+def down_warp(lpr: int) -> int:
+    """moe_down_sum: lanes per slot (a warp on the GPU; 4 rows of ``lpr`` lanes in the simulator)."""
+    return 4 * lpr if SIMULATOR else 32
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -370,7 +391,16 @@ def _make_matvec(qtype, lpr: int, nb: int, replicas: int):
     partial, _ = _partial_pair(qtype, replicas)
     lut = qtype == Q.IQ2_XXS
     grid_words, sign_words = (256 * replicas, 128 * replicas) if lut else (1, 1)
-    rows_per_block = THREADS // lpr
+    rows_per_block = block_threads(lpr) // lpr
+
+    @device
+    def row_out(qs, sc, dm, n_rows, ids, x_per_slot, yq, yd, ybs, grid_s, sign_s, out, slot, row, lane):
+        r = min(row, n_rows - 1)  # tail lanes compute a real row and drop it: shuffles stay full-warp
+        yrow = slot if x_per_slot else 0
+        acc = partial(qs, sc, dm, ids[slot] * n_rows + r, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s)
+        acc = warp_sum(acc, lpr)
+        if lane == 0 and row < n_rows:
+            out[slot * n_rows + row] = acc
 
     @cuda.jit
     def kernel(qs, sc, dm, n_rows, ids, x_per_slot, yq, yd, ybs, grid_g, sign_g, out):
@@ -380,14 +410,15 @@ def _make_matvec(qtype, lpr: int, nb: int, replicas: int):
             _load_luts(grid_g, sign_g, grid_s, sign_s, replicas)
             cuda.syncthreads()
         slot = cuda.blockIdx.y
-        row = cuda.blockIdx.x * rows_per_block + cuda.threadIdx.x // lpr
+        row = cuda.blockIdx.x * (rows_per_block * ROWS_PER_THREAD) + cuda.threadIdx.x // lpr
         lane = cuda.threadIdx.x % lpr
-        r = min(row, n_rows - 1)  # tail lanes compute a real row and drop it: shuffles stay full-warp
-        yrow = slot if x_per_slot else 0
-        acc = partial(qs, sc, dm, ids[slot] * n_rows + r, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s)
-        acc = warp_sum(acc, lpr)
-        if lane == 0 and row < n_rows:
-            out[slot * n_rows + row] = acc
+        row_out(qs, sc, dm, n_rows, ids, x_per_slot, yq, yd, ybs, grid_s, sign_s, out, slot, row, lane)
+        if ROWS_PER_THREAD > 1:  # the simulator's further rows (a constant-false branch on the GPU)
+            for rep in range(1, ROWS_PER_THREAD):
+                if row + rep * rows_per_block >= n_rows:
+                    break
+                row_out(qs, sc, dm, n_rows, ids, x_per_slot, yq, yd, ybs, grid_s, sign_s, out, slot,
+                        row + rep * rows_per_block, lane)
 
     return kernel
 
@@ -396,19 +427,11 @@ def _make_gate_up(qtype, lpr: int, nb: int, replicas: int, min_blocks: int = 0):
     _, pair = _partial_pair(qtype, replicas)
     lut = qtype == Q.IQ2_XXS
     grid_words, sign_words = (256 * replicas, 128 * replicas) if lut else (1, 1)
-    rows_per_block = THREADS // lpr
+    rows_per_block = block_threads(lpr) // lpr
 
-    @jit_kernel(launch_bounds=(THREADS, min_blocks) if min_blocks else None)
-    def kernel(gqs, gsc, gdm, uqs, usc, udm, n_rows, ids, weights, clamp, x_per_slot,
-               yq, yd, ybs, grid_g, sign_g, mid):
-        grid_s = cuda.shared.array(grid_words, uint32)
-        sign_s = cuda.shared.array(sign_words, uint32)
-        if lut:
-            _load_luts(grid_g, sign_g, grid_s, sign_s, replicas)
-            cuda.syncthreads()
-        slot = cuda.blockIdx.y
-        row = cuda.blockIdx.x * rows_per_block + cuda.threadIdx.x // lpr
-        lane = cuda.threadIdx.x % lpr
+    @device
+    def row_out(gqs, gsc, gdm, uqs, usc, udm, n_rows, ids, weights, clamp, x_per_slot, yq, yd, ybs, grid_s,
+                sign_s, mid, slot, row, lane):
         r = min(row, n_rows - 1)
         yrow = slot if x_per_slot else 0
         g, u = pair(gqs, gsc, gdm, uqs, usc, udm, ids[slot] * n_rows + r, nb, yq, yd, ybs, yrow, lane, lpr,
@@ -421,6 +444,26 @@ def _make_gate_up(qtype, lpr: int, nb: int, replicas: int, min_blocks: int = 0):
                 u = min(max(u, -clamp), clamp)
             mid[slot * n_rows + row] = g / (_F1 + math.exp(-g)) * u * weights[slot]
 
+    @jit_kernel(launch_bounds=(THREADS, min_blocks) if min_blocks else None)
+    def kernel(gqs, gsc, gdm, uqs, usc, udm, n_rows, ids, weights, clamp, x_per_slot,
+               yq, yd, ybs, grid_g, sign_g, mid):
+        grid_s = cuda.shared.array(grid_words, uint32)
+        sign_s = cuda.shared.array(sign_words, uint32)
+        if lut:
+            _load_luts(grid_g, sign_g, grid_s, sign_s, replicas)
+            cuda.syncthreads()
+        slot = cuda.blockIdx.y
+        row = cuda.blockIdx.x * (rows_per_block * ROWS_PER_THREAD) + cuda.threadIdx.x // lpr
+        lane = cuda.threadIdx.x % lpr
+        row_out(gqs, gsc, gdm, uqs, usc, udm, n_rows, ids, weights, clamp, x_per_slot, yq, yd, ybs, grid_s,
+                sign_s, mid, slot, row, lane)
+        if ROWS_PER_THREAD > 1:  # the simulator's further rows (a constant-false branch on the GPU)
+            for rep in range(1, ROWS_PER_THREAD):
+                if row + rep * rows_per_block >= n_rows:
+                    break
+                row_out(gqs, gsc, gdm, uqs, usc, udm, n_rows, ids, weights, clamp, x_per_slot, yq, yd, ybs,
+                        grid_s, sign_s, mid, slot, row + rep * rows_per_block, lane)
+
     return kernel
 
 
@@ -428,34 +471,53 @@ def _make_down_sum(qtype, lpr: int, nb: int, replicas: int):
     partial, _ = _partial_pair(qtype, replicas)
     lut = qtype == Q.IQ2_XXS
     grid_words, sign_words = (256 * replicas, 128 * replicas) if lut else (1, 1)
-    rows_per_warp = 32 // lpr
+    warp = down_warp(lpr)
+    rows_per_warp = warp // lpr
+    cols = rows_per_warp * DOWN_ROWS_PER_THREAD     # rows of a block
+
+    @device
+    def slot_row(qs, sc, dm, n_rows, ids, yq, yd, ybs, grid_s, sign_s, part, slot, row, col, lane):
+        r = min(row, n_rows - 1)
+        acc = partial(qs, sc, dm, ids[slot] * n_rows + r, nb, yq, yd, ybs, slot, lane, lpr, grid_s, sign_s)
+        acc = warp_sum(acc, lpr)
+        if lane == 0:
+            part[slot, col] = acc
+
+    @device
+    def slot_sum(part, n_rows, out, rr, col):
+        if rr < n_rows:
+            s = _F0
+            for k in range(cuda.blockDim.x // warp):  # slot order: deterministic
+                s += part[k, col]
+            out[rr] = s
 
     @cuda.jit
     def kernel(qs, sc, dm, n_rows, ids, yq, yd, ybs, grid_g, sign_g, out):
         grid_s = cuda.shared.array(grid_words, uint32)
         sign_s = cuda.shared.array(sign_words, uint32)
-        part = cuda.shared.array((MAX_SLOTS, rows_per_warp), float32)
+        part = cuda.shared.array((MAX_SLOTS, cols), float32)
         if lut:
             _load_luts(grid_g, sign_g, grid_s, sign_s, replicas)
             cuda.syncthreads()
-        slot = cuda.threadIdx.x // 32
-        sub = (cuda.threadIdx.x % 32) // lpr
+        slot = cuda.threadIdx.x // warp
+        sub = (cuda.threadIdx.x % warp) // lpr
         lane = cuda.threadIdx.x % lpr
-        row = cuda.blockIdx.x * rows_per_warp + sub
-        r = min(row, n_rows - 1)
-        acc = partial(qs, sc, dm, ids[slot] * n_rows + r, nb, yq, yd, ybs, slot, lane, lpr, grid_s, sign_s)
-        acc = warp_sum(acc, lpr)
-        if lane == 0:
-            part[slot, sub] = acc
+        row = cuda.blockIdx.x * cols + sub
+        slot_row(qs, sc, dm, n_rows, ids, yq, yd, ybs, grid_s, sign_s, part, slot, row, sub, lane)
+        if DOWN_ROWS_PER_THREAD > 1:  # the simulator's further rows (a constant-false branch on the GPU)
+            for rep in range(1, DOWN_ROWS_PER_THREAD):
+                if row + rep * rows_per_warp >= n_rows:
+                    break
+                slot_row(qs, sc, dm, n_rows, ids, yq, yd, ybs, grid_s, sign_s, part, slot,
+                         row + rep * rows_per_warp, rep * rows_per_warp + sub, lane)
         cuda.syncthreads()
         t = cuda.threadIdx.x
         if t < rows_per_warp:
-            rr = cuda.blockIdx.x * rows_per_warp + t
-            if rr < n_rows:
-                s = _F0
-                for k in range(cuda.blockDim.x // 32):  # slot order: deterministic
-                    s += part[k, t]
-                out[rr] = s
+            slot_sum(part, n_rows, out, cuda.blockIdx.x * cols + t, t)
+            if DOWN_ROWS_PER_THREAD > 1:
+                for rep in range(1, DOWN_ROWS_PER_THREAD):
+                    slot_sum(part, n_rows, out, cuda.blockIdx.x * cols + rep * rows_per_warp + t,
+                             rep * rows_per_warp + t)
 
     return kernel
 
@@ -489,6 +551,8 @@ def default_lanes_per_row(kind: str, nb: int) -> int:
     blocks overlaps the second's loads with the first's math.  Measured on H100 (6 experts):
     Q2_K down 4096 x 2048 13.9 us (4 lanes) vs 15.1 (8) and 17.7 (2); IQ2_XXS 2048 x 4096
     matvec 12.4 us (16 lanes) vs 14.8 (8), gate/up 18.7 us (16) vs 18.8 (8)."""
+    if SIMULATOR:
+        return 1
     if kind == "down_sum":
         return L.pow2_at_least(max(1, nb // 2), 4, 32)
     return lanes_per_row(nb)
@@ -541,8 +605,9 @@ def _moe_matvec(qtype: GGMLQuantizationType, w: PackedWeight, ids: Any, x: Q8KAc
     n_slots = ids.size
     x_per_slot = 1 if x.d.size == n_slots * nb else 0
     c = _consts()
-    grid = (L.cdiv(n_rows, THREADS // lpr), n_slots)
-    _kernel("matvec", qtype, lpr, nb, replicas)[grid, THREADS, stream](
+    nt = block_threads(lpr)
+    grid = (L.cdiv(n_rows, nt // lpr * ROWS_PER_THREAD), n_slots)
+    _kernel("matvec", qtype, lpr, nb, replicas)[grid, nt, stream](
         w.qs, _sc(w, c), w.dm, n_rows, ids, x_per_slot, x.qs, x.d, x.bsums, c["grid"], c["sign"], L.flat(out))
     return out
 
@@ -556,8 +621,9 @@ def _moe_gate_up(qtype: GGMLQuantizationType, gate: PackedWeight, up: PackedWeig
     n_slots = ids.size
     x_per_slot = 1 if x.d.size == n_slots * nb else 0
     c = _consts()
-    grid = (L.cdiv(n_rows, THREADS // lpr), n_slots)
-    _kernel("gate_up", qtype, lpr, nb, replicas, min_blocks)[grid, THREADS, stream](
+    nt = block_threads(lpr)
+    grid = (L.cdiv(n_rows, nt // lpr * ROWS_PER_THREAD), n_slots)
+    _kernel("gate_up", qtype, lpr, nb, replicas, min_blocks)[grid, nt, stream](
         gate.qs, _sc(gate, c), gate.dm, up.qs, _sc(up, c), up.dm, n_rows, ids, weights, np.float32(clamp),
         x_per_slot, x.qs, x.d, x.bsums, c["grid"], c["sign"], L.flat(out))
     return out
@@ -570,8 +636,9 @@ def _moe_down_sum(qtype: GGMLQuantizationType, w: PackedWeight, ids: Any, x: Q8K
     if not 1 <= n_slots <= MAX_SLOTS:
         raise ValueError(f"moe_down_sum takes 1..{MAX_SLOTS} experts, got {n_slots}")
     c = _consts()
-    rows_per_block = 32 // lpr
-    _kernel("down_sum", qtype, lpr, nb, replicas)[L.cdiv(n_rows, rows_per_block), 32 * n_slots, stream](
+    warp = down_warp(lpr)
+    rows_per_block = warp // lpr * DOWN_ROWS_PER_THREAD
+    _kernel("down_sum", qtype, lpr, nb, replicas)[L.cdiv(n_rows, rows_per_block), warp * n_slots, stream](
         w.qs, _sc(w, c), w.dm, n_rows, ids, x.qs, x.d, x.bsums, c["grid"], c["sign"], L.flat(out))
     return out
 

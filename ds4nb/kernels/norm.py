@@ -7,6 +7,9 @@ shuffle), and the row is scaled in a second strided pass.  The reference
 accumulates the sum of squares in double; float32 here gives ~1e-7 relative.
 The unweighted form (``w=None``) is the per-head q norm and the HC-state norm:
 reshape ``(n_tok * n_head, head_dim)`` and call the same op.
+
+In the simulator a block is one thread (``THREADS = LANES = 1``): no shuffle,
+and the one barrier waits for no other thread.
 """
 
 from __future__ import annotations
@@ -15,15 +18,16 @@ import math
 from typing import Any
 
 import numpy as np
-from numba import cuda, float32
+from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.intrinsics import warp_sum
+from ds4nb.kernels.intrinsics import SIMULATOR, float32, warp_sum
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
-THREADS = 256
-_WARPS = THREADS // 32
+THREADS = 1 if SIMULATOR else 256
+LANES = 1 if SIMULATOR else 32   # lanes of a reduction group (a warp on the GPU)
+_WARPS = THREADS // LANES        # <= LANES: one group re-reduces the group sums
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 DS4_RMS_EPS = 1.0e-6
@@ -38,14 +42,14 @@ def _rms_norm_kernel(x, w, has_w, n, eps, out):
     for i in range(tid, n, THREADS):
         v = x[base + i]
         ss += v * v
-    ss = warp_sum(ss, 32)
+    ss = warp_sum(ss, LANES)
     red = cuda.shared.array(_WARPS, float32)
-    if tid % 32 == 0:
-        red[tid // 32] = ss
+    if tid % LANES == 0:
+        red[tid // LANES] = ss
     cuda.syncthreads()
-    lane = tid % 32
+    lane = tid % LANES
     total = red[lane] if lane < _WARPS else _F0
-    total = warp_sum(total, 32)
+    total = warp_sum(total, LANES)
     scale = _F1 / math.sqrt(total / float32(n) + eps)
     for i in range(tid, n, THREADS):
         y = x[base + i] * scale

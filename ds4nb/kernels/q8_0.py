@@ -20,6 +20,12 @@ more than the load itself in these loops.
 ``q8_0.matmul`` / ``warp8_t8``: the same row-per-warp walk for a batch of
 tokens, each lane reusing its weight words for up to 8 tokens (``T``) before
 moving on: weights are read ``ceil(n / 8)`` times instead of ``n`` times.
+
+Simulator geometry (compile-time constants, the GPU's are 32 / 8 / 1): one
+lane per row (``LANES = 1``: no shuffle, no barrier), 8 threads a block and
+16 rows a thread (``ROWS_PER_THREAD``), since the simulator pays for every
+thread it starts.  The float32 sums then run in another order than on the
+GPU (~1e-7 relative); the integer block dots are the same.
 """
 
 from __future__ import annotations
@@ -28,11 +34,11 @@ from typing import Any
 
 import numpy as np
 from gguf.constants import GGMLQuantizationType
-from numba import cuda, float32, int32, uint64
+from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.activation import Q8_0Act, q8_0_to_device
-from ds4nb.kernels.intrinsics import device, dot8, warp_sum
+from ds4nb.kernels.intrinsics import SIMULATOR, device, dot8, float32, int32, uint64, warp_sum
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, Requirements, implementation
 from ds4nb.quants import dequantize, dequantize_q8_0_activation, quantize_q8_0, random_blocks
@@ -40,7 +46,9 @@ from ds4nb.quants.repack import PackedWeight, layout_name, repack
 
 Q = GGMLQuantizationType
 QK8_0 = 32
-ROWS_PER_BLOCK = 8  # warps per block, one row each
+LANES = 1 if SIMULATOR else 32  # lanes per row (a warp on the GPU)
+ROWS_PER_BLOCK = 8  # rows a block works on at once (GPU: warps per block, one row each)
+ROWS_PER_THREAD = 16 if SIMULATOR else 1  # rows a lane walks one after the other
 TOKENS_PER_PASS = 8  # q8_0.matmul: tokens sharing one read of the weights
 
 _F0 = np.float32(0.0)
@@ -61,33 +69,38 @@ def _make_matvec(nb: int):
     constant: the block-minor offsets ``j * nb`` fold into the loads' immediates
     and the ``nb // 32`` full steps have a constant trip count, so they unroll
     and every lane has all of its weight words in flight at once."""
-    full = nb // 32
+    full = nb // LANES
 
-    @cuda.jit
-    def kernel(qs, dm, n_rows, xq, xd, out):
-        lane = cuda.threadIdx.x % 32
-        row = cuda.blockIdx.x * ROWS_PER_BLOCK + cuda.threadIdx.x // 32
+    @device
+    def row_dot(qs, dm, n_rows, xq, xd, out, row, lane):
         if row >= n_rows:  # a whole warp leaves: shuffles below stay full-warp
             return
         wq = row * 4 * nb
         wd = row * nb
         acc = _F0
         for it in range(full):
-            acc += _q8_block(qs, dm, xq, xd, wq, wd, nb, lane + 32 * it)
-        if lane < nb - 32 * full:
-            acc += _q8_block(qs, dm, xq, xd, wq, wd, nb, lane + 32 * full)
-        acc = warp_sum(acc, 32)
+            acc += _q8_block(qs, dm, xq, xd, wq, wd, nb, lane + LANES * it)
+        if lane < nb - LANES * full:
+            acc += _q8_block(qs, dm, xq, xd, wq, wd, nb, lane + LANES * full)
+        acc = warp_sum(acc, LANES)
         if lane == 0:
             out[row] = acc
+
+    @cuda.jit
+    def kernel(qs, dm, n_rows, xq, xd, out):
+        lane = cuda.threadIdx.x % LANES
+        row = cuda.blockIdx.x * (ROWS_PER_BLOCK * ROWS_PER_THREAD) + cuda.threadIdx.x // LANES
+        row_dot(qs, dm, n_rows, xq, xd, out, row, lane)
+        if ROWS_PER_THREAD > 1:  # the simulator's further rows (a constant-false branch on the GPU)
+            for rep in range(1, ROWS_PER_THREAD):
+                row_dot(qs, dm, n_rows, xq, xd, out, row + rep * ROWS_PER_BLOCK, lane)
 
     return kernel
 
 
 def _make_matmul(nb: int):
-    @cuda.jit
-    def kernel(qs, dm, n_rows, n_tok, xq, xd, out):
-        lane = cuda.threadIdx.x % 32
-        row = cuda.blockIdx.x * ROWS_PER_BLOCK + cuda.threadIdx.x // 32
+    @device
+    def row_dots(qs, dm, n_rows, n_tok, xq, xd, out, row, lane):
         if row >= n_rows:
             return
         t0 = cuda.blockIdx.y * TOKENS_PER_PASS
@@ -95,7 +108,7 @@ def _make_matmul(nb: int):
         acc = cuda.local.array(TOKENS_PER_PASS, float32)
         for i in range(TOKENS_PER_PASS):
             acc[i] = _F0
-        for b in range(lane, nb, 32):
+        for b in range(lane, nb, LANES):
             w0 = qs[uint64(wq + b)]
             w1 = qs[uint64(wq + nb + b)]
             w2 = qs[uint64(wq + 2 * nb + b)]
@@ -111,9 +124,18 @@ def _make_matmul(nb: int):
                     s = dot8(w3, xq[uint64(xb + 3 * nb)], s)
                     acc[i] += float32(s) * (d * xd[uint64(t * nb + b)])
         for i in range(TOKENS_PER_PASS):
-            v = warp_sum(acc[i], 32)
+            v = warp_sum(acc[i], LANES)
             if lane == 0 and t0 + i < n_tok:
                 out[(t0 + i) * n_rows + row] = v
+
+    @cuda.jit
+    def kernel(qs, dm, n_rows, n_tok, xq, xd, out):
+        lane = cuda.threadIdx.x % LANES
+        row = cuda.blockIdx.x * (ROWS_PER_BLOCK * ROWS_PER_THREAD) + cuda.threadIdx.x // LANES
+        row_dots(qs, dm, n_rows, n_tok, xq, xd, out, row, lane)
+        if ROWS_PER_THREAD > 1:  # the simulator's further rows (a constant-false branch on the GPU)
+            for rep in range(1, ROWS_PER_THREAD):
+                row_dots(qs, dm, n_rows, n_tok, xq, xd, out, row + rep * ROWS_PER_BLOCK, lane)
 
     return kernel
 
@@ -143,7 +165,7 @@ def _check(w: PackedWeight, x: Q8_0Act) -> tuple[int, int, int]:
 def q8_0_matvec_warp8(w: PackedWeight, x: Q8_0Act, *, out: Any, stream: Any = 0) -> Any:
     """y = W x for one token: one warp per row, dp4a on block-minor words."""
     n_rows, nb, _ = _check(w, x)
-    kernel_for("matvec", nb)[L.cdiv(n_rows, ROWS_PER_BLOCK), 32 * ROWS_PER_BLOCK, stream](
+    kernel_for("matvec", nb)[L.cdiv(n_rows, ROWS_PER_BLOCK * ROWS_PER_THREAD), LANES * ROWS_PER_BLOCK, stream](
         w.qs, w.dm, n_rows, x.qs, x.d, L.flat(out))
     return out
 
@@ -152,8 +174,9 @@ def q8_0_matvec_warp8(w: PackedWeight, x: Q8_0Act, *, out: Any, stream: Any = 0)
 def q8_0_matmul_warp8(w: PackedWeight, x: Q8_0Act, *, out: Any, stream: Any = 0) -> Any:
     """Y = X W^T for n tokens: row per warp, each weight word reused for 8 tokens."""
     n_rows, nb, n_tok = _check(w, x)
-    grid = (L.cdiv(n_rows, ROWS_PER_BLOCK), L.cdiv(n_tok, TOKENS_PER_PASS))
-    kernel_for("matmul", nb)[grid, 32 * ROWS_PER_BLOCK, stream](w.qs, w.dm, n_rows, n_tok, x.qs, x.d, L.flat(out))
+    grid = (L.cdiv(n_rows, ROWS_PER_BLOCK * ROWS_PER_THREAD), L.cdiv(n_tok, TOKENS_PER_PASS))
+    kernel_for("matmul", nb)[grid, LANES * ROWS_PER_BLOCK, stream](w.qs, w.dm, n_rows, n_tok, x.qs, x.d,
+                                                                  L.flat(out))
     return out
 
 

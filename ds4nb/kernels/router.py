@@ -24,11 +24,11 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import cuda, float32, float64, int32, int64
+from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.f16_matvec import group_max
-from ds4nb.kernels.intrinsics import SIMULATOR, device
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, int64
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -43,6 +43,10 @@ _IMASK = np.int64(0xFFFFFFFF)
 _IEXP = np.int64(0x7F800000)
 MAX_EXPERTS = 1024
 MAX_USED = 32
+# The simulator runs one thread per token (one-lane "warps", no shuffles) that takes every expert,
+# in branches that are constant-false on the GPU (one thread per expert there).
+LANES = 1 if SIMULATOR else 32
+EXPERTS_PER_THREAD = MAX_EXPERTS if SIMULATOR else 1
 
 if SIMULATOR:
     def f32_bits(x):
@@ -63,6 +67,8 @@ def argmax_key(v, i):
     u = f32_bits(v)
     if (u & _IEXP) == _IEXP:
         return _I0
+    if u == _ISIGN:
+        u = _I0                  # -0.0 ties with +0.0: the lower index wins
     o = (~u & _IMASK) if (u & _ISIGN) != _I0 else (u | _ISIGN)
     return (o << _I31) | (_ILO - int64(i))
 
@@ -78,42 +84,76 @@ def softplus64(x):
     return math.log1p(math.exp(d))
 
 
+@device
+def _expert_prob(logits, t, n_expert, probs, e):
+    p = float32(softplus64(logits[t * n_expert + e]))
+    p = math.sqrt(p)
+    probs[e] = p
+    return p
+
+
+@device
+def _expert_key(p, bias, has_bias, e):
+    s = p + bias[e] if has_bias else p
+    return argmax_key(s, e)
+
+
 @cuda.jit
 def _router_kernel(logits, n_expert, bias, has_bias, k, scale, normalise, hash_mode, table, tokens,
                    sel_out, w_out):
     t = cuda.blockIdx.x
     e = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    lane = e % 32
+    lane = e % LANES
     valid = e < n_expert
     probs = cuda.shared.array(MAX_EXPERTS, float32)
     red = cuda.shared.array(32, int64)
     sel = cuda.shared.array(MAX_USED, int32)
     p = _F0
     if valid:
-        p = float32(softplus64(logits[t * n_expert + e]))
-        p = math.sqrt(p)
-        probs[e] = p
+        p = _expert_prob(logits, t, n_expert, probs, e)
+    if EXPERTS_PER_THREAD > 1:  # the simulator: this thread's further experts (constant-false on the GPU)
+        for j in range(1, EXPERTS_PER_THREAD):
+            if e + j * nt >= n_expert:
+                break
+            _expert_prob(logits, t, n_expert, probs, e + j * nt)
     if hash_mode:
         if e < k:
             sel[e] = table[tokens[t] * k + e]
+        if EXPERTS_PER_THREAD > 1:
+            for j in range(1, EXPERTS_PER_THREAD):
+                if e + j * nt < k:
+                    sel[e + j * nt] = table[tokens[t] * k + e + j * nt]
     else:
         key = _I0
         if valid:
-            s = p + bias[e] if has_bias else p
-            key = argmax_key(s, e)
+            key = _expert_key(p, bias, has_bias, e)
+        keys = cuda.local.array(EXPERTS_PER_THREAD, int64)   # the simulator's further experts' keys
+        if EXPERTS_PER_THREAD > 1:
+            for j in range(1, EXPERTS_PER_THREAD):
+                keys[j] = _I0
+                if e + j * nt < n_expert:
+                    keys[j] = _expert_key(probs[e + j * nt], bias, has_bias, e + j * nt)
         for r in range(k):
-            m = group_max(key, 32)
+            best = key
+            if EXPERTS_PER_THREAD > 1:
+                for j in range(1, EXPERTS_PER_THREAD):
+                    best = max(best, keys[j])
+            m = group_max(best, LANES)
             if lane == 0:
-                red[e // 32] = m
+                red[e // LANES] = m
             cuda.syncthreads()
-            m = red[lane] if lane < nt // 32 else _I0
-            m = group_max(m, 32)
+            m = red[lane] if lane < nt // LANES else _I0
+            m = group_max(m, LANES)
             win = int32(_ILO - (m & _ILO))
             if e == 0:
                 sel[r] = win
             if e == win:
                 key = _I0
+            if EXPERTS_PER_THREAD > 1:
+                for j in range(1, EXPERTS_PER_THREAD):
+                    if e + j * nt == win:
+                        keys[j] = _I0
             cuda.syncthreads()          # red is rewritten next round
     cuda.syncthreads()
     if e == 0:
@@ -153,7 +193,7 @@ def _launch(logits, bias, tid2eid, tokens, out, k, scale, normalise, stream):
     n_expert = logits.size // n_tok
     if kk != k or not 0 < k <= min(n_expert, MAX_USED) or n_expert > MAX_EXPERTS:
         raise ValueError(f"router: k={k} of {n_expert} experts (out {tuple(out.selected.shape)})")
-    nt = max(32, L.cdiv(n_expert, 32) * 32)
+    nt = 1 if SIMULATOR else max(32, L.cdiv(n_expert, 32) * 32)
     hashed = tid2eid is not None
     _router_kernel[n_tok, nt, stream](
         L.flat(logits), n_expert, _dummy(np.float32) if bias is None else L.flat(bias), int(bias is not None),

@@ -13,7 +13,7 @@ generator reproduces the twin's tokens).  Temperature 0 is the argmax (NaN
 never wins, ties to the lower id).
 
 Kernels (single blocks of 1024 threads; a vocabulary pass is ~126 coalesced
-loads a thread):
+loads a thread; the simulator runs them on one thread with ``LANES = 1``):
 
 1. ``_stats``: argmax, finite max and count; without top-k a second pass
    gathers the ids with ``w >= min_p`` (at most ``CAP``) and sums ``total``;
@@ -35,19 +35,20 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import cuda, float32, float64, int32, int64, uint64
+from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels import indexer as _ix   # module import: add_module registers marked names it sees
 from ds4nb.kernels.f16_matvec import block_sum, group_max
 from ds4nb.kernels.indexer import topk_key
-from ds4nb.kernels.intrinsics import SIMULATOR, device
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, int64, uint64
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.router import f32_bits
 
 CAP = 1024                      # candidates the draw kernel sorts in shared memory
 THREADS = 1024
+LANES = 1 if SIMULATOR else 32  # lanes of a reduction group; the simulator's blocks are one thread
 _F0 = np.float32(0.0)
 _D0 = np.float64(0.0)
 _I0 = np.int64(0)
@@ -69,6 +70,8 @@ def _greedy_key(v, i):
     if v != v:
         v = _NEG_INF
     u = f32_bits(v)
+    if u == _ISIGN:
+        u = _I0                  # -0.0 ties with +0.0 (the lower id wins, as numpy's argmax)
     o = (~u & _IMASK) if (u & _ISIGN) != _I0 else (u | _ISIGN)
     return (o << _I31) | (_ILO - int64(i))
 
@@ -77,8 +80,8 @@ def _greedy_key(v, i):
 def _stats_kernel(logits, n, greedy, gather, temp, min_p, cap, ids, st_i, st_f, out):
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    lane = tid % 32
-    nw = nt // 32
+    lane = tid % LANES
+    nw = nt // LANES
     # pass 1: argmax (NaN as -inf, ties to the lower id), finite max and count
     best = _I0
     fmax = _NEG_INF
@@ -93,15 +96,15 @@ def _stats_kernel(logits, n, greedy, gather, temp, min_p, cap, ids, st_i, st_f, 
     redf = cuda.shared.array(32, float32)
     redc = cuda.shared.array(32, int32)
     redd = cuda.shared.array(32, float64)
-    best = group_max(best, 32)
-    fmax = group_max(fmax, 32)
+    best = group_max(best, LANES)
+    fmax = group_max(fmax, LANES)
     if lane == 0:
-        redi[tid // 32] = best
-        redf[tid // 32] = fmax
+        redi[tid // LANES] = best
+        redf[tid // LANES] = fmax
     cuda.syncthreads()
-    best = group_max(redi[lane] if lane < nw else _I0, 32)
-    fmax = group_max(redf[lane] if lane < nw else _NEG_INF, 32)
-    cnt = block_sum(cnt, redc, nw, int32(0))
+    best = group_max(redi[lane] if lane < nw else _I0, LANES)
+    fmax = group_max(redf[lane] if lane < nw else _NEG_INF, LANES)
+    cnt = block_sum(cnt, redc, nw, int32(0), LANES)
     arg = int32(_ILO - (best & _ILO))
     if best == _I0:
         arg = int32(0)
@@ -128,7 +131,7 @@ def _stats_kernel(logits, n, greedy, gather, temp, min_p, cap, ids, st_i, st_f, 
                 slot = cuda.atomic.add(st_i, ST_NCAND, 1)
                 if slot < cap:
                     ids[slot] = i
-    tot = block_sum(tot, redd, nw, _D0)
+    tot = block_sum(tot, redd, nw, _D0, LANES)
     if tid == 0:
         st_f[SF_TOTAL] = tot
 
@@ -137,7 +140,7 @@ def _stats_kernel(logits, n, greedy, gather, temp, min_p, cap, ids, st_i, st_f, 
 def _draw_kernel(logits, ids, st_i, st_f, use_topk, top_k, temp, min_p, top_p, u, out):
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    nw = nt // 32
+    nw = nt // LANES
     keys = cuda.shared.array(CAP, uint64)
     wts = cuda.shared.array(CAP, float64)
     redd = cuda.shared.array(32, float64)
@@ -180,7 +183,7 @@ def _draw_kernel(logits, ids, st_i, st_f, use_topk, top_k, temp, min_p, top_p, u
         w = math.exp((float64(logits[idx]) - fm) / temp)
         wts[j] = w
         part += w
-    total = block_sum(part, redd, nw, _D0)
+    total = block_sum(part, redd, nw, _D0, LANES)
     if not use_topk:
         total = st_f[SF_TOTAL]
     cuda.syncthreads()
@@ -219,7 +222,7 @@ def alloc_scratch(stream: Any = 0) -> SampleScratch:
 
 
 def _threads() -> int:
-    return 64 if SIMULATOR else THREADS
+    return 1 if SIMULATOR else THREADS   # the simulator: one thread (one-lane warps, no shuffles)
 
 
 @implementation("sample.draw", "block_filters", layout="f32 logits")
