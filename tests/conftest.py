@@ -56,7 +56,7 @@ def tiny_model(tiny_gguf: Path):
 
 
 @pytest.fixture
-def kernel_rng() -> "np.random.Generator":
+def kernel_rng():
     """A fresh generator per test; the seed is printed (shown on failure), DS4NB_TEST_SEED pins it."""
     import numpy as np
 

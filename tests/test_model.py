@@ -14,7 +14,6 @@ from gguf import GGUFReader, GGUFValueType
 from gguf.quants import dequantize as gguf_dequantize
 
 from ds4nb.cli import main
-from ds4nb.errors import ModelError
 from ds4nb.model import expected_tensors, load_model
 from ds4nb.model.presets import flash_config
 from ds4nb.model.synth import plan_synthetic, tensor_bytes, write_plan, write_synthetic

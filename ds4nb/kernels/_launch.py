@@ -21,6 +21,17 @@ def to_device_flat(a: np.ndarray, stream: Any = 0) -> Any:
     return cuda.to_device(np.ascontiguousarray(a).reshape(-1), stream=stream)
 
 
+_PLACEHOLDERS: dict[str, Any] = {}
+
+
+def placeholder(dtype: Any = np.float32) -> Any:
+    """A one-element device array passed where a kernel's optional input is absent (flagged off)."""
+    key = np.dtype(dtype).str
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = cuda.to_device(np.zeros(1, dtype=dtype))
+    return _PLACEHOLDERS[key]
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

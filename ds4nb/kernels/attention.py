@@ -512,7 +512,7 @@ def attention_decode(q: Any, raw: Any, n_raw: int, comp: Any | None, n_comp: int
         scratch = alloc_attn_scratch(n_head, head_dim, stream)
     part_k, comb_k = _attn_kernels(hpb, head_dim, ch, nt)
     kq = np.float32(1.0) / np.float32(math.sqrt(head_dim))
-    sel_arr = sel if sel is not None else _dummy_i32()
+    sel_arr = sel if sel is not None else L.placeholder(np.int32)
     part_k[(n_head // hpb, n_split), nt, stream](
         L.flat(q), L.flat(raw), int(n_raw), L.flat(comp), L.flat(sel_arr), int(sel is not None), int(n_comp),
         kq, n_head, scratch.part_m, scratch.part_l, scratch.part_acc)
@@ -522,14 +522,6 @@ def attention_decode(q: Any, raw: Any, n_raw: int, comp: Any | None, n_comp: int
         int(rope is not None), int(pos), *ra)
     return out
 
-
-_DUMMY: dict[str, Any] = {}
-
-
-def _dummy_i32() -> Any:
-    if "i32" not in _DUMMY:
-        _DUMMY["i32"] = cuda.to_device(np.zeros(1, dtype=np.int32))
-    return _DUMMY["i32"]
 
 
 # ---------------------------------------------------------------------------

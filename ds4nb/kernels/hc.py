@@ -264,14 +264,6 @@ def alloc_pre(n_tok: int, n_hc: int, n_embd: int, with_norm: bool = True, stream
                     L.device_array(n_tok * n_embd, np.float32, stream) if with_norm else None)
 
 
-_DUMMY: dict[str, Any] = {}
-
-
-def _dummy() -> Any:
-    if "f32" not in _DUMMY:
-        _DUMMY["f32"] = cuda.to_device(np.zeros(1, dtype=np.float32))
-    return _DUMMY["f32"]
-
 
 def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, post, comb, norm_w, norm_out,
             scratch, stream):
@@ -287,7 +279,7 @@ def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, pos
     cols = L.cdiv(hc_dim, ns)
     mix_k[(ns, n_tok), MIX_THREADS, stream](L.flat(hc), L.flat(fn), hc_dim, cols, scratch.part_dot,
                                            scratch.part_ss)
-    d = _dummy()
+    d = L.placeholder(np.float32)
     fin_k[n_tok, FINISH_THREADS, stream](
         L.flat(hc), scratch.part_dot, scratch.part_ss, ns, n_embd, L.flat(scale), L.flat(base), int(iters),
         np.float32(hc_eps), np.float32(rms_eps), L.flat(out_x), d if post is None else L.flat(post),

@@ -391,17 +391,9 @@ def topk(values: Any, n: int, k: int, *, out: Any, kcap: Any | None = None, stre
         raise ValueError(f"topk.select: need 0 < k <= min(n, {TOPK_MAX}), got k={k}, n={n}")
     nt = TOPK_THREADS if not SIMULATOR else 1   # the simulator: one thread, no waiting on others at barriers
     _topk_kernel[1, nt, stream](L.flat(values).view(np.uint32), int(n), int(k),
-                                _dummy_i32() if kcap is None else kcap, int(kcap is not None), L.flat(out))
+                                L.placeholder(np.int32) if kcap is None else kcap, int(kcap is not None), L.flat(out))
     return out
 
-
-_DUMMY: dict[str, Any] = {}
-
-
-def _dummy_i32() -> Any:
-    if "i32" not in _DUMMY:
-        _DUMMY["i32"] = cuda.to_device(np.zeros(1, dtype=np.int32))
-    return _DUMMY["i32"]
 
 
 # ---------------------------------------------------------------------------

@@ -58,8 +58,6 @@ def _rms_norm_kernel(x, w, has_w, n, eps, out):
         out[base + i] = y
 
 
-_DUMMY: dict[str, Any] = {}
-
 
 @implementation("norm.rms", "block_per_row", layout="f32")
 def rms_norm(x: Any, w: Any | None, eps: float = DS4_RMS_EPS, *, out: Any, stream: Any = 0) -> Any:
@@ -67,9 +65,7 @@ def rms_norm(x: Any, w: Any | None, eps: float = DS4_RMS_EPS, *, out: Any, strea
     n = tuple(x.shape)[-1]
     rows = x.size // n
     if w is None:
-        if "w" not in _DUMMY:
-            _DUMMY["w"] = cuda.to_device(np.zeros(1, dtype=np.float32))
-        w, has_w = _DUMMY["w"], 0
+        w, has_w = L.placeholder(np.float32), 0
     else:
         has_w = 1
     _rms_norm_kernel[rows, THREADS, stream](L.flat(x), w, has_w, n, np.float32(eps), L.flat(out))

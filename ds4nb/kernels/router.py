@@ -178,15 +178,6 @@ def alloc_route(n_tok: int, k: int, stream: Any = 0) -> RouteOut:
     return RouteOut(L.device_array((n_tok, k), np.int32, stream), L.device_array((n_tok, k), np.float32, stream))
 
 
-_DUMMY: dict[str, Any] = {}
-
-
-def _dummy(dtype) -> Any:
-    name = np.dtype(dtype).name
-    if name not in _DUMMY:
-        _DUMMY[name] = cuda.to_device(np.zeros(1, dtype=dtype))
-    return _DUMMY[name]
-
 
 def _launch(logits, bias, tid2eid, tokens, out, k, scale, normalise, stream):
     n_tok, kk = out.selected.shape
@@ -196,9 +187,9 @@ def _launch(logits, bias, tid2eid, tokens, out, k, scale, normalise, stream):
     nt = 1 if SIMULATOR else max(32, L.cdiv(n_expert, 32) * 32)
     hashed = tid2eid is not None
     _router_kernel[n_tok, nt, stream](
-        L.flat(logits), n_expert, _dummy(np.float32) if bias is None else L.flat(bias), int(bias is not None),
+        L.flat(logits), n_expert, L.placeholder(np.float32) if bias is None else L.flat(bias), int(bias is not None),
         int(k), np.float32(scale), int(bool(normalise)), int(hashed),
-        L.flat(tid2eid) if hashed else _dummy(np.int32), L.flat(tokens) if hashed else _dummy(np.int32),
+        L.flat(tid2eid) if hashed else L.placeholder(np.int32), L.flat(tokens) if hashed else L.placeholder(np.int32),
         L.flat(out.selected), L.flat(out.weights))
     return out
 
