@@ -7,9 +7,13 @@ import sys
 import numpy as np
 
 
-def main() -> int:
-    from numba import cuda
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
+
+def _setup():
+    """The tiny model (seed 1), a decode-only CUDA engine, the oracle and its empty state."""
     from ds4nb.engine.session import CudaEngine
     from ds4nb.model import load_model
     from ds4nb.model.synth import write_synthetic
@@ -17,17 +21,18 @@ def main() -> int:
 
     write_synthetic("/tmp/tiny.gguf", "tiny", seed=1)
     m = load_model("/tmp/tiny.gguf")
-    cfg = m.config
-    ge = CudaEngine(m, ctx=256, chunk=1)
     ref = Reference(m)
-    st = ref.new_state()
+    return m, m.config, CudaEngine(m, ctx=256, chunk=1), ref, ref.new_state()
+
+
+def main() -> int:
+    """Feed both sides the oracle's inputs; report the worst error per layer and sublayer."""
+    from numba import cuda
+
+    m, cfg, ge, ref, st = _setup()
     e, nhc = cfg.n_embd, cfg.n_hc
     rng = np.random.default_rng(0)
     toks = rng.integers(0, cfg.n_vocab, int(sys.argv[1]) if len(sys.argv) > 1 else 40).tolist()
-
-    def rel(a, b):
-        a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
     worst: dict[tuple[int, str], tuple[float, int]] = {}
     for pos, tok in enumerate(toks):
@@ -75,23 +80,9 @@ def drift() -> int:
     """Run GPU and oracle side by side (each on its own outputs); print where they drift apart."""
     from numba import cuda
 
-    from ds4nb.engine.session import CudaEngine
-    from ds4nb.model import load_model
-    from ds4nb.model.synth import write_synthetic
-    from ds4nb.reference.model import Reference
-
-    write_synthetic("/tmp/tiny.gguf", "tiny", seed=1)
-    m = load_model("/tmp/tiny.gguf")
-    cfg = m.config
-    ge = CudaEngine(m, ctx=256, chunk=1)
-    ref = Reference(m)
-    st = ref.new_state()
+    m, cfg, ge, ref, st = _setup()
     e, nhc = cfg.n_embd, cfg.n_hc
     toks = np.random.default_rng(1).integers(0, cfg.n_vocab, 45).tolist()
-
-    def rel(a, b):
-        a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
     for pos, tok in enumerate(toks):
         ids = ge.ids[:1]
