@@ -337,7 +337,7 @@ def scores_case(rng, n, n_ih=64, d=128) -> Case:
         I.indexer_scores(qd, wd, rowsets[i], n, out=out, w_scale=ws)
 
     launch(0)
-    ref = ops.indexer_scores(q, w * ws, rowsets[0].copy_to_host().astype(np.float32))
+    ref = ops.indexer_scores(q, w, rowsets[0].copy_to_host().astype(np.float32), ws)
     flops = 2 * n * n_ih * d
     c = Case("indexer scores", "indexer.scores", f"{n_ih}x{d} x {n} rows f16", n * d * 2 + n * 4, launch, ns,
              rel(out.copy_to_host(), ref))
@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             w.writerow(header)
             w.writerows(rows)
         cmd = "python bench/model_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        md = [f"# Model kernels at DS4 Flash decode shapes", "",
+        md = ["# Model kernels at DS4 Flash decode shapes", "",
               f"- device: {device} (copy ceiling {copy_gbs:.0f} GB/s, read + write)",
               f"- command: `{cmd}`",
               f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",

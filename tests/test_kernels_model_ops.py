@@ -64,10 +64,18 @@ def test_f16_matvec_pair_bias_and_split(kernel_rng, wpr):
     w2d = cuda.to_device(w2.astype(np.float16))
     F.f16_matvec(cuda.to_device(w), cuda.to_device(x), cuda.to_device(b), out=out, w2=w2d,
                  bias2=cuda.to_device(b2), out2=out2, wpr=wpr)
+    # docs/model.md "one rounding per value": float64 from the exact inputs (+ bias), rounded once
+    from ds4nb.kernels.parity import CONTRACT_RATE, contract_error
+
     x64 = x.astype(np.float64)
-    check(out.copy_to_host(), x64 @ w.astype(np.float64).T + b, "f16.matvec", f"w wpr={wpr}")
-    ref2 = x64 @ w2.astype(np.float16).astype(np.float64).T + b2.astype(np.float64)
-    check(out2.copy_to_host(), ref2, "f16.matvec", f"w2 wpr={wpr}")
+    ref = (x64 @ w.astype(np.float64).T + b.astype(np.float64)).astype(np.float32)
+    ref2 = (x64 @ w2.astype(np.float16).astype(np.float64).T + b2.astype(np.float64)).astype(np.float32)
+    for got, r, what in ((out, ref, "w"), (out2, ref2, "w2")):
+        got = got.copy_to_host().reshape(r.shape)
+        assert np.isfinite(got).all(), f"f16.matvec {what} wpr={wpr}: unwritten (NaN) outputs"
+        err = contract_error(got, r)
+        print(f"f16.matvec {what} wpr={wpr}: {err:.3g} of the values differ (by one ulp)")
+        assert err <= CONTRACT_RATE, f"f16.matvec {what} wpr={wpr}: {err:.3g} differ (> {CONTRACT_RATE:g} or > 1 ulp)"
 
 
 # ---------------------------------------------------------------------------
@@ -75,27 +83,64 @@ def test_f16_matvec_pair_bias_and_split(kernel_rng, wpr):
 # ---------------------------------------------------------------------------
 
 
-def test_hc_pre_without_norm_and_sinkhorn_order(kernel_rng):
+@pytest.mark.parametrize("n_split", [None, 3])   # None: the geometry's own; 3: the GPU's multi-split path
+def test_hc_pre_without_norm_and_sinkhorn_order(kernel_rng, monkeypatch, n_split):
     rng = kernel_rng
-    n_tok, n_hc, n_embd = 1, 4, 128
+    if n_split is not None:
+        monkeypatch.setattr(H, "n_splits", lambda hc_dim: n_split)
+    n_tok, n_hc, n_embd = 2, 4, 128
     hc_dim, n_mix = n_hc * n_embd, 24
     hc = rng.standard_normal((n_tok, n_hc, n_embd)).astype(np.float32)
     fn = (rng.standard_normal((n_mix, hc_dim)) / np.sqrt(hc_dim)).astype(np.float32)   # an F32 fn
     sc = np.array([0.5, 0.4, 3.0], np.float32)      # a large comb scale: Sinkhorn does real work
     bs = (0.5 * rng.standard_normal(n_mix)).astype(np.float32)
-    flat = ops.rms_norm(hc.reshape(n_tok, hc_dim), None, 1e-6)
-    split = ops.hc_split_sinkhorn(flat @ fn.T, sc, bs, n_hc, 20, 1e-6)
+    # docs/model.md "one rounding per value": flat and mix rounded once each, Sinkhorn in float64
+    split = ops.hc_split_sinkhorn(H.mix_reference(hc, fn, 1e-6), sc, bs, n_hc, 20, 1e-6)
     out = H.HcPreOut(poisoned(n_tok * n_embd), poisoned(n_tok * n_hc), poisoned(n_tok * n_hc * n_hc))
     H.hc_pre(cuda.to_device(hc), cuda.to_device(fn), cuda.to_device(sc), cuda.to_device(bs), None, out=out,
              n_hc=n_hc, iters=20, hc_eps=1e-6, rms_eps=1e-6)
-    check(out.x.copy_to_host(), ops.hc_weighted_sum(hc, split.pre), "hc.pre", "x")
-    check(out.post.copy_to_host(), split.post, "hc.pre", "post")
-    check(out.comb.copy_to_host(), split.comb, "hc.pre", "comb")
+    check_bits(out.x.copy_to_host(), ops.hc_weighted_sum(hc, split.pre), "hc.pre", "x")
+    check_bits(out.post.copy_to_host(), split.post, "hc.pre", "post")
+    check_bits(out.comb.copy_to_host(), split.comb, "hc.pre", "comb")
+
+
+def test_hc_head_and_post(kernel_rng):
+    """hc.head (step 20) and hc.post (steps 14/19) against the oracle's functions, bit for bit."""
+    rng = kernel_rng
+    n_tok, n_hc, n_embd = 2, 4, 96
+    hc_dim = n_hc * n_embd
+    hc = (rng.standard_normal((n_tok, n_hc, n_embd)) * 4).astype(np.float32)
+    fn = (rng.standard_normal((n_hc, hc_dim)) / np.sqrt(hc_dim)).astype(np.float16)
+    sc, bs = np.array([0.7], np.float32), (0.3 * rng.standard_normal(n_hc)).astype(np.float32)
+    x = poisoned(n_tok * n_embd)
+    H.hc_head(cuda.to_device(hc), cuda.to_device(fn), cuda.to_device(sc), cuda.to_device(bs), out=x, n_hc=n_hc,
+              hc_eps=1e-6, rms_eps=1e-6)
+    w = ops.hc_head_weights(H.mix_reference(hc, fn, 1e-6), sc[0], bs, 1e-6)
+    check_bits(x.copy_to_host(), ops.hc_weighted_sum(hc, w), "hc.head", "x")
+    y = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    post = rng.uniform(0, 2, (n_tok, n_hc)).astype(np.float32)
+    comb = rng.uniform(0, 1, (n_tok, n_hc, n_hc)).astype(np.float32)
+    new = poisoned(n_tok * n_hc * n_embd)
+    H.hc_post(cuda.to_device(y), cuda.to_device(hc), cuda.to_device(post), cuda.to_device(comb), out=new, n_hc=n_hc)
+    check_bits(new.copy_to_host(), ops.hc_post(y, hc, post, comb), "hc.post", "new")
 
 
 # ---------------------------------------------------------------------------
 # attention
 # ---------------------------------------------------------------------------
+
+
+def check_bits(got, ref, op: str, what: str = "") -> float:
+    """docs/model.md "one rounding per value": bit-identical to the twin but for rare one-ulp differences."""
+    from ds4nb.kernels.parity import CONTRACT_RATE, contract_error
+
+    got = np.asarray(got).astype(np.float32).reshape(np.shape(ref))
+    assert np.isfinite(got).all(), f"{op} {what}: unwritten (NaN) outputs"
+    err = contract_error(got, np.asarray(ref, np.float32))
+    print(f"{op} {what}: {err:.3g} of the values differ (by one ulp)")
+    assert err <= CONTRACT_RATE, f"{op} {what}: {err:.3g} differ (> {CONTRACT_RATE:g} or > 1 ulp)"
+    return err
+
 
 
 def _attn_inputs(rng, n_head=4, head_dim=64, n_raw=8, n_comp=12, dtype=np.float16):
@@ -141,7 +186,7 @@ def test_attention_decode_variants(kernel_rng, case):
     if case == "empty":
         assert np.array_equal(got, np.zeros_like(got))
     else:
-        check(got, ref, "attn.decode", case)
+        check_bits(got, ref, "attn.decode", case)
 
 
 def test_kv_store_ring_row_f16_cache(kernel_rng):
@@ -157,7 +202,7 @@ def test_kv_store_ring_row_f16_cache(kernel_rng):
     A.kv_store(cuda.to_device(kv), cuda.to_device(w), out=cache, row=pos, rope=rope, pos=pos, eps=1e-6)
     got = cache.copy_to_host().astype(np.float32)
     ref = A.kv_store_reference(kv, w, rope, pos, 1e-6, n_rot)[0]
-    check(got[5], ref, "attn.kv_store", "ring slot")
+    check_bits(got[5], ref, "attn.kv_store", "ring slot")
     assert np.all(np.delete(got, 5, axis=0) == 1.5), "other cache rows touched"
 
 
@@ -196,14 +241,12 @@ def test_compressor_sequence(kernel_rng, ratio, d, overlap, finish):
     cache = poisoned((4, d))
     n_rows = 0
     refs = []
-    w32, g32, a32 = wkv.astype(np.float32), wg.astype(np.float32), ape.astype(np.float32)
     wkv_d, wg_d, ape_d, nw_d = (cuda.to_device(a) for a in (wkv, wg, ape, nw))
     for pos in range(pos0, pos0 + n_steps):
         x = rng.standard_normal(n_embd).astype(np.float32)
         r = pos % ratio
         slot = ratio + r if overlap else r
-        st.kv[slot] = w32 @ x
-        st.score[slot] = g32 @ x + a32[r]
+        st.kv[slot], st.score[slot] = C.update_reference(x, wkv, wg, ape[r])
         if (pos + 1) % ratio == 0:
             row, st.kv, st.score = C.emit_reference(st.kv, st.score, nw, pos, ratio, overlap, rope, 1e-6,
                                                     finish, n_rot)
@@ -211,15 +254,14 @@ def test_compressor_sequence(kernel_rng, ratio, d, overlap, finish):
         emitted = C.compressor_step(cuda.to_device(x), wkv_d, wg_d, ape_d, nw_d, dev, cache, n_rows, pos=pos,
                                     ratio=ratio, overlap=overlap, rope=rope, eps=1e-6, finish=finish)
         n_rows += int(emitted)
-        check(dev.kv.copy_to_host(), st.kv, "compressor.update", f"kv after pos {pos}")
+        check_bits(dev.kv.copy_to_host(), st.kv, "compressor.update", f"kv after pos {pos}")
         sc_dev = dev.score.copy_to_host()
         empty = st.score <= ops.NEG_INF
         assert np.array_equal(sc_dev <= ops.NEG_INF, empty), f"empty slots differ after pos {pos}"
-        check(np.where(empty, 0, sc_dev), np.where(empty, 0, st.score), "compressor.update",
-              f"score after pos {pos}")
+        check_bits(sc_dev, st.score, "compressor.update", f"score after pos {pos}")
     assert n_rows == len(refs) >= 1
     got = cache.copy_to_host()
-    check(got[:n_rows], np.stack(refs), "compressor.emit", "rows")
+    check_bits(got[:n_rows], np.stack(refs), "compressor.emit", "rows")
     assert np.isnan(got[n_rows:]).all(), "rows past the emitted ones were written"
 
 
@@ -273,14 +315,14 @@ def test_indexer_pipeline(kernel_rng):
     w = rng.standard_normal(n_ih).astype(np.float32)
     rows = ops.f16_round(ops.indexer_qat(rng.standard_normal((n_comp, d)).astype(np.float32)))
     qr = ops.indexer_qat(ops.apply_rope_tail(q, rope, pos))
-    ws = I.indexer_w_scale(d, n_ih)
-    scores = ops.indexer_scores(qr, w * ws, rows)
+    ws = ops.indexer_weight_scale(d, n_ih)          # a float64, as the engine passes it
+    scores = ops.indexer_scores(qr, w, rows, ws)
     q_d = cuda.to_device(q)
     I.q_prep(q_d, out=q_d, n_head=n_ih, head_dim=d, rope=rope, pos=pos)      # in place
-    check(q_d.copy_to_host(), qr, "indexer.q_prep")
+    check_bits(q_d.copy_to_host(), qr, "indexer.q_prep")
     sc = poisoned(n_comp)
     I.indexer_scores(q_d, cuda.to_device(w), cuda.to_device(rows), n_comp, out=sc, w_scale=ws)
-    check(sc.copy_to_host(), scores, "indexer.scores")
+    check_bits(sc.copy_to_host(), scores, "indexer.scores")
     sel = poisoned(top_k, np.int32)
     I.topk(sc, n_comp, top_k, out=sel)
     assert set(sel.copy_to_host().tolist()) == set(ops.top_k_stable(scores, top_k).tolist())
@@ -301,7 +343,37 @@ def test_router_unnormalised_no_bias(kernel_rng):
     sel = np.stack([ops.select_experts_topk(probs[t], None, k) for t in range(n_tok)])
     assert np.array_equal(out.selected.copy_to_host(), sel)
     ref_w = np.stack([ops.route_weights(probs[t][sel[t]], 2.0, False) for t in range(n_tok)])
-    check(out.weights.copy_to_host(), ref_w, "router.select", "weights")
+    check_bits(out.weights.copy_to_host(), ref_w, "router.select", "weights")
+
+
+@pytest.mark.parametrize("geometry", ["own", "per_expert"])   # not "gpu": that keyword marks GPU-only tests
+def test_router_float64_keys_and_ties(kernel_rng, monkeypatch, geometry):
+    """The selection key p + bias is a float64 sum: a bias too small to move the float32 sum still orders
+    two equal p's; equal keys go to the lower id; NaN comes last, +inf first (the oracle's stable argsort).
+    ``per_expert``: the GPU launch geometry (one thread per expert, 32-lane shuffles), in the simulator too."""
+    if geometry == "per_expert":
+        monkeypatch.setattr(RT, "SIMULATOR", False)
+        monkeypatch.setattr(RT, "LANES", 32)
+        monkeypatch.setattr(RT, "EXPERTS_PER_THREAD", 1)
+    rng = kernel_rng
+    n_tok, n_e, k = 3, 40, 4
+    logits = rng.uniform(-4, 2, (n_tok, n_e)).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(n_e)).astype(np.float32)
+    logits[0, 3] = logits[0, 9] = 8.0
+    bias[3], bias[9] = 0.0, 1e-12            # float32: p + 1e-12 == p; float64: expert 9 first
+    logits[1, 5] = logits[1, 2] = 7.0
+    bias[5] = bias[2]                        # an exact tie: expert 2 first
+    logits[2, :] = np.nan                    # NaN everywhere but two: k = 4 takes the two lowest NaN ids
+    logits[2, 30], logits[2, 11] = np.inf, 0.5
+    out = RT.RouteOut(poisoned((n_tok, k), np.int32), poisoned((n_tok, k)))
+    RT.router_select(cuda.to_device(logits), cuda.to_device(bias), out=out, k=k, scale=1.5)
+    probs = ops.router_probs(logits)
+    sel = np.stack([ops.select_experts_topk(probs[t], bias, k) for t in range(n_tok)])
+    got = out.selected.copy_to_host()
+    assert got[0, :2].tolist() == [9, 3] and got[1, :2].tolist() == [2, 5] and got[2].tolist() == [30, 11, 0, 1]
+    assert np.array_equal(got, sel), (got, sel)
+    ref_w = np.stack([ops.route_weights(probs[t][sel[t]], 1.5, True) for t in range(2)])
+    check_bits(out.weights.copy_to_host()[:2], ref_w, "router.select", "weights")
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ step numbers are in the test names' docstrings.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -396,7 +397,7 @@ def q8_tensor(n_out: int, n_in: int, seed: int) -> TensorInfo:
 @given(seeds, st.integers(1, 5))
 @settings(max_examples=30)
 def test_q8_0_product_is_the_block_formula(seed: int, n_tok: int) -> None:
-    """sum_b (d_w d_x) * sum_k q_w q_x, blocks in order, bit for bit (ds4.c:2958-3018)."""
+    """sum_b (d_w d_x) * sum_k q_w q_x (ds4.c:2958-3018): the exact sum (rationals), rounded once."""
     n_out, n_in = 37, 96
     t = q8_tensor(n_out, n_in, seed)
     x = rng_of(seed + 1).standard_normal((n_tok, n_in)).astype(F32)
@@ -405,11 +406,11 @@ def test_q8_0_product_is_the_block_formula(seed: int, n_tok: int) -> None:
     xq, xd = quantize_q8_0(x)
     for tok in range(n_tok):
         for o in range(n_out):
-            acc = F32(0.0)
+            acc = Fraction(0)
             for b in range(n_in // 32):
                 dot = int(blocks["qs"][o, b].astype(np.int32) @ xq[tok, b * 32:(b + 1) * 32].astype(np.int32))
-                acc = F32(acc + F32(F32(blocks["d"][o, b]) * xd[tok, b]) * F32(dot))
-            assert got[tok, o] == acc
+                acc += Fraction(float(blocks["d"][o, b])) * Fraction(float(xd[tok, b])) * dot
+            assert got[tok, o] == F32(float(acc))
     w = t.data.view([("d", "<f2"), ("qs", "i1", (32,))])
     dense = (w["qs"].astype(np.float64) * w["d"].astype(np.float64)[:, None]).reshape(n_out, n_in)
     np.testing.assert_allclose(got, q8_0_round_trip(x).astype(np.float64) @ dense.T, rtol=1e-5, atol=1e-4)

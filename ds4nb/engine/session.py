@@ -489,7 +489,7 @@ class CudaEngine(Engine):
         k.f16_matvec(res[lw.indexer_proj.name], x_norm, out=self.iw)
         scores = self.scores[:ls.comp_n]
         k.index_scores(self.iq_prep, self.iw, ls.index_comp, ls.comp_n, out=scores,
-                       w_scale=float(F32(1.0) / np.sqrt(F32(d * n_ih))))
+                       w_scale=ops.indexer_weight_scale(d, n_ih))
         k.topk(scores, ls.comp_n, cfg.indexer_top_k, out=self.sel)
         return self.sel
 

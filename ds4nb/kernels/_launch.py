@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import numpy as np
 from numba import cuda
@@ -42,3 +43,25 @@ def pow2_at_least(n: int, lo: int, hi: int) -> int:
     while p < n and p < hi:
         p *= 2
     return p
+
+
+def kernel_factory(build: Callable[..., Any]) -> Callable[..., Any]:
+    """Cache a function that builds kernels specialised for compile-time constants, and tag them.
+
+    ``build(*args)`` returns a kernel (or device function) or a tuple of them,
+    specialised for ``args`` (ints, enums: hashable and picklable); it runs once
+    per distinct ``args``.  Each result's Python function is tagged with
+    ``(module, factory name, args)``, so a tool can rebuild the same kernel in
+    another process (tests/test_kernels_compile.py compiles every launched
+    kernel for real GPUs from a simulator run).
+    """
+    @functools.cache
+    def cached(*args: Any) -> Any:
+        made = build(*args)
+        for k in made if isinstance(made, tuple) else (made,):
+            fn = getattr(k, "py_func", None) or getattr(k, "fn", None)  # GPU dispatcher / simulator kernel
+            if fn is not None:
+                fn.ds4nb_origin = (build.__module__, build.__name__, args)
+        return made
+
+    return functools.wraps(build)(cached)

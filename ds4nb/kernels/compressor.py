@@ -9,16 +9,26 @@ otherwise ``S = ratio``, ``W = d``.  Empty slots hold ``kv = 0``,
 ``compressor.update`` (step 9a-b), every token: ``kv = Wkv x`` and
 ``score = Wgate x + ape[pos mod ratio]`` written straight into the token's
 slot rows of the state by one ``f16.matvec`` launch (both matrices, the
-``ape`` row as the second one's bias).
+``ape`` row as the second one's bias; ``f16.matvec`` evaluates each row and
+its bias in float64 and rounds once, as the contract wants).
 
 ``compressor.emit`` (step 9c-d), when ``(pos + 1) mod ratio == 0``: one block
 (pair per thread, ``max(32, d/2)`` threads) pools every column (softmax of the
-candidates' scores applied to their values, in the oracle's candidate order,
-products rounded separately and exp in float64 so the pooled values match the
-twin bit for bit), then RMSNorm with the compressor norm (float64 sum of
-squares), RoPE at the window's first position ``pos + 1 - ratio``, the FP8
-round trip (attention rows) or Hadamard + FP4 (indexer rows), F16 rounding,
-and writes the row to ``out[row]``.  After a barrier the same block slides the
+candidates' scores applied to their values), then RMSNorm with the
+compressor norm, RoPE at the window's first position ``pos + 1 - ratio``, the
+FP8 round trip (attention rows) or Hadamard + FP4 (indexer rows), F16
+rounding, and writes the row to ``out[row]``.
+
+Numerics (docs/model.md, "one rounding per value"): the pooled value
+``sum_c e^(s_c - m) v_c / sum_c e^(s_c - m)`` is evaluated in float64 (exp,
+both sums, the division) and rounded once; the RMSNorm of those float32
+values (sum of squares, ``1 / sqrt(ss / n + eps)`` with ``eps`` =
+float64(float32 eps), ``x * inv * w``) likewise; the RoPE rotation of the
+normed float32 value is float64 rounded once; the Hadamard transform
+(butterflies and ``1/sqrt(d)``) is float64 rounded once; FP8 / FP4 / F16 are
+exact functions of their float32 inputs.  So rows are bit-identical to the
+oracle except where two float64 evaluations straddle a float32 rounding
+boundary (~1e-7 of values).  After a barrier the same block slides the
 window into the canonical form: with overlap the current half becomes the
 previous one; the current slots are emptied.
 
@@ -35,17 +45,16 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.attention import NEG_INF, f16_round, fp8_pair, row_threads
+from ds4nb.kernels.attention import NEG_INF, eps64, f16_round, fp8_pair, rms_inv, rms_value, row_threads
 from ds4nb.kernels import f16_matvec as _fm  # module import: add_module registers marked names it sees
 from ds4nb.kernels.f16_matvec import block_sum
 from ds4nb.kernels.indexer import MAX_ROW, check_qat_width, hadamard_fp4_pair, hadamard_scale
 from ds4nb.kernels.intrinsics import device, float32, float64
-from ds4nb.kernels.parity import Case
+from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
-from ds4nb.kernels.rope import RopeArgs, fmul_rn, rope_args, rope_cos_sin, rope_rotate
+from ds4nb.kernels.rope import RopeArgs, rope_args, rope_cos_sin, rope_rotate
 
 _F0 = np.float32(0.0)
-_F1 = np.float32(1.0)
 _D0 = np.float64(0.0)
 _HALF_NEG_INF = np.float32(-0.5e30)
 FINISH_FP8 = 0
@@ -78,7 +87,7 @@ def compressor_update(x: Any, wkv: Any, wgate: Any, ape: Any, *, out: Compressor
 
 @device
 def _pool(kv, sc, width, d, j, ratio, overlap):
-    """Softmax pool of column j (ops.compressor_pool's candidate order and roundings)."""
+    """Softmax pool of column j (as ops.compressor_pool): float64, rounded once to float32."""
     mx = NEG_INF
     for r in range(ratio):
         mx = max(mx, sc[r * width + j])
@@ -86,19 +95,18 @@ def _pool(kv, sc, width, d, j, ratio, overlap):
             mx = max(mx, sc[(ratio + r) * width + d + j])
     if mx <= _HALF_NEG_INF:
         return _F0
-    den = _F0
-    tot = _F0
+    m = float64(mx)
+    den = _D0
+    tot = _D0
     for r in range(ratio):
-        wp = float32(math.exp(float64(sc[r * width + j] - mx)))
+        wp = float64(math.exp(float64(sc[r * width + j]) - m))
+        den += wp
+        tot += wp * float64(kv[r * width + j])
         if overlap:
-            wc = float32(math.exp(float64(sc[(ratio + r) * width + d + j] - mx)))
-            den += wp + wc
-            tot += fmul_rn(wp, kv[r * width + j])
-            tot += fmul_rn(wc, kv[(ratio + r) * width + d + j])
-        else:
-            den += wp
-            tot += fmul_rn(wp, kv[r * width + j])
-    return tot / den if den > _F0 else _F0
+            wc = float64(math.exp(float64(sc[(ratio + r) * width + d + j]) - m))
+            den += wc
+            tot += wc * float64(kv[(ratio + r) * width + d + j])
+    return float32(tot / den)      # den >= 1: the best candidate contributes e^0
 
 
 @cuda.jit
@@ -116,10 +124,10 @@ def _emit_kernel(kv, sc, ratio, overlap, d, norm_w, eps, out, row, finish, inv_s
         y1 = _pool(kv, sc, width, d, 2 * p + 1, ratio, overlap)
     red = cuda.shared.array(32, float64)
     ss = block_sum(float64(y0) * float64(y0) + float64(y1) * float64(y1), red, nt // 32, _D0, 32)
-    rs = _F1 / math.sqrt(float32(ss / float64(d)) + eps)
+    inv = rms_inv(ss, d, eps)
     if valid:
-        y0 = fmul_rn(y0, rs) * norm_w[2 * p]
-        y1 = fmul_rn(y1, rs) * norm_w[2 * p + 1]
+        y0 = rms_value(y0, norm_w[2 * p], inv)
+        y1 = rms_value(y1, norm_w[2 * p + 1], inv)
     k = p - (d - n_rot) // 2
     if valid and k >= 0:
         c, s = rope_cos_sin(k, pos, ts, fscale, ext, low, denom, msc)
@@ -127,7 +135,7 @@ def _emit_kernel(kv, sc, ratio, overlap, d, norm_w, eps, out, row, finish, inv_s
     if finish == FINISH_FP8:   # uniform: a launch argument
         y0, y1 = fp8_pair(y0, y1, valid and k < 0)
     else:
-        hs = cuda.shared.array(MAX_ROW, float32)
+        hs = cuda.shared.array(MAX_ROW, float64)
         y0, y1 = hadamard_fp4_pair(y0, y1, p, half, hs, inv_sqrt)
     if valid:
         out[row * d + 2 * p] = f16_round(y0)
@@ -152,7 +160,8 @@ def compressor_emit(state_kv: Any, state_score: Any, norm_w: Any, *, out: Any, r
     """Step 9c-d at position ``pos`` ((pos + 1) % ratio == 0): pooled, finished row -> out[row].
 
     ``out`` (n, d) is the compressed-row cache (F16 or F32); ``finish`` is
-    ``"fp8"`` (attention rows) or ``"qat"`` (indexer rows).  Slides the state.
+    ``"fp8"`` (attention rows) or ``"qat"`` (indexer rows).  Then slides the
+    state (step 9d).
     """
     d = norm_w.size
     if (pos + 1) % ratio:
@@ -165,7 +174,7 @@ def compressor_emit(state_kv: Any, state_score: Any, norm_w: Any, *, out: Any, r
             raise ValueError(f"compressor.emit: qat rows wider than {MAX_ROW}")
     ra = rope if isinstance(rope, RopeArgs) else rope_args(rope)
     _emit_kernel[1, row_threads(d), stream](
-        L.flat(state_kv), L.flat(state_score), int(ratio), int(bool(overlap)), d, L.flat(norm_w), np.float32(eps),
+        L.flat(state_kv), L.flat(state_score), int(ratio), int(bool(overlap)), d, L.flat(norm_w), eps64(eps),
         L.flat(out), int(row), FINISH_FP8 if finish == "fp8" else FINISH_QAT, hadamard_scale(d),
         int(pos + 1 - ratio), *ra)
     return out
@@ -236,9 +245,18 @@ def _case_emit(rng: np.random.Generator, scale: str) -> Case:
     rope = make_test_rope(n_rot, True)
     row, _, _ = emit_reference(kv, sc, nw, pos, ratio, overlap, rope, 1e-6, finish, n_rot)
     out = L.device_array((1, d), np.float32)
-    return Case((cuda.to_device(kv), cuda.to_device(sc), cuda.to_device(nw)), out, (row[None, :],), (False,),
+    return Case((cuda.to_device(kv), cuda.to_device(sc), cuda.to_device(nw)), out, (row[None, :],), (CONTRACT,),
                 kwargs=dict(row=0, pos=pos, ratio=ratio, overlap=overlap, rope=rope, eps=1e-6, finish=finish),
                 info={"ratio": ratio, "d": d, "finish": finish, "pos": pos})
+
+
+def update_reference(x: np.ndarray, wkv: np.ndarray, wgate: np.ndarray, ape_row: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Step 9a under the contract: ``float32(Wkv x)``, ``float32(Wgate x + ape[r])``, each one float64 evaluation."""
+    x64 = np.asarray(x, np.float32).astype(np.float64)
+    kv = np.asarray(wkv).astype(np.float64) @ x64
+    sc = np.asarray(wgate).astype(np.float64) @ x64 + np.asarray(ape_row).astype(np.float64)
+    return kv.astype(np.float32), sc.astype(np.float32)
 
 
 def _case_update(rng: np.random.Generator, scale: str) -> Case:
@@ -248,13 +266,11 @@ def _case_update(rng: np.random.Generator, scale: str) -> Case:
     wkv = (rng.standard_normal((width, n_embd)) / np.sqrt(n_embd)).astype(np.float16)
     wg = (rng.standard_normal((width, n_embd)) / np.sqrt(n_embd)).astype(np.float16)
     ape = rng.standard_normal((1, width)).astype(np.float16)
-    x64 = x.astype(np.float64)
-    kv = wkv.astype(np.float64) @ x64
-    sc = wg.astype(np.float64) @ x64 + ape[0].astype(np.float64)
+    kv, sc = update_reference(x, wkv, wg, ape[0])
     out = CompressorStateDev(L.device_array((1, width), np.float32), L.device_array((1, width), np.float32))
     return Case((cuda.to_device(x), cuda.to_device(wkv), cuda.to_device(wg), cuda.to_device(ape)), out,
-                (kv[None, :], sc[None, :]), (False, False), kwargs=dict(pos=int(rng.integers(0, 99)), ratio=1,
-                                                                        overlap=False),
+                (kv[None, :], sc[None, :]), (CONTRACT, CONTRACT), kwargs=dict(pos=int(rng.integers(0, 99)), ratio=1,
+                                                                              overlap=False),
                 weight_bytes=wkv.nbytes + wg.nbytes, info={"shape": (width, n_embd)})
 
 
@@ -262,12 +278,13 @@ OPS = [
     OpSpec("compressor.update", "compressor window store: kv and gate F16 matvecs (+ ape) into the slot rows",
            "(x f32 (n_embd,), wkv f16 (W, n_embd), wgate f16 (W, n_embd), ape f16 (ratio, W), *, "
            "out: CompressorStateDev, pos, ratio, overlap, stream)",
-           "Reference.compressor_step (a)-(b)", 1e-5, _case_update),
+           "Reference.compressor_step (a)-(b)", 1e-5, _case_update),   # CONTRACT
     OpSpec("compressor.emit", "pool a finished window, rms, RoPE, FP8 or Hadamard+FP4, F16 -> a compressed row; "
            "slide the window",
            "(state_kv f32 (S, W), state_score f32 (S, W), norm_w f32 (d,), *, out (n, d), row, pos, ratio, overlap, "
            "rope, eps, finish='fp8'|'qat', stream)",
            "ops.compressor_pool + rms_norm + apply_rope_tail + fp8_kv_round | indexer_qat + f16_round",
-           # pooled values bit-identical; a last-ulp rms difference can flip one FP8/FP4 rounding
+           # CONTRACT; the tolerance is for non-contract callers: a last-ulp difference before FP8/FP4 can flip
+           # one rounding
            2e-3, _case_emit),
 ]

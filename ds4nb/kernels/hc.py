@@ -1,34 +1,49 @@
 """Hyper-connections on the device (docs/model.md steps 2, 3, 14, 19, 20).
 
+Numerics (docs/model.md, "one rounding per value"): every value the contract
+lists is its formula evaluated in float64 from float32 (or F16) inputs and
+rounded to float32 once, at the points where the oracle
+(``Reference.hc_pre`` / ``collapse_hc``, ``ops.hc_post``) materialises it:
+``flat = rms(hc)``, ``mix = fn . flat``, ``pre`` / ``post`` / ``comb``
+(Sinkhorn entirely in float64), ``x = sum_h pre_h hc_h``, the optional
+``x_norm = rms(x; w)``, the head's ``w_h = sigmoid(mix_h scale + base_h) + eps``
+and ``new_j``.  Partial sums (scratch and shared arrays included) are
+float64, so the outputs equal the oracle's bit for bit except where the two
+float64 evaluations (other summation orders, libdevice's exp) straddle a
+float32 rounding boundary (~1e-7 of the values, one ulp).  ``eps`` values
+enter as ``float64(float32(eps))``, like the oracle's.
+
 ``hc.pre`` (steps 2-3, and 4/15 when a norm weight is given) turns the
-streams ``hc (T, n_hc, n_embd)`` into a sublayer input in two launches:
+streams ``hc (T, n_hc, n_embd)`` into a sublayer input in three launches:
 
-1. ``_mix`` (grid ``n_split x T``, 128 threads): each block takes a slice of
-   the flattened ``hc_dim = n_hc * n_embd`` values, accumulates its part of
-   the sum of squares (float64, like the oracle) and of the ``n_mix`` dots
-   ``fn[m] . hc`` (float32), and writes them as partials.  The HC state is
-   read once and the F16 ``fn`` (24 x 16384 for DS4) once, spread over ~128
-   blocks instead of 24 rows.
-2. ``_finish`` (one block per token): adds the partials in split order,
-   ``mix = (fn . hc) * rsqrt(mean(hc^2) + eps)`` (the oracle normalises
-   ``hc`` first: same value up to one float32 rounding), then one thread runs
-   the split + Sinkhorn in registers in exactly the oracle's operation order
-   (``fmul_rn`` stops FMA contraction; exp/sigmoid in float64 rounded once),
-   and all threads form ``x = sum_h pre[h] * hc[h]``; optionally also
-   ``x_norm = rms(x; norm_w)`` (the sublayer's attn_norm / ffn_norm).
+1. ``_ss`` (grid ``n_split x T``, 128 threads): each block sums the squares
+   of its slice of the flattened ``hc_dim = n_hc * n_embd`` values (float64
+   partials).
+2. ``_mix`` (same grid): each block adds the token's partials (every block in
+   the same order, so all get the same ``1 / sqrt(mean + eps)``), forms its
+   slice of ``flat = float32(hc / rms)`` and accumulates the ``n_mix`` dots
+   ``fn[m] . flat`` in float64 (F16 ``fn`` values are exact).  The HC state
+   is read twice and the F16 ``fn`` (24 x 16384 for DS4) once, spread over
+   ~128 blocks instead of 24 rows.
+3. ``_finish`` (one block per token): ``mix = float32(sum of the partials)``,
+   then one thread runs the split + Sinkhorn in float64 registers (the
+   oracle's operations: divisions, not reciprocals; products not contracted
+   into FMAs) and rounds ``pre``, ``post``, ``comb``; all threads form
+   ``x = float32(sum_h pre[h] * hc[h])`` and optionally
+   ``x_norm = float32(x / rms(x) * norm_w)`` (the sublayer's attn_norm /
+   ffn_norm, from the rounded ``x``).
 
-``hc.head`` (step 20) is the same pair of kernels with ``n_mix = n_hc`` and
-``w_h = sigmoid(pre_h * scale[0] + base[h]) + eps`` instead of Sinkhorn.
+``hc.head`` (step 20) is the same kernels with ``n_mix = n_hc`` and
+``w_h = sigmoid(mix_h * scale[0] + base[h]) + eps`` instead of Sinkhorn.
 
-``hc.post`` (steps 14, 19): ``new[j] = y * post[j] + sum_i comb[i, j] * hc[i]``,
-one thread per output value.
+``hc.post`` (steps 14, 19): ``new[j] = y * post[j] + sum_i comb[i, j] * hc[i]``
+in float64, one thread per output value.
 
 The simulator runs one split (``SIM`` geometry), the GPU ~one split per 128
 columns; it also runs 16 / 8 threads a block with one lane per reduction group
 (``LANES = 1``: no shuffles) and ``hc.post`` with 8 threads a block, each
 taking 128 outputs.  Parts that run on one thread per mix value loop over the
 values in the simulator, in branches that are constant-false on the GPU.
-Errors against the oracle: ~1e-7 (float32 summation order).
 """
 
 from __future__ import annotations
@@ -42,9 +57,8 @@ from numba import cuda
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.f16_matvec import group_sum
 from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64
-from ds4nb.kernels.parity import Case
+from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
-from ds4nb.kernels.rope import fmul_rn
 
 LANES = 1 if SIMULATOR else 32     # lanes of a reduction group (a warp on the GPU)
 MIX_THREADS = 16 if SIMULATOR else 128
@@ -54,35 +68,57 @@ FINISH_WARPS = FINISH_THREADS // LANES
 COLS_PER_SPLIT = 128        # GPU: one column per thread per split
 POST_THREADS = 8 if SIMULATOR else 256
 POST_ITEMS = 128 if SIMULATOR else 1   # hc.post outputs per thread
-_F0 = np.float32(0.0)
-_F1 = np.float32(1.0)
-_F2 = np.float32(2.0)
 _D0 = np.float64(0.0)
 _D1 = np.float64(1.0)
+_D2 = np.float64(2.0)
+
+# Every product below of two float32 (or F16) values is exact in float64, so an FMA contraction of
+# ``a * b + c`` rounds exactly like the separate operations: the float64 values are the oracle's
+# up to summation order (and libdevice's exp, within an ulp of float64).
 
 
 @device
-def _sigmoid64(z):
-    """sigmoid of a float32 evaluated in float64 without overflow (as ops._sigmoid64)."""
-    x = float64(z)
+def _sigmoid64(x):
+    """sigmoid of a float64 without overflow (as ops._sigmoid64)."""
     e = math.exp(-abs(x))
     if x >= _D0:
         return _D1 / (_D1 + e)
     return e / (_D1 + e)
 
 
-_KERNELS: dict[tuple[int, int], tuple[Any, Any]] = {}
+@cuda.jit
+def _ss_kernel(x, hc_dim, cols, part_ss):
+    """Float64 sum of squares of each split's slice of the flattened streams -> part_ss[t, s]."""
+    s = cuda.blockIdx.x
+    t = cuda.blockIdx.y
+    n_split = cuda.gridDim.x
+    tid = cuda.threadIdx.x
+    c0 = s * cols
+    c1 = min(c0 + cols, hc_dim)
+    xb = t * hc_dim
+    ss = _D0
+    for c in range(c0 + tid, c1, MIX_THREADS):
+        v = float64(x[xb + c])
+        ss += v * v
+    red = cuda.shared.array(MIX_WARPS, float64)
+    v = group_sum(ss, LANES)
+    if tid % LANES == 0:
+        red[tid // LANES] = v
+    cuda.syncthreads()
+    if tid == 0:
+        d = _D0
+        for w in range(MIX_WARPS):
+            d += red[w]
+        part_ss[t * n_split + s] = d
 
 
+@L.kernel_factory
 def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
     """(mix, finish) kernels specialised for ``n_hc`` streams and ``n_mix`` control values.
 
     ``n_mix == n_hc`` is the output head (sigmoid weights), otherwise the
     Sinkhorn split of ``2 n_hc + n_hc^2`` values.
     """
-    key = (n_hc, n_mix)
-    if key in _KERNELS:
-        return _KERNELS[key]
     N_HC = n_hc
     N_MIX = n_mix
     N_C = n_hc * n_hc
@@ -90,65 +126,68 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
 
     @device
     def mix_out(red, part_dot, t, n_split, s, m):
-        d = _F0
+        d = _D0
         for w in range(MIX_WARPS):
             d += red[m, w]
         part_dot[(t * n_split + s) * N_MIX + m] = d
 
     @device
-    def mix_value(part_dot, part_ss, t, n_split, hc_dim, rms_eps, mix, m):
-        ss = _D0
-        for s in range(n_split):
-            ss += part_ss[t * n_split + s]
-        rs = _F1 / math.sqrt(float32(ss / float64(hc_dim)) + rms_eps)
-        d = _F0
+    def mix_value(part_dot, t, n_split, mix, m):
+        d = _D0
         for s in range(n_split):
             d += part_dot[(t * n_split + s) * N_MIX + m]
-        mix[m] = d * rs
+        mix[m] = float32(d)                      # mix = fn . flat, rounded once
+
+    @device
+    def zval(mix, scale, base, m, part):
+        """float64 ``mix[m] * scale[part] + base[m]`` from the float32 values."""
+        return float64(mix[m]) * float64(scale[part]) + float64(base[m])
 
     @cuda.jit
-    def mix_kernel(x, fn, hc_dim, cols, part_dot, part_ss):
+    def mix_kernel(x, fn, hc_dim, cols, rms_eps, part_ss, part_dot):
         s = cuda.blockIdx.x
         t = cuda.blockIdx.y
         n_split = cuda.gridDim.x
         tid = cuda.threadIdx.x
         lane = tid % LANES
         warp = tid // LANES
-        acc = cuda.local.array(N_MIX, float32)
-        for m in range(N_MIX):
-            acc[m] = _F0
+        red_ss = cuda.shared.array(MIX_WARPS, float64)
+        red = cuda.shared.array((N_MIX, MIX_WARPS), float64)
+        # 1 / rms of the token from its splits' partials (every block adds them in the same order)
         ss = _D0
+        for i in range(tid, n_split, MIX_THREADS):
+            ss += part_ss[t * n_split + i]
+        v = group_sum(ss, LANES)
+        if lane == 0:
+            red_ss[warp] = v
+        cuda.syncthreads()
+        tot = _D0
+        for w in range(MIX_WARPS):
+            tot += red_ss[w]
+        inv = _D1 / math.sqrt(tot / float64(hc_dim) + rms_eps)
+        acc = cuda.local.array(N_MIX, float64)
+        for m in range(N_MIX):
+            acc[m] = _D0
         c0 = s * cols
         c1 = min(c0 + cols, hc_dim)
         xb = t * hc_dim
         for c in range(c0 + tid, c1, MIX_THREADS):
-            xv = x[xb + c]
-            ss += float64(xv) * float64(xv)
+            f = float64(float32(float64(x[xb + c]) * inv))     # flat = rms(hc), rounded once
             for m in range(N_MIX):
-                acc[m] += float32(fn[m * hc_dim + c]) * xv
-        red = cuda.shared.array((N_MIX, MIX_WARPS), float32)
-        red_ss = cuda.shared.array(MIX_WARPS, float64)
+                acc[m] += float64(fn[m * hc_dim + c]) * f
         for m in range(N_MIX):
             v = group_sum(acc[m], LANES)
             if lane == 0:
                 red[m, warp] = v
-        v64 = group_sum(ss, LANES)
-        if lane == 0:
-            red_ss[warp] = v64
         cuda.syncthreads()
         if tid < N_MIX:
             mix_out(red, part_dot, t, n_split, s, tid)
         if MIX_THREADS < N_MIX:  # the simulator: fewer threads than mix values
             for m in range(tid + MIX_THREADS, N_MIX, MIX_THREADS):
                 mix_out(red, part_dot, t, n_split, s, m)
-        if tid == 0:
-            d64 = _D0
-            for w in range(MIX_WARPS):
-                d64 += red_ss[w]
-            part_ss[t * n_split + s] = d64
 
     @cuda.jit
-    def finish_kernel(x, part_dot, part_ss, n_split, n_embd, scale, base, iters, hc_eps, rms_eps,
+    def finish_kernel(x, part_dot, n_split, n_embd, scale, base, iters, hc_eps, rms_eps,
                       out, post, comb, norm_w, has_norm, norm_out):
         t = cuda.blockIdx.x
         tid = cuda.threadIdx.x
@@ -157,65 +196,62 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
         wts = cuda.shared.array(N_HC, float32)
         red = cuda.shared.array(FINISH_WARPS, float64)
         if tid < N_MIX:
-            mix_value(part_dot, part_ss, t, n_split, hc_dim, rms_eps, mix, tid)
+            mix_value(part_dot, t, n_split, mix, tid)
         if FINISH_THREADS < N_MIX:  # the simulator: fewer threads than mix values
             for m in range(tid + FINISH_THREADS, N_MIX, FINISH_THREADS):
-                mix_value(part_dot, part_ss, t, n_split, hc_dim, rms_eps, mix, m)
+                mix_value(part_dot, t, n_split, mix, m)
         cuda.syncthreads()
         if HEAD:
             if tid < N_HC:
-                z = fmul_rn(mix[tid], scale[0]) + base[tid]
-                wts[tid] = float32(_sigmoid64(z)) + hc_eps
+                wts[tid] = float32(_sigmoid64(zval(mix, scale, base, tid, 0)) + hc_eps)
         elif tid == 0:
             for i in range(N_HC):
-                z = fmul_rn(mix[i], scale[0]) + base[i]
-                wts[i] = float32(_sigmoid64(z)) + hc_eps
-                z = fmul_rn(mix[N_HC + i], scale[1]) + base[N_HC + i]
-                post[t * N_HC + i] = float32(float64(_F2) * _sigmoid64(z))
-            c = cuda.local.array(N_C, float32)
+                wts[i] = float32(_sigmoid64(zval(mix, scale, base, i, 0)) + hc_eps)
+                post[t * N_HC + i] = float32(_D2 * _sigmoid64(zval(mix, scale, base, N_HC + i, 1)))
+            c = cuda.local.array(N_C, float64)
             for i in range(N_HC):  # row softmax + eps
-                mx = fmul_rn(mix[2 * N_HC + i * N_HC], scale[2]) + base[2 * N_HC + i * N_HC]
+                mx = zval(mix, scale, base, 2 * N_HC + i * N_HC, 2)
                 for j in range(N_HC):
-                    v = fmul_rn(mix[2 * N_HC + i * N_HC + j], scale[2]) + base[2 * N_HC + i * N_HC + j]
+                    v = zval(mix, scale, base, 2 * N_HC + i * N_HC + j, 2)
                     c[i * N_HC + j] = v
                     mx = max(mx, v)
-                rsum = _F0
+                rsum = _D0
                 for j in range(N_HC):
-                    e = float32(math.exp(float64(c[i * N_HC + j] - mx)))
+                    e = math.exp(c[i * N_HC + j] - mx)
                     c[i * N_HC + j] = e
                     rsum += e
-                inv = _F1 / rsum
                 for j in range(N_HC):
-                    c[i * N_HC + j] = fmul_rn(c[i * N_HC + j], inv) + hc_eps
-            for it in range(iters):
+                    c[i * N_HC + j] = c[i * N_HC + j] / rsum + hc_eps
+            for it in range(max(iters, 1)):
                 if it > 0:  # rows (the first round's row step is the softmax above)
                     for i in range(N_HC):
-                        rsum = _F0
+                        rsum = _D0
                         for j in range(N_HC):
                             rsum += c[i * N_HC + j]
-                        inv = _F1 / (rsum + hc_eps)
+                        den = rsum + hc_eps
                         for j in range(N_HC):
-                            c[i * N_HC + j] = c[i * N_HC + j] * inv
+                            c[i * N_HC + j] = c[i * N_HC + j] / den
                 for j in range(N_HC):  # columns
-                    csum = _F0
+                    csum = _D0
                     for i in range(N_HC):
                         csum += c[i * N_HC + j]
-                    inv = _F1 / (csum + hc_eps)
+                    den = csum + hc_eps
                     for i in range(N_HC):
-                        c[i * N_HC + j] = c[i * N_HC + j] * inv
+                        c[i * N_HC + j] = c[i * N_HC + j] / den
             for i in range(N_C):
-                comb[t * N_C + i] = c[i]
+                comb[t * N_C + i] = float32(c[i])
         cuda.syncthreads()
-        # x = sum_h w[h] * hc[h], h in order; its sum of squares for the optional norm
+        # x = sum_h w[h] * hc[h] (float64, rounded once); the sum of squares of the rounded x for the norm
         xb = t * hc_dim
         ob = t * n_embd
         ss2 = _D0
         for d in range(tid, n_embd, FINISH_THREADS):
-            acc = x[xb + d] * wts[0]
-            for h in range(1, N_HC):
-                acc += x[xb + h * n_embd + d] * wts[h]
-            out[ob + d] = acc
-            ss2 += float64(acc) * float64(acc)
+            acc = _D0
+            for h in range(N_HC):
+                acc += float64(wts[h]) * float64(x[xb + h * n_embd + d])
+            xv = float64(float32(acc))
+            out[ob + d] = float32(xv)
+            ss2 += xv * xv
         if has_norm:  # uniform branch: has_norm is a launch argument
             lane = tid % LANES
             v = group_sum(ss2, LANES)
@@ -225,12 +261,11 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
             tot = _D0
             for w in range(FINISH_WARPS):
                 tot += red[w]
-            rs2 = _F1 / math.sqrt(float32(tot / float64(n_embd)) + rms_eps)
+            inv = _D1 / math.sqrt(tot / float64(n_embd) + rms_eps)
             for d in range(tid, n_embd, FINISH_THREADS):
-                norm_out[ob + d] = fmul_rn(out[ob + d], rs2) * norm_w[d]
+                norm_out[ob + d] = float32(float64(out[ob + d]) * inv * float64(norm_w[d]))
 
-    _KERNELS[key] = (mix_kernel, finish_kernel)
-    return _KERNELS[key]
+    return mix_kernel, finish_kernel
 
 
 class HcPreOut(NamedTuple):
@@ -243,7 +278,7 @@ class HcPreOut(NamedTuple):
 
 
 class HcScratch(NamedTuple):
-    part_dot: Any   # f32 (T, n_split, n_mix)
+    part_dot: Any   # f64 (T, n_split, n_mix)
     part_ss: Any    # f64 (T, n_split)
 
 
@@ -253,7 +288,7 @@ def n_splits(hc_dim: int) -> int:
 
 def alloc_scratch(n_tok: int, hc_dim: int, n_mix: int, stream: Any = 0) -> HcScratch:
     ns = n_splits(hc_dim)
-    return HcScratch(L.device_array(n_tok * ns * n_mix, np.float32, stream),
+    return HcScratch(L.device_array(n_tok * ns * n_mix, np.float64, stream),
                      L.device_array(n_tok * ns, np.float64, stream))
 
 
@@ -263,6 +298,10 @@ def alloc_pre(n_tok: int, n_hc: int, n_embd: int, with_norm: bool = True, stream
                     L.device_array(n_tok * n_hc * n_hc, np.float32, stream),
                     L.device_array(n_tok * n_embd, np.float32, stream) if with_norm else None)
 
+
+def eps64(eps: float) -> np.float64:
+    """The contract's ``eps``: the float32 epsilon widened to float64 (as the oracle takes it)."""
+    return np.float64(np.float32(eps))
 
 
 def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, post, comb, norm_w, norm_out,
@@ -275,14 +314,17 @@ def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, pos
     ns = n_splits(hc_dim)
     if scratch is None:
         scratch = alloc_scratch(n_tok, hc_dim, n_mix, stream)
+    if np.dtype(scratch.part_dot.dtype) != np.float64 or np.dtype(scratch.part_ss.dtype) != np.float64:
+        raise ValueError("hc: scratch partials must be float64 (alloc_scratch)")
     mix_k, fin_k = _kernels(n_hc, n_mix)
     cols = L.cdiv(hc_dim, ns)
-    mix_k[(ns, n_tok), MIX_THREADS, stream](L.flat(hc), L.flat(fn), hc_dim, cols, scratch.part_dot,
-                                           scratch.part_ss)
+    _ss_kernel[(ns, n_tok), MIX_THREADS, stream](L.flat(hc), hc_dim, cols, scratch.part_ss)
+    mix_k[(ns, n_tok), MIX_THREADS, stream](L.flat(hc), L.flat(fn), hc_dim, cols, eps64(rms_eps), scratch.part_ss,
+                                           scratch.part_dot)
     d = L.placeholder(np.float32)
     fin_k[n_tok, FINISH_THREADS, stream](
-        L.flat(hc), scratch.part_dot, scratch.part_ss, ns, n_embd, L.flat(scale), L.flat(base), int(iters),
-        np.float32(hc_eps), np.float32(rms_eps), L.flat(out_x), d if post is None else L.flat(post),
+        L.flat(hc), scratch.part_dot, ns, n_embd, L.flat(scale), L.flat(base), int(iters),
+        eps64(hc_eps), eps64(rms_eps), L.flat(out_x), d if post is None else L.flat(post),
         d if comb is None else L.flat(comb), d if norm_w is None else L.flat(norm_w), int(norm_w is not None),
         d if norm_out is None else L.flat(norm_out))
 
@@ -313,12 +355,12 @@ def _post_one(y, hc, post, comb, n_tok, n_hc, n_embd, out, i):
     d = i % n_embd
     j = (i // n_embd) % n_hc
     t = i // (n_embd * n_hc)
-    acc = y[t * n_embd + d] * post[t * n_hc + j]
+    acc = float64(y[t * n_embd + d]) * float64(post[t * n_hc + j])
     cb = t * n_hc * n_hc
     hb = t * n_hc * n_embd
     for h in range(n_hc):
-        acc += comb[cb + h * n_hc + j] * hc[hb + h * n_embd + d]
-    out[i] = acc
+        acc += float64(comb[cb + h * n_hc + j]) * float64(hc[hb + h * n_embd + d])
+    out[i] = float32(acc)                        # new_j, rounded once
 
 
 @cuda.jit
@@ -360,6 +402,15 @@ def _random_hc(rng, n_tok, n_hc, n_embd):
         np.float32(rng.uniform(0.1, 10))
 
 
+def mix_reference(hc: np.ndarray, fn: np.ndarray, eps: float) -> np.ndarray:
+    """The oracle's ``mix = fn . rms(hc)`` (Reference.hc_pre / collapse_hc): flat and mix each rounded once."""
+    from ds4nb.reference import ops
+
+    n_tok = hc.shape[0]
+    flat = ops.rms_norm(hc.reshape(n_tok, -1), None, eps)
+    return (flat.astype(np.float64) @ np.asarray(fn).astype(np.float64).T).astype(np.float32)
+
+
 def _case_pre(rng: np.random.Generator, scale: str) -> Case:
     from ds4nb.reference import ops
 
@@ -371,16 +422,14 @@ def _case_pre(rng: np.random.Generator, scale: str) -> Case:
     bs = (0.1 * rng.standard_normal(n_mix)).astype(np.float32)
     nw = (1 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32)
     iters, eps = 20, 1e-6
-    flat = ops.rms_norm(hc.reshape(n_tok, hc_dim), None, eps)
-    mix = flat @ fn.astype(np.float32).T
-    split = ops.hc_split_sinkhorn(mix, sc, bs, n_hc, iters, eps)
+    split = ops.hc_split_sinkhorn(mix_reference(hc, fn, eps), sc, bs, n_hc, iters, eps)
     x = ops.hc_weighted_sum(hc, split.pre)
     xn = ops.rms_norm(x, nw, eps)
     out = alloc_pre(n_tok, n_hc, n_embd, True)
     return Case((cuda.to_device(hc), cuda.to_device(fn), cuda.to_device(sc), cuda.to_device(bs),
                  cuda.to_device(nw)), out,
                 (x.reshape(-1), split.post.reshape(-1), split.comb.reshape(-1), xn.reshape(-1)),
-                (False, False, False, False),
+                (CONTRACT, CONTRACT, CONTRACT, CONTRACT),
                 kwargs=dict(n_hc=n_hc, iters=iters, hc_eps=eps, rms_eps=eps), weight_bytes=fn.nbytes,
                 info={"shape": (n_tok, n_hc, n_embd)})
 
@@ -395,13 +444,11 @@ def _case_head(rng: np.random.Generator, scale: str) -> Case:
     sc = (0.5 + 0.1 * rng.standard_normal(1)).astype(np.float32)
     bs = (0.1 * rng.standard_normal(n_hc)).astype(np.float32)
     eps = 1e-6
-    flat = ops.rms_norm(hc.reshape(n_tok, hc_dim), None, eps)
-    pre = flat @ fn.astype(np.float32).T
-    w = ops.sigmoid(pre * sc[0] + bs) + np.float32(eps)
+    w = ops.hc_head_weights(mix_reference(hc, fn, eps), sc[0], bs, eps)
     x = ops.hc_weighted_sum(hc, w)
     out = L.device_array(n_tok * n_embd, np.float32)
     return Case((cuda.to_device(hc), cuda.to_device(fn), cuda.to_device(sc), cuda.to_device(bs)), out,
-                (x.reshape(-1),), (False,), kwargs=dict(n_hc=n_hc, hc_eps=eps, rms_eps=eps),
+                (x.reshape(-1),), (CONTRACT,), kwargs=dict(n_hc=n_hc, hc_eps=eps, rms_eps=eps),
                 weight_bytes=fn.nbytes, info={"shape": (n_tok, n_hc, n_embd)})
 
 
@@ -416,24 +463,25 @@ def _case_post(rng: np.random.Generator, scale: str) -> Case:
     ref = ops.hc_post(y, hc, post, comb)
     out = L.device_array(n_tok * n_hc * n_embd, np.float32)
     return Case((cuda.to_device(y), cuda.to_device(hc), cuda.to_device(post), cuda.to_device(comb)), out,
-                (ref.reshape(-1),), (False,), kwargs=dict(n_hc=n_hc), info={"shape": (n_tok, n_hc, n_embd)})
+                (ref.reshape(-1),), (CONTRACT,), kwargs=dict(n_hc=n_hc), info={"shape": (n_tok, n_hc, n_embd)})
 
 
+# Outputs are CONTRACT (bit-identical to the twin but for rare one-ulp differences); the tolerances
+# apply to nothing in the cases and stay as a bound on the relative error.
 OPS = [
     OpSpec("hc.pre", "HC pre: rms of the flat streams, F16 mix matvec, split + Sinkhorn, weighted sum "
            "(+ the sublayer RMSNorm)",
            "(hc f32 (T, n_hc, n_embd), fn f16 (n_mix, hc_dim), scale f32 (3,), base f32 (n_mix,), "
            "norm_w f32 (n_embd,) | None, *, out: HcPreOut, n_hc, iters, hc_eps, rms_eps, scratch=None, stream)",
-           "ops.rms_norm + DenseMatrix.matvec + ops.hc_split_sinkhorn + ops.hc_weighted_sum + ops.rms_norm",
-           # float32 dots in split order (16384 terms) and mix scaled after the dot: ~1e-7;
-           # Sinkhorn itself runs in the oracle's order
+           "ops.rms_norm + DenseMatrix.matmul + ops.hc_split_sinkhorn + ops.hc_weighted_sum + ops.rms_norm",
            1e-5, _case_pre),
     OpSpec("hc.head", "output HC collapse: rms, F16 matvec to n_hc weights, sigmoid, weighted sum",
            "(hc f32 (T, n_hc, n_embd), fn f16 (n_hc, hc_dim), scale f32 (1,), base f32 (n_hc,), *, out f32 "
            "(T, n_embd), n_hc, hc_eps, rms_eps, scratch=None, stream)",
-           "Reference.collapse_hc (ops.rms_norm, ops.sigmoid, ops.hc_weighted_sum)", 1e-5, _case_head),
+           "Reference.collapse_hc (ops.rms_norm, DenseMatrix.matvec, ops.hc_head_weights, ops.hc_weighted_sum)",
+           1e-5, _case_head),
     OpSpec("hc.post", "HC post: new[j] = y*post[j] + sum_i comb[i, j] hc[i]",
            "(y f32 (T, n_embd), hc f32 (T, n_hc, n_embd), post f32 (T, n_hc), comb f32 (T, n_hc, n_hc), *, "
            "out f32 (T, n_hc, n_embd), n_hc, stream)",
-           "ops.hc_post", 1e-6, _case_post),  # same order as the twin, FMA contraction only
+           "ops.hc_post", 1e-6, _case_post),
 ]

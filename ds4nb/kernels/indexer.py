@@ -7,15 +7,19 @@ Ops
     matvec: RoPE of each head's tail at ``pos + t``, Hadamard transform,
     FP4 (E2M1) round trip in blocks of 32 (``ops.indexer_qat``).  One block
     per (head, token), thread ``p`` owning dims ``2p, 2p+1``; the butterflies
-    of stride >= 2 go through shared memory, one butterfly per thread per
-    stage.  A 32-value FP4 block is 16 lanes: its amax is a 16-lane reduction.
+    of stride >= 2 go through shared memory (float64), one butterfly per
+    thread per stage.  A 32-value FP4 block is 16 lanes: its amax is a
+    16-lane reduction.
 ``indexer.scores``
-    ``score[c] = sum_h relu(row_c . q_h) * (w_h * w_scale)`` over ``n_comp``
-    index rows.  Blocks loop over 16-row tiles (a grid of at most ~2 blocks
-    per SM, so the 64 x 128 queries are loaded into shared memory once per
-    block, padded by one word per row against bank conflicts); thread
-    ``(row = tid / 16, lane16 = tid % 16)`` computes heads ``lane16 + 16 j``
-    of its row, then a 16-lane reduction adds the heads.
+    ``score[c] = (sum_h relu(row_c . q_h) * w_h) * w_scale`` over ``n_comp``
+    index rows (``w`` the unscaled ``indexer.proj`` output, ``w_scale`` the
+    float64 ``1/sqrt(d * n_ih)``).  Blocks loop over 16-row tiles (a grid of
+    at most ~2 blocks per SM, so the 64 x 128 queries are loaded into shared
+    memory once per block, padded by one word per row against bank
+    conflicts); thread ``(row = tid / 16, lane16 = tid % 16)`` computes heads
+    ``lane16 + 16 j`` of its row (dims outer, heads inner: each row value is
+    widened to float64 once for its 4 heads), then a 16-lane reduction adds
+    the heads.
 ``topk.select``
     Indices of the ``k`` largest float32 values, best first, ties to the
     lower index (``ops.top_k_stable``), ``k <= 1024``.  One block: radix
@@ -31,8 +35,15 @@ Simulator geometry: ``indexer.scores`` gives a row's heads to one thread
 (``HEAD_LANES = 1``: no shuffle) and ``topk.select`` runs on one thread (its
 many barriers then wait for no other thread).
 
-Numerics: the FP4 round trip is exact given the same input; scores are float32
-dots in another order (~1e-6); the selection is exact for distinct scores.
+Numerics (docs/model.md, "one rounding per value"): the RoPE rotation is
+float64 rounded once (:func:`ds4nb.kernels.rope.rope_rotate`); the Hadamard
+transform runs its butterflies and the ``1/sqrt(n)`` factor (a float64) in
+float64 and rounds each value once before the FP4 round trip, which is an
+exact function of that float32 value; scores are float64 dots (products of
+float32 values are exact there), relu, the head sum and ``w_scale`` in
+float64, rounded once, so they are bit-identical to the oracle except for
+rare one-ulp differences of the summation order; the top-k selection is
+exact.
 """
 
 from __future__ import annotations
@@ -46,8 +57,8 @@ from numba import cuda
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.attention import pow2_scale, row_threads
 from ds4nb.kernels.f16_matvec import group_max, group_sum
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, int32, rint, uint64
-from ds4nb.kernels.parity import Case
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, rint, uint64
+from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.rope import RopeArgs, rope_args, rope_cos_sin, rope_rotate
 
@@ -57,6 +68,7 @@ _F2 = np.float32(2.0)
 _F4 = np.float32(4.0)
 _F6 = np.float32(6.0)
 _HALF = np.float32(0.5)
+_D0 = np.float64(0.0)
 _FP4_AMAX_FLOOR = np.float32(7.052966104933725e-38)   # 6 * 2^-126
 FP4_BLOCK = 32
 
@@ -84,15 +96,17 @@ def e2m1_round(v):
 
 @device
 def hadamard_fp4_pair(y0, y1, p, half, hs, inv_sqrt):
-    """Hadamard transform of a row held as pairs (thread p: dims 2p, 2p+1), then FP4 round trip.
+    """Hadamard transform of a float32 row held as pairs (thread p: dims 2p, 2p+1), then FP4 round trip.
 
-    ``hs``: shared float32 scratch of >= 2*half values; ``half`` = head_dim/2
-    (a power of two); threads with ``p >= half`` take part in the barriers
-    and reductions only.  Every thread of the block must call.
+    Butterflies and the ``inv_sqrt`` factor (float64 ``1/sqrt(n)``) in float64,
+    each value rounded to float32 once before FP4.  ``hs``: shared float64
+    scratch of >= 2*half values; ``half`` = head_dim/2 (a power of two);
+    threads with ``p >= half`` take part in the barriers and reductions only.
+    Every thread of the block must call.
     """
     valid = p < half
-    a = y0 + y1            # stride-1 butterfly stays inside the thread
-    b = y0 - y1
+    a = float64(y0) + float64(y1)     # stride-1 butterfly stays inside the thread
+    b = float64(y0) - float64(y1)
     if valid:
         hs[2 * p] = a
         hs[2 * p + 1] = b
@@ -110,8 +124,8 @@ def hadamard_fp4_pair(y0, y1, p, half, hs, inv_sqrt):
     z0 = _F0
     z1 = _F0
     if valid:
-        z0 = hs[2 * p] * inv_sqrt
-        z1 = hs[2 * p + 1] * inv_sqrt
+        z0 = float32(hs[2 * p] * inv_sqrt)
+        z1 = float32(hs[2 * p + 1] * inv_sqrt)
     cuda.syncthreads()     # hs may be reused by the caller
     # FP4 blocks of 32 dims = 16 pairs = aligned groups of 16 lanes
     amax = group_max(max(abs(z0), abs(z1)), 16)
@@ -122,9 +136,9 @@ def hadamard_fp4_pair(y0, y1, p, half, hs, inv_sqrt):
     return z0, z1
 
 
-def hadamard_scale(d: int) -> np.float32:
-    """The oracle's ``F32(1 / sqrt(d))``."""
-    return np.float32(1.0 / math.sqrt(d))
+def hadamard_scale(d: int) -> np.float64:
+    """The oracle's float64 ``1 / sqrt(d)``."""
+    return np.float64(1.0 / math.sqrt(d))
 
 
 def check_qat_width(d: int) -> None:
@@ -156,7 +170,7 @@ def _q_prep_kernel(q, out, n_head, head_dim, pos0, inv_sqrt, n_rot, ts, fscale, 
     if valid and k >= 0:
         c, s = rope_cos_sin(k, pos0 + t, ts, fscale, ext, low, denom, msc)
         y0, y1 = rope_rotate(y0, y1, c, s, False)
-    hs = cuda.shared.array(MAX_ROW, float32)
+    hs = cuda.shared.array(MAX_ROW, float64)
     z0, z1 = hadamard_fp4_pair(y0, y1, p, half, hs, inv_sqrt)
     if valid:
         out[base] = z0
@@ -183,13 +197,8 @@ def q_prep(q: Any, *, out: Any, n_head: int, head_dim: int, rope: Any, pos: int,
 HEAD_LANES = 1 if SIMULATOR else 16      # lanes sharing a row's heads (the simulator: one thread a row)
 TILE_ROWS = 16
 SCORE_THREADS = TILE_ROWS * HEAD_LANES
-_SCORES: dict[tuple[int, int], Any] = {}
-
-
+@L.kernel_factory
 def _scores_kernel(n_ih: int, d: int) -> Any:
-    key = (n_ih, d)
-    if key in _SCORES:
-        return _SCORES[key]
     HPT = L.cdiv(n_ih, HEAD_LANES)  # heads per thread
     NH = HPT * HEAD_LANES           # heads padded to the 16 lanes
     DP = d + 1                      # padded row stride in shared memory
@@ -201,13 +210,13 @@ def _scores_kernel(n_ih: int, d: int) -> Any:
         r_loc = tid // HEAD_LANES
         hl = tid % HEAD_LANES
         q_s = cuda.shared.array(QN, float32)
-        w_s = cuda.shared.array(NH, float32)
+        w_s = cuda.shared.array(NH, float64)
         r_s = cuda.shared.array(RN, float32)
         for i in range(tid, NH * d, SCORE_THREADS):
             h = i // d
             q_s[h * DP + i % d] = q[i] if h < n_ih else _F0
         for h in range(tid, NH, SCORE_THREADS):
-            w_s[h] = w[h] * w_scale if h < n_ih else _F0
+            w_s[h] = float64(w[h]) if h < n_ih else _D0
         n_tiles = (n_comp + TILE_ROWS - 1) // TILE_ROWS
         for tile in range(cuda.blockIdx.x, n_tiles, cuda.gridDim.x):
             r0 = tile * TILE_ROWS
@@ -216,18 +225,20 @@ def _scores_kernel(n_ih: int, d: int) -> Any:
                 rr = i // d
                 r_s[rr * DP + i % d] = float32(rows[(r0 + rr) * d + i % d]) if r0 + rr < n_comp else _F0
             cuda.syncthreads()
-            part = _F0
+            dots = cuda.local.array(HPT, float64)
             for j in range(HPT):
-                h = hl + HEAD_LANES * j
-                dot = _F0
-                for kk in range(d):
-                    dot += r_s[r_loc * DP + kk] * q_s[h * DP + kk]
-                part += max(dot, _F0) * w_s[h]
+                dots[j] = _D0
+            for kk in range(d):
+                rv = float64(r_s[r_loc * DP + kk])     # widened once for this thread's HPT heads
+                for j in range(HPT):
+                    dots[j] += rv * float64(q_s[(hl + HEAD_LANES * j) * DP + kk])   # exact product
+            part = _D0
+            for j in range(HPT):
+                part += max(dots[j], _D0) * w_s[hl + HEAD_LANES * j]
             tot = group_sum(part, HEAD_LANES)
             if hl == 0 and r0 + r_loc < n_comp:
-                out[r0 + r_loc] = tot
+                out[r0 + r_loc] = float32(tot * w_scale)
 
-    _SCORES[key] = kernel
     return kernel
 
 
@@ -237,23 +248,24 @@ SCORE_BLOCKS = 1 if SIMULATOR else 264
 @implementation("indexer.scores", "tile16_persistent", layout="rows f16|f32 (n_comp, d)")
 def indexer_scores(q: Any, w: Any, rows: Any, n_comp: int, *, out: Any, w_scale: float = 1.0,
                    stream: Any = 0) -> Any:
-    """score[c] = sum_h relu(rows[c] . q[h]) * w[h] * w_scale for c < n_comp.
+    """score[c] = (sum_h relu(rows[c] . q[h]) * w[h]) * w_scale for c < n_comp, float64, rounded once.
 
     q f32 (n_ih, d) after ``indexer.q_prep``; w f32 (n_ih,) from
-    ``indexer.proj`` (``w_scale`` = 1/sqrt(d * n_ih) as the oracle rounds it).
+    ``indexer.proj``, unscaled; ``w_scale`` a float64 factor (the model's
+    ``1/sqrt(d * n_ih)``, ``ops.indexer_weight_scale``).
     """
     n_ih = w.size
     d = q.size // n_ih
     kern = _scores_kernel(n_ih, d)
     n_tiles = L.cdiv(max(n_comp, 1), TILE_ROWS)
-    kern[min(n_tiles, SCORE_BLOCKS), SCORE_THREADS, stream](L.flat(q), L.flat(w), np.float32(w_scale),
+    kern[min(n_tiles, SCORE_BLOCKS), SCORE_THREADS, stream](L.flat(q), L.flat(w), np.float64(w_scale),
                                                              L.flat(rows), int(n_comp), L.flat(out))
     return out
 
 
-def indexer_w_scale(d: int, n_ih: int) -> np.float32:
-    """``F32(1) / sqrt(F32(d * n_ih))`` as the oracle computes it."""
-    return np.float32(np.float32(1.0) / np.sqrt(np.float32(d * n_ih)))
+def indexer_w_scale(d: int, n_ih: int) -> np.float64:
+    """The float64 ``1 / sqrt(d * n_ih)`` (as ``ops.indexer_weight_scale``)."""
+    return np.float64(1.0 / math.sqrt(d * n_ih))
 
 
 # ---------------------------------------------------------------------------
@@ -411,7 +423,7 @@ def _case_q(rng: np.random.Generator, scale: str) -> Case:
     q = (rng.standard_normal((n_tok, n_head, d)) * rng.uniform(0.1, 10)).astype(np.float32)
     ref = np.stack([ops.indexer_qat(ops.apply_rope_tail(q[t], rope, pos + t)) for t in range(n_tok)])
     out = L.device_array(q.size, np.float32)
-    return Case((cuda.to_device(q),), out, (ref.reshape(-1),), (False,),
+    return Case((cuda.to_device(q),), out, (ref.reshape(-1),), (CONTRACT,),
                 kwargs=dict(n_head=n_head, head_dim=d, rope=rope, pos=pos),
                 info={"shape": q.shape, "pos": pos})
 
@@ -424,10 +436,10 @@ def _case_scores(rng: np.random.Generator, scale: str) -> Case:
     rows = ops.f16_round(ops.indexer_qat(rng.standard_normal((n_comp, d)).astype(np.float32)))
     w = rng.standard_normal(n_ih).astype(np.float32)
     ws = indexer_w_scale(d, n_ih)
-    ref = ops.indexer_scores(q, w * ws, rows)
+    ref = ops.indexer_scores(q, w, rows, ws)
     out = L.device_array(n_comp, np.float32)
     return Case((cuda.to_device(q), cuda.to_device(w), cuda.to_device(rows.astype(np.float16)), n_comp), out,
-                (ref,), (False,), kwargs=dict(w_scale=ws), info={"shape": (n_ih, d, n_comp)})
+                (ref,), (CONTRACT,), kwargs=dict(w_scale=ws), info={"shape": (n_ih, d, n_comp)})
 
 
 def _case_topk(rng: np.random.Generator, scale: str) -> Case:
@@ -445,11 +457,12 @@ OPS = [
     OpSpec("indexer.q_prep", "indexer queries: RoPE, Hadamard, FP4 round trip per head",
            "(q f32 (T, n_head*d), *, out, n_head, head_dim, rope, pos, stream)",
            "ops.apply_rope_tail + ops.indexer_qat",
-           # exact FP4 grid; a 1-ulp Hadamard difference can flip one E2M1 rounding in a block
+           # CONTRACT (rotation and Hadamard rounded once, FP4 exact); the tolerance is for non-contract callers:
+           # a 1-ulp Hadamard difference can flip one E2M1 rounding in a block
            2e-3, _case_q),
     OpSpec("indexer.scores", "indexer scores sum_h relu(row . q_h) w_h over the compressed index rows",
            "(q f32 (n_ih, d), w f32 (n_ih,), rows f16|f32 (n, d), n_comp, *, out f32 (n_comp,), w_scale, stream)",
-           "ops.indexer_scores", 1e-5, _case_scores),
+           "ops.indexer_scores", 1e-5, _case_scores),   # CONTRACT
     OpSpec("topk.select", "indices of the k largest values, best first, ties to the lower index",
            "(values f32 (n,), n, k, *, out int32 (k,), stream)", "ops.top_k_stable", 0.0, _case_topk),
 ]

@@ -38,8 +38,11 @@ Kernels that choose a different launch geometry in the simulator (one lane per
 row, fewer threads, fewer splits) test with ``SIMULATOR``.
 
 Kernels must only use these helpers for bit reinterpretation (never
-``numba.int32(x)`` on a value that may not fit) and only ``float32`` constants
-from this module or numpy scalars, so that no float64 sneaks into device code.
+``numba.int32(x)`` on a value that may not fit), and write every float
+constant and cast with the scalar types from here (``float32(x)``,
+``float64(x)``) or numpy scalars: float64 is deliberate in device code (the
+accumulators of docs/model.md's "one rounding per value" numerics) and must
+never appear by accident in float32 arithmetic.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from numba import config, cuda, int32, uint64
+from numba import config, cuda
 
 #: True when numba runs kernels in its Python simulator.
 SIMULATOR: bool = bool(config.ENABLE_CUDASIM)
@@ -67,10 +70,10 @@ if SIMULATOR:
     if SIM_SWITCH_INTERVAL > 0:
         sys.setswitchinterval(SIM_SWITCH_INTERVAL)
     # numba's scalar types called in the simulator are ``getattr(np, name)(value)``
-    float32, float64, int32, int64, uint32, uint64 = (  # noqa: F811
+    float32, float64, int32, int64, uint32, uint64 = (
         np.float32, np.float64, np.int32, np.int64, np.uint32, np.uint64)
 else:
-    from numba import float32, float64, int64, uint32  # noqa: F401
+    from numba import float32, float64, int32, int64, uint32, uint64  # noqa: F401
 
 #: The CUDA C++ file linked into kernels that call ``dp4a``.
 CU_PATH = Path(__file__).with_name("intrinsics.cu")

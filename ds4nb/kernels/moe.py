@@ -39,9 +39,20 @@ version held the grid as uint64 magnitudes and the signs as uint64 byte masks
 the gate/up kernel took 29.7 us on H100, which a wavefront count attributes
 mostly to those conflicts; this version takes 18.9 us (bench/results).
 
-Numerics: every 32/16-value dot is an exact integer (``dp4a``); the float32
-work per super-block is ``d_w * d_x * isum`` (``- dmin_w * d_x * summs`` for
-the K-quants), accumulated in float32: ~1e-6 relative to the float64 twin.
+Numerics (docs/model.md, "Numerics: one rounding per value"): every
+32/16-value dot is an exact integer (``dp4a``); the per-super-block terms are
+float64: ``d_w * d_x * isum`` for IQ2_XXS (times 1/8), ``d_x * (d_w * isum -
+dmin_w * summs)`` for the K-quants (``isum = sum sc * dot``, ``summs = sum m *
+bsum``, both exact integers), and the lane sums and the shuffle reduction are
+float64 too, so each expert product is the float32 rounding of the exactly
+decoded weight row times the exact Q8_K activation, in any order.  Fused steps
+round where docs/model.md's table says: ``moe_matvec`` rounds each product
+once; ``moe_gate_up`` rounds gate and up to float32, then evaluates
+``silu(min(g, c)) * clip(u, -c, c) * weight`` in float64 (sigmoid through a
+float64 ``exp``) and rounds once; ``moe_down_sum`` rounds each slot's product
+to float32 and sums the slots in float64, rounded once.  Against the float64
+twins: bit-identical but for rare (~1e-7 per value) one-ulp differences.
+float64 work is per 256-value super-block and per output, never per int8.
 Array indices are cast to uint64 at each access (no signed wraparound code).
 """
 
@@ -56,9 +67,9 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.activation import Q8KAct, q8_K_to_device
-from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, byte_perm, device, dot8, dp4a, float32, hi_i32, int32,
-                                      jit_kernel, uint32, uint64, warp_sum)
-from ds4nb.kernels.parity import Case
+from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, byte_perm, device, dot8, dp4a, float32, float64, hi_i32,
+                                      int32, jit_kernel, uint32, uint64, warp_sum)
+from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.quants import dequantize, dequantize_q8_K_activation, quantize_q8_K, random_blocks
 from ds4nb.quants.formats import iq2xxs_grid, iq2xxs_sign_bytes
@@ -84,10 +95,10 @@ def down_warp(lpr: int) -> int:
     """moe_down_sum: lanes per slot (a warp on the GPU; 4 rows of ``lpr`` lanes in the simulator)."""
     return 4 * lpr if SIMULATOR else 32
 
-_F0 = np.float32(0.0)
-_F1 = np.float32(1.0)
-_F_EIGHTH = np.float32(0.125)
-_F_CLAMP_MIN = np.float32(1.0e-6)
+_D0 = np.float64(0.0)
+_D1 = np.float64(1.0)
+_D_EIGHTH = np.float64(0.125)
+_F_CLAMP_MIN = np.float32(1.0e-6)  # docs/model.md step 17: no clamp when c <= 1e-6 (compared in float32)
 _U1 = np.uint64(1)
 _U4 = np.uint64(4)
 _UFF = np.uint64(0xFF)
@@ -115,7 +126,7 @@ def _lo16(w):
 
 @device
 def _q2_k_partial(qs, sc, dm, wrow, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s):
-    acc = _F0
+    acc = _D0
     for b in range(lane, nb, lpr):
         qb = wrow * 8 * nb + b
         sb = wrow * 4 * nb + b
@@ -146,15 +157,15 @@ def _q2_k_partial(qs, sc, dm, wrow, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, si
             lo = _lo16(bw)
             hi = bw >> 16  # arithmetic shift: the signed high half
             summs = int32(summs + int32((scw >> (bsh + 4)) & 0xF) * lo + int32((scw >> (bsh + 12)) & 0xF) * hi)
-        d = float32(dm[uint64(2 * wrow * nb + b)])
-        dmin = float32(dm[uint64((2 * wrow + 1) * nb + b)])
-        acc += yd[uint64(yrow * nb + b)] * (d * float32(isum) - dmin * float32(summs))
+        d = float64(float32(dm[uint64(2 * wrow * nb + b)]))
+        dmin = float64(float32(dm[uint64((2 * wrow + 1) * nb + b)]))
+        acc += float64(yd[uint64(yrow * nb + b)]) * (d * float64(isum) - dmin * float64(summs))
     return acc
 
 
 @device
 def _q4_k_partial(qs, sc, dm, wrow, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s):
-    acc = _F0
+    acc = _D0
     for b in range(lane, nb, lpr):
         qb = wrow * 16 * nb + b
         sb = wrow * 3 * nb + b
@@ -183,9 +194,9 @@ def _q4_k_partial(qs, sc, dm, wrow, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, si
             b0 = ybs[uint64(bb + (2 * c) * nb)]
             b1 = ybs[uint64(bb + (2 * c + 1) * nb)]
             summs = int32(summs + m0 * (_lo16(b0) + (b0 >> 16)) + m1 * (_lo16(b1) + (b1 >> 16)))
-        d = float32(dm[uint64(2 * wrow * nb + b)])
-        dmin = float32(dm[uint64((2 * wrow + 1) * nb + b)])
-        acc += yd[uint64(yrow * nb + b)] * (d * float32(isum) - dmin * float32(summs))
+        d = float64(float32(dm[uint64(2 * wrow * nb + b)]))
+        dmin = float64(float32(dm[uint64((2 * wrow + 1) * nb + b)]))
+        acc += float64(yd[uint64(yrow * nb + b)]) * (d * float64(isum) - dmin * float64(summs))
     return acc
 
 
@@ -215,13 +226,9 @@ _U32_FF = np.uint32(0xFF)
 _U32_7F = np.uint32(0x7F)
 _ULO = np.uint64(0xFFFFFFFF)
 
-_IQ2_CACHE: dict[int, tuple[Any, Any]] = {}
-
-
+@L.kernel_factory
 def _iq2_partials(replicas: int) -> tuple[Any, Any]:
     """(single-row partial, gate/up pair partial) reading ``replicas``-way tables."""
-    if replicas in _IQ2_CACHE:
-        return _IQ2_CACHE[replicas]
     rep_n = np.uint32(replicas)
 
     @device
@@ -260,7 +267,7 @@ def _iq2_partials(replicas: int) -> tuple[Any, Any]:
         rep = cuda.threadIdx.x % replicas  # this lane's table copy: a view starting at it
         grid_l = grid_s[rep:]
         sign_l = sign_s[rep:]
-        acc = _F0
+        acc = _D0
         for b in range(lane, nb, lpr):
             qb = wrow * 8 * nb + b
             yb = yrow * 32 * nb + b
@@ -281,8 +288,9 @@ def _iq2_partials(replicas: int) -> tuple[Any, Any]:
             isum += group(w5, yq, yb, 5, nb, grid_l, sign_l)
             isum += group(w6, yq, yb, 6, nb, grid_l, sign_l)
             isum += group(w7, yq, yb, 7, nb, grid_l, sign_l)
-            acc += float32(int32(isum)) * (float32(dm[uint64(wrow * nb + b)]) * yd[uint64(yrow * nb + b)])
-        return acc * _F_EIGHTH
+            acc += float64(int32(isum)) * (float64(float32(dm[uint64(wrow * nb + b)]))
+                                           * float64(yd[uint64(yrow * nb + b)]))
+        return acc * _D_EIGHTH
 
     @device
     def pair(gqs, gsc, gdm, uqs, usc, udm, wrow, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s):
@@ -290,8 +298,8 @@ def _iq2_partials(replicas: int) -> tuple[Any, Any]:
         rep = cuda.threadIdx.x % replicas
         grid_l = grid_s[rep:]
         sign_l = sign_s[rep:]
-        gacc = _F0
-        uacc = _F0
+        gacc = _D0
+        uacc = _D0
         for b in range(lane, nb, lpr):
             qb = wrow * 8 * nb + b
             yb = yrow * 32 * nb + b
@@ -333,12 +341,11 @@ def _iq2_partials(replicas: int) -> tuple[Any, Any]:
             a, c = group_pair(g7, u7, yq, yb, 7, nb, grid_l, sign_l)
             gsum += a
             usum += c
-            ys = yd[uint64(yrow * nb + b)]
-            gacc += float32(int32(gsum)) * (float32(gdm[uint64(wrow * nb + b)]) * ys)
-            uacc += float32(int32(usum)) * (float32(udm[uint64(wrow * nb + b)]) * ys)
-        return gacc * _F_EIGHTH, uacc * _F_EIGHTH
+            ys = float64(yd[uint64(yrow * nb + b)])
+            gacc += float64(int32(gsum)) * (float64(float32(gdm[uint64(wrow * nb + b)])) * ys)
+            uacc += float64(int32(usum)) * (float64(float32(udm[uint64(wrow * nb + b)])) * ys)
+        return gacc * _D_EIGHTH, uacc * _D_EIGHTH
 
-    _IQ2_CACHE[replicas] = (partial, pair)
     return partial, pair
 
 
@@ -387,6 +394,7 @@ def _load_luts(grid_g, sign_g, grid_s, sign_s, replicas):
 # ---------------------------------------------------------------------------
 
 
+@L.kernel_factory
 def _make_matvec(qtype, lpr: int, nb: int, replicas: int):
     partial, _ = _partial_pair(qtype, replicas)
     lut = qtype == Q.IQ2_XXS
@@ -400,7 +408,7 @@ def _make_matvec(qtype, lpr: int, nb: int, replicas: int):
         acc = partial(qs, sc, dm, ids[slot] * n_rows + r, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s)
         acc = warp_sum(acc, lpr)
         if lane == 0 and row < n_rows:
-            out[slot * n_rows + row] = acc
+            out[slot * n_rows + row] = float32(acc)   # the one rounding
 
     @cuda.jit
     def kernel(qs, sc, dm, n_rows, ids, x_per_slot, yq, yd, ybs, grid_g, sign_g, out):
@@ -423,6 +431,7 @@ def _make_matvec(qtype, lpr: int, nb: int, replicas: int):
     return kernel
 
 
+@L.kernel_factory
 def _make_gate_up(qtype, lpr: int, nb: int, replicas: int, min_blocks: int = 0):
     _, pair = _partial_pair(qtype, replicas)
     lut = qtype == Q.IQ2_XXS
@@ -436,13 +445,17 @@ def _make_gate_up(qtype, lpr: int, nb: int, replicas: int, min_blocks: int = 0):
         yrow = slot if x_per_slot else 0
         g, u = pair(gqs, gsc, gdm, uqs, usc, udm, ids[slot] * n_rows + r, nb, yq, yd, ybs, yrow, lane, lpr,
                     grid_s, sign_s)
-        g = warp_sum(g, lpr)
-        u = warp_sum(u, lpr)
+        g32 = float32(warp_sum(g, lpr))   # gate_e and up_e are float32 values (docs/model.md step 17)
+        u32 = float32(warp_sum(u, lpr))
         if lane == 0 and row < n_rows:
+            gd = float64(g32)
+            ud = float64(u32)
             if clamp > _F_CLAMP_MIN:
-                g = min(g, clamp)
-                u = min(max(u, -clamp), clamp)
-            mid[slot * n_rows + row] = g / (_F1 + math.exp(-g)) * u * weights[slot]
+                cd = float64(clamp)
+                gd = min(gd, cd)
+                ud = min(max(ud, -cd), cd)
+            # silu(g) * u * w_route in float64 (sigmoid through a float64 exp), rounded once
+            mid[slot * n_rows + row] = float32(gd / (_D1 + math.exp(-gd)) * ud * float64(weights[slot]))
 
     @jit_kernel(launch_bounds=(THREADS, min_blocks) if min_blocks else None)
     def kernel(gqs, gsc, gdm, uqs, usc, udm, n_rows, ids, weights, clamp, x_per_slot,
@@ -467,6 +480,7 @@ def _make_gate_up(qtype, lpr: int, nb: int, replicas: int, min_blocks: int = 0):
     return kernel
 
 
+@L.kernel_factory
 def _make_down_sum(qtype, lpr: int, nb: int, replicas: int):
     partial, _ = _partial_pair(qtype, replicas)
     lut = qtype == Q.IQ2_XXS
@@ -481,21 +495,21 @@ def _make_down_sum(qtype, lpr: int, nb: int, replicas: int):
         acc = partial(qs, sc, dm, ids[slot] * n_rows + r, nb, yq, yd, ybs, slot, lane, lpr, grid_s, sign_s)
         acc = warp_sum(acc, lpr)
         if lane == 0:
-            part[slot, col] = acc
+            part[slot, col] = float32(acc)   # down_e: a float32 value (docs/model.md step 17)
 
     @device
     def slot_sum(part, n_rows, out, rr, col):
         if rr < n_rows:
-            s = _F0
-            for k in range(cuda.blockDim.x // warp):  # slot order: deterministic
-                s += part[k, col]
-            out[rr] = s
+            s = _D0
+            for k in range(cuda.blockDim.x // warp):  # slot order: deterministic (and float64: any order)
+                s += float64(part[k, col])
+            out[rr] = float32(s)   # routed = sum_e down_e, rounded once
 
     @cuda.jit
     def kernel(qs, sc, dm, n_rows, ids, yq, yd, ybs, grid_g, sign_g, out):
         grid_s = cuda.shared.array(grid_words, uint32)
         sign_s = cuda.shared.array(sign_words, uint32)
-        part = cuda.shared.array((MAX_SLOTS, cols), float32)
+        part = cuda.shared.array((MAX_SLOTS, cols), float32)   # each slot's product, rounded
         if lut:
             _load_luts(grid_g, sign_g, grid_s, sign_s, replicas)
             cuda.syncthreads()
@@ -522,7 +536,6 @@ def _make_down_sum(qtype, lpr: int, nb: int, replicas: int):
     return kernel
 
 
-_KERNELS: dict[tuple, Any] = {}
 _FACTORIES = {"matvec": _make_matvec, "gate_up": _make_gate_up, "down_sum": _make_down_sum}
 
 
@@ -532,12 +545,8 @@ def _kernel(kind: str, qtype: GGMLQuantizationType, lpr: int, nb: int, replicas:
     Measured on H100 (IQ2_XXS, 4 blocks: 64 registers with a 24-byte spill instead of 70): no
     gain (18.8 vs 18.9 us), so the registered launchers leave it at 0."""
     replicas = (replicas or IQ2_REPLICAS[kind]) if qtype == Q.IQ2_XXS else 1
-    key = (kind, qtype, lpr, nb, replicas, min_blocks)
-    k = _KERNELS.get(key)
-    if k is None:
-        extra = (min_blocks,) if min_blocks else ()
-        k = _KERNELS[key] = _FACTORIES[kind](qtype, lpr, nb, replicas, *extra)
-    return k
+    extra = (min_blocks,) if min_blocks else ()
+    return _FACTORIES[kind](qtype, lpr, nb, replicas, *extra)
 
 
 def lanes_per_row(nb: int) -> int:
@@ -677,7 +686,8 @@ del _qt
 
 
 # ---------------------------------------------------------------------------
-# Parity cases (twin: dequantize(W[e]) @ dequantize_q8_K_activation(quantize_q8_K(x)), float64)
+# Parity cases (twin: dequantize(W[e]) @ dequantize_q8_K_activation(quantize_q8_K(x)) in float64 from the
+# exactly decoded operands, rounded to float32 where docs/model.md's "one rounding per value" table says)
 # ---------------------------------------------------------------------------
 
 #: tiny (simulator) and model-scale expert shapes per op kind: (E, N, K, n_used)
@@ -697,14 +707,24 @@ def e_idx_slice(e: int, nbytes: int) -> slice:
 
 def expert_matvec_ref(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int, int],
                       ids: np.ndarray, x_deq: np.ndarray) -> np.ndarray:
-    """float64 (n_used, N): row s = dequantize(W[ids[s]]) @ x_deq[s or 0]."""
+    """float64 (n_used, N): row s = dequantize(W[ids[s]]) @ x_deq[s or 0], unrounded.
+
+    The weights are decoded exactly (float64: Q2_K / Q4_K ``d*sc*q - dmin*m``
+    is not always a float32); ``x_deq`` should be exact too
+    (``dequantize_q8_K_activation(..., dtype=np.float64)``).
+    """
     e_total, n, k = shape
     per = raw.size // e_total
     out = np.empty((len(ids), n))
     for s, e in enumerate(ids):
-        w = dequantize(raw[e_idx_slice(int(e), per)], qtype, (n, k)).astype(np.float64)
-        out[s] = w @ x_deq[s if x_deq.shape[0] > 1 else 0].astype(np.float64)
+        w = dequantize(raw[e_idx_slice(int(e), per)], qtype, (n, k), dtype=np.float64)
+        out[s] = w @ np.asarray(x_deq[s if x_deq.shape[0] > 1 else 0], dtype=np.float64)
     return out
+
+
+def _xdeq(x: np.ndarray) -> np.ndarray:
+    """The exact float64 values of x's Q8_K quantisation."""
+    return dequantize_q8_K_activation(*quantize_q8_K(x)[:2], dtype=np.float64)
 
 
 def _ids(rng: np.random.Generator, e: int, n_used: int) -> np.ndarray:
@@ -722,18 +742,31 @@ def _case_matvec(qtype: GGMLQuantizationType):
         raw, w = _experts(rng, qtype, e, n, k)
         ids = _ids(rng, e, n_used)
         x = _x(rng, n_used, k)  # one activation row per slot
-        ref = expert_matvec_ref(raw, qtype, (e, n, k), ids, dequantize_q8_K_activation(*quantize_q8_K(x)[:2]))
+        ref = expert_matvec_ref(raw, qtype, (e, n, k), ids, _xdeq(x)).astype(np.float32)   # one rounding
         out = L.device_array(n_used * n, np.float32)
-        return Case((w, cuda.to_device(ids), q8_K_to_device(x)), out, (ref.reshape(-1),), (False,),
+        return Case((w, cuda.to_device(ids), q8_K_to_device(x)), out, (ref.reshape(-1),), (CONTRACT,),
                     weight_bytes=raw.size // e * n_used, info={"experts": (e, n, k), "ids": ids.tolist()})
 
     return make
 
 
 def gate_up_ref(g: np.ndarray, u: np.ndarray, weights: np.ndarray, clamp: float) -> np.ndarray:
-    from ds4nb.reference.ops import swiglu_clamped
+    """float32 (n_used, N) mids from the unrounded expert products ``g``, ``u`` (n_used, N).
 
-    return swiglu_clamped(g.astype(np.float32), u.astype(np.float32), clamp) * weights[:, None].astype(np.float32)
+    docs/model.md step 17: gate and up rounded to float32, then ``silu(min(g, c)) *
+    clip(u, -c, c) * w`` in float64 (``c`` as the kernel's float32, no clamp when
+    ``c <= 1e-6``), rounded once: ``reference.ops.swiglu_clamped(g, u, c, weight=w)``.
+    """
+    g = np.asarray(g).astype(np.float32).astype(np.float64)
+    u = np.asarray(u).astype(np.float32).astype(np.float64)
+    c = float(np.float32(clamp))
+    if c > float(np.float32(1.0e-6)):
+        g = np.minimum(g, c)
+        u = np.clip(u, -c, c)
+    with np.errstate(over="ignore"):
+        silu = g / (1.0 + np.exp(-g))
+    w = np.asarray(weights, dtype=np.float32).astype(np.float64)[:, None]
+    return (silu * u * w).astype(np.float32)
 
 
 def _case_gate_up(qtype: GGMLQuantizationType):
@@ -744,7 +777,7 @@ def _case_gate_up(qtype: GGMLQuantizationType):
         ids = _ids(rng, e, n_used)
         weights = rng.uniform(0.05, 1.0, n_used).astype(np.float32)
         x = _x(rng, 1, k)  # one token's activation shared by every slot (decode)
-        xd = dequantize_q8_K_activation(*quantize_q8_K(x)[:2])
+        xd = _xdeq(x)
         g = expert_matvec_ref(graw, qtype, (e, n, k), ids, xd)
         u = expert_matvec_ref(uraw, qtype, (e, n, k), ids, xd)
         # a clamp that bites: ~30% of |gate|/|up| values are above it
@@ -752,7 +785,7 @@ def _case_gate_up(qtype: GGMLQuantizationType):
         ref = gate_up_ref(g, u, weights, clamp)
         out = L.device_array(n_used * n, np.float32)
         return Case((gw, uw, cuda.to_device(ids), cuda.to_device(weights), q8_K_to_device(x), clamp), out,
-                    (ref.reshape(-1).astype(np.float64),), (False,), weight_bytes=2 * graw.size // e * n_used,
+                    (ref.reshape(-1),), (CONTRACT,), weight_bytes=2 * graw.size // e * n_used,
                     info={"experts": (e, n, k), "ids": ids.tolist(), "clamp": round(clamp, 4)})
 
     return make
@@ -764,15 +797,18 @@ def _case_down_sum(qtype: GGMLQuantizationType):
         raw, w = _experts(rng, qtype, e, n, k)
         ids = _ids(rng, e, n_used)
         mid = _x(rng, n_used, k) * np.float32(0.1)
-        per_slot = expert_matvec_ref(raw, qtype, (e, n, k), ids, dequantize_q8_K_activation(*quantize_q8_K(mid)[:2]))
+        per_slot = expert_matvec_ref(raw, qtype, (e, n, k), ids, _xdeq(mid)).astype(np.float32)  # down_e
+        ref = per_slot.astype(np.float64).sum(axis=0).astype(np.float32)   # sum over slots, rounded once
         out = L.device_array(n, np.float32)
-        return Case((w, cuda.to_device(ids), q8_K_to_device(mid)), out, (per_slot.sum(axis=0),), (False,),
+        return Case((w, cuda.to_device(ids), q8_K_to_device(mid)), out, (ref,), (CONTRACT,),
                     weight_bytes=raw.size // e * n_used, info={"experts": (e, n, k), "ids": ids.tolist()})
 
     return make
 
 
-_TOL = 2e-5  # exact integer dots, float32 scale products and accumulation
+# Outputs are checked under parity.CONTRACT (bit-identical but for rare one-ulp differences); the
+# tolerance is for relative-error checks of chained results (float32 rounding).
+_TOL = 1e-6
 
 OPS = []
 for _qt in QTYPES:
@@ -781,16 +817,17 @@ for _qt in QTYPES:
         OpSpec(f"{_q}.moe_matvec", f"{_qt.name} routed experts x Q8_K, selected experts only",
                "(w: PackedWeight (E, N, K), ids i32 (n_used,), x: Q8KAct (1 or n_used, K), *, "
                "out f32 (n_used, N), stream)",
-               "dequantize(W[ids[s]]) @ dequantize_q8_K_activation(quantize_q8_K(x[s])) in float64",
-               _TOL, _case_matvec(_qt)),
+               "dequantize(W[ids[s]]) @ dequantize_q8_K_activation(quantize_q8_K(x[s])) in float64 (exact "
+               "operands), rounded once", _TOL, _case_matvec(_qt)),
         OpSpec(f"{_q}.moe_gate_up", f"{_qt.name} gate+up experts, clamped SwiGLU x router weight",
                "(gate, up: PackedWeight (E, N, K), ids i32 (n_used,), weights f32 (n_used,), x: Q8KAct, "
                "clamp: float, *, out f32 (n_used, N), stream)",
-               "reference.ops.swiglu_clamped(G x, U x, clamp) * weight, dots as in moe_matvec",
+               "gate, up as in moe_matvec (each rounded), then silu(min(g, c)) * clip(u, -c, c) * weight "
+               "in float64, rounded once (reference.ops.swiglu_clamped(g, u, c, weight=w))",
                _TOL, _case_gate_up(_qt)),
         OpSpec(f"{_q}.moe_down_sum", f"{_qt.name} down experts, summed over the selected slots",
                "(w: PackedWeight (E, N, K), ids i32 (n_used,), x: Q8KAct (n_used, K), *, out f32 (N,), stream)",
-               "sum_s dequantize(W[ids[s]]) @ dequantize_q8_K_activation(quantize_q8_K(mid[s])) in float64",
-               _TOL, _case_down_sum(_qt)),
+               "sum_s float32(dequantize(W[ids[s]]) @ dequantize_q8_K_activation(quantize_q8_K(mid[s]))), "
+               "each product as in moe_matvec, the sum in float64, rounded once", _TOL, _case_down_sum(_qt)),
     ]
 del _qt, _q

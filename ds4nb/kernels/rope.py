@@ -4,15 +4,19 @@ Only the last ``n_rot`` dims of each ``head_dim`` row rotate, in adjacent
 pairs ``(x[2k], x[2k+1])`` of the tail; the first ``head_dim - n_rot`` dims
 pass through.  ``inverse`` rotates by ``-theta`` (step 12).
 
-Numerics.  The angle is computed exactly as the oracle
-(``ds4nb.reference.ops.rope_thetas``) does, in float32 with the same
-operation order: the running product ``pos * ts * ts ...`` (``k`` multiplies
-for pair ``k``), then the YaRN blend ``interp * (1 - ramp) + extrap * ramp``
-with both products rounded separately (:func:`fmul_rn`: the compiler would
-otherwise fuse one of them into an FMA, and at ``pos`` ~ 1e6 one ulp of the
-angle is 0.06 rad).  ``cos``/``sin`` are evaluated in float64 and rounded once,
-like the oracle, so the rotation factors are bit-identical to the twin; only
-the final ``x0 c - x1 s`` may differ by an FMA rounding.
+Numerics (docs/model.md, "one rounding per value").  The angle is computed
+exactly as the oracle (``ds4nb.reference.ops.rope_thetas``) does, in float32
+with the same operation order: the running product ``pos * ts * ts ...``
+(``k`` multiplies for pair ``k``), then the YaRN blend ``interp * (1 - ramp)
++ extrap * ramp`` with both products rounded separately (:func:`fmul_rn`: the
+compiler would otherwise fuse one of them into an FMA, and at ``pos`` ~ 1e6 one
+ulp of the angle is 0.06 rad).  ``cos``/``sin`` are evaluated in float64 and
+rounded once, then times ``mscale`` in float32, like the oracle, so the
+rotation factors are bit-identical to the twin.  The rotation
+``(x0 c - x1 s, x0 s + x1 c)`` is evaluated in float64 from the float32 ``x``,
+``c``, ``s`` and rounded once to float32: the products are exact in float64,
+so the result is the same whether or not the compiler fuses them (an FMA of an
+exact product), i.e. bit-identical to the oracle.
 
 Launch geometry (``rope.tail``): one thread per (token, row, pair), 256
 threads a block; when ``out`` is not ``x`` the pass-through pairs are copied
@@ -29,7 +33,7 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64
-from ds4nb.kernels.parity import Case
+from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
 THREADS = 256
@@ -97,10 +101,19 @@ def rope_cos_sin(k, pos, theta_scale, freq_scale, ext_factor, corr_low, corr_den
 
 @device
 def rope_rotate(x0, x1, c, s, inverse):
-    """One pair rotated by (c, s), or by (c, -s) when ``inverse``."""
+    """One float32 pair rotated by float32 (c, s), or by (c, -s) when ``inverse``.
+
+    Evaluated in float64 (the products of float32 values are exact there) and
+    rounded once to float32 per output.  ``x0``, ``x1`` must already be float32
+    values (a float64 argument would skip its own rounding point).
+    """
+    a0 = float64(x0)
+    a1 = float64(x1)
+    c64 = float64(c)
+    s64 = float64(s)
     if inverse:
-        s = -s
-    return x0 * c - x1 * s, x0 * s + x1 * c
+        s64 = -s64
+    return float32(a0 * c64 - a1 * s64), float32(a0 * s64 + a1 * c64)
 
 
 # ---------------------------------------------------------------------------
@@ -188,7 +201,7 @@ def _case(rng: np.random.Generator, scale: str) -> Case:
     ref = np.stack([apply_rope_tail(x[t].reshape(n_rows, head_dim), rope, pos + t, inverse=inverse).reshape(-1)
                     for t in range(n_tok)])
     out = L.device_array(x.size, np.float32)
-    return Case((cuda.to_device(x),), out, (ref.reshape(-1),), (False,),
+    return Case((cuda.to_device(x),), out, (ref.reshape(-1),), (CONTRACT,),
                 kwargs=dict(rope=rope, pos=pos, head_dim=head_dim, inverse=inverse),
                 info={"shape": x.shape, "pos": pos, "yarn": compressed, "inverse": inverse})
 
@@ -198,6 +211,6 @@ OPS = [
            "(x f32 (T, rows*head_dim), *, out, rope: Rope|RopeArgs, pos, head_dim, inverse=False, "
            "pos_step=1, stream)",
            "ds4nb.reference.ops.apply_rope_tail",
-           # cos/sin are bit-identical to the twin; x0*c - x1*s may fuse into an FMA: ~1 ulp
+           # cos/sin bit-identical to the twin, the rotation one float64 evaluation rounded once: CONTRACT
            1e-6, _case),
 ]

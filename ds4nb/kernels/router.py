@@ -1,21 +1,31 @@
 """The MoE router on the device (docs/model.md step 16), after the F16 ``ffn_gate_inp`` matvec.
 
 ``router.select``: for each token (one block, one thread per expert),
-``p = sqrt(softplus(logit))`` (softplus in float64 with the reference's
-+-20 cut-offs, rounded once, like the oracle), then either
+``p = float32(sqrt(softplus(logit)))`` evaluated in float64 and rounded once
+(softplus with the reference's +-20 cut-offs: ``x`` above 20, ``exp(x)``
+below -20, ``log1p(exp(x))`` otherwise), then either
 
-* top-k of ``p + bias`` (``bias`` optional), best first, ties to the lower
-  expert id: ``k`` rounds of a block-wide max over 64-bit keys
-  ``(order-preserving float bits << 31) | (2^31 - 1 - expert)``, which are
-  distinct, so the max is unique; the winner drops out of the next round; or
+* top-k of ``p + bias`` (``bias`` optional) summed in float64, best first,
+  ties to the lower expert id: ``k`` rounds of a block-wide arg-max over
+  (order-preserving int64 image of the float64 key, expert id) pairs, a pair
+  winning on the larger key, then the lower id; the winner drops out of the
+  next round (NaN keys come last, as in the oracle's stable argsort); or
 * hash routing: the ``k`` experts of ``tid2eid[token]`` (token ids read on
   the device, e.g. straight from the sampler's output);
 
-and the weights ``p[e_i] / max(sum_i p[e_i], 6.1e-5) * scale`` (sum left to
-right over the selected slots; without ``normalise`` only the scale).
+and the weights ``float32(p[e_i] / max(sum_i p[e_i], 6.1e-5) * scale)``
+evaluated in float64 from the float32 ``p`` (without ``normalise``:
+``float32(p * scale)``).
 
-Outputs: ``selected`` int32 (T, k), ``weights`` f32 (T, k).  Exact against
-the twin except that the weights' float32 division may differ by an ulp.
+Numerics (docs/model.md, "one rounding per value"): ``p`` and the weights are
+rounded once each, so they equal the oracle's (``ops.router_probs``,
+``ops.route_weights``) bit for bit except where libdevice's and numpy's
+float64 ``exp`` / ``log1p`` (or the weight sum's order) straddle a float32
+rounding boundary (~1e-7 of the values, one ulp).  The selection key
+``p + bias`` is one float64 addition of two float32 values, so it is exactly
+the oracle's, and the selection is exact.
+
+Outputs: ``selected`` int32 (T, k), ``weights`` f32 (T, k).
 """
 
 from __future__ import annotations
@@ -27,20 +37,23 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.f16_matvec import group_max
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, int64
-from ds4nb.kernels.parity import Case
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, int64, shfl_xor
+from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
 _F0 = np.float32(0.0)
+_D0 = np.float64(0.0)
 _D20 = np.float64(20.0)
 ROUTE_SUM_FLOOR = np.float32(6.103515625e-5)
-_I0 = np.int64(0)
-_I31 = np.int64(31)
-_ILO = np.int64(0x7FFFFFFF)
-_ISIGN = np.int64(0x80000000)
+_FLOOR64 = np.float64(ROUTE_SUM_FLOOR)
 _IMASK = np.int64(0xFFFFFFFF)
-_IEXP = np.int64(0x7F800000)
+_ILO = np.int32(0x7FFFFFFF)                  # the expert id of "no candidate" (a removed or padding slot)
+_KMIN = np.int64(-0x8000000000000000)        # key of NaN scores and taken or padding slots: below every other key
+_KSIGN = np.int64(-0x8000000000000000)       # float64 sign bit (as int64)
+_KEXP = np.int64(0x7FF0000000000000)
+_KMAG = np.int64(0x7FFFFFFFFFFFFFFF)
+_KMANT = np.int64(0x000FFFFFFFFFFFFF)
+_K0 = np.int64(0)
 MAX_EXPERTS = 1024
 MAX_USED = 32
 # The simulator runs one thread per token (one-lane "warps", no shuffles) that takes every expert,
@@ -52,6 +65,10 @@ if SIMULATOR:
     def f32_bits(x):
         """The IEEE bits of a float32 as a non-negative int64."""
         return np.int64(np.float32(x).view(np.uint32))
+
+    def f64_bits(x):
+        """The IEEE bits of a float64 as an int64."""
+        return np.float64(x).view(np.int64)
 else:
     from numba.cuda import libdevice
 
@@ -60,22 +77,49 @@ else:
         """The IEEE bits of a float32 as a non-negative int64."""
         return int64(libdevice.float_as_int(x)) & _IMASK
 
+    @device
+    def f64_bits(x):
+        """The IEEE bits of a float64 as an int64."""
+        return libdevice.double_as_longlong(x)
+
 
 @device
-def argmax_key(v, i):
-    """Distinct int64 key: larger float first, then lower index; non-finite -> 0 (never best)."""
-    u = f32_bits(v)
-    if (u & _IEXP) == _IEXP:
-        return _I0
-    if u == _ISIGN:
-        u = _I0                  # -0.0 ties with +0.0: the lower index wins
-    o = (~u & _IMASK) if (u & _ISIGN) != _I0 else (u | _ISIGN)
-    return (o << _I31) | (_ILO - int64(i))
+def f64_key(v):
+    """int64 whose order is the order of the float64 ``v``; -0.0 ties with +0.0; NaN -> _KMIN (last, as
+    in numpy's argsort; +-inf keep their places)."""
+    u = f64_bits(v)
+    if (u & _KEXP) == _KEXP and (u & _KMANT) != _K0:
+        return _KMIN
+    if u == _KSIGN:
+        return _K0
+    if u < _K0:
+        return u ^ _KMAG
+    return u
+
+
+@device
+def _better(k1, i1, k0, i0):
+    """Whether candidate (key k1, expert i1) beats (k0, i0): larger key, then lower expert id."""
+    return k1 > k0 or (k1 == k0 and i1 < i0)
+
+
+@device
+def _lane_best(bk, bi):
+    """Arg-max of the (key, expert) pairs across a LANES-lane group (butterfly shuffles)."""
+    off = LANES >> 1
+    while off > 0:
+        ok = shfl_xor(bk, off)
+        oi = shfl_xor(bi, off)
+        if _better(ok, oi, bk, bi):
+            bk = ok
+            bi = oi
+        off >>= 1
+    return bk, bi
 
 
 @device
 def softplus64(x):
-    """log(1 + exp(x)) in float64 with the reference's cut-offs at +-20 (ops.softplus)."""
+    """log(1 + exp(x)) in float64 with the reference's cut-offs at +-20 (ops._softplus64)."""
     d = float64(x)
     if d > _D20:
         return d
@@ -86,16 +130,15 @@ def softplus64(x):
 
 @device
 def _expert_prob(logits, t, n_expert, probs, e):
-    p = float32(softplus64(logits[t * n_expert + e]))
-    p = math.sqrt(p)
+    p = float32(math.sqrt(softplus64(logits[t * n_expert + e])))     # one rounding
     probs[e] = p
     return p
 
 
 @device
 def _expert_key(p, bias, has_bias, e):
-    s = p + bias[e] if has_bias else p
-    return argmax_key(s, e)
+    s = float64(p) + float64(bias[e]) if has_bias else float64(p)   # exact-as-the-oracle float64 sum
+    return f64_key(s)
 
 
 @cuda.jit
@@ -107,7 +150,8 @@ def _router_kernel(logits, n_expert, bias, has_bias, k, scale, normalise, hash_m
     lane = e % LANES
     valid = e < n_expert
     probs = cuda.shared.array(MAX_EXPERTS, float32)
-    red = cuda.shared.array(32, int64)
+    red_k = cuda.shared.array(32, int64)
+    red_i = cuda.shared.array(32, int32)
     sel = cuda.shared.array(MAX_USED, int32)
     p = _F0
     if valid:
@@ -125,47 +169,67 @@ def _router_kernel(logits, n_expert, bias, has_bias, k, scale, normalise, hash_m
                 if e + j * nt < k:
                     sel[e + j * nt] = table[tokens[t] * k + e + j * nt]
     else:
-        key = _I0
+        key = _KMIN
+        idx = _ILO
         if valid:
             key = _expert_key(p, bias, has_bias, e)
+            idx = int32(e)
         keys = cuda.local.array(EXPERTS_PER_THREAD, int64)   # the simulator's further experts' keys
+        ids = cuda.local.array(EXPERTS_PER_THREAD, int32)    # ... and their ids (_ILO: none / taken)
         if EXPERTS_PER_THREAD > 1:
             for j in range(1, EXPERTS_PER_THREAD):
-                keys[j] = _I0
+                keys[j] = _KMIN
+                ids[j] = _ILO
                 if e + j * nt < n_expert:
                     keys[j] = _expert_key(probs[e + j * nt], bias, has_bias, e + j * nt)
+                    ids[j] = int32(e + j * nt)
         for r in range(k):
-            best = key
+            bk = key
+            bi = idx
             if EXPERTS_PER_THREAD > 1:
                 for j in range(1, EXPERTS_PER_THREAD):
-                    best = max(best, keys[j])
-            m = group_max(best, LANES)
+                    if e + j * nt >= n_expert:
+                        break
+                    if _better(keys[j], ids[j], bk, bi):
+                        bk = keys[j]
+                        bi = ids[j]
+            bk, bi = _lane_best(bk, bi)          # warp arg-max of (key, id) pairs
             if lane == 0:
-                red[e // LANES] = m
+                red_k[e // LANES] = bk
+                red_i[e // LANES] = bi
             cuda.syncthreads()
-            m = red[lane] if lane < nt // LANES else _I0
-            m = group_max(m, LANES)
-            win = int32(_ILO - (m & _ILO))
+            bk = _KMIN
+            bi = _ILO
+            if lane < nt // LANES:
+                bk = red_k[lane]
+                bi = red_i[lane]
+            bk, bi = _lane_best(bk, bi)          # every warp re-reduces the warp winners
+            win = bi
             if e == 0:
                 sel[r] = win
-            if e == win:
-                key = _I0
+            if idx == win:   # the winner drops out: (_KMIN, _ILO) never beats a candidate
+                key = _KMIN
+                idx = _ILO
             if EXPERTS_PER_THREAD > 1:
                 for j in range(1, EXPERTS_PER_THREAD):
-                    if e + j * nt == win:
-                        keys[j] = _I0
-            cuda.syncthreads()          # red is rewritten next round
+                    if e + j * nt >= n_expert:
+                        break
+                    if ids[j] == win:
+                        keys[j] = _KMIN
+                        ids[j] = _ILO
+            cuda.syncthreads()          # red_k / red_i are rewritten next round
     cuda.syncthreads()
     if e == 0:
-        tot = _F0
+        tot = _D0
         for i in range(k):
-            tot += probs[sel[i]]
-        tot = max(tot, ROUTE_SUM_FLOOR)
+            tot += float64(probs[sel[i]])
+        tot = max(tot, _FLOOR64)
+        sc = float64(scale)
         for i in range(k):
-            w = probs[sel[i]]
+            w = float64(probs[sel[i]])
             if normalise:
                 w = w / tot
-            w_out[t * k + i] = w * scale
+            w_out[t * k + i] = float32(w * sc)                       # one rounding
             sel_out[t * k + i] = sel[i]
 
 
@@ -230,7 +294,7 @@ def _case_select(rng: np.random.Generator, scale: str) -> Case:
     sel = np.stack([ops.select_experts_topk(probs[t], bias, k) for t in range(n_tok)]).astype(np.int32)
     w = np.stack([ops.route_weights(probs[t][sel[t]], 1.5, True) for t in range(n_tok)])
     out = alloc_route(n_tok, k)
-    return Case((cuda.to_device(logits), cuda.to_device(bias)), out, (sel, w), (True, False),
+    return Case((cuda.to_device(logits), cuda.to_device(bias)), out, (sel, w), (True, CONTRACT),
                 kwargs=dict(k=k, scale=1.5), info={"shape": (n_tok, n_e, k)})
 
 
@@ -247,7 +311,7 @@ def _case_hash(rng: np.random.Generator, scale: str) -> Case:
     w = np.stack([ops.route_weights(probs[t][sel[t]], 1.5, True) for t in range(n_tok)])
     out = alloc_route(n_tok, k)
     return Case((cuda.to_device(logits), cuda.to_device(table), cuda.to_device(tokens)), out, (sel, w),
-                (True, False), kwargs=dict(k=k, scale=1.5), info={"shape": (n_tok, n_e, k)})
+                (True, CONTRACT), kwargs=dict(k=k, scale=1.5), info={"shape": (n_tok, n_e, k)})
 
 
 OPS = [
@@ -255,7 +319,7 @@ OPS = [
            "(logits f32 (T, n_expert), bias f32 (n_expert,) | None, *, out: RouteOut, k, scale, normalise=True, "
            "stream)",
            "ops.router_probs + ops.select_experts_topk + ops.route_weights",
-           1e-6, _case_select),   # selection exact; weights same float32 ops
+           1e-6, _case_select),   # selection exact; weights CONTRACT (one float64 evaluation, one rounding)
     OpSpec("router.hash", "hash routing: experts tid2eid[token], weights from the router probabilities",
            "(logits f32 (T, n_expert), tid2eid i32 (n_vocab, k), tokens i32 (T,), *, out: RouteOut, k, scale, "
            "normalise=True, stream)",

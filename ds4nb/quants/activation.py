@@ -54,12 +54,12 @@ def quantize_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return qs, d.astype(np.float32)
 
 
-def dequantize_q8_0_activation(qs: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Inverse of ``quantize_q8_0``: float32 (..., n) = qs * d of its 32-block."""
+def dequantize_q8_0_activation(qs: np.ndarray, d: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """Inverse of ``quantize_q8_0``: (..., n) = qs * d of its 32-block (float64: exact)."""
     qs = np.asarray(qs)
     n = qs.shape[-1]
-    scale = np.repeat(np.asarray(d, dtype=np.float32), QK8_0, axis=-1)[..., :n]
-    return qs.astype(np.float32) * scale
+    scale = np.repeat(np.asarray(d, dtype=np.float32).astype(dtype), QK8_0, axis=-1)[..., :n]
+    return qs.astype(dtype) * scale
 
 
 def quantize_q8_K(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,6 +88,7 @@ def quantize_q8_K(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q.reshape(*lead, n), d[..., 0], bsums
 
 
-def dequantize_q8_K_activation(qs: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Inverse of ``quantize_q8_K``: float32 (..., n) = qs * d of its 256-block."""
-    return np.asarray(qs).astype(np.float32) * np.repeat(np.asarray(d, dtype=np.float32), QK_K, axis=-1)
+def dequantize_q8_K_activation(qs: np.ndarray, d: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """Inverse of ``quantize_q8_K``: (..., n) = qs * d of its 256-block (float64: exact)."""
+    scale = np.repeat(np.asarray(d, dtype=np.float32).astype(dtype), QK_K, axis=-1)
+    return np.asarray(qs).astype(dtype) * scale

@@ -134,16 +134,13 @@ def iq2xxs_signed_grid() -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# Per-type block dequantizers: structured blocks (n,) -> float32 (n, block_size)
+# Per-type block dequantizers: structured blocks (n,) -> (n, block_size) of dtype ``dt``
+# (float32: gguf's values; float64: the exact values the blocks encode)
 # ---------------------------------------------------------------------------
 
 
-def _f16(field: np.ndarray) -> np.ndarray:
-    return field.astype(np.float32)
-
-
-def _dequantize_q8_0(b: np.ndarray) -> np.ndarray:
-    return b["qs"].astype(np.float32) * _f16(b["d"])[:, None]
+def _dequantize_q8_0(b: np.ndarray, dt: type) -> np.ndarray:
+    return b["qs"].astype(dt) * b["d"].astype(dt)[:, None]
 
 
 def q4_k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -160,38 +157,38 @@ def q4_k_scales_mins(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def _dequantize_q4_k(b: np.ndarray) -> np.ndarray:
+def _dequantize_q4_k(b: np.ndarray, dt: type) -> np.ndarray:
     n = b.shape[0]
     sc, mn = q4_k_scales_mins(b["scales"])
-    dl = (_f16(b["d"])[:, None] * sc.astype(np.float32))[:, :, None]  # (n, 8, 1)
-    ml = (_f16(b["dmin"])[:, None] * mn.astype(np.float32))[:, :, None]
+    dl = (b["d"].astype(dt)[:, None] * sc.astype(dt))[:, :, None]  # (n, 8, 1)
+    ml = (b["dmin"].astype(dt)[:, None] * mn.astype(dt))[:, :, None]
     # qs: 4 chunks of 32 bytes; chunk c holds sub-block 2c in the low nibbles
     # and sub-block 2c+1 in the high nibbles.
     qs = b["qs"].reshape(n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8)[:, None]
-    q = (qs & 0x0F).reshape(n, 8, 32).astype(np.float32)
+    q = (qs & 0x0F).reshape(n, 8, 32).astype(dt)
     return (dl * q - ml).reshape(n, QK_K)
 
 
-def _dequantize_q2_k(b: np.ndarray) -> np.ndarray:
+def _dequantize_q2_k(b: np.ndarray, dt: type) -> np.ndarray:
     n = b.shape[0]
     scales = b["scales"]
-    dl = (_f16(b["d"])[:, None] * (scales & 0x0F).astype(np.float32))[:, :, None]  # (n, 16, 1)
-    ml = (_f16(b["dmin"])[:, None] * (scales >> 4).astype(np.float32))[:, :, None]
+    dl = (b["d"].astype(dt)[:, None] * (scales & 0x0F).astype(dt))[:, :, None]  # (n, 16, 1)
+    ml = (b["dmin"].astype(dt)[:, None] * (scales >> 4).astype(dt))[:, :, None]
     # qs: 2 halves of 32 bytes; half h, bit-pair k (shift 2k) gives the 32
     # values h*128 + k*32 + [0, 32).
     qs = b["qs"].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]
-    q = (qs & 0x03).reshape(n, 16, 16).astype(np.float32)
+    q = (qs & 0x03).reshape(n, 16, 16).astype(dt)
     return (dl * q - ml).reshape(n, QK_K)
 
 
-def _dequantize_iq2_xxs(b: np.ndarray) -> np.ndarray:
+def _dequantize_iq2_xxs(b: np.ndarray, dt: type) -> np.ndarray:
     n = b.shape[0]
     words = b["qs"]  # (n, 8, 2) uint32: one word pair per group of 32 values
     grid_word, sign_word = words[..., 0, None], words[..., 1, None]  # (n, 8, 1)
     grid_idx = (grid_word >> np.array([0, 8, 16, 24], dtype=np.uint32)) & 0xFF  # (n, 8, 4)
     sign_idx = (sign_word >> np.array([0, 7, 14, 21], dtype=np.uint32)) & 0x7F  # (n, 8, 4)
-    scale4 = (sign_word[..., 0] >> 28).astype(np.float32)  # (n, 8)
-    db = _f16(b["d"])[:, None] * (np.float32(0.5) + scale4) * np.float32(0.25)
+    scale4 = (sign_word[..., 0] >> 28).astype(dt)  # (n, 8)
+    db = b["d"].astype(dt)[:, None] * (dt(0.5) + scale4) * dt(0.25)   # exact in float32 too
     points = iq2xxs_signed_grid()[grid_idx, sign_idx]  # (n, 8, 4, 8): 4 signed points of 8
     return (db[:, :, None, None] * points).reshape(n, QK_K)
 
@@ -213,12 +210,20 @@ def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
-    """Dequantize the bytes of a whole tensor to float32 of numpy-order ``shape``.
+def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...],
+               dtype: type = np.float32) -> np.ndarray:
+    """Dequantize the bytes of a whole tensor to ``dtype`` of numpy-order ``shape``.
 
     ``raw`` is a contiguous uint8 array (typically a read-only memmap slice)
     holding exactly the tensor's bytes. I32 tensors are returned as int32.
+    ``dtype=np.float32`` gives gguf's values (bit-exact with its dequantizers);
+    ``np.float64`` the exact values the blocks encode (Q2_K / Q4_K
+    ``d*sc*q - dmin*m`` need more than float32's 24 bits; docs/model.md,
+    "Numerics").
     """
+    dtype = np.dtype(dtype).type
+    if dtype not in (np.float32, np.float64):
+        raise ValueError(f"dequantize to float32 or float64, not {np.dtype(dtype).name}")
     shape = tuple(int(s) for s in shape)
     if qtype not in SUPPORTED_TYPES:
         raise NotImplementedError(f"no dequantizer for {qtype.name}")
@@ -234,15 +239,15 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, .
     if qtype in ELEMENT_DTYPE:
         values = flat.view(ELEMENT_DTYPE[qtype])
         if qtype == Q.BF16:
-            out = _bf16_to_f32(values)
+            out = _bf16_to_f32(values).astype(dtype)
         elif qtype == Q.I32:
             out = values.copy()
         else:
-            out = values.astype(np.float32)
+            out = values.astype(dtype)
         return out.reshape(shape)
 
     blocks = flat.view(BLOCK_DTYPE[qtype])
-    return _BLOCK_DEQUANTIZERS[qtype](blocks).reshape(shape)
+    return _BLOCK_DEQUANTIZERS[qtype](blocks, dtype).reshape(shape)
 
 
 def row_slice(qtype: GGMLQuantizationType, n_cols: int, start: int, stop: int) -> slice:
@@ -254,11 +259,12 @@ def row_slice(qtype: GGMLQuantizationType, n_cols: int, start: int, stop: int) -
 
 
 def dequantize_rows(
-    raw: np.ndarray, qtype: GGMLQuantizationType, n_cols: int, start: int, stop: int
+    raw: np.ndarray, qtype: GGMLQuantizationType, n_cols: int, start: int, stop: int,
+    dtype: type = np.float32,
 ) -> np.ndarray:
     """Dequantize rows ``[start, stop)`` of a 2-D view of the tensor, reading only their bytes."""
     flat = np.asarray(raw).reshape(-1)
     byte_range = row_slice(qtype, n_cols, start, stop)
     if byte_range.stop > flat.size:
         raise ValueError(f"rows [{start}, {stop}) exceed the {flat.size}-byte tensor")
-    return dequantize(flat[byte_range], qtype, (stop - start, n_cols))
+    return dequantize(flat[byte_range], qtype, (stop - start, n_cols), dtype)

@@ -22,7 +22,7 @@ from ds4nb.model.config import ModelConfig
 from ds4nb.model.loader import LayerWeights, Model, TensorInfo, Weights
 from ds4nb.quants import quantize_q8_0
 from ds4nb.reference import ops
-from ds4nb.reference.ops import F32, HcSplit, Rope
+from ds4nb.reference.ops import F32, HcSplit, Rope, indexer_weight_scale
 from ds4nb.reference.state import CompressorState, LayerState, State
 from ds4nb.reference.weights import Tensors, q8_k_round_trip
 
@@ -191,7 +191,7 @@ class Reference:
         """
         r = pos % ratio
         kv = self.t.dense(wkv).matvec(x_norm)
-        score = self.t.dense(wgate).matvec(x_norm) + self.t.vector(ape)[r]
+        score = (self.t.dense(wgate).matmul64(x_norm) + self.t.vector(ape)[r].astype(np.float64)).astype(F32)
         slot = ratio + r if overlap else r
         st.kv[slot] = kv
         st.score[slot] = score
@@ -224,8 +224,8 @@ class Reference:
         n_ih, d = cfg.n_indexer_head, cfg.indexer_head_dim
         q = self.t.dense(lw.indexer_attn_q_b).matvec(qr_norm).reshape(n_ih, d)
         q = ops.indexer_qat(ops.apply_rope_tail(q, self.ropes[il], pos))
-        w = self.t.dense(lw.indexer_proj).matvec(x_norm) * (F32(1.0) / np.sqrt(F32(d * n_ih)))
-        scores = ops.indexer_scores(q, w, ls.index_comp.rows)
+        w = self.t.dense(lw.indexer_proj).matvec(x_norm)
+        scores = ops.indexer_scores(q, w, ls.index_comp.rows, indexer_weight_scale(d, n_ih))
         visible = np.zeros(n_comp, bool)
         visible[ops.top_k_stable(scores, top_k)] = True
         return visible
@@ -275,14 +275,15 @@ class Reference:
         """docs/model.md step 17: the weighted sum of the selected experts for one token."""
         clamp = self.cfg.swiglu_clamp_exp[il]
         selected, weights = self.route(il, lw, x_norm, token)
-        x8 = q8_k_round_trip(x_norm)
-        out = np.zeros(self.cfg.n_embd, np.float32)
+        x8 = q8_k_round_trip(x_norm, np.float64)
+        out = np.zeros(self.cfg.n_embd, np.float64)
         for e, w in zip(selected.tolist(), weights):
-            gate = self.t.expert(lw.ffn_gate_exps, e) @ x8
-            up = self.t.expert(lw.ffn_up_exps, e) @ x8
-            mid = ops.swiglu_clamped(gate, up, clamp) * w
-            out = out + self.t.expert(lw.ffn_down_exps, e) @ q8_k_round_trip(mid)
-        return out
+            gate = (self.t.expert(lw.ffn_gate_exps, e) @ x8).astype(F32)
+            up = (self.t.expert(lw.ffn_up_exps, e) @ x8).astype(F32)
+            mid = ops.swiglu_clamped(gate, up, clamp, weight=w)
+            down = (self.t.expert(lw.ffn_down_exps, e) @ q8_k_round_trip(mid, np.float64)).astype(F32)
+            out += down                                   # each slot rounded, the sum once
+        return out.astype(F32)
 
     def shared_expert(self, il: int, lw: LayerWeights, x_norm: np.ndarray) -> np.ndarray:
         """docs/model.md step 18: the always-on Q8_0 SwiGLU expert ``(T, n_embd)``."""
@@ -301,7 +302,7 @@ class Reference:
         flat = ops.rms_norm(hc.reshape(cfg.hc_dim), None, cfg.rms_eps)
         pre = self.t.dense(w.output_hc_fn).matvec(flat)
         scale = self.t.vector(w.output_hc_scale)[0]
-        weights = ops.sigmoid(pre * scale + self.t.vector(w.output_hc_base)) + F32(cfg.hc_eps)
+        weights = ops.hc_head_weights(pre, scale, self.t.vector(w.output_hc_base), cfg.hc_eps)
         return ops.hc_weighted_sum(hc, weights)
 
     def logits(self, hc: np.ndarray) -> np.ndarray:

@@ -1,10 +1,12 @@
 """The DS4 math as small numpy functions (docs/model.md).
 
 Every function here is pure: arrays in, arrays out, no weights or state.
-All arithmetic is float32 in the order the reference CPU path uses
-(ds4.c, commit 8d57664), except where the reference accumulates in double.
-Transcendental functions (exp, log, sin, cos, sqrt of a sum) are evaluated in
-float64 and rounded once to float32, i.e. correctly rounded like a good libm.
+Numerics follow docs/model.md, "Numerics: one rounding per value": each
+float32 result is its formula evaluated in float64 from float32 inputs and
+rounded once, so any implementation that sums in another order (the CUDA
+kernels) gets the same float32 values.  The exceptions are exact functions of
+float32 values (quantisation round trips, top-k) and the RoPE angles, which
+keep the reference's float32 running product (ds4.c, commit 8d57664).
 
 Each function names the docs/model.md step it implements.  Leading axes are
 batch axes unless a docstring says otherwise; the last axis is the vector.
@@ -29,9 +31,9 @@ def _f32(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def exp32(x: np.ndarray) -> np.ndarray:
-    """Correctly rounded float32 exp (float64 evaluation, one rounding)."""
-    return np.exp(np.asarray(x, dtype=np.float64)).astype(np.float32)
+def _f64(x: np.ndarray) -> np.ndarray:
+    """float64 view of float32 (or F16) values: exact."""
+    return np.asarray(x, dtype=np.float32).astype(np.float64)
 
 
 def _sigmoid64(x: np.ndarray) -> np.ndarray:
@@ -45,18 +47,23 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return _sigmoid64(x).astype(np.float32)
 
 
+def _silu64(x64: np.ndarray) -> np.ndarray:
+    return x64 * _sigmoid64(x64)
+
+
 def silu(x: np.ndarray) -> np.ndarray:
-    """x * sigmoid(x) in float32 (ds4.c:5084)."""
-    x = _f32(x)
-    return x * sigmoid(x)
+    """x * sigmoid(x) (ds4.c:5084), one rounding."""
+    return _silu64(_f64(x)).astype(np.float32)
+
+
+def _softplus64(x64: np.ndarray) -> np.ndarray:
+    mid = np.log1p(np.exp(np.clip(x64, -20.0, 20.0)))
+    return np.where(x64 > 20.0, x64, np.where(x64 < -20.0, np.exp(x64), mid))
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
     """log(1 + exp(x)) with the reference's cut-offs at +-20 (ds4.c:5088)."""
-    x64 = np.asarray(x, dtype=np.float64)
-    mid = np.log1p(np.exp(np.clip(x64, -20.0, 20.0)))
-    out = np.where(x64 > 20.0, x64, np.where(x64 < -20.0, np.exp(x64), mid))
-    return out.astype(np.float32)
+    return _softplus64(_f64(x)).astype(np.float32)
 
 
 def f16_round(x: np.ndarray) -> np.ndarray:
@@ -73,23 +80,20 @@ def f16_round(x: np.ndarray) -> np.ndarray:
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
-    """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) [* weight].
+    """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) [* weight] (ds4.c:2772-2788).
 
-    The sum of squares is accumulated in double, the scale is float32
-    ``1 / sqrtf((float)(ss / n) + eps)``, then ``x * scale * weight``
-    (ds4.c:2772-2788).  ``weight=None`` is the unweighted form used for the
-    HC state (step 2) and the per-head q norm (step 5).
+    Evaluated in float64 (``eps`` as its float32 value), rounded once.
+    ``weight=None`` is the unweighted form used for the HC state (step 2) and
+    the per-head q norm (step 5).
     """
-    x = _f32(x)
-    n = x.shape[-1]
-    x64 = x.astype(np.float64)
+    x64 = _f64(x)
+    n = x64.shape[-1]
     ss = np.add.reduce(x64 * x64, axis=-1)
-    mean = (ss / n).astype(np.float32) + F32(eps)
-    scale = (F32(1.0) / np.sqrt(mean)).astype(np.float32)
-    y = x * scale[..., None]
+    scale = 1.0 / np.sqrt(ss / n + float(F32(eps)))
+    y = x64 * scale[..., None]
     if weight is not None:
-        y = y * _f32(weight)
-    return y
+        y = y * _f64(weight)
+    return y.astype(np.float32)
 
 
 def head_rms_norm(q: np.ndarray, n_head: int, head_dim: int, eps: float) -> np.ndarray:
@@ -124,36 +128,32 @@ def hc_split_sinkhorn(mix: np.ndarray, scale: np.ndarray, base: np.ndarray,
     ``z = mix * scale[part] + base``; pre = sigmoid(z) + eps; post =
     2 * sigmoid(z); comb (row-major ``n_hc x n_hc``) is a row softmax plus eps,
     then one column normalisation, then ``iters - 1`` rounds of (row, column)
-    normalisation, each dividing by ``sum + eps`` (ds4.c:4258-4336).
+    normalisation, each dividing by ``sum + eps`` (ds4.c:4258-4336).  All in
+    float64 from the float32 inputs; pre, post and comb are rounded once.
     """
-    mix = _f32(mix)
-    scale = _f32(scale)
-    base = _f32(base)
-    eps32 = F32(eps)
+    mix, scale, base = _f64(mix), _f64(scale), _f64(base)
+    eps64 = float(F32(eps))
     n = n_hc
-    pre = sigmoid(mix[..., :n] * scale[0] + base[:n]) + eps32
-    post = (2.0 * _sigmoid64(mix[..., n:2 * n] * scale[1] + base[n:2 * n])).astype(np.float32)
+    pre = _sigmoid64(mix[..., :n] * scale[0] + base[:n]) + eps64
+    post = 2.0 * _sigmoid64(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
     z = mix[..., 2 * n:] * scale[2] + base[2 * n:]
     c = z.reshape(*z.shape[:-1], n, n)
-    row_max = c.max(axis=-1, keepdims=True)
-    c = exp32(c - row_max)
-    row_sum = _seq_sum(c, axis=-1)
-    c = c * (F32(1.0) / row_sum)[..., None] + eps32
-    c = c * (F32(1.0) / (_seq_sum(c, axis=-2) + eps32))[..., None, :]
+    c = np.exp(c - c.max(axis=-1, keepdims=True))
+    c = c / c.sum(axis=-1, keepdims=True) + eps64
+    c = c / (c.sum(axis=-2, keepdims=True) + eps64)
     for _ in range(1, iters):
-        c = c * (F32(1.0) / (_seq_sum(c, axis=-1) + eps32))[..., None]
-        c = c * (F32(1.0) / (_seq_sum(c, axis=-2) + eps32))[..., None, :]
-    return HcSplit(pre=pre, post=post, comb=c)
+        c = c / (c.sum(axis=-1, keepdims=True) + eps64)
+        c = c / (c.sum(axis=-2, keepdims=True) + eps64)
+    return HcSplit(pre=pre.astype(np.float32), post=post.astype(np.float32), comb=c.astype(np.float32))
 
 
-def _seq_sum(x: np.ndarray, axis: int) -> np.ndarray:
-    """Left-to-right float32 sum along ``axis`` (the reference's loop order).
+def hc_head_weights(pre: np.ndarray, scale: np.ndarray | float, base: np.ndarray, eps: float) -> np.ndarray:
+    """docs/model.md step 20: the output collapse's stream weights ``sigmoid(pre * scale + base) + eps``.
 
-    ``add.accumulate`` is sequential by definition, unlike ``sum``, which
-    sums long contiguous runs pairwise.
+    In float64 from the float32 inputs, rounded once (ds4.c:8008-8033).
     """
-    x = np.moveaxis(np.asarray(x), axis, -1)
-    return np.add.accumulate(x, axis=-1)[..., -1]
+    z = _f64(pre) * _f64(scale) + _f64(base)
+    return (_sigmoid64(z) + float(F32(eps))).astype(np.float32)
 
 
 def hc_weighted_sum(hc: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -161,12 +161,7 @@ def hc_weighted_sum(hc: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
     docs/model.md step 2 (and step 20 for the output head).
     """
-    hc = _f32(hc)
-    weights = _f32(weights)
-    acc = hc[..., 0, :] * weights[..., 0, None]
-    for h in range(1, hc.shape[-2]):
-        acc = acc + hc[..., h, :] * weights[..., h, None]
-    return acc
+    return np.einsum("...hd,...h->...d", _f64(hc), _f64(weights)).astype(np.float32)
 
 
 def hc_post(block_out: np.ndarray, residual_hc: np.ndarray, post: np.ndarray,
@@ -178,12 +173,9 @@ def hc_post(block_out: np.ndarray, residual_hc: np.ndarray, post: np.ndarray,
     ``(..., n_embd)``, residual_hc ``(..., n_hc, n_embd)``, post ``(..., n_hc)``,
     comb ``(..., n_hc, n_hc)``.
     """
-    block_out = _f32(block_out)
-    residual_hc = _f32(residual_hc)
-    acc = block_out[..., None, :] * _f32(post)[..., :, None]
-    for i in range(residual_hc.shape[-2]):
-        acc = acc + _f32(comb)[..., i, :, None] * residual_hc[..., i, None, :]
-    return acc
+    acc = _f64(block_out)[..., None, :] * _f64(post)[..., :, None]
+    acc = acc + np.einsum("...ij,...id->...jd", _f64(comb), _f64(residual_hc))
+    return acc.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -290,15 +282,15 @@ def apply_rope_tail(x: np.ndarray, rope: Rope, pos: int, *, inverse: bool = Fals
     pass through.
     """
     x = _f32(x)
-    c, s = rope_cos_sin(rope, pos)
+    c, s = (v.astype(np.float64) for v in rope_cos_sin(rope, pos))
     if inverse:
         s = -s
     out = x.copy()
-    tail = x[..., x.shape[-1] - rope.n_rot:]
+    tail = x[..., x.shape[-1] - rope.n_rot:].astype(np.float64)
     x0 = tail[..., 0::2]
     x1 = tail[..., 1::2]
     rot = out[..., x.shape[-1] - rope.n_rot:]
-    rot[..., 0::2] = x0 * c - x1 * s
+    rot[..., 0::2] = x0 * c - x1 * s     # float64 from float32 values, one rounding each
     rot[..., 1::2] = x0 * s + x1 * c
     return out
 
@@ -397,10 +389,10 @@ def fp4_act_round(x: np.ndarray, block: int = 32) -> np.ndarray:
 def hadamard(x: np.ndarray) -> np.ndarray:
     """Orthonormal Walsh-Hadamard transform of the last axis (power-of-two length).
 
-    In-place butterflies ``(a + b, a - b)`` with doubling stride, then times
-    ``1/sqrt(n)`` (ds4.c:1677-1689, there n = 128).
+    Butterflies ``(a + b, a - b)`` with doubling stride, then times
+    ``1/sqrt(n)`` (ds4.c:1677-1689, there n = 128), in float64, rounded once.
     """
-    x = _f32(x)
+    x = _f64(x)
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"Hadamard transform needs a power-of-two length, got {n}")
@@ -411,7 +403,7 @@ def hadamard(x: np.ndarray) -> np.ndarray:
         a, b = v[..., 0, :], v[..., 1, :]
         x = np.stack([a + b, a - b], axis=-2).reshape(*lead, n)
         stride *= 2
-    return x * F32(1.0 / math.sqrt(n))
+    return (x * (1.0 / math.sqrt(n))).astype(np.float32)
 
 
 def indexer_qat(x: np.ndarray) -> np.ndarray:
@@ -430,23 +422,19 @@ def attention_with_sinks(q: np.ndarray, rows: np.ndarray, sinks: np.ndarray,
     One shared KV head: each row is both key and value.  Scores are
     ``q . row / sqrt(d)``; the per-head sink logit joins the softmax
     denominator but brings no value; rows with ``visible == False`` are left
-    out (ds4.c:6700-6760).
+    out (ds4.c:6700-6760).  Scores, softmax and the weighted sum in float64;
+    each output value rounded once.
     """
-    q = _f32(q)
-    rows = _f32(rows)
-    d = q.shape[-1]
-    kq_scale = F32(1.0) / F32(math.sqrt(d))
-    scores = (q @ rows.T) * kq_scale if rows.shape[0] else np.zeros((q.shape[0], 0), np.float32)
-    sinks = _f32(sinks)
+    q = _f64(q)
+    rows = _f64(rows)
+    sinks = _f64(sinks)
     if visible is not None:
-        scores = np.where(visible[None, :], scores, NEG_INF)
-    m = np.maximum(sinks, scores.max(axis=-1, initial=float(NEG_INF)))
-    w = exp32(scores - m[:, None])
-    if visible is not None:
-        w = np.where(visible[None, :], w, F32(0.0))
-    denom = _seq_sum(np.concatenate([exp32(sinks - m)[:, None], w], axis=1), axis=-1)
-    out = (w @ rows) if rows.shape[0] else np.zeros_like(q)
-    return out * (F32(1.0) / denom)[:, None]
+        rows = rows[np.asarray(visible, bool)]
+    scores = (q @ rows.T) * (1.0 / math.sqrt(q.shape[-1]))
+    m = np.maximum(sinks, scores.max(axis=-1, initial=-np.inf))
+    w = np.exp(scores - m[:, None])
+    denom = np.exp(sinks - m) + w.sum(axis=-1)
+    return ((w @ rows) / denom[:, None]).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -463,9 +451,10 @@ def compressor_pool(state_kv: np.ndarray, state_score: np.ndarray, head_dim: int
     ``ratio..2*ratio-1`` at column ``head_dim + j``.  Each column is a
     softmax over its candidates' scores applied to their kv values; a column
     whose best score is the empty-slot marker pools to 0 (ds4.c:6459-6511).
+    In float64, rounded once.
     """
-    kv = _f32(state_kv)
-    sc = _f32(state_score)
+    kv = _f64(state_kv)
+    sc = _f64(state_score)
     if overlap:
         # candidates interleaved (prev r, cur r) as the reference sums them
         cand_s = np.stack([sc[:ratio, :head_dim], sc[ratio:2 * ratio, head_dim:2 * head_dim]], axis=1)
@@ -474,22 +463,29 @@ def compressor_pool(state_kv: np.ndarray, state_score: np.ndarray, head_dim: int
         cand_s = sc[:ratio, None, :head_dim]
         cand_v = kv[:ratio, None, :head_dim]
     m = cand_s.max(axis=(0, 1))
-    w = exp32(cand_s - m)
-    denom = _seq_sum(_seq_sum(w, axis=1), axis=0)
-    total = _seq_sum((w * cand_v).reshape(-1, head_dim), axis=0)
+    w = np.exp(cand_s - m)
+    denom = w.sum(axis=(0, 1))
+    total = (w * cand_v).sum(axis=(0, 1))
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(denom > 0, total / denom, F32(0.0))
-    return np.where(m <= NEG_INF * F32(0.5), F32(0.0), out).astype(np.float32)
+        out = np.where(denom > 0, total / denom, 0.0)
+    return np.where(m <= float(NEG_INF) * 0.5, 0.0, out).astype(np.float32)
 
 
-def indexer_scores(index_q: np.ndarray, head_weights: np.ndarray, index_rows: np.ndarray) -> np.ndarray:
-    """docs/model.md step 10c: ``score[c] = sum_h relu(row_c . q_h) * w_h`` (ds4.c:6974-6985).
+def indexer_scores(index_q: np.ndarray, head_weights: np.ndarray, index_rows: np.ndarray,
+                   scale: float = 1.0) -> np.ndarray:
+    """docs/model.md step 10c: ``score[c] = sum_h relu(row_c . q_h) * w_h * scale`` (ds4.c:6974-6985).
 
-    ``index_q (n_ih, d)``, ``head_weights (n_ih,)`` already scaled,
-    ``index_rows (n_comp, d)``; the sum over heads runs left to right.
+    ``index_q (n_ih, d)``, ``head_weights (n_ih,)`` (float32, unscaled),
+    ``index_rows (n_comp, d)``, ``scale`` a float64 factor (the model uses
+    ``1/sqrt(d * n_ih)``); in float64, rounded once.
     """
-    dots = np.maximum(_f32(index_rows) @ _f32(index_q).T, F32(0.0))  # (n_comp, n_ih)
-    return _seq_sum(dots * _f32(head_weights)[None, :], axis=-1)
+    dots = np.maximum(_f64(index_rows) @ _f64(index_q).T, 0.0)  # (n_comp, n_ih)
+    return ((dots @ _f64(head_weights)) * float(scale)).astype(np.float32)
+
+
+def indexer_weight_scale(head_dim: int, n_head: int) -> float:
+    """docs/model.md step 10b: the factor ``1/sqrt(indexer_head_dim * n_indexer_head)`` of the head weights (float64)."""
+    return 1.0 / math.sqrt(head_dim * n_head)
 
 
 def top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:
@@ -498,7 +494,7 @@ def top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:
     docs/model.md step 10d and step 16b: both the indexer (ds4.c:6987) and the
     expert router (ds4.c:5294) break ties this way.
     """
-    order = np.argsort(-_f32(scores), kind="stable")
+    order = np.argsort(-np.asarray(scores), kind="stable")
     return order[:k]
 
 
@@ -507,39 +503,43 @@ def top_k_stable(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def router_probs(logits: np.ndarray) -> np.ndarray:
-    """docs/model.md step 16a: expert affinities ``sqrt(softplus(logit))`` (ds4.c:5252)."""
-    return np.sqrt(softplus(logits)).astype(np.float32)
+    """docs/model.md step 16a: expert affinities ``sqrt(softplus(logit))`` (ds4.c:5252), one rounding."""
+    return np.sqrt(_softplus64(_f64(logits))).astype(np.float32)
 
 
 def route_weights(probs_selected: np.ndarray, scale: float, normalise: bool) -> np.ndarray:
     """docs/model.md step 16c: selected affinities / max(sum, 6.1e-5) * expert_weights_scale.
 
-    The sum runs left to right over the selected slots (ds4.c:5265-5280,
-    5343-5352).  With ``normalise=False`` (never the case in DS4 files) the
+    (ds4.c:5265-5280, 5343-5352), in float64 from the float32 affinities,
+    rounded once.  With ``normalise=False`` (never the case in DS4 files) the
     affinities are only scaled.
     """
-    p = _f32(probs_selected)
+    p = _f64(probs_selected)
     if normalise:
-        s = np.maximum(_seq_sum(p, axis=-1), ROUTE_SUM_FLOOR)
-        p = p / s[..., None]
-    return p * F32(scale)
+        p = p / np.maximum(p.sum(axis=-1), float(ROUTE_SUM_FLOOR))[..., None]
+    return (p * float(F32(scale))).astype(np.float32)
 
 
 def select_experts_topk(probs: np.ndarray, bias: np.ndarray | None, k: int) -> np.ndarray:
-    """docs/model.md step 16b: top-k of ``probs + bias`` (bias only chooses, never weighs)."""
-    sel = _f32(probs) if bias is None else _f32(probs) + _f32(bias)
+    """docs/model.md step 16b: top-k of ``probs + bias`` (float64 sum; bias only chooses, never weighs)."""
+    sel = _f64(probs) if bias is None else _f64(probs) + _f64(bias)
     return top_k_stable(sel, k)
 
 
-def swiglu_clamped(gate: np.ndarray, up: np.ndarray, clamp: float) -> np.ndarray:
-    """docs/model.md steps 17-18: ``silu(min(gate, c)) * clip(up, -c, c)`` (ds4.c:5094-5104).
+def swiglu_clamped(gate: np.ndarray, up: np.ndarray, clamp: float,
+                   weight: np.ndarray | float | None = None) -> np.ndarray:
+    """docs/model.md steps 17-18: ``silu(min(gate, c)) * clip(up, -c, c) [* weight]`` (ds4.c:5094-5104).
 
-    The clamp is skipped when ``c <= 1e-6``.
+    The clamp is skipped when ``c <= 1e-6``.  ``weight`` is a routed expert's
+    router weight (step 17), folded in before the one rounding.
     """
-    g = _f32(gate)
-    u = _f32(up)
-    c = F32(clamp)
-    if c > F32(1.0e-6):
+    g = _f64(gate)
+    u = _f64(up)
+    c = float(F32(clamp))
+    if c > float(F32(1.0e-6)):
         g = np.minimum(g, c)
         u = np.clip(u, -c, c)
-    return silu(g) * u
+    y = _silu64(g) * u
+    if weight is not None:
+        y = y * _f64(weight)
+    return y.astype(np.float32)

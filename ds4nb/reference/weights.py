@@ -6,16 +6,17 @@ once and kept; larger ones are converted in row chunks on every use; routed
 experts are dequantised one expert at a time into a bounded LRU cache.
 
 Products follow the reference CPU path (docs/model.md, "Activation
-quantisation"):
+quantisation") with the numerics of docs/model.md, "Numerics": every product
+is evaluated in float64 and rounded once to float32, so it depends neither on
+the batch size nor on the BLAS kernel.
 
 * Q8_0 weights take the activation quantised to Q8_0 and sum per 32-block
-  ``(d_w * d_x) * sum_k q_w q_x`` over the blocks in order (ds4.c:2958-3018).
-  The integer block dots are exact in float32 (|sum| <= 32 * 128 * 128 <
-  2^24), so the result does not depend on the batch size or BLAS kernel.
-* F16 / F32 weights multiply the float32 activation directly, one token at a
-  time (so a prefill batch computes exactly what sequential decode computes).
-* Routed experts (IQ2_XXS / Q2_K / Q4_K) multiply the activation after a Q8_K
-  round trip, one token and one expert at a time.
+  ``(d_w * d_x) * sum_k q_w q_x`` (ds4.c:2958-3018); the integer block dots
+  are exact (|sum| <= 32 * 128 * 128 < 2^24).
+* F16 / F32 weights multiply the float32 activation directly.
+* Routed experts (IQ2_XXS / Q2_K / Q4_K) multiply the exact values of the
+  activation's Q8_K quantisation, one token and one expert at a time; experts
+  are decoded to their exact (float64) values.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ds4nb.model.loader import TensorInfo
 from ds4nb.quants import (
     BLOCK_DTYPE,
     dequantize,
+    dequantize_q8_0_activation,
     dequantize_q8_K_activation,
     dequantize_rows,
     quantize_q8_0,
@@ -40,16 +42,19 @@ CHUNK_BYTES = 2 << 20          # float32 bytes of weight converted per chunk
 CACHE_TENSOR_BYTES = 4 << 20   # float32 size under which a 2-D tensor is converted once and kept
 
 
-def q8_0_round_trip(x: np.ndarray) -> np.ndarray:
-    """The float values a Q8_0-quantised activation stands for (docs/model.md, "Activation quantisation")."""
+def q8_0_round_trip(x: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """The values a Q8_0-quantised activation stands for (docs/model.md, "Activation quantisation").
+
+    ``dtype=np.float64`` gives them exactly (``d * q`` needs up to 32 bits).
+    """
     qs, d = quantize_q8_0(x)
-    return (qs.reshape(*qs.shape[:-1], -1, QK8_0).astype(np.float32) * d[..., None]).reshape(qs.shape)
+    return dequantize_q8_0_activation(qs, d, dtype)
 
 
-def q8_k_round_trip(x: np.ndarray) -> np.ndarray:
-    """The float values a Q8_K-quantised activation stands for (ds4.c:1729)."""
+def q8_k_round_trip(x: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """The values a Q8_K-quantised activation stands for (ds4.c:1729); float64: exactly."""
     qs, d, _ = quantize_q8_K(x)
-    return dequantize_q8_K_activation(qs, d)
+    return dequantize_q8_K_activation(qs, d, dtype)
 
 
 class Q8Matrix:
@@ -69,7 +74,7 @@ class Q8Matrix:
 
     def _convert(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         b = self._blocks[r0:r1]
-        return b["qs"].astype(np.float32), b["d"].astype(np.float32)
+        return b["qs"].astype(np.float32), b["d"].astype(np.float64)
 
     def _rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cached is not None:
@@ -93,19 +98,19 @@ class Q8Matrix:
         r1 = self.n_out if r1 is None else r1
         n_tok = xq.shape[0]
         xqf = xq.reshape(n_tok, self.n_blocks, QK8_0).astype(np.float32)
-        xd_t = np.ascontiguousarray(xd.T)  # (nb, T)
+        xd64 = np.asarray(xd, dtype=np.float32).astype(np.float64)  # (T, nb)
         out = np.empty((n_tok, r1 - r0), dtype=np.float32)
         for c0 in range(r0, r1, self._chunk):
             c1 = min(c0 + self._chunk, r1)
             qs, d = self._rows(c0, c1)
-            idot = np.einsum("cbk,tbk->btc", qs, xqf)                  # exact integer dots
-            terms = (d.T[:, None, :] * xd_t[:, :, None]) * idot          # (d_w * d_x) * dot
-            out[:, c0 - r0:c1 - r0] = np.add.accumulate(terms, axis=0)[-1]  # blocks in order
+            idot = np.einsum("cbk,tbk->tcb", qs, xqf).astype(np.float64)   # exact integer dots
+            terms = (d[None, :, :] * xd64[:, None, :]) * idot                # (d_w * d_x) * dot, float64
+            out[:, c0 - r0:c1 - r0] = terms.sum(axis=-1)                     # rounded once
         return out
 
 
 class DenseMatrix:
-    """An F16 / F32 weight ``(n_out, n_in)`` applied to float32 activations, one token at a time."""
+    """An F16 / F32 weight ``(n_out, n_in)`` applied to float32 activations, in float64."""
 
     def __init__(self, t: TensorInfo):
         if t.qtype not in (Q.F16, Q.F32) or len(t.shape) != 2:
@@ -116,23 +121,26 @@ class DenseMatrix:
         self._chunk = max(1, CHUNK_BYTES // (4 * self.n_in))
         self._cached: np.ndarray | None = None
         if self.n_out * self.n_in * 4 <= CACHE_TENSOR_BYTES:
-            self._cached = self._values.astype(np.float32)
+            self._cached = self._values.astype(np.float64)
 
-    def matvec(self, x: np.ndarray) -> np.ndarray:
-        """``x (n_in,)`` -> ``(n_out,)`` in float32."""
-        x = np.asarray(x, dtype=np.float32)
+    def matmul64(self, x: np.ndarray) -> np.ndarray:
+        """``x (..., n_in)`` float32 -> ``(..., n_out)`` float64, not rounded (for fused formulas)."""
+        x = np.asarray(x, dtype=np.float32).astype(np.float64)
         if self._cached is not None:
-            return self._cached @ x
-        out = np.empty(self.n_out, dtype=np.float32)
+            return x @ self._cached.T
+        out = np.empty((*x.shape[:-1], self.n_out), dtype=np.float64)
         for r0 in range(0, self.n_out, self._chunk):
             r1 = min(r0 + self._chunk, self.n_out)
-            out[r0:r1] = self._values[r0:r1].astype(np.float32) @ x
+            out[..., r0:r1] = x @ self._values[r0:r1].astype(np.float64).T
         return out
 
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """``x (n_in,)`` -> ``(n_out,)`` float32 (float64 products and sums, one rounding)."""
+        return self.matmul64(x).astype(np.float32)
+
     def matmul(self, x: np.ndarray) -> np.ndarray:
-        """``x (T, n_in)`` -> ``(T, n_out)``, computed token by token (batch-invariant)."""
-        x = np.asarray(x, dtype=np.float32)
-        return np.stack([self.matvec(row) for row in x]) if len(x) else np.zeros((0, self.n_out), np.float32)
+        """``x (T, n_in)`` -> ``(T, n_out)`` float32."""
+        return self.matmul64(x).astype(np.float32)
 
     def rows(self, r0: int, r1: int) -> np.ndarray:
         return self._values[r0:r1].astype(np.float32)
@@ -153,7 +161,7 @@ class ExpertCache:
             self._items.move_to_end(key)
             return hit
         _, n_out, n_in = t.shape
-        w = dequantize_rows(t.data, t.qtype, n_in, expert * n_out, (expert + 1) * n_out)
+        w = dequantize_rows(t.data, t.qtype, n_in, expert * n_out, (expert + 1) * n_out, np.float64)
         if w.nbytes <= self.budget:
             while self.used + w.nbytes > self.budget and self._items:
                 _, old = self._items.popitem(last=False)
@@ -194,7 +202,7 @@ class Tensors:
         return m
 
     def expert(self, t: TensorInfo, e: int) -> np.ndarray:
-        """Routed expert ``e`` of a 3-D expert tensor as float32 ``(n_out, n_in)``."""
+        """Routed expert ``e`` of a 3-D expert tensor, its exact values as float64 ``(n_out, n_in)``."""
         return self.experts.get(t, e)
 
     def embedding_row(self, t: TensorInfo, token: int) -> np.ndarray:
