@@ -99,6 +99,7 @@ class _K:
         pick: Callable[[str], Any] = lambda op: reg.select(op, device=device).fn  # noqa: E731
         self.q8_matvec = reg.get("q8_0.matvec", decode_impl).fn
         self.q8_matmul = reg.get("q8_0.matmul", batched_impl).fn
+        self.q8_grouped_matvec = pick("q8_0.grouped_matvec")
         self.quant_q8_0 = pick("act.quantize_q8_0")
         self.quant_q8_K = pick("act.quantize_q8_K")
         self.rms = pick("norm.rms")
@@ -498,9 +499,8 @@ class CudaEngine(Engine):
         G, gd, rank = cfg.n_out_group, cfg.out_group_dim, cfg.out_lora_rank
         low = self.low[:T * G * rank]
         if T == 1:
-            act = self._quant_q8_0(heads, G, gd)          # group g is "row" g
-            for g in range(G):
-                k.q8_matvec(self._out_a[il][g], _q8_0_rows(act, gd // 32, g, g + 1), out=low[g * rank:(g + 1) * rank])
+            act = self._quant_q8_0(heads, G, gd)          # group g is "row" g: all groups in one launch
+            k.q8_grouped_matvec(res[lw.attn_output_a.name], act, out=low)
         else:
             by_group = self.heads_g[:T * G * gd]
             k.swap01(heads, T, G, gd, out=by_group)       # (T, G, gd) -> (G, T, gd)

@@ -61,13 +61,15 @@ _D0 = np.float64(0.0)
 
 
 @device
-def _q8_block(qs, dm, xq, xd, wq, wd, nb, b):
-    """One 32-value block: 4 weight words . 4 activation words, scaled by d_w * d_x (float64, exact)."""
-    s = dot8(qs[uint64(wq + b)], xq[uint64(b)], int32(0))
-    s = dot8(qs[uint64(wq + nb + b)], xq[uint64(nb + b)], s)
-    s = dot8(qs[uint64(wq + 2 * nb + b)], xq[uint64(2 * nb + b)], s)
-    s = dot8(qs[uint64(wq + 3 * nb + b)], xq[uint64(3 * nb + b)], s)
-    return float64(s) * (float64(float32(dm[uint64(wd + b)])) * float64(xd[uint64(b)]))
+def _q8_block(qs, dm, xq, xd, wq, wd, xw, nb, b):
+    """One 32-value block: 4 weight words . 4 activation words (row starting at word ``4 * xw``, scale
+    ``xw``), scaled by d_w * d_x (float64, exact)."""
+    xb = 4 * xw + b
+    s = dot8(qs[uint64(wq + b)], xq[uint64(xb)], int32(0))
+    s = dot8(qs[uint64(wq + nb + b)], xq[uint64(xb + nb)], s)
+    s = dot8(qs[uint64(wq + 2 * nb + b)], xq[uint64(xb + 2 * nb)], s)
+    s = dot8(qs[uint64(wq + 3 * nb + b)], xq[uint64(xb + 3 * nb)], s)
+    return float64(s) * (float64(float32(dm[uint64(wd + b)])) * float64(xd[uint64(xw + b)]))
 
 
 @L.kernel_factory
@@ -75,32 +77,35 @@ def _make_matvec(nb: int):
     """Row-per-warp matvec for rows of ``nb`` blocks.  ``nb`` is a compile-time
     constant: the block-minor offsets ``j * nb`` fold into the loads' immediates
     and the ``nb // 32`` full steps have a constant trip count, so they unroll
-    and every lane has all of its weight words in flight at once."""
+    and every lane has all of its weight words in flight at once.  Row ``r``
+    reads activation row ``r // rows_per_x`` (one row for a plain matvec; the
+    head groups of ``attn_output_a`` in one launch, docs/model.md step 13)."""
     full = nb // LANES
 
     @device
-    def row_dot(qs, dm, n_rows, xq, xd, out, row, lane):
+    def row_dot(qs, dm, n_rows, rows_per_x, xq, xd, out, row, lane):
         if row >= n_rows:  # a whole warp leaves: shuffles below stay full-warp
             return
         wq = row * 4 * nb
         wd = row * nb
+        xw = (row // rows_per_x) * nb
         acc = _D0
         for it in range(full):
-            acc += _q8_block(qs, dm, xq, xd, wq, wd, nb, lane + LANES * it)
+            acc += _q8_block(qs, dm, xq, xd, wq, wd, xw, nb, lane + LANES * it)
         if lane < nb - LANES * full:
-            acc += _q8_block(qs, dm, xq, xd, wq, wd, nb, lane + LANES * full)
+            acc += _q8_block(qs, dm, xq, xd, wq, wd, xw, nb, lane + LANES * full)
         acc = warp_sum(acc, LANES)
         if lane == 0:
             out[row] = float32(acc)   # the one rounding
 
     @cuda.jit
-    def kernel(qs, dm, n_rows, xq, xd, out):
+    def kernel(qs, dm, n_rows, rows_per_x, xq, xd, out):
         lane = cuda.threadIdx.x % LANES
         row = cuda.blockIdx.x * (ROWS_PER_BLOCK * ROWS_PER_THREAD) + cuda.threadIdx.x // LANES
-        row_dot(qs, dm, n_rows, xq, xd, out, row, lane)
+        row_dot(qs, dm, n_rows, rows_per_x, xq, xd, out, row, lane)
         if ROWS_PER_THREAD > 1:  # the simulator's further rows (a constant-false branch on the GPU)
             for rep in range(1, ROWS_PER_THREAD):
-                row_dot(qs, dm, n_rows, xq, xd, out, row + rep * ROWS_PER_BLOCK, lane)
+                row_dot(qs, dm, n_rows, rows_per_x, xq, xd, out, row + rep * ROWS_PER_BLOCK, lane)
 
     return kernel
 
@@ -167,8 +172,21 @@ def _check(w: PackedWeight, x: Q8_0Act) -> tuple[int, int, int]:
 def q8_0_matvec_warp8(w: PackedWeight, x: Q8_0Act, *, out: Any, stream: Any = 0) -> Any:
     """y = W x for one token: one warp per row, dp4a on block-minor words."""
     n_rows, nb, _ = _check(w, x)
+    return _matvec(w, x, out, n_rows, nb, n_rows, stream)
+
+
+@implementation("q8_0.grouped_matvec", "warp8", layout=layout_name(Q.Q8_0), priority=10)
+def q8_0_grouped_matvec_warp8(w: PackedWeight, x: Q8_0Act, *, out: Any, stream: Any = 0) -> Any:
+    """y[g*R:(g+1)*R] = W[g*R:(g+1)*R] x[g] for G activation rows in one launch (warp8's kernel)."""
+    n_rows, nb, groups = _check(w, x)
+    if groups < 1 or n_rows % groups:
+        raise ValueError(f"q8_0.grouped_matvec: {n_rows} rows do not split into {groups} groups")
+    return _matvec(w, x, out, n_rows, nb, n_rows // groups, stream)
+
+
+def _matvec(w: PackedWeight, x: Q8_0Act, out: Any, n_rows: int, nb: int, rows_per_x: int, stream: Any) -> Any:
     kernel_for("matvec", nb)[L.cdiv(n_rows, ROWS_PER_BLOCK * ROWS_PER_THREAD), LANES * ROWS_PER_BLOCK, stream](
-        w.qs, w.dm, n_rows, x.qs, x.d, L.flat(out))
+        w.qs, w.dm, n_rows, rows_per_x, x.qs, x.d, L.flat(out))
     return out
 
 
@@ -222,6 +240,20 @@ def _case_matvec(rng: np.random.Generator, scale: str) -> Case:
     return make_q8_0_case(rng, *MODEL_SHAPES["q_b"], 1)
 
 
+def _case_grouped(rng: np.random.Generator, scale: str) -> Case:
+    """attn_output_a's shape: G groups of R rows, group g applied to activation row g."""
+    groups, rows, k = (3, 7, 96) if scale == "tiny" else (8, 1024, 4096)
+    raw = random_blocks(Q.Q8_0, (groups * rows, k), rng, rms=0.02)
+    x = rng.standard_normal((groups, k)).astype(np.float32)
+    xq, xd = quantize_q8_0(x)
+    full = q8_0_reference(raw, (groups * rows, k), xq, xd)                 # (G, G*R): every group x every row
+    ref = np.concatenate([full[g, g * rows:(g + 1) * rows] for g in range(groups)])
+    out = L.device_array(groups * rows, np.float32)
+    return Case((repack(raw, Q.Q8_0, (groups * rows, k)).to_device(), q8_0_to_device(x)), out,
+                (ref.astype(np.float32),), (CONTRACT,), weight_bytes=raw.size,
+                info={"groups": groups, "rows": rows, "k": k})
+
+
 def _case_matmul(rng: np.random.Generator, scale: str) -> Case:
     if scale == "tiny":
         return make_q8_0_case(rng, 5, 256, 10)  # 10 tokens: one full pass of 8 and a partial one
@@ -236,6 +268,10 @@ OPS = [
     OpSpec("q8_0.matvec", "Q8_0 weight x Q8_0 activation, one token",
            "(w: PackedWeight Q8_0 (N, K), x: Q8_0Act (1, K), *, out f32 (N,), stream)",
            "dequantize(W) @ dequantize_q8_0_activation(quantize_q8_0(x)) in float64, rounded once", _TOL, _case_matvec),
+    OpSpec("q8_0.grouped_matvec", "Q8_0 weight rows in G groups, group g x activation row g, one launch",
+           "(w: PackedWeight Q8_0 (G*R, K), x: Q8_0Act (G, K), *, out f32 (G*R,), stream)",
+           "per group: dequantize(W_g) @ dequantize_q8_0_activation(quantize_q8_0(x_g)) in float64, rounded once",
+           _TOL, _case_grouped),
     OpSpec("q8_0.matmul", "Q8_0 weight x Q8_0 activations, n tokens",
            "(w: PackedWeight Q8_0 (N, K), x: Q8_0Act (n, K), *, out f32 (n, N), stream)",
            "dequantize(W) @ dequantize_q8_0_activation(quantize_q8_0(X)).T in float64, rounded once", _TOL,
