@@ -63,8 +63,23 @@ def alloc_workspace(rows: int, n: int, stream: Any = 0) -> ArgmaxWorkspace:
 
 
 @device
-def _better(ov, oi, best, idx):
+def better_pair(ov, oi, best, idx):
+    """Whether (value ov, index oi) beats (best, idx): larger value, then lower index."""
     return ov > best or (ov == best and oi < idx)
+
+
+@device
+def lane_argmax(best, idx, lanes):
+    """Arg-max of the (value, index) pairs across a group of ``lanes`` lanes (butterfly shuffles), in every lane."""
+    off = lanes // 2
+    while off > 0:
+        ov = shfl_xor(best, off)
+        oi = shfl_xor(idx, off)
+        if better_pair(ov, oi, best, idx):
+            best = ov
+            idx = oi
+        off //= 2
+    return best, idx
 
 
 @device
@@ -72,14 +87,7 @@ def _block_argmax(best, idx, vals, idxs):
     """(value, index) of the whole block, returned to every thread (all threads must call)."""
     tid = cuda.threadIdx.x
     for stage in range(2):
-        off = LANES // 2
-        while off > 0:
-            ov = shfl_xor(best, off)
-            oi = shfl_xor(idx, off)
-            if _better(ov, oi, best, idx):
-                best = ov
-                idx = oi
-            off //= 2
+        best, idx = lane_argmax(best, idx, LANES)
         if stage == 0:
             cuda.syncthreads()  # the previous use of vals/idxs is over
             if tid % LANES == 0:
@@ -130,7 +138,7 @@ def _argmax_kernel(x, n, chunk, part_v, part_i, counters, out):
         while k < parts:
             ov = part_v[row * parts + k]
             oi = part_i[row * parts + k]
-            if _better(ov, oi, best, idx):
+            if better_pair(ov, oi, best, idx):
                 best = ov
                 idx = oi
             k += THREADS

@@ -101,38 +101,32 @@ def block_sum(v, red, n_warps, zero, width):
 
 
 @device
-def _row_dot(w, w2, x, xb, n_out, n_out2, n_in, row, sub, stride):
-    """This lane's float64 share of output row ``row``: rows [0, n_out) read w, rows [n_out, n_out + n_out2) read w2."""
+def _strided_dot(w, wb, x, xb, n_in, i, stride):
+    """float64 sum of w[wb + j] * x[xb + j] for j = i, i + stride, ... < n_in: 4 partial sums (4 loads in flight)."""
     a0 = _D0
     a1 = _D0
     a2 = _D0
     a3 = _D0
-    if row < n_out + n_out2:
-        second = row >= n_out
-        r = row - n_out if second else row
-        wb = r * n_in
-        i = sub
-        if not second:
-            while i + 3 * stride < n_in:
-                a0 += float64(float32(w[wb + i])) * float64(x[xb + i])
-                a1 += float64(float32(w[wb + i + stride])) * float64(x[xb + i + stride])
-                a2 += float64(float32(w[wb + i + 2 * stride])) * float64(x[xb + i + 2 * stride])
-                a3 += float64(float32(w[wb + i + 3 * stride])) * float64(x[xb + i + 3 * stride])
-                i += 4 * stride
-            while i < n_in:
-                a0 += float64(float32(w[wb + i])) * float64(x[xb + i])
-                i += stride
-        else:
-            while i + 3 * stride < n_in:
-                a0 += float64(float32(w2[wb + i])) * float64(x[xb + i])
-                a1 += float64(float32(w2[wb + i + stride])) * float64(x[xb + i + stride])
-                a2 += float64(float32(w2[wb + i + 2 * stride])) * float64(x[xb + i + 2 * stride])
-                a3 += float64(float32(w2[wb + i + 3 * stride])) * float64(x[xb + i + 3 * stride])
-                i += 4 * stride
-            while i < n_in:
-                a0 += float64(float32(w2[wb + i])) * float64(x[xb + i])
-                i += stride
+    while i + 3 * stride < n_in:
+        a0 += float64(float32(w[wb + i])) * float64(x[xb + i])
+        a1 += float64(float32(w[wb + i + stride])) * float64(x[xb + i + stride])
+        a2 += float64(float32(w[wb + i + 2 * stride])) * float64(x[xb + i + 2 * stride])
+        a3 += float64(float32(w[wb + i + 3 * stride])) * float64(x[xb + i + 3 * stride])
+        i += 4 * stride
+    while i < n_in:
+        a0 += float64(float32(w[wb + i])) * float64(x[xb + i])
+        i += stride
     return (a0 + a1) + (a2 + a3)
+
+
+@device
+def _row_dot(w, w2, x, xb, n_out, n_out2, n_in, row, sub, stride):
+    """This lane's float64 share of output row ``row``: rows [0, n_out) read w, rows [n_out, n_out + n_out2) read w2."""
+    if row >= n_out + n_out2:
+        return _D0
+    if row < n_out:
+        return _strided_dot(w, row * n_in, x, xb, n_in, sub, stride)
+    return _strided_dot(w2, (row - n_out) * n_in, x, xb, n_in, sub, stride)
 
 
 @device

@@ -37,7 +37,8 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, int64, shfl_xor
+from ds4nb.kernels.argmax import better_pair, lane_argmax
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, int64
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -95,26 +96,6 @@ def f64_key(v):
     if u < _K0:
         return u ^ _KMAG
     return u
-
-
-@device
-def _better(k1, i1, k0, i0):
-    """Whether candidate (key k1, expert i1) beats (k0, i0): larger key, then lower expert id."""
-    return k1 > k0 or (k1 == k0 and i1 < i0)
-
-
-@device
-def _lane_best(bk, bi):
-    """Arg-max of the (key, expert) pairs across a LANES-lane group (butterfly shuffles)."""
-    off = LANES >> 1
-    while off > 0:
-        ok = shfl_xor(bk, off)
-        oi = shfl_xor(bi, off)
-        if _better(ok, oi, bk, bi):
-            bk = ok
-            bi = oi
-        off >>= 1
-    return bk, bi
 
 
 @device
@@ -190,10 +171,10 @@ def _router_kernel(logits, n_expert, bias, has_bias, k, scale, normalise, hash_m
                 for j in range(1, EXPERTS_PER_THREAD):
                     if e + j * nt >= n_expert:
                         break
-                    if _better(keys[j], ids[j], bk, bi):
+                    if better_pair(keys[j], ids[j], bk, bi):
                         bk = keys[j]
                         bi = ids[j]
-            bk, bi = _lane_best(bk, bi)          # warp arg-max of (key, id) pairs
+            bk, bi = lane_argmax(bk, bi, LANES)          # warp arg-max of (key, id) pairs
             if lane == 0:
                 red_k[e // LANES] = bk
                 red_i[e // LANES] = bi
@@ -203,7 +184,7 @@ def _router_kernel(logits, n_expert, bias, has_bias, k, scale, normalise, hash_m
             if lane < nt // LANES:
                 bk = red_k[lane]
                 bi = red_i[lane]
-            bk, bi = _lane_best(bk, bi)          # every warp re-reduces the warp winners
+            bk, bi = lane_argmax(bk, bi, LANES)          # every warp re-reduces the warp winners
             win = bi
             if e == 0:
                 sel[r] = win
