@@ -1,23 +1,21 @@
 """GPU engine check and benchmark (run on the device machine).
 
-``python bench/engine.py check``: CUDA engine vs the numpy oracle on the
-``tiny`` and ``small`` presets: greedy tokens after a prompt that crosses
-the window and compression boundaries must be identical; prints the logits'
-relative error per step.
-
-``python bench/engine.py flash --layers N --out-dir DIR``: writes a
-flash-shaped model (real per-layer shapes, N layers) with ``ds4nb synth``
-(timed: GB/s), loads it with the ``full`` placement (timed: GiB/s), measures
-prefill and decode tokens/s and the decode roofline ratio: the bytes one
-token must read divided by the device-to-device copy bandwidth measured in
-the same run.  Writes a CSV line per measurement to ``--csv``.
+``python bench/engine.py flash [--layers N] [--model F] --out DIR``: one
+model load, every number of the decode issue: writes (or reuses) a
+flash-shaped model in /dev/shm (synth GB/s), measures the device's copy and
+read-only bandwidth, loads it with the ``full`` placement (GiB/s), runs the
+``ds4nb bench`` frontier sweep (prefill and generation t/s per frontier,
+CUDA graphs), then at the last frontier: graph vs eager decode, wall and GPU
+time per token (CUDA events around each step), launches per token, GPU time
+per op family, and the decode roofline (bytes a token must read / read-only
+bandwidth).  Writes ``flash_bench.csv``, ``flash_families.csv`` and
+``flash_summary.md`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 
-def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
+def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
     """Device-to-device copy, counting bytes read + written (GB/s)."""
     from numba import cuda
 
@@ -39,8 +37,37 @@ def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
         b.copy_to_device(a)
     stop.record()
     stop.synchronize()
-    ms = cuda.event_elapsed_time(start, stop) / reps
+    ms = start.elapsed_time(stop) / reps
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def read_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
+    """A read-only stream (each thread sums 8-byte words, one word written per thread) in GB/s."""
+    from numba import cuda, uint64
+
+    @cuda.jit
+    def read_all(x, out):
+        i = cuda.grid(1)
+        stride = cuda.gridsize(1)
+        acc = uint64(0)
+        while i < x.size:
+            acc ^= x[i]
+            i += stride
+        out[cuda.grid(1)] = acc
+
+    x = cuda.device_array(nbytes // 8, np.uint64)
+    blocks, threads = 132 * 16, 256
+    out = cuda.device_array(blocks * threads, np.uint64)
+    read_all[blocks, threads](x, out)
+    cuda.synchronize()
+    start, stop = cuda.event(), cuda.event()
+    start.record()
+    for _ in range(reps):
+        read_all[blocks, threads](x, out)
+    stop.record()
+    stop.synchronize()
+    ms = start.elapsed_time(stop) / reps
+    return nbytes / (ms * 1e-3) / 1e9
 
 
 def token_bytes(model) -> int:
@@ -61,133 +88,127 @@ def token_bytes(model) -> int:
     return total
 
 
-def check(args: argparse.Namespace) -> int:
-    from ds4nb.engine.session import CudaEngine
-    from ds4nb.model import load_model
-    from ds4nb.model.synth import write_synthetic
-    from ds4nb.reference.engine import CpuEngine
-
-    ok = True
-    rows = []
-    for preset, n_prompt in (("tiny", 45), ("small", 300)):
-        path = Path(args.out_dir) / f"{preset}.gguf"
-        write_synthetic(path, preset, seed=args.seed)
-        model = load_model(path)
-        rng = np.random.default_rng(args.seed)
-        prompt = rng.integers(0, model.config.n_vocab, n_prompt).tolist()
-        gpu = CudaEngine(model, ctx=1024, chunk=32)
-        cpu = CpuEngine(model)
-        t0 = time.perf_counter()
-        lg = gpu.prefill(prompt)
-        t_prefill = time.perf_counter() - t0
-        lc = cpu.prefill(prompt)
-        errs, same = [float(np.linalg.norm(lg - lc) / np.linalg.norm(lc))], True
-        gt, ct = int(lg.argmax()), int(lc.argmax())
-        n_gen = args.tokens
-        t_dec = 0.0
-        for _ in range(n_gen):
-            same &= gt == ct
-            if not same:
-                break
-            t0 = time.perf_counter()
-            lg = gpu.decode(gt)
-            t_dec += time.perf_counter() - t0
-            lc = cpu.decode(ct)
-            errs.append(float(np.linalg.norm(lg - lc) / np.linalg.norm(lc)))
-            gt, ct = int(lg.argmax()), int(lc.argmax())
-        # state round trip: the GPU session restored into a fresh engine continues identically
-        snap = gpu.snapshot()
-        a = gpu.decode(gt)
-        gpu2 = CudaEngine(model, ctx=1024, chunk=32)
-        gpu2.restore(snap)
-        b = gpu2.decode(gt)
-        restore_err = float(np.abs(a - b).max())
-        ok &= same and max(errs) < 1e-2 and restore_err == 0.0
-        rows.append((preset, n_prompt, n_gen, same, max(errs), restore_err, n_prompt / t_prefill, n_gen / t_dec))
-    print(f"{'preset':6} {'prompt':>6} {'gen':>4} {'tokens==oracle':>14} {'max rel err':>11} {'restore':>8} "
-          f"{'prefill t/s':>11} {'decode t/s':>10}")
-    for r in rows:
-        print(f"{r[0]:6} {r[1]:6d} {r[2]:4d} {str(r[3]):>14} {r[4]:11.2e} {r[5]:8.1e} {r[6]:11.1f} {r[7]:10.2f}")
-    return 0 if ok else 1
-
-
 def flash(args: argparse.Namespace) -> int:
-    from ds4nb.engine.session import CudaEngine
-    from ds4nb.model import load_model
-    from ds4nb.model.synth import write_synthetic
-
-    out = Path(args.out_dir) / f"flash-{args.layers}L.gguf"
-    t0 = time.perf_counter()
-    plan = write_synthetic(out, "flash", seed=args.seed, n_layer=args.layers, workers=args.workers)
-    t_write = time.perf_counter() - t0
-    write_gbs = plan.total_bytes / t_write / 1e9
-    print(f"synth flash {args.layers} layers: {plan.total_bytes / 2**30:.2f} GiB in {t_write:.1f} s "
-          f"({write_gbs:.2f} GB/s, {args.workers or os.cpu_count()} workers)", flush=True)
-    model = load_model(out)
-    bw = copy_bandwidth()
-    t0 = time.perf_counter()
-    eng = CudaEngine(model, ctx=args.ctx, chunk=args.chunk)
-    t_load = time.perf_counter() - t0
-    print(f"load: {eng.plan.device_bytes / 2**30:.2f} GiB in {t_load:.1f} s "
-          f"({eng.plan.device_bytes / 2**30 / t_load:.2f} GiB/s); {eng.describe()}", flush=True)
-    rng = np.random.default_rng(args.seed)
-    prompt = rng.integers(0, model.config.n_vocab, args.prompt).tolist()
-    eng.prefill(prompt[:8])  # warm-up: compiles every kernel
-    eng.reset()
     from numba import cuda
 
-    cuda.synchronize()
-    t0 = time.perf_counter()
-    logits = eng.prefill(prompt)
-    t_prefill = time.perf_counter() - t0
-    tok = int(logits.argmax())
+    from ds4nb.bench import FILLER, BenchRow, run_bench
+    from ds4nb.engine.session import CudaEngine
+    from ds4nb.model import load_model
+    from ds4nb.model.synth import write_synthetic
     from ds4nb.sampling import GREEDY
+    from ds4nb.tokenizer import Tokenizer
 
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    facts: dict[str, object] = {}
+    path = Path(args.model) if args.model else Path(args.synth_dir) / f"flash-{args.layers or 43}L.gguf"
+    if not path.exists():
+        t0 = time.perf_counter()
+        plan = write_synthetic(path, "flash", seed=args.seed, n_layer=args.layers, workers=args.workers)
+        dt = time.perf_counter() - t0
+        facts["synth"] = f"{plan.total_bytes / 2**30:.2f} GiB in {dt:.1f} s ({plan.total_bytes / dt / 1e9:.2f} GB/s)"
+        print("synth:", facts["synth"], flush=True)
+    model = load_model(path)
+    from numba import config
+
+    copy_bw, read_bw = (1.0, 1.0) if config.ENABLE_CUDASIM else (copy_bandwidth(args.bw_bytes),
+                                                                  read_bandwidth(args.bw_bytes))
+    facts["bandwidth"] = f"copy {copy_bw:.0f} GB/s (read + write), read-only {read_bw:.0f} GB/s"
+    print("bandwidth:", facts["bandwidth"], flush=True)
+    ctx = args.ctx_max + args.gen + 1
     t0 = time.perf_counter()
-    for _ in range(args.gen):
-        tok = eng.decode_sample(tok, GREEDY, rng)
-    t_decode = time.perf_counter() - t0
-    dec_tps = args.gen / t_decode
+    eng = CudaEngine(model, ctx=ctx, chunk=args.chunk)
+    t_load = time.perf_counter() - t0
+    gib = eng.plan.device_bytes / 2**30
+    facts["load"] = f"{gib:.2f} GiB in {t_load:.1f} s ({gib / t_load:.2f} GiB/s)"
+    facts["engine"] = eng.describe()
+    print("load:", facts["load"], "|", facts["engine"], flush=True)
+    tok = Tokenizer.from_gguf(model)
+    unit = tok.encode_ordinary(FILLER)
+    tokens = (unit * (args.ctx_max // len(unit) + 1))[:args.ctx_max]
+    rows = []
+    for row in run_bench(eng, tokens, ctx_start=args.ctx_start, ctx_max=args.ctx_max, step_incr=args.step_incr,
+                         gen_tokens=args.gen, eos_id=tok.eos_id):
+        rows.append(row)
+        print(f"ctx {row.ctx_tokens}: prefill {row.prefill_tps:.1f} t/s, gen {row.gen_tps:.2f} t/s "
+              f"(steady {row.gen_tps_ss:.2f}), first {row.first_token_sec * 1e3:.1f} ms", flush=True)
+    with open(out_dir / "flash_bench.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(BenchRow.header())
+        for r in rows:
+            w.writerow([f"{v:.3f}" if isinstance(v, float) else v for v in r.values()])
+    # at the last frontier (the session ends there): timed decode with CUDA graphs, then eager
+    eng.reset()
+    eng.prefill(tokens)
+    snap = eng.snapshot()
+    rng = np.random.default_rng(args.seed)
+    first = int(np.argmax(eng.decode(tokens[-1])))
+
+    def timed_decode(n: int) -> tuple[float, float]:
+        eng.restore(snap)
+        t = first
+        eng.step_events = []
+        t0 = time.perf_counter()
+        for _ in range(n):
+            t = eng.decode_sample(t, GREEDY, rng)
+        wall = (time.perf_counter() - t0) / n
+        gpu = sum(a.elapsed_time(b) for a, b in eng.step_events) / 1e3 / n
+        eng.step_events = None
+        return wall, gpu
+
+    timed_decode(2)                                        # capture
+    wall_g, gpu_g = timed_decode(args.gen)
+    launches = eng.launches_per_token()
+    eng.use_graphs = False
+    eng._runners.clear()
+    timed_decode(2)
+    wall_e, gpu_e = timed_decode(min(args.gen, 16))
+    eng.use_graphs = True
+    eng._runners.clear()
+    eng.restore(snap)
+    families = [] if eng.probe.simulator else eng.profile_decode(first)
     per_tok = token_bytes(model)
-    roofline_tps = bw * 1e9 / 2 / per_tok  # reading per_tok bytes at the copy's read rate (half of read+write)
-    row = dict(device=eng.probe.name, layers=args.layers, model_gib=round(plan.total_bytes / 2**30, 2),
-               synth_gbs=round(write_gbs, 2), load_gibs=round(eng.plan.device_bytes / 2**30 / t_load, 2),
-               prompt_tokens=args.prompt, prefill_tps=round(args.prompt / t_prefill, 2), gen_tokens=args.gen,
-               decode_tps=round(dec_tps, 2), bytes_per_token=per_tok, copy_gbs=round(bw, 1),
-               roofline_tps=round(roofline_tps, 1), roofline_ratio=round(dec_tps / roofline_tps, 4))
-    for k, v in row.items():
-        print(f"{k:16} {v}")
-    if args.csv:
-        new = not Path(args.csv).exists()
-        with open(args.csv, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
-    if not args.keep:
-        out.unlink()
+    roof = read_bw * 1e9 / per_tok
+    facts["decode"] = (f"graph {1 / wall_g:.2f} t/s (wall {wall_g * 1e3:.2f} ms, GPU {gpu_g * 1e3:.2f} ms per token, "
+                       f"wall/GPU {wall_g / gpu_g:.3f}); eager {1 / wall_e:.2f} t/s (wall {wall_e * 1e3:.1f} ms, "
+                       f"GPU busy {gpu_e * 1e3:.2f} ms); {launches} launches per token")
+    facts["roofline"] = (f"{per_tok / 1e9:.3f} GB per token / {read_bw:.0f} GB/s = {roof:.0f} t/s; "
+                         f"graph decode at {(1 / wall_g) / roof:.3f} of it")
+    print("decode:", facts["decode"], "\nroofline:", facts["roofline"], flush=True)
+    total = sum(f.gpu_us for f in families) or 1.0
+    with open(out_dir / "flash_families.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["family", "launches", "gpu_us_per_token", "share"])
+        for f in families:
+            w.writerow([f.family, f.launches, f"{f.gpu_us:.1f}", f"{f.gpu_us / total:.3f}"])
+    lines = [f"| {f.family} | {f.launches} | {f.gpu_us:.0f} | {100 * f.gpu_us / total:.1f}% |" for f in families]
+    summary = "\n".join([f"# flash decode, {eng.probe.name}", ""] + [f"- {k}: {v}" for k, v in facts.items()] + [
+        "", "| ctx | prefill t/s | gen t/s | gen t/s (steady) | first token ms |", "|---:|---:|---:|---:|---:|"] + [
+        f"| {r.ctx_tokens} | {r.prefill_tps:.1f} | {r.gen_tps:.2f} | {r.gen_tps_ss:.2f} | {r.first_token_sec * 1e3:.1f} |"
+        for r in rows] + ["", f"GPU time per token by op family (each family replayed alone as a graph; sum "
+                              f"{total / 1e3:.2f} ms):", "", "| family | launches | GPU us | share |",
+                              "|---|---:|---:|---:|"] + lines)
+    (out_dir / "flash_summary.md").write_text(summary + "\n")
+    print(summary)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check")
-    c.add_argument("--out-dir", default="/tmp")
-    c.add_argument("--seed", type=int, default=1)
-    c.add_argument("--tokens", type=int, default=32)
-    c.set_defaults(func=check)
     f = sub.add_parser("flash")
-    f.add_argument("--layers", type=int, default=20)
-    f.add_argument("--out-dir", default="/dev/shm")
+    f.add_argument("--layers", type=int, default=None, help="flash-shaped model with N layers (default: all 43)")
+    f.add_argument("--model", default=None, help="an existing DS4 GGUF instead of a synthetic one")
+    f.add_argument("--synth-dir", default="/dev/shm")
     f.add_argument("--seed", type=int, default=1)
     f.add_argument("--workers", type=int, default=None)
-    f.add_argument("--ctx", type=int, default=4096)
     f.add_argument("--chunk", type=int, default=64)
-    f.add_argument("--prompt", type=int, default=512)
+    f.add_argument("--ctx-start", type=int, default=512)
+    f.add_argument("--ctx-max", type=int, default=2048)
+    f.add_argument("--step-incr", type=int, default=512)
     f.add_argument("--gen", type=int, default=32)
-    f.add_argument("--csv", default=None)
-    f.add_argument("--keep", action="store_true")
+    f.add_argument("--out", default="/tmp/out")
+    f.add_argument("--bw-bytes", type=int, default=4 << 30, help="buffer size of the bandwidth probes")
     f.set_defaults(func=flash)
     args = p.parse_args(argv)
     return args.func(args)

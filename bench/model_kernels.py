@@ -49,6 +49,7 @@ from ds4nb.kernels import rope as R  # noqa: E402
 from ds4nb.kernels import router as RT  # noqa: E402
 from ds4nb.kernels import sample as S  # noqa: E402
 from ds4nb.kernels.intrinsics import SIMULATOR  # noqa: E402
+from ds4nb.kernels.step import group_offset, one_record, records  # noqa: E402
 from ds4nb.reference import ops  # noqa: E402
 from ds4nb.sampling import SamplingParams  # noqa: E402
 
@@ -195,9 +196,10 @@ def q_norm_rope_case(rng, n_head=64, hd=512, n_rot=64) -> Case:
     qd = dev(q)
     out = cuda.device_array(q.size, np.float32)
     pos = 123457
+    steps = dev(records(pos, 1))
 
     def launch(i):
-        A.q_norm_rope(qd, out=out, n_head=n_head, head_dim=hd, eps=1e-6, rope=rope, pos=pos)
+        A.q_norm_rope(qd, out=out, n_head=n_head, head_dim=hd, eps=1e-6, rope=rope, steps=steps)
 
     launch(0)
     ref = ops.apply_rope_tail(ops.head_rms_norm(q[0], n_head, hd, 1e-6).reshape(n_head, hd), rope, pos)
@@ -228,9 +230,10 @@ def kv_store_case(rng, hd=512, n_rot=64) -> Case:
     kvd, wd = dev(kv), dev(w)
     cache = cuda.device_array((128, hd), np.float16)
     pos = 1000
+    steps = dev(records(pos, 1, n_swa=128))
 
     def launch(i):
-        A.kv_store(kvd, wd, out=cache, row=pos, rope=rope, pos=pos, eps=1e-6)
+        A.kv_store(kvd, wd, out=cache, rope=rope, eps=1e-6, steps=steps)
 
     launch(0)
     ref = A.kv_store_reference(kv, w, rope, pos, 1e-6, n_rot)[0]
@@ -252,10 +255,11 @@ def attn_case(rng, name, n_comp, top, n_head=64, hd=512, n_raw=128, geom=None) -
     scratch = A.alloc_attn_scratch(n_head, hd)
     rope = R.make_test_rope(64, True)
     pos = 99999
+    steps = dev(one_record(pos, n_raw=n_raw, visible=top or n_comp, select=top or 0))
 
     def launch(i):
-        A.attention_decode(qd, raws[i], n_raw, comps[i] if n_comp else None, top or n_comp, sd, seld, out=out,
-                           rope=rope, pos=pos, scratch=scratch, **geom)
+        A.attention_decode(qd, raws[i], comps[i] if n_comp else None, sd, seld, out=out, steps=steps,
+                           grp=group_offset(1), max_rows=n_raw + (top or n_comp), rope=rope, scratch=scratch, **geom)
 
     launch(0)
     raw = raws[0].copy_to_host().astype(np.float32)
@@ -270,43 +274,49 @@ def attn_case(rng, name, n_comp, top, n_head=64, hd=512, n_raw=128, geom=None) -
 
 def emit_case(rng, name, ratio, d, overlap, finish, n_rot=64) -> Case:
     rope = R.make_test_rope(n_rot, True)
-    kv, sc = C.random_state(rng, ratio, d, overlap)
+    width = 2 * d if overlap else d
+    kv, sc = C.random_state(rng, ratio, d, overlap, filled=ratio - 1)
+    new_kv = rng.standard_normal(width).astype(np.float32)
+    new_sc = rng.standard_normal(width)
+    ape = rng.standard_normal((ratio, width)).astype(np.float16)
     nw = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
     pos = ratio * 77 - 1
-    row, _, _ = C.emit_reference(kv, sc, nw, pos, ratio, overlap, rope, 1e-6, finish, n_rot)
-    kvd, scd, nwd = dev(kv), dev(sc), dev(nw)
+    kv2, sc2 = C.store_reference(kv, sc, new_kv, new_sc, ape, pos, ratio, overlap)
+    row, _, _ = C.emit_reference(kv2, sc2, nw, pos, ratio, overlap, rope, 1e-6, finish, n_rot)
+    proj = C.CompressorProjection(dev(new_kv), dev(new_sc))
+    state = C.CompressorStateDev(dev(kv), dev(sc))
+    kvd0, scd0 = dev(kv), dev(sc)   # pristine copies: the step slides the window
+    apd, nwd = dev(ape), dev(nw)
     cache = cuda.device_array((4, d), np.float16)
-    kvd0, scd0 = dev(kv), dev(sc)   # pristine copies: emit slides the window
+    steps = dev(one_record(pos, emit=1, rows=2))
 
     def launch(i):
-        C.compressor_emit(kvd, scd, nwd, out=cache, row=1, pos=pos, ratio=ratio, overlap=overlap, rope=rope,
-                          eps=1e-6, finish=finish)
+        C.compressor_step(proj, 0, apd, nwd, out=cache, state=state, ratio=ratio, overlap=overlap, rope=rope,
+                          eps=1e-6, finish=finish, steps=steps, grp=group_offset(1))
 
     launch(0)
     err = rel(cache.copy_to_host()[1].astype(np.float32), row)
-    kvd.copy_to_device(kvd0)
-    scd.copy_to_device(scd0)
-    return Case(name, "compressor.emit", f"ratio {ratio}, d {d}, {finish}", kv.nbytes * 4 + d * 2, launch, 1, err)
+    state.kv.copy_to_device(kvd0)
+    state.score.copy_to_device(scd0)
+    return Case(name, "compressor.step", f"ratio {ratio}, d {d}, {finish}", kv.nbytes * 4 + d * 2, launch, 1, err)
 
 
-def update_case(rng, width=1024, n_embd=4096, ratio=4) -> Case:
+def update_case(rng, width=1024, n_embd=4096) -> Case:
     ns = n_sets(2 * width * n_embd * 2)
     wk = [dev((rng.standard_normal((width, n_embd)) / 64).astype(np.float16)) for _ in range(ns)]
     wg = [dev((rng.standard_normal((width, n_embd)) / 64).astype(np.float16)) for _ in range(ns)]
-    ape = dev(rng.standard_normal((ratio, width)).astype(np.float16))
     x = rng.standard_normal(n_embd).astype(np.float32)
     xd = dev(x)
-    st = C.alloc_state(ratio, width // 2, True)
+    out = C.alloc_projection(1, width)
 
     def launch(i):
-        C.compressor_update(xd, wk[i], wg[i], ape, out=st, pos=6, ratio=ratio, overlap=True)
+        C.compressor_project(xd, wk[i], wg[i], out=out)
 
     launch(0)
-    ref = wg[0].copy_to_host().astype(np.float64) @ x + ape.copy_to_host()[2].astype(np.float64)
-    err = max(rel(st.score.copy_to_host()[6], ref),
-              rel(st.kv.copy_to_host()[6], wk[0].copy_to_host().astype(np.float64) @ x))
-    return Case("compressor.update (CSA kv+gate)", "compressor.update", f"2x{width}x{n_embd} f16",
-                2 * width * n_embd * 2 + 2 * width * 4, launch, ns, err)
+    err = max(rel(out.score.copy_to_host(), wg[0].copy_to_host().astype(np.float64) @ x),
+              rel(out.kv.copy_to_host(), wk[0].copy_to_host().astype(np.float64) @ x))
+    return Case("compressor.project (CSA kv+gate)", "compressor.project", f"2x{width}x{n_embd} f16",
+                2 * width * n_embd * 2 + width * 12, launch, ns, err)
 
 
 def q_prep_case(rng, n_ih=64, d=128) -> Case:
@@ -315,8 +325,10 @@ def q_prep_case(rng, n_ih=64, d=128) -> Case:
     qd = dev(q)
     out = cuda.device_array(q.size, np.float32)
 
+    steps = dev(records(4321, 1))
+
     def launch(i):
-        I.q_prep(qd, out=out, n_head=n_ih, head_dim=d, rope=rope, pos=4321)
+        I.q_prep(qd, out=out, n_head=n_ih, head_dim=d, rope=rope, steps=steps)
 
     launch(0)
     ref = ops.indexer_qat(ops.apply_rope_tail(q.reshape(n_ih, d), rope, 4321))
@@ -333,8 +345,10 @@ def scores_case(rng, n, n_ih=64, d=128) -> Case:
     out = cuda.device_array(n, np.float32)
     ws = I.indexer_w_scale(d, n_ih)
 
+    steps = dev(one_record(0, rows=n, visible=512, select=512))
+
     def launch(i):
-        I.indexer_scores(qd, wd, rowsets[i], n, out=out, w_scale=ws)
+        I.indexer_scores(qd, wd, rowsets[i], out=out, w_scale=ws, steps=steps, grp=group_offset(1), max_rows=n)
 
     launch(0)
     ref = ops.indexer_scores(q, w, rowsets[0].copy_to_host().astype(np.float32), ws)
@@ -388,13 +402,13 @@ def sample_case(rng, name, params, n=129280) -> Case:
     x = S.random_logits(rng, n)
     xd = dev(x)
     out = cuda.device_array(2, np.int32)
-    scratch = S.alloc_scratch()
+    scratch = S.alloc_scratch(n)
     us = rng.random(64)
     miss = 0
     for u in us[:16]:
         S.sample_device(xd, out=out, params=params, u=float(u), scratch=scratch)
         tok, status = out.copy_to_host()
-        miss += int(status != 0 or tok != sample(x, params, S._FixedDraw(float(u))))
+        miss += int(status != 0 or tok != sample(x, params, S.FixedDraw(float(u))))
 
     def launch(i):
         S.sample_device(xd, out=out, params=params, u=float(us[i % 64]), scratch=scratch)

@@ -23,6 +23,7 @@ from ds4nb.kernels import router as RT
 from ds4nb.kernels import sample as S
 from ds4nb.kernels.parity import CONTRACT_RATE, check_case, contract_error
 from ds4nb.kernels.registry import KernelRegistry
+from ds4nb.kernels.step import group_offset, one_record
 from ds4nb.reference import ops
 
 pytestmark = pytest.mark.gpu
@@ -37,7 +38,7 @@ OPS = [(op, impl.name) for op in REG.ops() for impl in REG.implementations(op)]
 @pytest.mark.parametrize(("op", "impl"), OPS, ids=[f"{o}[{i}]" for o, i in OPS])
 def test_model_shape_parity(op, impl, kernel_rng):
     spec = REG.op(op)
-    for _ in range(3 if op in ("compressor.emit", "sample.draw", "rope.tail") else 1):
+    for _ in range(3 if op in ("compressor.step", "sample.draw", "rope.tail") else 1):
         res = check_case(REG.get(op, impl), spec.make_case(kernel_rng, "model"), spec.tolerance)
         print(res)
         assert res.ok, str(res)
@@ -63,10 +64,12 @@ def test_attention_decode_flash(kernel_rng, n_comp, top, geom):
     rows = np.concatenate([raw, comp[:n_comp] if sel is None else comp[np.sort(sel)]])
     ref = ops.attention_with_sinks(q, rows, sinks)
     out = _poison(q.size)
-    A.attention_decode(cuda.to_device(q), cuda.to_device(raw.astype(np.float16)), n_raw,
-                       cuda.to_device(comp.astype(np.float16)) if n_comp else None,
-                       n_comp if sel is None else top, cuda.to_device(sinks),
-                       None if sel is None else cuda.to_device(sel), out=out, **geom)
+    n_vis = n_comp if sel is None else top
+    rec = one_record(0, n_raw=n_raw, visible=n_vis, select=0 if sel is None else top)
+    A.attention_decode(cuda.to_device(q), cuda.to_device(raw.astype(np.float16)),
+                       cuda.to_device(comp.astype(np.float16)) if n_comp else None, cuda.to_device(sinks),
+                       None if sel is None else cuda.to_device(sel), out=out, steps=cuda.to_device(rec),
+                       grp=group_offset(1), max_rows=n_raw + n_vis, **geom)
     got = out.copy_to_host().reshape(ref.shape)
     err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     print(f"attn.decode n_comp={n_comp} top={top} {geom}: {err:.3g}")
@@ -83,8 +86,9 @@ def test_indexer_scores_topk_flash(kernel_rng, n):
     ws = I.indexer_w_scale(d, n_ih)
     ref = ops.indexer_scores(q, w, rows, ws)
     sc = _poison(n)
-    I.indexer_scores(cuda.to_device(q), cuda.to_device(w), cuda.to_device(rows.astype(np.float16)), n, out=sc,
-                     w_scale=ws)
+    rec = cuda.to_device(one_record(0, rows=n, visible=k, select=k))
+    I.indexer_scores(cuda.to_device(q), cuda.to_device(w), cuda.to_device(rows.astype(np.float16)), out=sc,
+                     w_scale=ws, steps=rec, grp=group_offset(1), max_rows=n)
     got = sc.copy_to_host()
     err = contract_error(got, ref)
     print(f"indexer.scores n={n}: {err:.3g} of the scores differ (by one ulp)")
@@ -100,7 +104,7 @@ def test_sampling_full_vocab_many_draws(kernel_rng):
     rng = kernel_rng
     x = S.random_logits(rng, 129280)
     x_d = cuda.to_device(x)
-    scratch = S.alloc_scratch()
+    scratch = S.alloc_scratch(x.size)
     out = cuda.device_array(2, np.int32)
     n = 0
     for params in (SamplingParams(temperature=0.0), SamplingParams(), SamplingParams(temperature=0.7, top_k=40),
@@ -110,7 +114,7 @@ def test_sampling_full_vocab_many_draws(kernel_rng):
             S.sample_device(x_d, out=out, params=params, u=float(u), scratch=scratch)
             tok, status = out.copy_to_host()
             assert status == 0
-            assert tok == sample(x, params, S._FixedDraw(float(u))), (params, u)
+            assert tok == sample(x, params, S.FixedDraw(float(u))), (params, u)
             n += 1
     # min_p = 0 without top-k: every finite logit is a candidate -> host fallback, same token
     p = SamplingParams(temperature=1.0, top_p=0.5, min_p=0.0)

@@ -22,6 +22,7 @@ from ds4nb.kernels import rope as R
 from ds4nb.kernels import router as RT
 from ds4nb.kernels import sample as S
 from ds4nb.kernels.parity import rel_error
+from ds4nb.kernels.step import NF, group_offset, one_record, records
 from ds4nb.reference import ops
 
 MODULES = (A, C, F, H, I, R, RT, S)
@@ -179,9 +180,11 @@ def test_attention_decode_variants(kernel_rng, case):
         ref = ops.attention_with_sinks(q, rows[:n_raw + n_comp], sinks)
     out = poisoned(q.size)
     raw_d = cuda.to_device(raw if n_raw else np.zeros((1, q.shape[1]), dtype))
-    A.attention_decode(cuda.to_device(q), raw_d, n_raw, cuda.to_device(comp) if n_comp else None,
-                       len(sel) if sel is not None else n_comp, cuda.to_device(sinks),
-                       None if sel is None else cuda.to_device(sel), out=out, **kw)
+    n_vis = len(sel) if sel is not None else n_comp
+    rec = one_record(0, n_raw=n_raw, visible=n_vis, select=0 if sel is None else n_vis)
+    A.attention_decode(cuda.to_device(q), raw_d, cuda.to_device(comp) if n_comp else None, cuda.to_device(sinks),
+                       None if sel is None else cuda.to_device(sel), out=out, steps=cuda.to_device(rec),
+                       grp=group_offset(1), max_rows=n_raw + n_comp, **kw)
     got = out.copy_to_host()
     if case == "empty":
         assert np.array_equal(got, np.zeros_like(got))
@@ -199,7 +202,8 @@ def test_kv_store_ring_row_f16_cache(kernel_rng):
     cache = cuda.to_device(np.full((cap, head_dim), np.float16(1.5), np.float16))
     cache[5].copy_to_device(np.full(head_dim, np.nan, np.float16))
     pos = 21                                          # ring slot 21 % 8 = 5
-    A.kv_store(cuda.to_device(kv), cuda.to_device(w), out=cache, row=pos, rope=rope, pos=pos, eps=1e-6)
+    A.kv_store(cuda.to_device(kv), cuda.to_device(w), out=cache, rope=rope, eps=1e-6,
+               steps=cuda.to_device(records(pos, 1, n_swa=cap)))
     got = cache.copy_to_host().astype(np.float32)
     ref = A.kv_store_reference(kv, w, rope, pos, 1e-6, n_rot)[0]
     check_bits(got[5], ref, "attn.kv_store", "ring slot")
@@ -207,7 +211,7 @@ def test_kv_store_ring_row_f16_cache(kernel_rng):
 
 
 # ---------------------------------------------------------------------------
-# compressor: a token sequence through update + emit against the oracle's step 9
+# compressor: a token sequence through project + step against the oracle's step 9
 # ---------------------------------------------------------------------------
 
 
@@ -239,30 +243,31 @@ def test_compressor_sequence(kernel_rng, ratio, d, overlap, finish):
     dev.kv.copy_to_device(st.kv)
     dev.score.copy_to_device(st.score)
     cache = poisoned((4, d))
-    n_rows = 0
-    refs = []
-    wkv_d, wg_d, ape_d, nw_d = (cuda.to_device(a) for a in (wkv, wg, ape, nw))
-    for pos in range(pos0, pos0 + n_steps):
-        x = rng.standard_normal(n_embd).astype(np.float32)
-        r = pos % ratio
-        slot = ratio + r if overlap else r
-        st.kv[slot], st.score[slot] = C.update_reference(x, wkv, wg, ape[r])
+    refs = {}
+    x = rng.standard_normal((n_steps, n_embd)).astype(np.float32)
+    new_kv, new_sc = C.project_reference(x, wkv, wg)
+    for t, pos in enumerate(range(pos0, pos0 + n_steps)):
+        st.kv, st.score = C.store_reference(st.kv, st.score, new_kv[t], new_sc[t], ape, pos, ratio, overlap)
         if (pos + 1) % ratio == 0:
-            row, st.kv, st.score = C.emit_reference(st.kv, st.score, nw, pos, ratio, overlap, rope, 1e-6,
-                                                    finish, n_rot)
-            refs.append(row)
-        emitted = C.compressor_step(cuda.to_device(x), wkv_d, wg_d, ape_d, nw_d, dev, cache, n_rows, pos=pos,
-                                    ratio=ratio, overlap=overlap, rope=rope, eps=1e-6, finish=finish)
-        n_rows += int(emitted)
-        check_bits(dev.kv.copy_to_host(), st.kv, "compressor.update", f"kv after pos {pos}")
-        sc_dev = dev.score.copy_to_host()
-        empty = st.score <= ops.NEG_INF
-        assert np.array_equal(sc_dev <= ops.NEG_INF, empty), f"empty slots differ after pos {pos}"
-        check_bits(sc_dev, st.score, "compressor.update", f"score after pos {pos}")
-    assert n_rows == len(refs) >= 1
+            refs[(pos + 1) // ratio - 1], st.kv, st.score = C.emit_reference(st.kv, st.score, nw, pos, ratio, overlap,
+                                                                             rope, 1e-6, finish, n_rot)
+    proj = C.alloc_projection(n_steps, width)
+    C.compressor_project(cuda.to_device(x), cuda.to_device(wkv), cuda.to_device(wg), out=proj)   # all tokens at once
+    check_bits(proj.kv.copy_to_host(), new_kv.reshape(-1), "compressor.project", "kv")
+    steps = cuda.to_device(records(pos0, n_steps, groups=[(ratio, 0)]))
+    ape_d, nw_d = cuda.to_device(ape), cuda.to_device(nw)
+    for t in range(n_steps):                                                         # then token by token
+        C.compressor_step(proj, t, ape_d, nw_d, out=cache, state=dev, ratio=ratio, overlap=overlap, rope=rope,
+                          eps=1e-6, finish=finish, steps=steps, rec=t * NF, grp=group_offset(1))
+    check_bits(dev.kv.copy_to_host(), st.kv, "compressor.step", "kv")
+    sc_dev = dev.score.copy_to_host()
+    assert np.array_equal(sc_dev <= ops.NEG_INF, st.score <= ops.NEG_INF), "empty slots differ"
+    check_bits(sc_dev, st.score, "compressor.step", "score")
+    assert len(refs) >= 1
     got = cache.copy_to_host()
-    check_bits(got[:n_rows], np.stack(refs), "compressor.emit", "rows")
-    assert np.isnan(got[n_rows:]).all(), "rows past the emitted ones were written"
+    for row, ref in refs.items():
+        check_bits(got[row], ref, "compressor.step", f"row {row}")
+    assert np.isnan(np.delete(got, list(refs), axis=0)).all(), "rows no token emitted were written"
 
 
 # ---------------------------------------------------------------------------
@@ -281,7 +286,7 @@ def test_topk_ties_full_and_device_cap(kernel_rng):
         I.topk(cuda.to_device(v), v.size, k, out=out)
         assert np.array_equal(out.copy_to_host(), ops.top_k_stable(finite, k)), k
     out = poisoned(10, np.int32)
-    I.topk(cuda.to_device(v), v.size, 10, out=out, kcap=cuda.to_device(np.array([3], np.int32)))
+    I.topk(cuda.to_device(v), v.size, 10, out=out, k_from=(cuda.to_device(np.array([7, 3], np.int32)), 1))
     got = out.copy_to_host()
     assert np.array_equal(got[:3], ops.top_k_stable(finite, 3)) and np.all(got[3:] == -7)
 
@@ -318,10 +323,12 @@ def test_indexer_pipeline(kernel_rng):
     ws = ops.indexer_weight_scale(d, n_ih)          # a float64, as the engine passes it
     scores = ops.indexer_scores(qr, w, rows, ws)
     q_d = cuda.to_device(q)
-    I.q_prep(q_d, out=q_d, n_head=n_ih, head_dim=d, rope=rope, pos=pos)      # in place
+    I.q_prep(q_d, out=q_d, n_head=n_ih, head_dim=d, rope=rope, steps=cuda.to_device(records(pos, 1)))  # in place
     check_bits(q_d.copy_to_host(), qr, "indexer.q_prep")
     sc = poisoned(n_comp)
-    I.indexer_scores(q_d, cuda.to_device(w), cuda.to_device(rows), n_comp, out=sc, w_scale=ws)
+    rec = cuda.to_device(one_record(pos, rows=n_comp, visible=top_k, select=top_k))
+    I.indexer_scores(q_d, cuda.to_device(w), cuda.to_device(rows), out=sc, w_scale=ws, steps=rec, grp=group_offset(1),
+                     max_rows=n_comp)
     check_bits(sc.copy_to_host(), scores, "indexer.scores")
     sel = poisoned(top_k, np.int32)
     I.topk(sc, n_comp, top_k, out=sel)
@@ -384,7 +391,7 @@ def test_router_float64_keys_and_ties(kernel_rng, monkeypatch, geometry):
 def _sample_twin(x, params, u):
     from ds4nb.sampling import sample
 
-    return sample(x, params, S._FixedDraw(u))
+    return sample(x, params, S.FixedDraw(u))
 
 
 @pytest.mark.parametrize("params", [
@@ -400,7 +407,7 @@ def test_sample_matches_twin(kernel_rng, params):
     p = SamplingParams(**params)
     x = S.random_logits(rng, 200)
     x_d = cuda.to_device(x)
-    scratch = S.alloc_scratch()
+    scratch = S.alloc_scratch(x.size)
     for u in (0.0, float(rng.random()), 0.999999):
         out = poisoned(2, np.int32)
         S.sample_device(x_d, out=out, params=p, u=u, scratch=scratch)

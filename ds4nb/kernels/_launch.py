@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -31,6 +32,46 @@ def placeholder(dtype: Any = np.float32) -> Any:
     if key not in _PLACEHOLDERS:
         _PLACEHOLDERS[key] = cuda.to_device(np.zeros(1, dtype=dtype))
     return _PLACEHOLDERS[key]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One prepared kernel launch: the kernel, its geometry and its arguments, fixed once.
+
+    ``family`` names the op family it belongs to (``attention``, ``moe`` ...)
+    for per-family timings.  Calling it launches on ``stream`` (a numba
+    stream, 0, or a ``cuda.core`` graph builder while capturing).
+    """
+
+    kernel: Any
+    grid: Any
+    block: Any
+    args: tuple = field(repr=False)
+    family: str = ""
+
+    def __call__(self, stream: Any = 0) -> None:
+        self.kernel[self.grid, self.block, stream](*self.args)
+
+
+class Recorder:
+    """A stand-in stream: launchers called with ``stream=recorder`` append their launches instead of running them.
+
+    Every launcher sends its kernels through :func:`launch`, so the same
+    launcher code runs a kernel now (tests, one-off calls) or prepares it
+    once for a step plan that is replayed eagerly or captured as a graph.
+    """
+
+    def __init__(self) -> None:
+        self.launches: list[Launch] = []
+        self.family = ""
+
+
+def launch(kernel: Any, grid: Any, block: Any, stream: Any, *args: Any) -> None:
+    """``kernel[grid, block, stream](*args)``, or record it when ``stream`` is a :class:`Recorder`."""
+    if isinstance(stream, Recorder):
+        stream.launches.append(Launch(kernel, grid, block, args, stream.family))
+    else:
+        kernel[grid, block, stream](*args)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -260,7 +260,7 @@ def quantize_q8_0_device(x: Any, *, out: Q8_0Act, stream: Any = 0) -> Q8_0Act:
     if k % QK8_0:
         raise ValueError(f"Q8_0 needs K % 32 == 0, got {k}")
     warps = n * L.cdiv(k, 256)
-    _quantize_q8_0_kernel[L.cdiv(warps, _WARPS), CHUNK_LANES * _WARPS, stream](L.flat(x), n, k, out.qs, out.d)
+    L.launch(_quantize_q8_0_kernel, L.cdiv(warps, _WARPS), CHUNK_LANES * _WARPS, stream, L.flat(x), n, k, out.qs, out.d)
     return out
 
 
@@ -271,7 +271,7 @@ def quantize_q8_K_device(x: Any, *, out: Q8KAct, stream: Any = 0) -> Q8KAct:
     if k % QK_K:
         raise ValueError(f"Q8_K needs K % 256 == 0, got {k}")
     warps = n * (k // QK_K)
-    _quantize_q8_K_kernel[L.cdiv(warps, _WARPS), Q8_K_LANES * _WARPS, stream](L.flat(x), n, k, out.qs, out.d,
+    L.launch(_quantize_q8_K_kernel, L.cdiv(warps, _WARPS), Q8_K_LANES * _WARPS, stream, L.flat(x), n, k, out.qs, out.d,
                                                                            out.bsums)
     return out
 

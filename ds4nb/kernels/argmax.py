@@ -105,7 +105,9 @@ def _block_argmax(best, idx, vals, idxs):
 
 
 @cuda.jit
-def _argmax_kernel(x, n, chunk, part_v, part_i, counters, out):
+def _argmax_kernel(x, n, chunk, part_v, part_i, counters, out, gate, gate_at):
+    if gate_at >= 0 and gate[gate_at] == 0:   # e.g. the sampling record says "not greedy": every block leaves
+        return
     row = cuda.blockIdx.x
     part = cuda.blockIdx.y
     parts = cuda.gridDim.y
@@ -149,14 +151,19 @@ def _argmax_kernel(x, n, chunk, part_v, part_i, counters, out):
 
 
 @implementation("sample.argmax", "multi_block", layout="f32")
-def argmax(logits: Any, *, out: Any, stream: Any = 0, workspace: ArgmaxWorkspace | None = None) -> Any:
-    """out (rows,) int32 = argmax of each row of logits (rows, n); pass a workspace to avoid allocating."""
+def argmax(logits: Any, *, out: Any, stream: Any = 0, workspace: ArgmaxWorkspace | None = None,
+           gate: tuple[Any, int] | None = None) -> Any:
+    """out (rows,) int32 = argmax of each row of logits (rows, n); pass a workspace to avoid allocating.
+
+    ``gate = (array, i)``: nothing runs when ``array[i] == 0``.
+    """
     n = tuple(logits.shape)[-1]
     rows = logits.size // n
     chunk, parts = parts_for(n)
     ws = workspace if workspace is not None else alloc_workspace(rows, n, stream)
-    _argmax_kernel[(rows, parts), THREADS, stream](L.flat(logits), n, chunk, ws.values, ws.indices, ws.counters,
-                                                   L.flat(out))
+    gate_arr, gate_at = gate if gate is not None else (L.placeholder(np.int32), -1)
+    L.launch(_argmax_kernel, (rows, parts), THREADS, stream, L.flat(logits), n, chunk, ws.values, ws.indices,
+             ws.counters, L.flat(out), gate_arr, int(gate_at))
     return out
 
 
@@ -174,6 +181,6 @@ def _case(rng: np.random.Generator, scale: str) -> Case:
 
 OPS = [
     OpSpec("sample.argmax", "greedy token: first index of the row maximum (NaN never selected)",
-           "(logits f32 (rows, n), *, out i32 (rows,), stream, workspace=None)",
+           "(logits f32 (rows, n), *, out i32 (rows,), stream, workspace=None, gate=None)",
            "np.nanargmax(logits, axis=-1)", 0.0, _case),
 ]

@@ -77,6 +77,7 @@ from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, rint
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.rope import RopeArgs, rope_args, rope_cos_sin, rope_rotate
+from ds4nb.kernels.step import GROUP0, N_RAW, NF, POS, RAW_ROW, SELECT, VISIBLE, group_offset, one_record, records
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -195,10 +196,12 @@ def _q_norm_rope_pair(out, base, x0, x1, inv, p, valid, head_dim, do_rope, pos, 
 
 
 @cuda.jit
-def _q_norm_rope_kernel(q, out, n_head, head_dim, eps, pos0, do_rope, n_rot, ts, fscale, ext, low, denom, msc):
+def _q_norm_rope_kernel(q, out, n_head, head_dim, eps, steps, rec, do_rope, n_rot, ts, fscale, ext, low, denom,
+                        msc):
     h = cuda.blockIdx.x
     t = cuda.blockIdx.y
     p = cuda.threadIdx.x
+    pos = steps[rec + t * NF + POS]
     half = head_dim // 2
     valid = p < half
     base = (t * n_head + h) * head_dim + 2 * p
@@ -218,7 +221,7 @@ def _q_norm_rope_kernel(q, out, n_head, head_dim, eps, pos0, do_rope, n_rot, ts,
     red = cuda.shared.array(32, float64)
     ss = block_sum(sq, red, cuda.blockDim.x // LANES, _D0, LANES)
     inv = rms_inv(ss, head_dim, eps)
-    _q_norm_rope_pair(out, base, x0, x1, inv, p, valid, head_dim, do_rope, pos0 + t, n_rot, ts, fscale, ext, low,
+    _q_norm_rope_pair(out, base, x0, x1, inv, p, valid, head_dim, do_rope, pos, n_rot, ts, fscale, ext, low,
                       denom, msc)
     if PAIRS > 1:
         for e in range(1, PAIRS):
@@ -226,20 +229,21 @@ def _q_norm_rope_kernel(q, out, n_head, head_dim, eps, pos0, do_rope, n_rot, ts,
                 break
             b = base + 2 * e * cuda.blockDim.x
             _q_norm_rope_pair(out, b, q[b], q[b + 1], inv, p + e * cuda.blockDim.x, True, head_dim, do_rope,
-                              pos0 + t, n_rot, ts, fscale, ext, low, denom, msc)
+                              pos, n_rot, ts, fscale, ext, low, denom, msc)
 
 
 @implementation("attn.q_norm_rope", "pair_per_thread", layout="f32")
-def q_norm_rope(q: Any, *, out: Any, n_head: int, head_dim: int, eps: float, rope: Any | None, pos: int,
-                stream: Any = 0) -> Any:
-    """q (T, n_head*head_dim): per-head RMSNorm (no weight), then RoPE of each tail at pos + t.
+def q_norm_rope(q: Any, *, out: Any, n_head: int, head_dim: int, eps: float, rope: Any | None, steps: Any,
+                rec: int = 0, stream: Any = 0) -> Any:
+    """q (T, n_head*head_dim): per-head RMSNorm (no weight), then RoPE of each tail at token t's position.
 
-    ``rope=None`` skips the rotation; ``out`` may be ``q``.
+    Token ``t``'s position is the ``POS`` of its step record ``steps[rec + t * NF:]``
+    (``ds4nb.kernels.step``).  ``rope=None`` skips the rotation; ``out`` may be ``q``.
     """
     n_tok = q.size // (n_head * head_dim)
     ra = _rope(rope, head_dim)
-    _q_norm_rope_kernel[(n_head, n_tok), pair_threads(head_dim), stream](
-        L.flat(q), L.flat(out), n_head, head_dim, eps64(eps), int(pos), int(rope is not None), *ra)
+    L.launch(_q_norm_rope_kernel, (n_head, n_tok), pair_threads(head_dim), stream,
+             L.flat(q), L.flat(out), n_head, head_dim, eps64(eps), steps, int(rec), int(rope is not None), *ra)
     return out
 
 
@@ -258,9 +262,11 @@ def _rope(rope: Any | None, head_dim: int) -> RopeArgs:
 
 
 @cuda.jit
-def _kv_store_kernel(kv, w, eps, out, row0, cap, head_dim, pos0, n_rot, ts, fscale, ext, low, denom, msc):
+def _kv_store_kernel(kv, w, eps, out, head_dim, steps, rec, n_rot, ts, fscale, ext, low, denom, msc):
     t = cuda.blockIdx.x
     p = cuda.threadIdx.x
+    pos = steps[rec + t * NF + POS]
+    row = steps[rec + t * NF + RAW_ROW]
     half = head_dim // 2
     valid = p < half
     base = t * head_dim + 2 * p
@@ -279,29 +285,29 @@ def _kv_store_kernel(kv, w, eps, out, row0, cap, head_dim, pos0, n_rot, ts, fsca
         y1 = rms_value(x1, w[2 * p + 1], inv)
     k = p - (head_dim - n_rot) // 2
     if valid and k >= 0:
-        c, s = rope_cos_sin(k, pos0 + t, ts, fscale, ext, low, denom, msc)
+        c, s = rope_cos_sin(k, pos, ts, fscale, ext, low, denom, msc)
         y0, y1 = rope_rotate(y0, y1, c, s, False)
     # FP8 blocks of 64 dims = 32 pairs = this warp (a trailing partial block is its own block)
     y0, y1 = fp8_pair(y0, y1, valid and k < 0)
     if valid:
-        ob = ((row0 + t) % cap) * head_dim + 2 * p
+        ob = row * head_dim + 2 * p
         out[ob] = f16_round(y0)
         out[ob + 1] = f16_round(y1)
 
 
 @implementation("attn.kv_store", "pair_per_thread", layout="cache f16|f32 (cap, head_dim)")
-def kv_store(kv: Any, weight: Any, *, out: Any, row: int, rope: Any, pos: int, eps: float,
+def kv_store(kv: Any, weight: Any, *, out: Any, rope: Any, eps: float, steps: Any, rec: int = 0,
              stream: Any = 0) -> Any:
-    """kv (T, head_dim) -> rows ``(row + t) % cap`` of the cache ``out (cap, head_dim)``.
+    """kv (T, head_dim) -> the window cache ``out (cap, head_dim)``, token t into row ``RAW_ROW`` of its record.
 
-    rms(kv; weight) -> RoPE at pos + t -> FP8 round trip of the first
-    head_dim - n_rot dims -> F16 rounding.  ``out`` may be F16 or F32.
+    rms(kv; weight) -> RoPE at the record's ``POS`` -> FP8 round trip of the
+    first head_dim - n_rot dims -> F16 rounding.  ``out`` may be F16 or F32.
     """
-    cap, head_dim = out.shape
+    head_dim = out.shape[1]
     ra = _rope(rope, head_dim)
     n_tok = kv.size // head_dim
-    _kv_store_kernel[n_tok, row_threads(head_dim), stream](
-        L.flat(kv), L.flat(weight), eps64(eps), L.flat(out), int(row), cap, head_dim, int(pos), *ra)
+    L.launch(_kv_store_kernel, n_tok, row_threads(head_dim), stream,
+             L.flat(kv), L.flat(weight), eps64(eps), L.flat(out), head_dim, steps, int(rec), *ra)
     return out
 
 
@@ -328,7 +334,10 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
     QT = float64 if 8 * (QS + SCN + 3 * HPB) <= SHARED_BYTES else float32
 
     @cuda.jit
-    def partial_kernel(q, raw, n_raw, comp, sel, use_sel, n_vis, kq_scale, n_head, part_m, part_l, part_acc):
+    def partial_kernel(q, raw, comp, sel, steps, rec, grp, kq_scale, n_head, part_m, part_l, part_acc):
+        n_raw = steps[rec + N_RAW]
+        n_vis = steps[rec + grp + VISIBLE]
+        use_sel = steps[rec + grp + SELECT] != 0
         g = cuda.blockIdx.x
         sp = cuda.blockIdx.y
         n_split = cuda.gridDim.y
@@ -468,8 +477,9 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
         out[h * HD + 2 * p + 1] = y1
 
     @cuda.jit
-    def combine_kernel(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, pos,
+    def combine_kernel(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, steps, rec,
                        n_rot, ts, fscale, ext, low, denom, msc):
+        pos = steps[rec + POS]
         p = cuda.threadIdx.x
         if 2 * p >= HD:
             return
@@ -524,42 +534,45 @@ def attn_geometry(n_head: int, head_dim: int, n_total: int, hpb: int | None = No
 
 
 @implementation("attn.decode", "split_heads8", layout="rows f16|f32 (n, head_dim)")
-def attention_decode(q: Any, raw: Any, n_raw: int, comp: Any | None, n_comp: int, sinks: Any,
-                     sel: Any | None = None, *, out: Any, rope: Any | None = None, pos: int = 0,
+def attention_decode(q: Any, raw: Any, comp: Any | None, sinks: Any, sel: Any | None = None, *, out: Any,
+                     steps: Any, rec: int = 0, grp: int = GROUP0, max_rows: int, rope: Any | None = None,
                      scratch: AttnScratch | None = None, hpb: int | None = None, chunk: int = 32,
                      splits: int | None = None, stream: Any = 0) -> Any:
-    """Attention of one token's q (n_head, head_dim) over raw rows [0, n_raw) and compressed rows.
+    """Attention of one token's q (n_head, head_dim) over its window rows and compressed rows.
 
-    Compressed rows: ``comp[sel[i]]`` for ``i < n_comp`` when ``sel`` (int32
-    indices, e.g. the indexer top-k) is given, else ``comp[0:n_comp]``.
-    ``sinks`` f32 (n_head,).  ``rope`` given: the output tails are rotated
-    back by the angle of ``pos`` (step 12).  ``raw`` and ``comp`` must share
-    a dtype (F16 or F32).  ``hpb``/``chunk``/``splits`` override the geometry
-    (heads per block, rows per chunk, row splits) for tests and benchmarks.
+    The token's step record (``steps[rec:]``, ``ds4nb.kernels.step``) says how
+    many: window rows ``raw[0:N_RAW]``, then ``VISIBLE`` compressed rows of
+    compression group ``grp`` (a field offset, ``group_offset(g)``):
+    ``comp[sel[i]]`` while the group's ``SELECT`` is set (the indexer top-k),
+    else ``comp[0:VISIBLE]``.  ``max_rows`` bounds ``N_RAW + VISIBLE`` over the
+    session and fixes the launch geometry (blocks past the token's rows exit
+    at once).  ``sinks`` f32 (n_head,).  ``rope`` given: the output tails are
+    rotated back by the angle of ``POS`` (step 12).  ``raw`` and ``comp`` must
+    share a dtype (F16 or F32).  ``hpb``/``chunk``/``splits`` override the
+    geometry (heads per block, rows per chunk, row splits) for tests and
+    benchmarks.
     """
     n_head, head_dim = sinks.size, raw.shape[1]
     if q.size != n_head * head_dim or head_dim % 32:
         raise ValueError(f"attn.decode: q has {q.size} values for {n_head} x {head_dim} (head_dim % 32 == 0)")
     if comp is None:
-        comp, n_comp = raw, 0
+        comp = raw
     if comp.dtype != raw.dtype:
         raise ValueError("attn.decode: raw and comp rows must have the same dtype")
-    n_total = n_raw + n_comp
-    hpb, ch, nt, n_split = attn_geometry(n_head, head_dim, n_total, hpb, chunk, splits)
+    hpb, ch, nt, n_split = attn_geometry(n_head, head_dim, max_rows, hpb, chunk, splits)
     if scratch is None:
         scratch = alloc_attn_scratch(n_head, head_dim, stream)
     part_k, comb_k = _attn_kernels(hpb, head_dim, ch, nt)
     kq = np.float64(1.0 / math.sqrt(head_dim))    # 1/sqrt(d) in float64 (the contract's score scale)
     sel_arr = sel if sel is not None else L.placeholder(np.int32)
-    part_k[(n_head // hpb, n_split), nt, stream](
-        L.flat(q), L.flat(raw), int(n_raw), L.flat(comp), L.flat(sel_arr), int(sel is not None), int(n_comp),
-        kq, n_head, scratch.part_m, scratch.part_l, scratch.part_acc)
+    L.launch(part_k, (n_head // hpb, n_split), nt, stream,
+             L.flat(q), L.flat(raw), L.flat(comp), L.flat(sel_arr), steps, int(rec), int(grp), kq, n_head,
+             scratch.part_m, scratch.part_l, scratch.part_acc)
     ra = _rope(rope, head_dim)
-    comb_k[n_head, pair_threads(head_dim), stream](
-        scratch.part_m, scratch.part_l, scratch.part_acc, n_split, n_head, L.flat(sinks), L.flat(out),
-        int(rope is not None), int(pos), *ra)
+    L.launch(comb_k, n_head, pair_threads(head_dim), stream,
+             scratch.part_m, scratch.part_l, scratch.part_acc, n_split, n_head, L.flat(sinks), L.flat(out),
+             int(rope is not None), steps, int(rec), *ra)
     return out
-
 
 
 # ---------------------------------------------------------------------------
@@ -579,7 +592,8 @@ def _case_q(rng: np.random.Generator, scale: str) -> Case:
                                         rope, pos + t).reshape(-1) for t in range(n_tok)])
     out = L.device_array(q.size, np.float32)
     return Case((cuda.to_device(q),), out, (ref.reshape(-1),), (CONTRACT,),
-                kwargs=dict(n_head=n_head, head_dim=head_dim, eps=1e-6, rope=rope, pos=pos),
+                kwargs=dict(n_head=n_head, head_dim=head_dim, eps=1e-6, rope=rope,
+                            steps=cuda.to_device(records(pos, n_tok))),
                 info={"shape": (n_tok, n_head, head_dim), "pos": pos})
 
 
@@ -604,10 +618,12 @@ def _case_kv(rng: np.random.Generator, scale: str) -> Case:
     pos = int(rng.integers(0, 100000))
     kv = (rng.standard_normal((n_tok, head_dim)) * rng.uniform(0.01, 100)).astype(np.float32)
     w = (1 + 0.1 * rng.standard_normal(head_dim)).astype(np.float32)
-    ref = kv_store_reference(kv, w, rope, pos, 1e-6, n_rot)
+    ref = np.empty((n_tok, head_dim), np.float32)    # a ring of n_tok rows: token t lands in (pos + t) % n_tok
+    ref[(pos + np.arange(n_tok)) % n_tok] = kv_store_reference(kv, w, rope, pos, 1e-6, n_rot)
     out = L.device_array((n_tok, head_dim), np.float32)
     return Case((cuda.to_device(kv), cuda.to_device(w)), out, (ref,), (CONTRACT,),
-                kwargs=dict(row=0, rope=rope, pos=pos, eps=1e-6), info={"shape": (n_tok, head_dim), "pos": pos})
+                kwargs=dict(rope=rope, eps=1e-6, steps=cuda.to_device(records(pos, n_tok, n_swa=n_tok))),
+                info={"shape": (n_tok, head_dim), "pos": pos})
 
 
 def _case_decode(rng: np.random.Generator, scale: str) -> Case:
@@ -629,20 +645,22 @@ def _case_decode(rng: np.random.Generator, scale: str) -> Case:
     ref = ops.attention_with_sinks(q, np.concatenate([raw, comp]), sinks, visible)
     ref = ops.apply_rope_tail(ref, rope, pos, inverse=True)
     out = L.device_array(n_head * head_dim, np.float32)
-    return Case((cuda.to_device(q), cuda.to_device(raw.astype(np.float16)), n_raw,
-                 cuda.to_device(comp.astype(np.float16)), top, cuda.to_device(sinks), cuda.to_device(sel)),
-                out, (ref.reshape(-1),), (CONTRACT,), kwargs=dict(rope=rope, pos=pos),
+    return Case((cuda.to_device(q), cuda.to_device(raw.astype(np.float16)), cuda.to_device(comp.astype(np.float16)),
+                 cuda.to_device(sinks), cuda.to_device(sel)),
+                out, (ref.reshape(-1),), (CONTRACT,),
+                kwargs=dict(rope=rope, steps=cuda.to_device(one_record(pos, n_raw=n_raw, visible=top, select=top)),
+                            grp=group_offset(1), max_rows=n_raw + n_comp),
                 info={"shape": (n_head, head_dim), "rows": n_raw + top})
 
 
 OPS = [
     OpSpec("attn.q_norm_rope", "per-head RMSNorm of q (no weight) + RoPE of each head's tail",
-           "(q f32 (T, n_head*head_dim), *, out, n_head, head_dim, eps, rope, pos, stream)",
+           "(q f32 (T, n_head*head_dim), *, out, n_head, head_dim, eps, rope, steps, rec=0, stream)",
            "ops.head_rms_norm + ops.apply_rope_tail", 1e-6, _case_q),  # CONTRACT (rms and rotation rounded once)
     OpSpec("attn.kv_store", "KV row: rms(kv; w), RoPE, FP8 round trip of the non-rotated dims, F16, into the "
            "window cache",
-           "(kv f32 (T, head_dim), weight f32 (head_dim,), *, out f16|f32 (cap, head_dim), row, rope, pos, eps, "
-           "stream)",
+           "(kv f32 (T, head_dim), weight f32 (head_dim,), *, out f16|f32 (cap, head_dim), rope, eps, steps, "
+           "rec=0, stream)",
            "ops.rms_norm + ops.apply_rope_tail + ops.fp8_kv_round + ops.f16_round",
            # CONTRACT: rms and rotation rounded once like the oracle, FP8/F16 exact functions of those; the
            # tolerance only applies to non-contract callers (a rare 1-ulp difference before FP8 can flip one
@@ -650,8 +668,8 @@ OPS = [
            2e-3, _case_kv),
     OpSpec("attn.decode", "decode attention with sinks over window + (selected) compressed rows, "
            "optional inverse RoPE",
-           "(q f32 (n_head, head_dim), raw (cap, head_dim), n_raw, comp (n, head_dim) | None, n_comp, sinks f32 "
-           "(n_head,), sel int32 (n_comp,) | None, *, out f32 (n_head, head_dim), rope=None, pos=0, "
+           "(q f32 (n_head, head_dim), raw (cap, head_dim), comp (n, head_dim) | None, sinks f32 (n_head,), "
+           "sel int32 (k,) | None, *, out f32 (n_head, head_dim), steps, rec=0, grp, max_rows, rope=None, "
            "scratch=None, stream)",
            "ops.attention_with_sinks (+ ops.apply_rope_tail inverse)", 1e-5, _case_decode),  # CONTRACT
 ]

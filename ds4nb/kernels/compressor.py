@@ -6,20 +6,26 @@ State (per compressor, float32, as ``ds4nb.reference.state.CompressorState``):
 otherwise ``S = ratio``, ``W = d``.  Empty slots hold ``kv = 0``,
 ``score = -1e30``.
 
-``compressor.update`` (step 9a-b), every token: ``kv = Wkv x`` and
-``score = Wgate x + ape[pos mod ratio]`` written straight into the token's
-slot rows of the state by one ``f16.matvec`` launch (both matrices, the
-``ape`` row as the second one's bias; ``f16.matvec`` evaluates each row and
-its bias in float64 and rounds once, as the contract wants).
+``compressor.project`` (step 9a), for ``T`` tokens at once: ``kv = Wkv x``
+(float32) and ``Wgate x`` (float64, not yet rounded: the ``ape`` row it still
+needs depends on the position) by one ``f16.matvec`` launch over both
+matrices.
 
-``compressor.emit`` (step 9c-d), when ``(pos + 1) mod ratio == 0``: one block
-(pair per thread, ``max(32, d/2)`` threads) pools every column (softmax of the
-candidates' scores applied to their values), then RMSNorm with the
-compressor norm, RoPE at the window's first position ``pos + 1 - ratio``, the
-FP8 round trip (attention rows) or Hadamard + FP4 (indexer rows), F16
-rounding, and writes the row to ``out[row]``.
+``compressor.step`` (steps 9b-d), one token, one block (pair per thread,
+``max(32, d/2)`` threads), reading the token's step record
+(``ds4nb.kernels.step``): stores the token's projections into the window
+slot of ``pos mod ratio`` (the score as ``float32(Wgate x + ape[pos mod
+ratio])``, one rounding); then, when the record's ``EMIT`` is set, pools
+every column (softmax of the candidates' scores applied to their values),
+RMSNorm with the compressor norm, RoPE at the window's first position
+``pos + 1 - ratio``, the FP8 round trip (attention rows) or Hadamard + FP4
+(indexer rows), F16 rounding, writes compressed row ``ROWS - 1``, and slides
+the window: with overlap the current half becomes the previous one; the
+current slots are emptied.  A token that closes no window costs one short
+store.
 
-Numerics (docs/model.md, "one rounding per value"): the pooled value
+Numerics (docs/model.md, "one rounding per value"): the gate score is
+``Wgate x + ape`` evaluated in float64 and rounded once; the pooled value
 ``sum_c e^(s_c - m) v_c / sum_c e^(s_c - m)`` is evaluated in float64 (exp,
 both sums, the division) and rounded once; the RMSNorm of those float32
 values (sum of squares, ``1 / sqrt(ss / n + eps)`` with ``eps`` =
@@ -28,9 +34,7 @@ normed float32 value is float64 rounded once; the Hadamard transform
 (butterflies and ``1/sqrt(d)``) is float64 rounded once; FP8 / FP4 / F16 are
 exact functions of their float32 inputs.  So rows are bit-identical to the
 oracle except where two float64 evaluations straddle a float32 rounding
-boundary (~1e-7 of values).  After a barrier the same block slides the
-window into the canonical form: with overlap the current half becomes the
-previous one; the current slots are emptied.
+boundary (~1e-7 of values).
 
 Cost: an HCA emit reads ``ratio x d`` scores and values (128 x 512) once
 every 128 tokens; a CSA emit 8 x 1024 every 4 tokens.
@@ -53,6 +57,7 @@ from ds4nb.kernels.intrinsics import device, float32, float64
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.rope import RopeArgs, rope_args, rope_cos_sin, rope_rotate
+from ds4nb.kernels.step import EMIT, POS, ROWS, group_offset, one_record
 
 _F0 = np.float32(0.0)
 _D0 = np.float64(0.0)
@@ -75,13 +80,23 @@ def alloc_state(ratio: int, d: int, overlap: bool, stream: Any = 0) -> Compresso
                               cuda.to_device(np.full((rows, width), NEG_INF, np.float32), stream=stream))
 
 
-@implementation("compressor.update", "f16_pair_matvec", layout="f16|f32/row-major")
-def compressor_update(x: Any, wkv: Any, wgate: Any, ape: Any, *, out: CompressorStateDev, pos: int, ratio: int,
-                      overlap: bool, stream: Any = 0) -> CompressorStateDev:
-    """Step 9a-b for one token: state rows of slot ``pos mod ratio`` (+ ratio with overlap)."""
-    r = pos % ratio
-    slot = ratio + r if overlap else r
-    _fm.f16_matvec(wkv, x, None, out=out.kv[slot], w2=wgate, bias2=ape[r], out2=out.score[slot], stream=stream)
+class CompressorProjection(NamedTuple):
+    """Step 9a of T tokens: kv f32 (T, W) and the gate score before its ``ape`` row, f64 (T, W)."""
+
+    kv: Any
+    score: Any
+
+
+def alloc_projection(n_tok: int, width: int, stream: Any = 0) -> CompressorProjection:
+    return CompressorProjection(L.device_array(n_tok * width, np.float32, stream),
+                                L.device_array(n_tok * width, np.float64, stream))
+
+
+@implementation("compressor.project", "f16_pair_matvec", layout="f16|f32/row-major")
+def compressor_project(x: Any, wkv: Any, wgate: Any, *, out: CompressorProjection, stream: Any = 0
+                       ) -> CompressorProjection:
+    """Step 9a for T tokens: ``out.kv = x @ Wkv.T`` (f32), ``out.score = x @ Wgate.T`` (f64, unrounded)."""
+    _fm.f16_matvec(wkv, x, None, out=out.kv, w2=wgate, out2=out.score, stream=stream)
     return out
 
 
@@ -110,13 +125,24 @@ def _pool(kv, sc, width, d, j, ratio, overlap):
 
 
 @cuda.jit
-def _emit_kernel(kv, sc, ratio, overlap, d, norm_w, eps, out, row, finish, inv_sqrt, pos,
-                 n_rot, ts, fscale, ext, low, denom, msc):
+def _step_kernel(new_kv, new_sc, t, ape, kv, sc, ratio, overlap, d, norm_w, eps, out, finish, inv_sqrt,
+                 steps, rec, grp, n_rot, ts, fscale, ext, low, denom, msc):
     p = cuda.threadIdx.x
     nt = cuda.blockDim.x
+    width = 2 * d if overlap else d
+    pos = steps[rec + POS]
+    r = pos % ratio
+    slot = ratio + r if overlap else r
+    # 9b: the token's projections into its window slot, the gate plus its ape row rounded once
+    for i in range(p, width, nt):
+        kv[slot * width + i] = new_kv[t * width + i]
+        sc[slot * width + i] = float32(new_sc[t * width + i] + float64(float32(ape[r * width + i])))
+    if steps[rec + grp + EMIT] == 0:   # uniform over the block: the window goes on
+        return
+    cuda.syncthreads()
+    # 9c: pool the finished window into compressed row ROWS - 1
     half = d // 2
     valid = p < half
-    width = 2 * d if overlap else d
     y0 = _F0
     y1 = _F0
     if valid:
@@ -130,17 +156,18 @@ def _emit_kernel(kv, sc, ratio, overlap, d, norm_w, eps, out, row, finish, inv_s
         y1 = rms_value(y1, norm_w[2 * p + 1], inv)
     k = p - (d - n_rot) // 2
     if valid and k >= 0:
-        c, s = rope_cos_sin(k, pos, ts, fscale, ext, low, denom, msc)
+        c, s = rope_cos_sin(k, pos + 1 - ratio, ts, fscale, ext, low, denom, msc)
         y0, y1 = rope_rotate(y0, y1, c, s, False)
     if finish == FINISH_FP8:   # uniform: a launch argument
         y0, y1 = fp8_pair(y0, y1, valid and k < 0)
     else:
         hs = cuda.shared.array(MAX_ROW, float64)
         y0, y1 = hadamard_fp4_pair(y0, y1, p, half, hs, inv_sqrt)
+    row = steps[rec + grp + ROWS] - 1
     if valid:
         out[row * d + 2 * p] = f16_round(y0)
         out[row * d + 2 * p + 1] = f16_round(y1)
-    cuda.syncthreads()   # every pool read is done: slide the window
+    cuda.syncthreads()   # every pool read is done: 9d, slide the window
     n = ratio * width
     if overlap:
         for i in range(p, n, nt):
@@ -154,45 +181,30 @@ def _emit_kernel(kv, sc, ratio, overlap, d, norm_w, eps, out, row, finish, inv_s
             sc[i] = NEG_INF
 
 
-@implementation("compressor.emit", "block_pool", layout="state f32")
-def compressor_emit(state_kv: Any, state_score: Any, norm_w: Any, *, out: Any, row: int, pos: int, ratio: int,
-                    overlap: bool, rope: Any, eps: float, finish: str, stream: Any = 0) -> Any:
-    """Step 9c-d at position ``pos`` ((pos + 1) % ratio == 0): pooled, finished row -> out[row].
+@implementation("compressor.step", "block_pool", layout="state f32")
+def compressor_step(proj: CompressorProjection, t: int, ape: Any, norm_w: Any, *, out: Any,
+                    state: CompressorStateDev, ratio: int, overlap: bool, rope: Any, eps: float, finish: str,
+                    steps: Any, rec: int = 0, grp: int, stream: Any = 0) -> Any:
+    """Steps 9b-d for token ``t`` of ``proj`` (its record at ``steps[rec:]``, compression group ``grp``).
 
-    ``out`` (n, d) is the compressed-row cache (F16 or F32); ``finish`` is
-    ``"fp8"`` (attention rows) or ``"qat"`` (indexer rows).  Then slides the
-    state (step 9d).
+    Stores the token into ``state`` and, when the record's ``EMIT`` is set,
+    writes the finished row to ``out[ROWS - 1]`` (``out`` (n, d): the
+    compressed-row cache, F16 or F32) and slides the window.  ``finish`` is
+    ``"fp8"`` (attention rows) or ``"qat"`` (indexer rows).
     """
     d = norm_w.size
-    if (pos + 1) % ratio:
-        raise ValueError(f"compressor.emit: position {pos} does not end a window of {ratio}")
     if finish not in ("fp8", "qat"):
-        raise ValueError(f"compressor.emit: finish must be 'fp8' or 'qat', got {finish!r}")
+        raise ValueError(f"compressor.step: finish must be 'fp8' or 'qat', got {finish!r}")
     if finish == "qat":
         check_qat_width(d)
         if d > MAX_ROW:
-            raise ValueError(f"compressor.emit: qat rows wider than {MAX_ROW}")
+            raise ValueError(f"compressor.step: qat rows wider than {MAX_ROW}")
     ra = rope if isinstance(rope, RopeArgs) else rope_args(rope)
-    _emit_kernel[1, row_threads(d), stream](
-        L.flat(state_kv), L.flat(state_score), int(ratio), int(bool(overlap)), d, L.flat(norm_w), eps64(eps),
-        L.flat(out), int(row), FINISH_FP8 if finish == "fp8" else FINISH_QAT, hadamard_scale(d),
-        int(pos + 1 - ratio), *ra)
+    L.launch(_step_kernel, 1, row_threads(d), stream,
+             proj.kv, proj.score, int(t), L.flat(ape), L.flat(state.kv), L.flat(state.score), int(ratio),
+             int(bool(overlap)), d, L.flat(norm_w), eps64(eps), L.flat(out),
+             FINISH_FP8 if finish == "fp8" else FINISH_QAT, hadamard_scale(d), steps, int(rec), int(grp), *ra)
     return out
-
-
-def compressor_step(x: Any, wkv: Any, wgate: Any, ape: Any, norm_w: Any, state: CompressorStateDev, out: Any,
-                    n_rows: int, *, pos: int, ratio: int, overlap: bool, rope: Any, eps: float, finish: str,
-                    stream: Any = 0) -> bool:
-    """Step 9 for one token: update, and emit row ``n_rows`` of ``out`` when the window ends.
-
-    Returns True when a row was emitted (the caller's row count grows by one).
-    """
-    compressor_update(x, wkv, wgate, ape, out=state, pos=pos, ratio=ratio, overlap=overlap, stream=stream)
-    if (pos + 1) % ratio:
-        return False
-    compressor_emit(state.kv, state.score, norm_w, out=out, row=n_rows, pos=pos, ratio=ratio, overlap=overlap,
-                    rope=rope, eps=eps, finish=finish, stream=stream)
-    return True
 
 
 # ---------------------------------------------------------------------------
@@ -231,7 +243,26 @@ def random_state(rng: np.random.Generator, ratio: int, d: int, overlap: bool, fi
     return kv, sc
 
 
-def _case_emit(rng: np.random.Generator, scale: str) -> Case:
+def store_reference(kv: np.ndarray, score: np.ndarray, new_kv: np.ndarray, new_score64: np.ndarray,
+                    ape: np.ndarray, pos: int, ratio: int, overlap: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle's step 9b: the token's row into slot ``pos % ratio`` (+ ratio with overlap), score + ape rounded once."""
+    kv, score = kv.copy(), score.copy()
+    r = pos % ratio
+    slot = ratio + r if overlap else r
+    kv[slot] = new_kv
+    score[slot] = (np.asarray(new_score64, np.float64) + np.asarray(ape[r]).astype(np.float64)).astype(np.float32)
+    return kv, score
+
+
+def project_reference(x: np.ndarray, wkv: np.ndarray, wgate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step 9a under the contract: ``float32(Wkv x)`` and the float64 ``Wgate x`` (rows of x: tokens)."""
+    x64 = np.asarray(x, np.float32).astype(np.float64)
+    kv = x64 @ np.asarray(wkv).astype(np.float64).T
+    sc = x64 @ np.asarray(wgate).astype(np.float64).T
+    return kv.astype(np.float32), sc
+
+
+def _case_step(rng: np.random.Generator, scale: str) -> Case:
     from ds4nb.kernels.rope import make_test_rope
 
     if scale == "tiny":
@@ -239,52 +270,52 @@ def _case_emit(rng: np.random.Generator, scale: str) -> Case:
     else:
         choices = [(4, 512, 64, True, "fp8"), (128, 512, 64, False, "fp8"), (4, 128, 64, True, "qat")]
     ratio, d, n_rot, overlap, finish = choices[int(rng.integers(0, len(choices)))]
-    kv, sc = random_state(rng, ratio, d, overlap)
+    width = 2 * d if overlap else d
+    kv, sc = random_state(rng, ratio, d, overlap, filled=ratio - 1)
+    n_tok, t = 2, 1                                     # the second token of a projected pair closes the window
+    new_kv = rng.standard_normal((n_tok, width)).astype(np.float32)
+    new_sc = 2 * rng.standard_normal((n_tok, width))
+    ape = rng.standard_normal((ratio, width)).astype(np.float16)
     nw = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
     pos = ratio * int(rng.integers(1, 1000)) - 1
     rope = make_test_rope(n_rot, True)
-    row, _, _ = emit_reference(kv, sc, nw, pos, ratio, overlap, rope, 1e-6, finish, n_rot)
+    kv2, sc2 = store_reference(kv, sc, new_kv[t], new_sc[t], ape, pos, ratio, overlap)
+    row, _, _ = emit_reference(kv2, sc2, nw, pos, ratio, overlap, rope, 1e-6, finish, n_rot)
+    rec = one_record(pos, emit=1, rows=1)                # emits compressed row 0
+    proj = CompressorProjection(cuda.to_device(new_kv.reshape(-1)), cuda.to_device(new_sc.reshape(-1)))
+    state = CompressorStateDev(cuda.to_device(kv), cuda.to_device(sc))
     out = L.device_array((1, d), np.float32)
-    return Case((cuda.to_device(kv), cuda.to_device(sc), cuda.to_device(nw)), out, (row[None, :],), (CONTRACT,),
-                kwargs=dict(row=0, pos=pos, ratio=ratio, overlap=overlap, rope=rope, eps=1e-6, finish=finish),
+    return Case((proj, t, cuda.to_device(ape), cuda.to_device(nw)), out, (row[None, :],), (CONTRACT,),
+                kwargs=dict(state=state, ratio=ratio, overlap=overlap, rope=rope, eps=1e-6, finish=finish,
+                            steps=cuda.to_device(rec), grp=group_offset(1)),
                 info={"ratio": ratio, "d": d, "finish": finish, "pos": pos})
 
 
-def update_reference(x: np.ndarray, wkv: np.ndarray, wgate: np.ndarray, ape_row: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Step 9a under the contract: ``float32(Wkv x)``, ``float32(Wgate x + ape[r])``, each one float64 evaluation."""
-    x64 = np.asarray(x, np.float32).astype(np.float64)
-    kv = np.asarray(wkv).astype(np.float64) @ x64
-    sc = np.asarray(wgate).astype(np.float64) @ x64 + np.asarray(ape_row).astype(np.float64)
-    return kv.astype(np.float32), sc.astype(np.float32)
-
-
-def _case_update(rng: np.random.Generator, scale: str) -> Case:
-    # ratio 1 without overlap: the token's slot is the whole state, so every output value is written
-    n_embd, width = (256, 16) if scale == "tiny" else (4096, 1024)
-    x = rng.standard_normal(n_embd).astype(np.float32)
+def _case_project(rng: np.random.Generator, scale: str) -> Case:
+    n_tok, n_embd, width = (2, 256, 16) if scale == "tiny" else (1, 4096, 1024)
+    x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
     wkv = (rng.standard_normal((width, n_embd)) / np.sqrt(n_embd)).astype(np.float16)
     wg = (rng.standard_normal((width, n_embd)) / np.sqrt(n_embd)).astype(np.float16)
-    ape = rng.standard_normal((1, width)).astype(np.float16)
-    kv, sc = update_reference(x, wkv, wg, ape[0])
-    out = CompressorStateDev(L.device_array((1, width), np.float32), L.device_array((1, width), np.float32))
-    return Case((cuda.to_device(x), cuda.to_device(wkv), cuda.to_device(wg), cuda.to_device(ape)), out,
-                (kv[None, :], sc[None, :]), (CONTRACT, CONTRACT), kwargs=dict(pos=int(rng.integers(0, 99)), ratio=1,
-                                                                              overlap=False),
-                weight_bytes=wkv.nbytes + wg.nbytes, info={"shape": (width, n_embd)})
+    kv, sc = project_reference(x, wkv, wg)
+    out = alloc_projection(n_tok, width)
+    return Case((cuda.to_device(x), cuda.to_device(wkv), cuda.to_device(wg)), out,
+                (kv.reshape(-1), sc.reshape(-1)), (CONTRACT, False),
+                weight_bytes=wkv.nbytes + wg.nbytes, info={"shape": (n_tok, width, n_embd)})
 
 
 OPS = [
-    OpSpec("compressor.update", "compressor window store: kv and gate F16 matvecs (+ ape) into the slot rows",
-           "(x f32 (n_embd,), wkv f16 (W, n_embd), wgate f16 (W, n_embd), ape f16 (ratio, W), *, "
-           "out: CompressorStateDev, pos, ratio, overlap, stream)",
-           "Reference.compressor_step (a)-(b)", 1e-5, _case_update),   # CONTRACT
-    OpSpec("compressor.emit", "pool a finished window, rms, RoPE, FP8 or Hadamard+FP4, F16 -> a compressed row; "
-           "slide the window",
-           "(state_kv f32 (S, W), state_score f32 (S, W), norm_w f32 (d,), *, out (n, d), row, pos, ratio, overlap, "
-           "rope, eps, finish='fp8'|'qat', stream)",
-           "ops.compressor_pool + rms_norm + apply_rope_tail + fp8_kv_round | indexer_qat + f16_round",
+    OpSpec("compressor.project", "compressor projections of T tokens: kv (f32) and gate (f64, before ape)",
+           "(x f32 (T, n_embd), wkv f16 (W, n_embd), wgate f16 (W, n_embd), *, out: CompressorProjection, stream)",
+           "Reference.compressor_step (a): Wkv x rounded once, Wgate x in float64",
+           # kv under the contract; the float64 gate within float64 summation-order error
+           1e-12, _case_project),
+    OpSpec("compressor.step", "one token into the compressor window (+ ape); when it closes the window: pool, rms, "
+           "RoPE, FP8 or Hadamard+FP4, F16 -> compressed row ROWS-1, slide the window",
+           "(proj: CompressorProjection, t, ape f16 (ratio, W), norm_w f32 (d,), *, out (n, d), state, ratio, "
+           "overlap, rope, eps, finish='fp8'|'qat', steps, rec=0, grp, stream)",
+           "Reference.compressor_step (b)-(d): ops.compressor_pool + rms_norm + apply_rope_tail + fp8_kv_round | "
+           "indexer_qat + f16_round",
            # CONTRACT; the tolerance is for non-contract callers: a last-ulp difference before FP8/FP4 can flip
            # one rounding
-           2e-3, _case_emit),
+           2e-3, _case_step),
 ]

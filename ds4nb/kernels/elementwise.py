@@ -55,7 +55,7 @@ def hc_expand(x: Any, *, out: Any, n_hc: int, stream: Any = 0) -> Any:
     """x (T, n_embd) -> streams (T, n_hc, n_embd), each a copy of x (docs/model.md step 1)."""
     n_embd = tuple(x.shape)[-1]
     n_tok = x.size // n_embd
-    _expand_kernel[_blocks(out.size), THREADS, stream](L.flat(x), n_tok, n_hc, n_embd, L.flat(out))
+    L.launch(_expand_kernel, _blocks(out.size), THREADS, stream, L.flat(x), n_tok, n_hc, n_embd, L.flat(out))
     return out
 
 
@@ -78,7 +78,7 @@ def _swiglu_kernel(g, u, n, c, out):
 @implementation("ffn.swiglu", "elementwise", layout="f32")
 def swiglu(gate: Any, up: Any, clamp: float, *, out: Any, stream: Any = 0) -> Any:
     """Clamped SwiGLU of the shared expert (docs/model.md step 18): silu(min(g, c)) * clamp(u, -c, c)."""
-    _swiglu_kernel[_blocks(gate.size), THREADS, stream](L.flat(gate), L.flat(up), gate.size, np.float32(clamp),
+    L.launch(_swiglu_kernel, _blocks(gate.size), THREADS, stream, L.flat(gate), L.flat(up), gate.size, np.float32(clamp),
                                                          L.flat(out))
     return out
 
@@ -95,7 +95,7 @@ def _add_kernel(a, b, n, out):
 @implementation("vec.add", "elementwise", layout="f32")
 def add(a: Any, b: Any, *, out: Any, stream: Any = 0) -> Any:
     """out = a + b (docs/model.md step 19: routed + shared expert outputs)."""
-    _add_kernel[_blocks(a.size), THREADS, stream](L.flat(a), L.flat(b), a.size, L.flat(out))
+    L.launch(_add_kernel, _blocks(a.size), THREADS, stream, L.flat(a), L.flat(b), a.size, L.flat(out))
     return out
 
 
@@ -116,7 +116,7 @@ def _swap01_kernel(x, a, b, c, out):
 @implementation("copy.swap01", "elementwise", layout="f32")
 def swap01(x: Any, a: int, b: int, c: int, *, out: Any, stream: Any = 0) -> Any:
     """x (a, b, c) -> out (b, a, c): regroups prefill heads by output group (docs/model.md step 13)."""
-    _swap01_kernel[_blocks(a * b * c), THREADS, stream](L.flat(x), a, b, c, L.flat(out))
+    L.launch(_swap01_kernel, _blocks(a * b * c), THREADS, stream, L.flat(x), a, b, c, L.flat(out))
     return out
 
 
@@ -140,7 +140,7 @@ def _slot_sum_kernel(x, n_tok, n_slot, n, out):
 def slot_sum(x: Any, n_tok: int, n_slot: int, *, out: Any, stream: Any = 0) -> Any:
     """x (T, n_slot, n) -> out (T, n): routed expert outputs summed in float64, rounded once (step 17)."""
     n = x.size // (n_tok * n_slot)
-    _slot_sum_kernel[_blocks(n_tok * n), THREADS, stream](L.flat(x), n_tok, n_slot, n, L.flat(out))
+    L.launch(_slot_sum_kernel, _blocks(n_tok * n), THREADS, stream, L.flat(x), n_tok, n_slot, n, L.flat(out))
     return out
 
 

@@ -40,7 +40,7 @@ def embed_gather(table: Any, ids: Any, dim: int, *, out: Any, stream: Any = 0) -
     """
     n = ids.size
     grid = (min(MAX_COL_BLOCKS, L.cdiv(dim, THREADS)), n)
-    _gather_f16_kernel[grid, THREADS, stream](L.flat(table), ids, dim, L.flat(out))
+    L.launch(_gather_f16_kernel, grid, THREADS, stream, L.flat(table), ids, dim, L.flat(out))
     return out
 
 

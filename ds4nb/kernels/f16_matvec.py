@@ -138,16 +138,19 @@ def _row_out(part, col, wpr, bias, has_bias, out, bias2, has_bias2, out2, t, n_o
     if row < n_out:
         if has_bias:
             s += float64(float32(bias[row]))
-        out[t * n_out + row] = float32(s)
+        out[t * n_out + row] = s           # the output's type: float32 rounds once, float64 keeps the sum
     else:
         r = row - n_out
         if has_bias2:
             s += float64(float32(bias2[r]))
-        out2[t * n_out2 + r] = float32(s)
+        out2[t * n_out2 + r] = s
 
 
 @cuda.jit
-def _matvec_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out, n_out2, n_in, wpr, rpw):
+def _matvec_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out, n_out2, n_in, wpr, rpw, gate,
+                   gate_at):
+    if gate_at >= 0 and gate[gate_at] == 0:   # a step-record flag says this step needs no result
+        return
     tid = cuda.threadIdx.x
     warp = tid // LANES
     lane = tid % LANES
@@ -190,12 +193,14 @@ def warps_per_row(n_rows: int, n_tok: int = 1) -> int:
 @implementation("f16.matvec", "warp_rows", layout="f16|f32/row-major")
 def f16_matvec(w: Any, x: Any, bias: Any | None = None, *, out: Any, w2: Any | None = None,
                bias2: Any | None = None, out2: Any | None = None, wpr: int | None = None,
-               stream: Any = 0) -> Any:
+               gate: tuple[Any, int] | None = None, stream: Any = 0) -> Any:
     """out (T, n_out) = x (T, n_in) @ w.T (+ bias); optionally out2 = x @ w2.T (+ bias2) in the same launch.
 
-    ``w``/``w2`` are F16 or F32 ``(n_out, n_in)``; ``bias`` F16/F32 ``(n_out,)``
-    (e.g. one row of the compressor ``ape``).  ``out`` may be any contiguous
-    device buffer of ``T * n_out`` floats (a row of a state array).
+    ``w``/``w2`` are F16 or F32 ``(n_out, n_in)``; ``bias`` F16/F32 ``(n_out,)``.
+    ``out``/``out2`` may be any contiguous device buffer of ``T * n_out``
+    float32 (the sum rounded once) or float64 (the sum itself) values.
+    ``gate = (array, i)``: the launch does nothing when ``array[i] == 0`` (a
+    step-record flag, e.g. the indexer's ``SELECT``).
     """
     n_out, n_in = w.shape
     n_tok = x.size // n_in
@@ -213,10 +218,11 @@ def f16_matvec(w: Any, x: Any, bias: Any | None = None, *, out: Any, w2: Any | N
     rpw = min(4, L.cdiv(n_out + n_out2, rows_per_pass)) if SIMULATOR else 1
     grid = (L.cdiv(n_out + n_out2, rows_per_pass * rpw), n_tok)
     d = L.placeholder(np.float32)
-    _matvec_kernel[grid, THREADS, stream](
-        L.flat(w), d if bias is None else L.flat(bias), int(bias is not None), L.flat(out),
-        d if w2 is None else L.flat(w2), d if bias2 is None else L.flat(bias2), int(bias2 is not None),
-        d if out2 is None else L.flat(out2), L.flat(x), n_out, n_out2, n_in, wpr, rpw)
+    gate_arr, gate_at = gate if gate is not None else (L.placeholder(np.int32), -1)
+    L.launch(_matvec_kernel, grid, THREADS, stream,
+             L.flat(w), d if bias is None else L.flat(bias), int(bias is not None), L.flat(out),
+             d if w2 is None else L.flat(w2), d if bias2 is None else L.flat(bias2), int(bias2 is not None),
+             d if out2 is None else L.flat(out2), L.flat(x), n_out, n_out2, n_in, wpr, rpw, gate_arr, int(gate_at))
     return out
 
 

@@ -318,11 +318,11 @@ def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, pos
         raise ValueError("hc: scratch partials must be float64 (alloc_scratch)")
     mix_k, fin_k = _kernels(n_hc, n_mix)
     cols = L.cdiv(hc_dim, ns)
-    _ss_kernel[(ns, n_tok), MIX_THREADS, stream](L.flat(hc), hc_dim, cols, scratch.part_ss)
-    mix_k[(ns, n_tok), MIX_THREADS, stream](L.flat(hc), L.flat(fn), hc_dim, cols, eps64(rms_eps), scratch.part_ss,
+    L.launch(_ss_kernel, (ns, n_tok), MIX_THREADS, stream, L.flat(hc), hc_dim, cols, scratch.part_ss)
+    L.launch(mix_k, (ns, n_tok), MIX_THREADS, stream, L.flat(hc), L.flat(fn), hc_dim, cols, eps64(rms_eps), scratch.part_ss,
                                            scratch.part_dot)
     d = L.placeholder(np.float32)
-    fin_k[n_tok, FINISH_THREADS, stream](
+    L.launch(fin_k, n_tok, FINISH_THREADS, stream,
         L.flat(hc), scratch.part_dot, ns, n_embd, L.flat(scale), L.flat(base), int(iters),
         eps64(hc_eps), eps64(rms_eps), L.flat(out_x), d if post is None else L.flat(post),
         d if comb is None else L.flat(comb), d if norm_w is None else L.flat(norm_w), int(norm_w is not None),
@@ -382,7 +382,7 @@ def hc_post(y: Any, hc: Any, post: Any, comb: Any, *, out: Any, n_hc: int, strea
     n_tok = post.size // n_hc
     n_embd = y.size // n_tok
     n = n_tok * n_hc * n_embd
-    _post_kernel[L.cdiv(n, POST_THREADS * POST_ITEMS), POST_THREADS, stream](
+    L.launch(_post_kernel, L.cdiv(n, POST_THREADS * POST_ITEMS), POST_THREADS, stream,
         L.flat(y), L.flat(hc), L.flat(post), L.flat(comb), n_tok, n_hc, n_embd, L.flat(out))
     return out
 

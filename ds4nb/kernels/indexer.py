@@ -61,6 +61,7 @@ from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32,
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.rope import RopeArgs, rope_args, rope_cos_sin, rope_rotate
+from ds4nb.kernels.step import NF, POS, ROWS, SELECT, group_offset, one_record, records
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -154,10 +155,15 @@ MAX_ROW = 512   # widest row the pair kernels stage in shared memory
 
 
 @cuda.jit
-def _q_prep_kernel(q, out, n_head, head_dim, pos0, inv_sqrt, n_rot, ts, fscale, ext, low, denom, msc):
+def _q_prep_kernel(q, out, n_head, head_dim, steps, rec, gate_field, inv_sqrt, n_rot, ts, fscale, ext, low, denom,
+                   msc):
     h = cuda.blockIdx.x
     t = cuda.blockIdx.y
     p = cuda.threadIdx.x
+    r = rec + t * NF
+    if gate_field >= 0 and steps[r + gate_field] == 0:   # this token's indexer does not select
+        return
+    pos = steps[r + POS]
     half = head_dim // 2
     valid = p < half
     base = (t * n_head + h) * head_dim + 2 * p
@@ -168,7 +174,7 @@ def _q_prep_kernel(q, out, n_head, head_dim, pos0, inv_sqrt, n_rot, ts, fscale, 
         y1 = q[base + 1]
     k = p - (head_dim - n_rot) // 2
     if valid and k >= 0:
-        c, s = rope_cos_sin(k, pos0 + t, ts, fscale, ext, low, denom, msc)
+        c, s = rope_cos_sin(k, pos, ts, fscale, ext, low, denom, msc)
         y0, y1 = rope_rotate(y0, y1, c, s, False)
     hs = cuda.shared.array(MAX_ROW, float64)
     z0, z1 = hadamard_fp4_pair(y0, y1, p, half, hs, inv_sqrt)
@@ -178,15 +184,21 @@ def _q_prep_kernel(q, out, n_head, head_dim, pos0, inv_sqrt, n_rot, ts, fscale, 
 
 
 @implementation("indexer.q_prep", "pair_per_thread", layout="f32")
-def q_prep(q: Any, *, out: Any, n_head: int, head_dim: int, rope: Any, pos: int, stream: Any = 0) -> Any:
-    """q (T, n_head*head_dim) -> RoPE at pos + t -> Hadamard -> FP4 round trip, per head row."""
+def q_prep(q: Any, *, out: Any, n_head: int, head_dim: int, rope: Any, steps: Any, rec: int = 0,
+           gate_field: int = -1, stream: Any = 0) -> Any:
+    """q (T, n_head*head_dim) -> RoPE at token t's ``POS`` -> Hadamard -> FP4 round trip, per head row.
+
+    Token ``t``'s record is ``steps[rec + t * NF:]``; with ``gate_field`` >= 0
+    a token whose record has 0 in that field is skipped (e.g. ``grp + SELECT``).
+    """
     check_qat_width(head_dim)
     if head_dim > MAX_ROW:
         raise ValueError(f"indexer.q_prep: head_dim {head_dim} > {MAX_ROW}")
     ra = rope if isinstance(rope, RopeArgs) else rope_args(rope)
     n_tok = q.size // (n_head * head_dim)
-    _q_prep_kernel[(n_head, n_tok), row_threads(head_dim), stream](
-        L.flat(q), L.flat(out), n_head, head_dim, int(pos), hadamard_scale(head_dim), *ra)
+    L.launch(_q_prep_kernel, (n_head, n_tok), row_threads(head_dim), stream,
+             L.flat(q), L.flat(out), n_head, head_dim, steps, int(rec), int(gate_field), hadamard_scale(head_dim),
+             *ra)
     return out
 
 
@@ -205,7 +217,10 @@ def _scores_kernel(n_ih: int, d: int) -> Any:
     QN, RN = NH * DP, TILE_ROWS * DP
 
     @cuda.jit
-    def kernel(q, w, w_scale, rows, n_comp, out):
+    def kernel(q, w, w_scale, rows, steps, rows_at, gate_at, out):
+        if steps[gate_at] == 0:       # the indexer does not select at this token
+            return
+        n_comp = steps[rows_at]
         tid = cuda.threadIdx.x
         r_loc = tid // HEAD_LANES
         hl = tid % HEAD_LANES
@@ -246,20 +261,23 @@ SCORE_BLOCKS = 1 if SIMULATOR else 264
 
 
 @implementation("indexer.scores", "tile16_persistent", layout="rows f16|f32 (n_comp, d)")
-def indexer_scores(q: Any, w: Any, rows: Any, n_comp: int, *, out: Any, w_scale: float = 1.0,
-                   stream: Any = 0) -> Any:
-    """score[c] = (sum_h relu(rows[c] . q[h]) * w[h]) * w_scale for c < n_comp, float64, rounded once.
+def indexer_scores(q: Any, w: Any, rows: Any, *, out: Any, w_scale: float = 1.0, steps: Any, rec: int = 0,
+                   grp: int, max_rows: int, stream: Any = 0) -> Any:
+    """score[c] = (sum_h relu(rows[c] . q[h]) * w[h]) * w_scale for c < ROWS, float64, rounded once.
 
-    q f32 (n_ih, d) after ``indexer.q_prep``; w f32 (n_ih,) from
-    ``indexer.proj``, unscaled; ``w_scale`` a float64 factor (the model's
-    ``1/sqrt(d * n_ih)``, ``ops.indexer_weight_scale``).
+    ``ROWS`` is compression group ``grp``'s row count in the token's step
+    record ``steps[rec:]``; nothing runs while the group's ``SELECT`` is 0.
+    ``max_rows`` bounds ``ROWS`` (the grid).  q f32 (n_ih, d) after
+    ``indexer.q_prep``; w f32 (n_ih,) from ``indexer.proj``, unscaled;
+    ``w_scale`` a float64 factor (the model's ``1/sqrt(d * n_ih)``,
+    ``ops.indexer_weight_scale``).
     """
     n_ih = w.size
     d = q.size // n_ih
     kern = _scores_kernel(n_ih, d)
-    n_tiles = L.cdiv(max(n_comp, 1), TILE_ROWS)
-    kern[min(n_tiles, SCORE_BLOCKS), SCORE_THREADS, stream](L.flat(q), L.flat(w), np.float64(w_scale),
-                                                             L.flat(rows), int(n_comp), L.flat(out))
+    n_tiles = L.cdiv(max(max_rows, 1), TILE_ROWS)
+    L.launch(kern, min(n_tiles, SCORE_BLOCKS), SCORE_THREADS, stream, L.flat(q), L.flat(w), np.float64(w_scale),
+             L.flat(rows), steps, int(rec + grp + ROWS), int(rec + grp + SELECT), L.flat(out))
     return out
 
 
@@ -299,11 +317,13 @@ def topk_key(bits, i):
 
 
 @cuda.jit
-def _topk_kernel(bits, n, k, kcap, use_kcap, out):
+def _topk_kernel(bits, n, k, n_src, n_at, k_src, k_at, out):
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    if use_kcap:                  # k limited by a count computed on the device (e.g. finite logits)
-        k = min(k, kcap[0])
+    if n_at >= 0:                 # n and k limited by counts in device memory (a step record, finite logits)
+        n = min(n, n_src[n_at])
+    if k_at >= 0:
+        k = min(k, k_src[k_at])
     if k <= 0:
         return
     hist = cuda.shared.array(256, int32)
@@ -394,18 +414,23 @@ TOPK_THREADS = 1024
 
 
 @implementation("topk.select", "radix_block", layout="f32")
-def topk(values: Any, n: int, k: int, *, out: Any, kcap: Any | None = None, stream: Any = 0) -> Any:
+def topk(values: Any, n: int, k: int, *, out: Any, n_from: tuple[Any, int] | None = None,
+         k_from: tuple[Any, int] | None = None, stream: Any = 0) -> Any:
     """out[0:k] = indices of the k largest of values[0:n], best first, ties to the lower index.
 
-    ``kcap`` (int32 device array): k is lowered to ``kcap[0]`` on the device.
+    ``n_from = (array, i)`` / ``k_from = (array, i)``: n and k are lowered to
+    ``array[i]`` on the device (a step record's row count and the indexer's
+    ``SELECT``, or the count of finite logits); k lowered to 0 launches nothing.
     """
     if not 0 < k <= min(n, TOPK_MAX):
         raise ValueError(f"topk.select: need 0 < k <= min(n, {TOPK_MAX}), got k={k}, n={n}")
     nt = TOPK_THREADS if not SIMULATOR else 1   # the simulator: one thread, no waiting on others at barriers
-    _topk_kernel[1, nt, stream](L.flat(values).view(np.uint32), int(n), int(k),
-                                L.placeholder(np.int32) if kcap is None else kcap, int(kcap is not None), L.flat(out))
+    none = (L.placeholder(np.int32), -1)
+    n_src, n_at = n_from or none
+    k_src, k_at = k_from or none
+    L.launch(_topk_kernel, 1, nt, stream, L.flat(values).view(np.uint32), int(n), int(k), n_src, int(n_at), k_src,
+             int(k_at), L.flat(out))
     return out
-
 
 
 # ---------------------------------------------------------------------------
@@ -424,7 +449,7 @@ def _case_q(rng: np.random.Generator, scale: str) -> Case:
     ref = np.stack([ops.indexer_qat(ops.apply_rope_tail(q[t], rope, pos + t)) for t in range(n_tok)])
     out = L.device_array(q.size, np.float32)
     return Case((cuda.to_device(q),), out, (ref.reshape(-1),), (CONTRACT,),
-                kwargs=dict(n_head=n_head, head_dim=d, rope=rope, pos=pos),
+                kwargs=dict(n_head=n_head, head_dim=d, rope=rope, steps=cuda.to_device(records(pos, n_tok))),
                 info={"shape": q.shape, "pos": pos})
 
 
@@ -438,8 +463,11 @@ def _case_scores(rng: np.random.Generator, scale: str) -> Case:
     ws = indexer_w_scale(d, n_ih)
     ref = ops.indexer_scores(q, w, rows, ws)
     out = L.device_array(n_comp, np.float32)
-    return Case((cuda.to_device(q), cuda.to_device(w), cuda.to_device(rows.astype(np.float16)), n_comp), out,
-                (ref,), (CONTRACT,), kwargs=dict(w_scale=ws), info={"shape": (n_ih, d, n_comp)})
+    rec = one_record(rows=n_comp, select=1)
+    return Case((cuda.to_device(q), cuda.to_device(w), cuda.to_device(rows.astype(np.float16))), out,
+                (ref,), (CONTRACT,), kwargs=dict(w_scale=ws, steps=cuda.to_device(rec), grp=group_offset(1),
+                                                 max_rows=n_comp + int(rng.integers(0, 3 * TILE_ROWS))),
+                info={"shape": (n_ih, d, n_comp)})
 
 
 def _case_topk(rng: np.random.Generator, scale: str) -> Case:
@@ -450,19 +478,28 @@ def _case_topk(rng: np.random.Generator, scale: str) -> Case:
     v[rng.integers(0, n, n // 8)] = v[0]     # ties, resolved by index
     ref = ops.top_k_stable(v, k).astype(np.int32)
     out = L.device_array(k, np.int32)
+    if rng.integers(0, 2):                   # n and k from a step record: a longer buffer, a larger launch k
+        extra = int(rng.integers(1, 9))
+        padded = np.concatenate([v, np.full(extra, 1e30, np.float32)])   # past ROWS: must never win
+        rec = cuda.to_device(one_record(rows=n, select=k))
+        g = group_offset(1)
+        return Case((cuda.to_device(padded), n + extra, k + extra), out, (ref,), (True,),
+                    kwargs=dict(n_from=(rec, g + ROWS), k_from=(rec, g + SELECT)), info={"n": n, "k": k, "rec": 1})
     return Case((cuda.to_device(v), n, k), out, (ref,), (True,), info={"n": n, "k": k})
 
 
 OPS = [
     OpSpec("indexer.q_prep", "indexer queries: RoPE, Hadamard, FP4 round trip per head",
-           "(q f32 (T, n_head*d), *, out, n_head, head_dim, rope, pos, stream)",
+           "(q f32 (T, n_head*d), *, out, n_head, head_dim, rope, steps, rec=0, gate_field=-1, stream)",
            "ops.apply_rope_tail + ops.indexer_qat",
            # CONTRACT (rotation and Hadamard rounded once, FP4 exact); the tolerance is for non-contract callers:
            # a 1-ulp Hadamard difference can flip one E2M1 rounding in a block
            2e-3, _case_q),
     OpSpec("indexer.scores", "indexer scores sum_h relu(row . q_h) w_h over the compressed index rows",
-           "(q f32 (n_ih, d), w f32 (n_ih,), rows f16|f32 (n, d), n_comp, *, out f32 (n_comp,), w_scale, stream)",
+           "(q f32 (n_ih, d), w f32 (n_ih,), rows f16|f32 (n, d), *, out f32 (ROWS,), w_scale, steps, rec=0, grp, "
+           "max_rows, stream)",
            "ops.indexer_scores", 1e-5, _case_scores),   # CONTRACT
     OpSpec("topk.select", "indices of the k largest values, best first, ties to the lower index",
-           "(values f32 (n,), n, k, *, out int32 (k,), stream)", "ops.top_k_stable", 0.0, _case_topk),
+           "(values f32 (n,), n, k, *, out int32 (k,), n_from=None, k_from=None, stream)", "ops.top_k_stable", 0.0,
+           _case_topk),
 ]

@@ -616,7 +616,7 @@ def _moe_matvec(qtype: GGMLQuantizationType, w: PackedWeight, ids: Any, x: Q8KAc
     c = _consts()
     nt = block_threads(lpr)
     grid = (L.cdiv(n_rows, nt // lpr * ROWS_PER_THREAD), n_slots)
-    _kernel("matvec", qtype, lpr, nb, replicas)[grid, nt, stream](
+    L.launch(_kernel("matvec", qtype, lpr, nb, replicas), grid, nt, stream,
         w.qs, _sc(w, c), w.dm, n_rows, ids, x_per_slot, x.qs, x.d, x.bsums, c["grid"], c["sign"], L.flat(out))
     return out
 
@@ -632,7 +632,7 @@ def _moe_gate_up(qtype: GGMLQuantizationType, gate: PackedWeight, up: PackedWeig
     c = _consts()
     nt = block_threads(lpr)
     grid = (L.cdiv(n_rows, nt // lpr * ROWS_PER_THREAD), n_slots)
-    _kernel("gate_up", qtype, lpr, nb, replicas, min_blocks)[grid, nt, stream](
+    L.launch(_kernel("gate_up", qtype, lpr, nb, replicas, min_blocks), grid, nt, stream,
         gate.qs, _sc(gate, c), gate.dm, up.qs, _sc(up, c), up.dm, n_rows, ids, weights, np.float32(clamp),
         x_per_slot, x.qs, x.d, x.bsums, c["grid"], c["sign"], L.flat(out))
     return out
@@ -647,7 +647,7 @@ def _moe_down_sum(qtype: GGMLQuantizationType, w: PackedWeight, ids: Any, x: Q8K
     c = _consts()
     warp = down_warp(lpr)
     rows_per_block = warp // lpr * DOWN_ROWS_PER_THREAD
-    _kernel("down_sum", qtype, lpr, nb, replicas)[L.cdiv(n_rows, rows_per_block), warp * n_slots, stream](
+    L.launch(_kernel("down_sum", qtype, lpr, nb, replicas), L.cdiv(n_rows, rows_per_block), warp * n_slots, stream,
         w.qs, _sc(w, c), w.dm, n_rows, ids, x.qs, x.d, x.bsums, c["grid"], c["sign"], L.flat(out))
     return out
 

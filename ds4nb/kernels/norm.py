@@ -74,7 +74,7 @@ def rms_norm(x: Any, w: Any | None, eps: float = DS4_RMS_EPS, *, out: Any, strea
         w, has_w = L.placeholder(np.float32), 0
     else:
         has_w = 1
-    _rms_norm_kernel[rows, THREADS, stream](L.flat(x), w, has_w, n, eps64(eps), L.flat(out))
+    L.launch(_rms_norm_kernel, rows, THREADS, stream, L.flat(x), w, has_w, n, eps64(eps), L.flat(out))
     return out
 
 

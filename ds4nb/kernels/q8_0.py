@@ -185,7 +185,7 @@ def q8_0_grouped_matvec_warp8(w: PackedWeight, x: Q8_0Act, *, out: Any, stream: 
 
 
 def _matvec(w: PackedWeight, x: Q8_0Act, out: Any, n_rows: int, nb: int, rows_per_x: int, stream: Any) -> Any:
-    kernel_for("matvec", nb)[L.cdiv(n_rows, ROWS_PER_BLOCK * ROWS_PER_THREAD), LANES * ROWS_PER_BLOCK, stream](
+    L.launch(kernel_for("matvec", nb), L.cdiv(n_rows, ROWS_PER_BLOCK * ROWS_PER_THREAD), LANES * ROWS_PER_BLOCK, stream,
         w.qs, w.dm, n_rows, rows_per_x, x.qs, x.d, L.flat(out))
     return out
 
@@ -195,7 +195,7 @@ def q8_0_matmul_warp8(w: PackedWeight, x: Q8_0Act, *, out: Any, stream: Any = 0)
     """Y = X W^T for n tokens: row per warp, each weight word reused for 8 tokens."""
     n_rows, nb, n_tok = _check(w, x)
     grid = (L.cdiv(n_rows, ROWS_PER_BLOCK * ROWS_PER_THREAD), L.cdiv(n_tok, TOKENS_PER_PASS))
-    kernel_for("matmul", nb)[grid, LANES * ROWS_PER_BLOCK, stream](w.qs, w.dm, n_rows, n_tok, x.qs, x.d,
+    L.launch(kernel_for("matmul", nb), grid, LANES * ROWS_PER_BLOCK, stream, w.qs, w.dm, n_rows, n_tok, x.qs, x.d,
                                                                   L.flat(out))
     return out
 

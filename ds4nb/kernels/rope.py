@@ -159,7 +159,7 @@ def rope_tail(x: Any, *, out: Any, rope: Any, pos: int, head_dim: int, inverse: 
         raise ValueError(f"rope.tail: bad shape {x.shape} for head_dim {head_dim}, n_rot {ra.n_rot}")
     copy_nope = 0 if _same_buffer(x, out) else 1
     n = n_tok * n_rows * (head_dim // 2)
-    _rope_tail_kernel[L.cdiv(n, THREADS), THREADS, stream](
+    L.launch(_rope_tail_kernel, L.cdiv(n, THREADS), THREADS, stream,
         L.flat(x), L.flat(out), n_tok, n_rows, head_dim, int(pos), int(pos_step), int(bool(inverse)),
         copy_nope, ra.n_rot, ra.theta_scale, ra.freq_scale, ra.ext_factor, ra.corr_low, ra.corr_denom,
         ra.mscale)

@@ -231,7 +231,7 @@ def _launch(logits, bias, tid2eid, tokens, out, k, scale, normalise, stream):
         raise ValueError(f"router: k={k} of {n_expert} experts (out {tuple(out.selected.shape)})")
     nt = 1 if SIMULATOR else max(32, L.cdiv(n_expert, 32) * 32)
     hashed = tid2eid is not None
-    _router_kernel[n_tok, nt, stream](
+    L.launch(_router_kernel, n_tok, nt, stream,
         L.flat(logits), n_expert, L.placeholder(np.float32) if bias is None else L.flat(bias), int(bias is not None),
         int(k), np.float32(scale), int(bool(normalise)), int(hashed),
         L.flat(tid2eid) if hashed else L.placeholder(np.int32), L.flat(tokens) if hashed else L.placeholder(np.int32),

@@ -12,14 +12,20 @@ host (one ``rng.random()`` per non-greedy call, like the twin, so a seeded
 generator reproduces the twin's tokens).  Temperature 0 is the argmax (NaN
 never wins, ties to the lower id).
 
-Kernels (single blocks of 1024 threads; a vocabulary pass is ~126 coalesced
-loads a thread; the simulator runs them on one thread with ``LANES = 1``):
+The parameters live in device memory (a float64 *sampling record*, written
+by the host with each token, :func:`sampling_record`), so one captured decode
+step serves greedy and sampled generation alike.  Launches (the same four
+every token; the ones that do not apply exit at once):
 
-1. ``_stats``: argmax, finite max and count; without top-k a second pass
-   gathers the ids with ``w >= min_p`` (at most ``CAP``) and sums ``total``;
-   greedy writes the argmax and stops.
-2. top-k only: ``topk.select`` (``ds4nb.kernels.indexer``) over the logits,
-   with k capped on the device at the finite count.
+0. greedy: ``sample.argmax``'s multi-block arg-max, gated on the record.
+1. ``_stats`` (single block of 1024 threads; a vocabulary pass is ~126
+   coalesced loads a thread; the simulator runs it on one thread with
+   ``LANES = 1``): argmax, finite max and count, and the top-k size
+   ``min(top_k, finite count)`` (0 when greedy or without top-k); without
+   top-k a second pass gathers the ids with ``w >= min_p`` (at most ``CAP``)
+   and sums ``total``.
+2. ``topk.select`` (``ds4nb.kernels.indexer``) over the logits, k from
+   device memory (nothing when it is 0).
 3. ``_draw``: sorts the candidates by (logit desc, id asc) (a bitonic sort of
    64-bit keys; equals the twin's weight order except where distinct logits
    round to the same float64 weight, i.e. underflowed weights), then min-p,
@@ -38,7 +44,8 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels import indexer as _ix   # module import: add_module registers marked names it sees
+from ds4nb.kernels import argmax as _am    # module imports: add_module registers marked names it sees
+from ds4nb.kernels import indexer as _ix
 from ds4nb.kernels.f16_matvec import block_sum, group_max
 from ds4nb.kernels.indexer import topk_key
 from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, int64, uint64
@@ -60,8 +67,26 @@ _U0 = np.uint64(0)
 _ULO = np.uint64(0xFFFFFFFF)
 _NEG_INF = np.float32(-np.inf)
 _FINF = np.float32(np.inf)
-ST_ARGMAX, ST_FINITE, ST_NCAND = 0, 1, 2
+ST_ARGMAX, ST_FINITE, ST_NCAND, ST_TOPK = 0, 1, 2, 3
 SF_TOTAL, SF_MAX = 0, 1
+#: fields of the float64 sampling record (greedy and top_k are exact small integers)
+SP_GREEDY, SP_TOP_K, SP_TEMP, SP_MIN_P, SP_TOP_P, SP_U = range(6)
+SP_FIELDS = 6
+
+
+def sampling_record(params: Any, u: float, n_vocab: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The float64 sampling record of ``params`` (a ``SamplingParams``) and the uniform draw ``u``."""
+    from ds4nb.sampling import MAX_TOP_K
+
+    rec = np.zeros(SP_FIELDS, np.float64) if out is None else out
+    greedy = params.temperature == 0
+    rec[SP_GREEDY] = float(greedy)
+    rec[SP_TOP_K] = min(int(params.top_k), MAX_TOP_K, CAP, n_vocab)
+    rec[SP_TEMP] = 1.0 if greedy else params.temperature
+    rec[SP_MIN_P] = params.min_p
+    rec[SP_TOP_P] = params.top_p
+    rec[SP_U] = u
+    return rec
 
 
 @device
@@ -77,11 +102,19 @@ def _greedy_key(v, i):
 
 
 @cuda.jit
-def _stats_kernel(logits, n, greedy, gather, temp, min_p, cap, ids, st_i, st_f, out):
+def _stats_kernel(logits, n, sp, cap, ids, st_i, st_f, out):
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
     lane = tid % LANES
     nw = nt // LANES
+    if sp[SP_GREEDY] != 0:            # sample.argmax answers (uniform branch)
+        if tid == 0:
+            st_i[ST_TOPK] = 0
+            out[1] = 0
+        return
+    top_k = int32(sp[SP_TOP_K])
+    temp = sp[SP_TEMP]
+    min_p = sp[SP_MIN_P]
     # pass 1: argmax (NaN as -inf, ties to the lower id), finite max and count
     best = _I0
     fmax = _NEG_INF
@@ -112,11 +145,9 @@ def _stats_kernel(logits, n, greedy, gather, temp, min_p, cap, ids, st_i, st_f, 
         st_i[ST_ARGMAX] = arg
         st_i[ST_FINITE] = cnt
         st_i[ST_NCAND] = 0
+        st_i[ST_TOPK] = min(top_k, cnt)
         st_f[SF_MAX] = float64(fmax)
-        if greedy:
-            out[0] = arg
-            out[1] = 0
-    if greedy or not gather or cnt == 0:
+    if top_k > 0 or cnt == 0:
         return
     # pass 2 (no top-k): weights, their total, and the min-p survivors
     cuda.syncthreads()
@@ -137,10 +168,18 @@ def _stats_kernel(logits, n, greedy, gather, temp, min_p, cap, ids, st_i, st_f, 
 
 
 @cuda.jit
-def _draw_kernel(logits, ids, st_i, st_f, use_topk, top_k, temp, min_p, top_p, u, out):
+def _draw_kernel(logits, ids, st_i, st_f, sp, out):
+    if sp[SP_GREEDY] != 0:            # sample.argmax answered
+        return
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
     nw = nt // LANES
+    top_k = int32(sp[SP_TOP_K])
+    use_topk = top_k > 0
+    temp = sp[SP_TEMP]
+    min_p = sp[SP_MIN_P]
+    top_p = sp[SP_TOP_P]
+    u = sp[SP_U]
     keys = cuda.shared.array(CAP, uint64)
     wts = cuda.shared.array(CAP, float64)
     redd = cuda.shared.array(32, float64)
@@ -214,11 +253,12 @@ class SampleScratch(NamedTuple):
     ids: Any     # int32 (CAP,)
     st_i: Any    # int32 (4,)
     st_f: Any    # f64 (2,)
+    argmax: Any  # the greedy arg-max's workspace
 
 
-def alloc_scratch(stream: Any = 0) -> SampleScratch:
+def alloc_scratch(n_vocab: int, stream: Any = 0) -> SampleScratch:
     return SampleScratch(L.device_array(CAP, np.int32, stream), L.device_array(4, np.int32, stream),
-                         L.device_array(2, np.float64, stream))
+                         L.device_array(2, np.float64, stream), _am.alloc_workspace(1, n_vocab, stream))
 
 
 def _threads() -> int:
@@ -226,33 +266,30 @@ def _threads() -> int:
 
 
 @implementation("sample.draw", "block_filters", layout="f32 logits")
-def sample_device(logits: Any, *, out: Any, params: Any, u: float, scratch: SampleScratch | None = None,
+def sample_launch(logits: Any, *, out: Any, sp: Any, scratch: SampleScratch | None = None,
                   stream: Any = 0) -> Any:
     """out int32 (2,) = (token, status) for logits f32 (n_vocab,); status 1: fall back to the host.
 
-    ``params`` is a ``ds4nb.sampling.SamplingParams``; ``u`` in [0, 1) is the draw.
+    ``sp`` is the float64 sampling record on the device (:func:`sampling_record`).
     """
-    from ds4nb.sampling import MAX_TOP_K
-
-    scratch = scratch or alloc_scratch(stream)
     n = logits.size
+    scratch = scratch or alloc_scratch(n, stream)
     nt = _threads()
-    greedy = params.temperature == 0
-    k = min(int(params.top_k), MAX_TOP_K, CAP, n)
-    use_topk = k > 0
-    temp = np.float64(params.temperature if not greedy else 1.0)
-    _stats_kernel[1, nt, stream](L.flat(logits), n, int(greedy), int(not use_topk), temp,
-                                 np.float64(params.min_p), CAP, scratch.ids, scratch.st_i, scratch.st_f, out)
-    if greedy:
-        return out
-    if use_topk:
-        _ix.topk(logits, n, k, out=scratch.ids, kcap=scratch.st_i[ST_FINITE:ST_FINITE + 1], stream=stream)
-    _draw_kernel[1, nt, stream](L.flat(logits), scratch.ids, scratch.st_i, scratch.st_f, int(use_topk), k, temp,
-                                np.float64(params.min_p), np.float64(params.top_p), np.float64(u), out)
+    _am.argmax(logits.reshape(1, n), out=out, workspace=scratch.argmax, gate=(sp, SP_GREEDY), stream=stream)
+    L.launch(_stats_kernel, 1, nt, stream, L.flat(logits), n, sp, CAP, scratch.ids, scratch.st_i, scratch.st_f, out)
+    _ix.topk(logits, n, min(CAP, n), out=scratch.ids, k_from=(scratch.st_i, ST_TOPK), stream=stream)
+    L.launch(_draw_kernel, 1, nt, stream, L.flat(logits), scratch.ids, scratch.st_i, scratch.st_f, sp, out)
     return out
 
 
-class _FixedDraw:
+def sample_device(logits: Any, *, out: Any, params: Any, u: float, scratch: SampleScratch | None = None,
+                  stream: Any = 0) -> Any:
+    """``sample.draw`` with host-side parameters: uploads their sampling record first (tests, one-off calls)."""
+    sp = cuda.to_device(sampling_record(params, u, logits.size), stream=stream)
+    return sample_launch(logits, out=out, sp=sp, scratch=scratch, stream=stream)
+
+
+class FixedDraw:
     """Stands in for a numpy Generator: the twin's single ``random()`` returns ``u``."""
 
     def __init__(self, u: float):
@@ -272,7 +309,7 @@ def sample_token(logits: Any, params: Any, rng: np.random.Generator, *, out: Any
     sample_device(logits, out=out, params=params, u=u, scratch=scratch, stream=stream)
     tok, status = (int(v) for v in out.copy_to_host(stream=stream))
     if status:
-        return host_sample(logits.copy_to_host(stream=stream), params, _FixedDraw(u))
+        return host_sample(logits.copy_to_host(stream=stream), params, FixedDraw(u))
     return tok
 
 
@@ -296,18 +333,19 @@ def _case(rng: np.random.Generator, scale: str) -> Case:
 
     n = 300 if scale == "tiny" else 129280
     x = random_logits(rng, n)
-    params = SamplingParams(temperature=float(rng.choice([0.0, 0.7, 1.0])), top_k=int(rng.choice([0, 5, 12] if scale == "tiny" else [0, 50, 1024])),
+    top_k = int(rng.choice([0, 5, 12] if scale == "tiny" else [0, 50, 1024]))
+    params = SamplingParams(temperature=float(rng.choice([0.0, 0.7, 1.0])), top_k=top_k,
                             top_p=float(rng.choice([1.0, 0.9])), min_p=float(rng.choice([0.05, 0.2])))
     u = float(rng.random())
-    ref = sample(x, params, _FixedDraw(u))
+    ref = sample(x, params, FixedDraw(u))
     out = L.device_array(2, np.int32)
     return Case((cuda.to_device(x),), out, (np.array([ref, 0], np.int32),), (True,),
-                kwargs=dict(params=params, u=u), info={"n": n, "params": params})
+                kwargs=dict(sp=cuda.to_device(sampling_record(params, u, n))), info={"n": n, "params": params})
 
 
 OPS = [
     OpSpec("sample.draw", "device sampling: greedy, or top-k / temperature / min-p / top-p with a host uniform",
-           "(logits f32 (n_vocab,), *, out int32 (2,) = (token, status), params: SamplingParams, u, "
+           "(logits f32 (n_vocab,), *, out int32 (2,) = (token, status), sp: f64 sampling record (params, u), "
            "scratch=None, stream)",
            "ds4nb.sampling.sample (with a generator returning u)", 0.0, _case),
 ]

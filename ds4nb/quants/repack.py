@@ -64,6 +64,29 @@ _FIELD_WORDS: dict[GGMLQuantizationType, tuple[int, int, int]] = {
 REPACKABLE: tuple[GGMLQuantizationType, ...] = tuple(_FIELD_WORDS)
 
 
+@dataclass(frozen=True)
+class Field:
+    """Where one block-minor field comes from: ``words`` words of ``word_bytes`` bytes at ``offset`` in a block."""
+
+    name: str          # PackedWeight attribute: qs, sc or dm
+    offset: int
+    words: int
+    word_bytes: int
+
+
+def fields(qtype: GGMLQuantizationType) -> tuple[Field, ...]:
+    """The block-minor fields of ``qtype`` and where each sits in a GGUF block (``d``/``dmin`` are adjacent)."""
+    wq, ws, wd = _FIELD_WORDS[qtype]
+    dt = BLOCK_DTYPE[qtype]
+    out = [Field("qs", dt.fields["qs"][1], wq, 8)]
+    if ws:
+        out.append(Field("sc", dt.fields["scales"][1], ws, 4))
+    if wd == 2 and dt.fields["dmin"][1] != dt.fields["d"][1] + 2:
+        raise AssertionError(f"{qtype.name}: d and dmin are not adjacent")
+    out.append(Field("dm", dt.fields["d"][1], wd, 2))
+    return tuple(out)
+
+
 def layout_name(qtype: GGMLQuantizationType) -> str:
     """E.g. ``'q8_0/block-minor'``."""
     return f"{qtype.name.lower()}/{LAYOUT_BLOCK_MINOR}"

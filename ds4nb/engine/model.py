@@ -1,0 +1,508 @@
+"""The DS4 forward step on the GPU, written once as an ordered list of kernel launches.
+
+:func:`build_step` walks docs/model.md top to bottom for a step of ``T``
+tokens (decode: ``T = 1``; prefill: a chunk) and records every launch with
+its grid and its arguments, views included, fixed once (``Launch``).  The
+step never changes afterwards: per-token values (token ids, positions,
+window rows, compressed-row counts, whether a compressor emits or the indexer
+selects, the sampling parameters) are read by the kernels from the step input
+buffer (``ds4nb.engine.step``), so the same launches run for every token,
+eagerly or captured as a CUDA graph (``ds4nb.engine.graph``).
+
+Stateless parts (HC, norms, projections, router, experts) run over all ``T``
+tokens per launch; the stateful part of attention (window store,
+compressors, indexer, attention itself; steps 8-12) runs token by token,
+as in the oracle.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+from numba import cuda
+
+from ds4nb.engine.step import StepInput, StepLayout
+from ds4nb.kernels import _launch as L
+from ds4nb.kernels.activation import Q8_0Act, Q8KAct, alloc_q8_0, alloc_q8_K
+from ds4nb.kernels.attention import alloc_attn_scratch
+from ds4nb.kernels.compressor import CompressorProjection, CompressorStateDev, alloc_projection, alloc_state
+from ds4nb.kernels.hc import HcPreOut, alloc_scratch as alloc_hc_scratch
+from ds4nb.kernels.indexer import indexer_w_scale
+from ds4nb.kernels.registry import DeviceInfo, get_registry
+from ds4nb.kernels.rope import rope_args
+from ds4nb.kernels.router import RouteOut
+from ds4nb.kernels.sample import alloc_scratch as alloc_sample_scratch
+from ds4nb.kernels.step import NF, ROWS, SELECT
+from ds4nb.model import LayerWeights, ModelConfig, Weights
+from ds4nb.quants.repack import PackedWeight
+from ds4nb.reference import ops
+
+# Q8_0 strategy -> (decode implementation, batched implementation) of the q8_0 ops
+STRATEGY_IMPLS = {"warp8": ("warp8", "warp8_t8"), "mmq": ("warp8", "mmq"), "cublas": ("warp8", "cublas")}
+
+
+class Kernels:
+    """The launchers a step uses, selected once from the registry."""
+
+    def __init__(self, device: DeviceInfo, strategy: str, expert_types: set) -> None:
+        reg = get_registry()
+        decode_impl, batched_impl = STRATEGY_IMPLS[strategy]
+
+        def pick(op: str) -> Callable[..., Any]:
+            return reg.select(op, device=device).fn
+
+        self.q8_matvec = reg.get("q8_0.matvec", decode_impl).fn
+        self.q8_matmul = reg.get("q8_0.matmul", batched_impl).fn
+        self.q8_grouped_matvec = pick("q8_0.grouped_matvec")
+        self.quant_q8_0 = pick("act.quantize_q8_0")
+        self.quant_q8_K = pick("act.quantize_q8_K")
+        self.rms = pick("norm.rms")
+        self.embed = pick("embed.gather")
+        self.expand = pick("hc.expand")
+        self.hc_pre = pick("hc.pre")
+        self.hc_post = pick("hc.post")
+        self.hc_head = pick("hc.head")
+        self.q_norm_rope = pick("attn.q_norm_rope")
+        self.kv_store = pick("attn.kv_store")
+        self.attention = pick("attn.decode")
+        self.comp_project = pick("compressor.project")
+        self.comp_step = pick("compressor.step")
+        self.f16_matvec = pick("f16.matvec")
+        self.index_q_prep = pick("indexer.q_prep")
+        self.index_scores = pick("indexer.scores")
+        self.topk = pick("topk.select")
+        self.router_select = pick("router.select")
+        self.router_hash = pick("router.hash")
+        self.swiglu = pick("ffn.swiglu")
+        self.add = pick("vec.add")
+        self.swap01 = pick("copy.swap01")
+        self.slot_sum = pick("moe.slot_sum")
+        self.sample = pick("sample.draw")
+        self.moe = {q: (pick(f"{q.name.lower()}.moe_gate_up"), pick(f"{q.name.lower()}.moe_down_sum"),
+                        pick(f"{q.name.lower()}.moe_matvec")) for q in expert_types}
+
+
+def _empty(n: int, dtype: Any = np.float32) -> Any:
+    return cuda.device_array(max(n, 1), dtype=np.dtype(dtype))
+
+
+def _q8_0_rows(a: Q8_0Act, nb: int, start: int, stop: int) -> Q8_0Act:
+    """Rows ``[start, stop)`` of a flat Q8_0 activation (each row: 4 * nb words, nb scales)."""
+    return Q8_0Act(a.qs[start * 4 * nb:stop * 4 * nb], a.d[start * nb:stop * nb])
+
+
+def _q8_K_rows(a: Q8KAct, nb: int, start: int, stop: int) -> Q8KAct:
+    return Q8KAct(a.qs[start * 32 * nb:stop * 32 * nb], a.d[start * nb:stop * nb],
+                  a.bsums[start * 8 * nb:stop * 8 * nb])
+
+
+def packed_rows(w: PackedWeight, start: int, stop: int) -> PackedWeight:
+    """Rows ``[start, stop)`` of a 2-D block-minor weight (each row's fields are contiguous)."""
+    nb = w.n_blocks
+    wq = w.qs.size // (w.n_rows * nb)
+    wd = w.dm.size // (w.n_rows * nb)
+    sc = None if w.sc is None else w.sc[start * (w.sc.size // w.n_rows):stop * (w.sc.size // w.n_rows)]
+    return PackedWeight(w.qtype, (stop - start, w.n_cols), w.qs[start * wq * nb:stop * wq * nb], sc,
+                        w.dm[start * wd * nb:stop * wd * nb])
+
+
+# ---------------------------------------------------------------------------
+# Device state and scratch
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class LayerStateDev:
+    """One layer's session state on the device (docs/model.md, "Session state"), allocated once."""
+
+    raw: Any                                            # (n_swa, head_dim) ring: row pos % n_swa
+    comp: Any = None                                    # (max_rows, head_dim) compressed rows
+    attn_compressor: CompressorStateDev | None = None
+    index_comp: Any = None                              # (max_rows, indexer_head_dim)
+    index_compressor: CompressorStateDev | None = None
+
+
+def max_comp_rows(cfg: ModelConfig, il: int, ctx: int) -> int:
+    """Compressed rows layer ``il`` can hold for ``ctx`` tokens."""
+    ratio = cfg.compress_ratio(il)
+    return 0 if ratio == 0 else ctx // ratio + 1
+
+
+def alloc_layer_states(cfg: ModelConfig, ctx: int) -> list[LayerStateDev]:
+    states = []
+    for il in range(cfg.n_layer):
+        ls = LayerStateDev(raw=cuda.device_array((cfg.n_swa, cfg.head_dim), np.float32))
+        ratio = cfg.compress_ratio(il)
+        if ratio:
+            csa = cfg.layer_kind(il) == "csa"
+            n = max_comp_rows(cfg, il, ctx)
+            ls.comp = cuda.device_array((n, cfg.head_dim), np.float32)
+            ls.attn_compressor = alloc_state(ratio, cfg.head_dim, csa)
+            if csa:
+                ls.index_comp = cuda.device_array((n, cfg.indexer_head_dim), np.float32)
+                ls.index_compressor = alloc_state(ratio, cfg.indexer_head_dim, True)
+        states.append(ls)
+    return states
+
+
+def state_bytes(cfg: ModelConfig, ctx: int) -> int:
+    """Device bytes of the session state for ``ctx`` tokens (this engine's KV cache)."""
+    total = 0
+    for il in range(cfg.n_layer):
+        total += cfg.n_swa * cfg.head_dim * 4
+        n = max_comp_rows(cfg, il, ctx)
+        if n:
+            ratio = cfg.compress_ratio(il)
+            csa = cfg.layer_kind(il) == "csa"
+            total += n * cfg.head_dim * 4 + 2 * (2 if csa else 1) * ratio * cfg.compressor_width(il) * 4
+            if csa:
+                total += n * cfg.indexer_head_dim * 4 + 2 * 2 * ratio * 2 * cfg.indexer_head_dim * 4
+    return total
+
+
+class Scratch:
+    """Activation buffers for steps of up to ``chunk`` tokens (a step of T tokens uses the first T rows)."""
+
+    def __init__(self, cfg: ModelConfig, chunk: int, ctx: int) -> None:
+        c = chunk
+        e, hc = cfg.n_embd, cfg.n_hc
+        self.x_emb = _empty(c * e)
+        self.hc_a = _empty(c * hc * e)
+        self.hc_b = _empty(c * hc * e)
+        self.pre = HcPreOut(_empty(c * e), _empty(c * hc), _empty(c * hc * hc), _empty(c * e))
+        self.hc_scratch = alloc_hc_scratch(c, cfg.hc_dim, cfg.hc_mix_dim)
+        self.head_scratch = alloc_hc_scratch(1, cfg.hc_dim, cfg.n_hc)
+        k_max = max(e, cfg.q_lora_rank, cfg.q_dim, cfg.out_low_dim, cfg.n_ff_exp)
+        self.act = alloc_q8_0(c * max(1, cfg.n_out_group), k_max)
+        self.qr = _empty(c * cfg.q_lora_rank)
+        self.qr_norm = _empty(c * cfg.q_lora_rank)
+        self.q = _empty(c * cfg.q_dim)
+        self.kv = _empty(c * cfg.head_dim)
+        self.heads = _empty(c * cfg.q_dim)
+        self.heads_g = _empty(c * cfg.q_dim)
+        self.low = _empty(c * cfg.out_low_dim)
+        self.low_t = _empty(c * cfg.out_low_dim)
+        self.y = _empty(c * e)
+        self.attn_scratch = alloc_attn_scratch(cfg.n_head, cfg.head_dim)
+        widths = [cfg.compressor_width(il) for il in range(cfg.n_layer) if cfg.compress_ratio(il)]
+        self.comp_proj = alloc_projection(c, max(widths, default=1))
+        self.index_proj = alloc_projection(c, 2 * cfg.indexer_head_dim)
+        self.iq = _empty(c * cfg.indexer_q_dim)
+        self.iq_prep = _empty(c * cfg.indexer_q_dim)
+        self.iw = _empty(c * cfg.n_indexer_head)
+        csa_rows = [max_comp_rows(cfg, il, ctx) for il in range(cfg.n_layer) if cfg.layer_kind(il) == "csa"]
+        self.scores = _empty(max(csa_rows, default=1))
+        self.sel = _empty(max(cfg.indexer_top_k, 1), np.int32)
+        self.router_logits = _empty(c * cfg.n_expert)
+        self.route = RouteOut(cuda.device_array((c, cfg.n_expert_used), np.int32),
+                              cuda.device_array((c, cfg.n_expert_used), np.float32))
+        n_slot = c * cfg.n_expert_used
+        self.x_slots = _empty(n_slot * e)
+        self.act_k = alloc_q8_K(n_slot, max(e, cfg.n_ff_exp))
+        self.mid = _empty(n_slot * cfg.n_ff_exp)
+        self.slot_out = _empty(n_slot * e)
+        self.routed = _empty(c * e)
+        self.sh_gate = _empty(c * cfg.n_ff_exp)
+        self.sh_up = _empty(c * cfg.n_ff_exp)
+        self.shared = _empty(c * e)
+        self.x_out = _empty(e)
+        self.logits = _empty(cfg.n_vocab)
+        self.sampled = _empty(2, np.int32)
+        self.sample_scratch = alloc_sample_scratch(cfg.n_vocab)
+
+    @staticmethod
+    def nbytes(cfg: ModelConfig, chunk: int, ctx: int) -> int:
+        """An upper bound of the bytes ``Scratch(cfg, chunk, ctx)`` allocates (for placement budgets)."""
+        c = chunk
+        per_tok = 4 * (cfg.n_hc * cfg.n_embd * 3 + cfg.q_dim * 3 + cfg.n_expert_used * (cfg.n_ff_exp + cfg.n_embd) * 2)
+        return c * per_tok + cfg.n_vocab * 4 + ctx + (256 << 20)
+
+
+# ---------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a step is built from: the model, its placed weights, state, scratch and inputs."""
+
+    cfg: ModelConfig
+    weights: Weights
+    res: Any                      # ds4nb.cache.residency.Residency: tensor name -> device arrays
+    kernels: Kernels
+    layout: StepLayout
+    states: list[LayerStateDev]
+    scratch: Scratch
+    inputs: StepInput
+    ctx: int
+
+
+class _Recording:
+    """The kernels with ``stream`` bound to a recorder, and the op family each launch is filed under."""
+
+    def __init__(self, kernels: Kernels, rec: L.Recorder) -> None:
+        self._k = kernels
+        self._rec = rec
+
+    def family(self, name: str) -> None:
+        self._rec.family = name
+
+    def __getattr__(self, op: str) -> Any:
+        fn = getattr(self._k, op)
+        if isinstance(fn, dict):
+            return {q: tuple(functools.partial(f, stream=self._rec) for f in fns) for q, fns in fn.items()}
+        return functools.partial(fn, stream=self._rec)
+
+
+def build_step(sc: StepContext, n_tok: int, *, sample: bool) -> list[L.Launch]:
+    """The launches of one forward step of ``n_tok`` tokens (see the module docstring).
+
+    ``sample``: end with the device sampler (the decode step), which writes
+    ``(token, status)`` to ``scratch.sampled``.
+    """
+    rec = L.Recorder()
+    _Builder(sc, n_tok, _Recording(sc.kernels, rec)).forward(sample)
+    return rec.launches
+
+
+class _Builder:
+    def __init__(self, sc: StepContext, n_tok: int, k: _Recording) -> None:
+        self.sc, self.T, self.k = sc, n_tok, k
+        self.cfg, self.res, self.s = sc.cfg, sc.res, sc.scratch
+        self.ropes = [rope_args(ops.make_rope(
+            self.cfg.n_rot, compressed=self.cfg.compress_ratio(il) != 0, freq_base=self.cfg.rope_freq_base,
+            compress_freq_base=self.cfg.compress_rope_freq_base, scale_factor=self.cfg.rope_scale_factor,
+            orig_ctx=self.cfg.rope_orig_ctx, beta_fast=self.cfg.rope_yarn_beta_fast,
+            beta_slow=self.cfg.rope_yarn_beta_slow)) for il in range(self.cfg.n_layer)]
+
+    def w(self, info: Any) -> Any:
+        return self.res[info.name]
+
+    # -- the model ------------------------------------------------------
+
+    def forward(self, sample: bool) -> None:
+        cfg, k, s, T = self.cfg, self.k, self.s, self.T
+        e, nhc = cfg.n_embd, cfg.n_hc
+        w = self.sc.weights
+        k.family("embed")
+        ids = self.sc.inputs.ids[:T]
+        k.embed(self.w(w.token_embd), ids, e, out=s.x_emb[:T * e])                  # step 1
+        hc, hc_next = s.hc_a[:T * nhc * e], s.hc_b[:T * nhc * e]
+        k.expand(s.x_emb[:T * e].reshape(T, e), out=hc, n_hc=nhc)
+        for il, lw in enumerate(w.layers):
+            self.attention_block(il, lw, hc, hc_next)                                # steps 2-14
+            hc, hc_next = hc_next, hc
+            self.ffn_block(il, lw, hc, hc_next, ids)                                 # steps 15-19
+            hc, hc_next = hc_next, hc
+        k.family("head")                                                             # steps 20-21, last token
+        last = hc[(T - 1) * nhc * e:T * nhc * e]
+        k.hc_head(last, self.w(w.output_hc_fn), self.w(w.output_hc_scale), self.w(w.output_hc_base), out=s.x_out,
+                  n_hc=nhc, hc_eps=cfg.hc_eps, rms_eps=cfg.rms_eps, scratch=s.head_scratch)
+        k.rms(s.x_out.reshape(1, e), self.w(w.output_norm), cfg.rms_eps, out=s.x_out)
+        k.q8_matvec(self.w(w.output), self.quant_q8_0(s.x_out, 1, e), out=s.logits)
+        if sample:
+            k.family("sample")
+            k.sample(s.logits, out=s.sampled, sp=self.sc.inputs.sp, scratch=s.sample_scratch)
+
+    # -- attention sublayer (steps 2-14) --------------------------------
+
+    def attention_block(self, il: int, lw: LayerWeights, hc: Any, hc_out: Any) -> None:
+        cfg, k, s, T = self.cfg, self.k, self.s, self.T
+        e, rank, qd, hd = cfg.n_embd, cfg.q_lora_rank, cfg.q_dim, cfg.head_dim
+        k.family("hc")
+        pre = self.hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm)   # steps 2-4
+        k.family("attn_proj")
+        act = self.quant_q8_0(pre.x_norm, T, e)                                   # step 5
+        qr, qr_norm, q, kv = s.qr[:T * rank], s.qr_norm[:T * rank], s.q[:T * qd], s.kv[:T * hd]
+        self.q8(self.w(lw.attn_q_a), act, qr)
+        self.q8(self.w(lw.attn_kv), act, kv)                                      # step 6 (same activation)
+        k.rms(qr.reshape(T, rank), self.w(lw.attn_q_a_norm), cfg.rms_eps, out=qr_norm)
+        self.q8(self.w(lw.attn_q_b), self.quant_q8_0(qr_norm, T, rank), q)
+        k.family("attention")
+        k.q_norm_rope(q, out=q, n_head=cfg.n_head, head_dim=hd, eps=cfg.rms_eps, rope=self.ropes[il],
+                      steps=self.sc.inputs.steps)                                 # steps 5.4, 7 (q)
+        self.compressors_project(il, lw, pre.x_norm)
+        self.indexer_project(il, lw, pre.x_norm, qr_norm)
+        heads = s.heads[:T * qd]
+        for t in range(T):                                                        # steps 8-12, token by token
+            self.attend_one(il, lw, t, q[t * qd:(t + 1) * qd], kv[t * hd:(t + 1) * hd], heads[t * qd:(t + 1) * qd])
+        k.family("attn_proj")
+        y = self.grouped_output(il, lw, heads)                                    # step 13
+        k.family("hc")
+        k.hc_post(y, hc, pre.post, pre.comb, out=hc_out, n_hc=cfg.n_hc)           # step 14
+
+    def compressors_project(self, il: int, lw: LayerWeights, x_norm: Any) -> None:
+        """Step 9a for the step's tokens: the compressor projections (attention and, CSA, indexer)."""
+        if not self.cfg.compress_ratio(il):
+            return
+        k, s, T = self.k, self.s, self.T
+        k.family("compressor")
+        width = self.cfg.compressor_width(il)
+        k.comp_project(x_norm, self.w(lw.attn_compressor_kv), self.w(lw.attn_compressor_gate),
+                       out=CompressorProjection(s.comp_proj.kv[:T * width], s.comp_proj.score[:T * width]))
+        if self.cfg.layer_kind(il) == "csa":
+            iw = 2 * self.cfg.indexer_head_dim
+            k.comp_project(x_norm, self.w(lw.indexer_compressor_kv), self.w(lw.indexer_compressor_gate),
+                           out=CompressorProjection(s.index_proj.kv[:T * iw], s.index_proj.score[:T * iw]))
+
+    def indexer_project(self, il: int, lw: LayerWeights, x_norm: Any, qr_norm: Any) -> None:
+        """Step 10's projections for the step's tokens, skipped on the device while the indexer does not select.
+
+        The indexer starts selecting at some token and never stops, so the
+        step's last record says whether any token of the step needs them.
+        """
+        cfg, k, s, T = self.cfg, self.k, self.s, self.T
+        if cfg.layer_kind(il) != "csa":
+            return
+        k.family("indexer")
+        steps, sel = self.sc.inputs.steps, self.sc.layout.field(il) + SELECT
+        gate = (steps, (T - 1) * NF + sel)
+        k.f16_matvec(self.w(lw.indexer_attn_q_b), qr_norm, out=s.iq[:T * cfg.indexer_q_dim], gate=gate)
+        k.index_q_prep(s.iq[:T * cfg.indexer_q_dim], out=s.iq_prep[:T * cfg.indexer_q_dim], n_head=cfg.n_indexer_head,
+                       head_dim=cfg.indexer_head_dim, rope=self.ropes[il], steps=steps, gate_field=sel)
+        k.f16_matvec(self.w(lw.indexer_proj), x_norm, out=s.iw[:T * cfg.n_indexer_head], gate=gate)
+
+    def attend_one(self, il: int, lw: LayerWeights, t: int, q: Any, kv: Any, out: Any) -> None:
+        """Steps 8-12 for token ``t`` of the step: window row, compressors, indexer, attention."""
+        cfg, k, s, ls = self.cfg, self.k, self.s, self.sc.states[il]
+        steps, rec, grp = self.sc.inputs.steps, t * NF, self.sc.layout.field(il)
+        rope = self.ropes[il]
+        k.family("attention")
+        k.kv_store(kv, self.w(lw.attn_kv_a_norm), out=ls.raw, rope=rope, eps=cfg.rms_eps, steps=steps, rec=rec)
+        ratio = cfg.compress_ratio(il)
+        csa = cfg.layer_kind(il) == "csa"
+        sel = None
+        if ratio:                                                                 # step 9
+            k.family("compressor")
+            k.comp_step(s.comp_proj, t, self.w(lw.attn_compressor_ape), self.w(lw.attn_compressor_norm),
+                        out=ls.comp, state=ls.attn_compressor, ratio=ratio, overlap=csa, rope=rope, eps=cfg.rms_eps,
+                        finish="fp8", steps=steps, rec=rec, grp=grp)
+            if csa:
+                k.comp_step(s.index_proj, t, self.w(lw.indexer_compressor_ape), self.w(lw.indexer_compressor_norm),
+                            out=ls.index_comp, state=ls.index_compressor, ratio=ratio, overlap=True, rope=rope,
+                            eps=cfg.rms_eps, finish="qat", steps=steps, rec=rec, grp=grp)
+                k.family("indexer")                                               # step 10
+                sel = self.indexer_select(il, t, ls)
+        k.family("attention")                                                     # steps 11-12
+        k.attention(q, ls.raw, ls.comp, self.w(lw.attn_sinks), sel, out=out, steps=steps, rec=rec, grp=grp,
+                    max_rows=cfg.n_swa + self.max_visible(il), rope=rope, scratch=s.attn_scratch)
+
+    def max_visible(self, il: int) -> int:
+        """Most compressed rows one token of layer ``il`` attends to (the indexer's k caps CSA layers)."""
+        ls = self.sc.states[il]
+        if ls.comp is None:
+            return 0
+        n = ls.comp.shape[0]
+        return min(n, self.cfg.indexer_top_k) if self.cfg.layer_kind(il) == "csa" else n
+
+    def indexer_select(self, il: int, t: int, ls: LayerStateDev) -> Any:
+        cfg, k, s = self.cfg, self.k, self.s
+        steps, rec, grp = self.sc.inputs.steps, t * NF, self.sc.layout.field(il)
+        n_ih, d = cfg.n_indexer_head, cfg.indexer_head_dim
+        n_rows = ls.index_comp.shape[0]
+        k.index_scores(s.iq_prep[t * n_ih * d:(t + 1) * n_ih * d], s.iw[t * n_ih:(t + 1) * n_ih], ls.index_comp,
+                       out=s.scores[:n_rows], w_scale=indexer_w_scale(d, n_ih), steps=steps, rec=rec, grp=grp,
+                       max_rows=n_rows)
+        k.topk(s.scores[:n_rows], n_rows, cfg.indexer_top_k, out=s.sel, n_from=(steps, rec + grp + ROWS),
+               k_from=(steps, rec + grp + SELECT))
+        return s.sel
+
+    def grouped_output(self, il: int, lw: LayerWeights, heads: Any) -> Any:
+        cfg, k, s, T = self.cfg, self.k, self.s, self.T
+        G, gd, rank = cfg.n_out_group, cfg.out_group_dim, cfg.out_lora_rank
+        low = s.low[:T * G * rank]
+        out_a = self.w(lw.attn_output_a)
+        if T == 1:
+            k.q8_grouped_matvec(out_a, self.quant_q8_0(heads, G, gd), out=low)   # group g is "row" g
+        else:
+            by_group = s.heads_g[:T * G * gd]
+            k.swap01(heads, T, G, gd, out=by_group)                               # (T, G, gd) -> (G, T, gd)
+            act = self.quant_q8_0(by_group, G * T, gd)
+            low_g = s.low_t[:T * G * rank]
+            for g in range(G):
+                k.q8_matmul(packed_rows(out_a, g * rank, (g + 1) * rank), _q8_0_rows(act, gd // 32, g * T, (g + 1) * T),
+                            out=low_g[g * T * rank:(g + 1) * T * rank])
+            k.swap01(low_g, G, T, rank, out=low)                                  # (G, T, rank) -> (T, G, rank)
+        y = s.y[:T * cfg.n_embd]
+        self.q8(self.w(lw.attn_output_b), self.quant_q8_0(low, T, G * rank), y)
+        return y
+
+    # -- FFN sublayer (steps 15-19) -------------------------------------
+
+    def ffn_block(self, il: int, lw: LayerWeights, hc: Any, hc_out: Any, ids: Any) -> None:
+        cfg, k, s, T = self.cfg, self.k, self.s, self.T
+        e, n_used, ff = cfg.n_embd, cfg.n_expert_used, cfg.n_ff_exp
+        k.family("hc")
+        pre = self.hc_pre(hc, lw.hc_ffn_fn, lw.hc_ffn_scale, lw.hc_ffn_base, lw.ffn_norm)        # step 15
+        x_norm = pre.x_norm
+        k.family("router")
+        logits = s.router_logits[:T * cfg.n_expert]                               # step 16
+        k.f16_matvec(self.w(lw.ffn_gate_inp), x_norm, out=logits)
+        route = RouteOut(s.route.selected[:T], s.route.weights[:T])
+        if cfg.is_hash_layer(il):
+            k.router_hash(logits.reshape(T, cfg.n_expert), self.w(lw.ffn_gate_tid2eid), ids, out=route, k=n_used,
+                          scale=cfg.expert_weights_scale, normalise=cfg.expert_weights_norm)
+        else:
+            bias = None if lw.ffn_exp_probs_b is None else self.w(lw.ffn_exp_probs_b)
+            k.router_select(logits.reshape(T, cfg.n_expert), bias, out=route, k=n_used,
+                            scale=cfg.expert_weights_scale, normalise=cfg.expert_weights_norm)
+        k.family("routed_experts")                                                # step 17
+        gate_up, down_sum, matvec = k.moe[lw.ffn_gate_exps.qtype]
+        down = k.moe[lw.ffn_down_exps.qtype]
+        clamp = cfg.swiglu_clamp_exp[il]
+        sel_flat = route.selected.reshape(T * n_used)
+        w_flat = route.weights.reshape(T * n_used)
+        mid = s.mid[:T * n_used * ff]
+        if T == 1:
+            xk = _q8_K_rows(s.act_k, e // 256, 0, 1)
+            k.quant_q8_K(x_norm.reshape(1, e), out=xk)
+        else:
+            slots = s.x_slots[:T * n_used * e]
+            k.expand(x_norm.reshape(T, e), out=slots, n_hc=n_used)
+            xk = _q8_K_rows(s.act_k, e // 256, 0, T * n_used)
+            k.quant_q8_K(slots.reshape(T * n_used, e), out=xk)
+        gate_up(self.w(lw.ffn_gate_exps), self.w(lw.ffn_up_exps), sel_flat, w_flat, xk, clamp, out=mid)
+        mk = _q8_K_rows(s.act_k, ff // 256, 0, T * n_used)
+        k.quant_q8_K(mid.reshape(T * n_used, ff), out=mk)
+        routed = s.routed[:T * e]
+        if T == 1:
+            down[1](self.w(lw.ffn_down_exps), sel_flat, mk, out=routed)
+        else:
+            slot_out = s.slot_out[:T * n_used * e]
+            down[2](self.w(lw.ffn_down_exps), sel_flat, mk, out=slot_out)
+            k.slot_sum(slot_out, T, n_used, out=routed)
+        k.family("shared_expert")                                                 # step 18
+        act = self.quant_q8_0(x_norm, T, e)
+        g, u = s.sh_gate[:T * ff], s.sh_up[:T * ff]
+        self.q8(self.w(lw.ffn_gate_shexp), act, g)
+        self.q8(self.w(lw.ffn_up_shexp), act, u)
+        k.swiglu(g, u, clamp, out=g)
+        shared = s.shared[:T * e]
+        self.q8(self.w(lw.ffn_down_shexp), self.quant_q8_0(g, T, ff), shared)
+        k.family("hc")
+        k.add(routed, shared, out=routed)                                         # step 19
+        k.hc_post(routed, hc, pre.post, pre.comb, out=hc_out, n_hc=cfg.n_hc)
+
+    # -- helpers --------------------------------------------------------
+
+    def quant_q8_0(self, x: Any, rows: int, n: int) -> Q8_0Act:
+        act = _q8_0_rows(self.s.act, n // 32, 0, rows)
+        self.k.quant_q8_0(x[:rows * n].reshape(rows, n), out=act)
+        return act
+
+    def q8(self, w: PackedWeight, act: Q8_0Act, out: Any) -> Any:
+        if self.T == 1:
+            return self.k.q8_matvec(w, act, out=out)
+        return self.k.q8_matmul(w, act, out=out)
+
+    def hc_pre(self, hc: Any, fn: Any, scale: Any, base: Any, norm: Any) -> HcPreOut:
+        cfg, s, T = self.cfg, self.s, self.T
+        e, nhc = cfg.n_embd, cfg.n_hc
+        out = HcPreOut(s.pre.x[:T * e], s.pre.post[:T * nhc], s.pre.comb[:T * nhc * nhc], s.pre.x_norm[:T * e])
+        self.k.hc_pre(hc, self.w(fn), self.w(scale), self.w(base), self.w(norm), out=out, n_hc=nhc,
+                      iters=cfg.hc_sinkhorn_iter, hc_eps=cfg.hc_eps, rms_eps=cfg.rms_eps, scratch=s.hc_scratch)
+        return out
