@@ -89,8 +89,6 @@ def token_bytes(model) -> int:
 
 
 def flash(args: argparse.Namespace) -> int:
-    from numba import cuda
-
     from ds4nb.bench import FILLER, BenchRow, run_bench
     from ds4nb.engine.session import CudaEngine
     from ds4nb.model import load_model
@@ -137,9 +135,7 @@ def flash(args: argparse.Namespace) -> int:
         w.writerow(BenchRow.header())
         for r in rows:
             w.writerow([f"{v:.3f}" if isinstance(v, float) else v for v in r.values()])
-    # at the last frontier (the session ends there): timed decode with CUDA graphs, then eager
-    eng.reset()
-    eng.prefill(tokens)
+    # at the last frontier (the sweep leaves the session there): timed decode with CUDA graphs, then eager
     snap = eng.snapshot()
     rng = np.random.default_rng(args.seed)
     first = int(np.argmax(eng.decode(tokens[-1])))
@@ -159,14 +155,13 @@ def flash(args: argparse.Namespace) -> int:
     timed_decode(2)                                        # capture
     wall_g, gpu_g = timed_decode(args.gen)
     launches = eng.launches_per_token()
-    eng.use_graphs = False
-    eng._runners.clear()
+    eng.set_graphs(False)
     timed_decode(2)
     wall_e, gpu_e = timed_decode(min(args.gen, 16))
-    eng.use_graphs = True
-    eng._runners.clear()
+    eng.set_graphs(True)
     eng.restore(snap)
     families = [] if eng.probe.simulator else eng.profile_decode(first)
+    kernels = [] if eng.probe.simulator else eng.profile_decode(first, by="kernel")
     per_tok = token_bytes(model)
     roof = read_bw * 1e9 / per_tok
     facts["decode"] = (f"graph {1 / wall_g:.2f} t/s (wall {wall_g * 1e3:.2f} ms, GPU {gpu_g * 1e3:.2f} ms per token, "
@@ -175,19 +170,22 @@ def flash(args: argparse.Namespace) -> int:
     facts["roofline"] = (f"{per_tok / 1e9:.3f} GB per token / {read_bw:.0f} GB/s = {roof:.0f} t/s; "
                          f"graph decode at {(1 / wall_g) / roof:.3f} of it")
     print("decode:", facts["decode"], "\nroofline:", facts["roofline"], flush=True)
-    total = sum(f.gpu_us for f in families) or 1.0
-    with open(out_dir / "flash_families.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["family", "launches", "gpu_us_per_token", "share"])
-        for f in families:
-            w.writerow([f.family, f.launches, f"{f.gpu_us:.1f}", f"{f.gpu_us / total:.3f}"])
-    lines = [f"| {f.family} | {f.launches} | {f.gpu_us:.0f} | {100 * f.gpu_us / total:.1f}% |" for f in families]
+    tables = []
+    for name, groups in (("family", families), ("kernel", kernels)):
+        total = sum(g.gpu_us for g in groups) or 1.0
+        with open(out_dir / f"flash_{name}.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow([name, "launches", "gpu_us_per_token", "share"])
+            for g in groups:
+                w.writerow([g.group, g.launches, f"{g.gpu_us:.1f}", f"{g.gpu_us / total:.3f}"])
+        tables += ["", f"GPU time per token by op {name} (each replayed alone as a graph; sum {total / 1e3:.2f} ms):",
+                   "", f"| {name} | launches | GPU us | share |", "|---|---:|---:|---:|"]
+        tables += [f"| {g.group} | {g.launches} | {g.gpu_us:.0f} | {100 * g.gpu_us / total:.1f}% |"
+                   for g in groups[:25 if name == "kernel" else None]]
     summary = "\n".join([f"# flash decode, {eng.probe.name}", ""] + [f"- {k}: {v}" for k, v in facts.items()] + [
         "", "| ctx | prefill t/s | gen t/s | gen t/s (steady) | first token ms |", "|---:|---:|---:|---:|---:|"] + [
         f"| {r.ctx_tokens} | {r.prefill_tps:.1f} | {r.gen_tps:.2f} | {r.gen_tps_ss:.2f} | {r.first_token_sec * 1e3:.1f} |"
-        for r in rows] + ["", f"GPU time per token by op family (each family replayed alone as a graph; sum "
-                              f"{total / 1e3:.2f} ms):", "", "| family | launches | GPU us | share |",
-                              "|---|---:|---:|---:|"] + lines)
+        for r in rows] + tables)
     (out_dir / "flash_summary.md").write_text(summary + "\n")
     print(summary)
     return 0

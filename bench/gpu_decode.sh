@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the CUDA-graph decode step: GPU correctness (graph == eager == oracle, kernel parity at
 # DS4 shapes), then the flash benchmark (bench/engine.py flash).  Usage (device tool, carry .whl):
-#   bash bench/gpu_decode.sh [LAYERS] [TESTS]     LAYERS: flash layers (default 43); TESTS=0 skips the tests
+#   bash bench/gpu_decode.sh [LAYERS] [TESTS]     LAYERS: flash layers (default 43); TESTS: a pytest -k expression
+#   selecting the GPU tests to run first (default: all of them), 0 to skip them
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -10,9 +11,10 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 layers=${1:-43}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import numba_cuda, cuda.core, numpy; print('numba-cuda', numba_cuda.__version__, 'cuda.core', cuda.core.__version__, 'numpy', numpy.__version__)"
-if [ "${2:-1}" != 0 ]; then
+tests=${2:-graph or sampling or model_shape or flash or sinkhorn}
+if [ "$tests" != 0 ]; then
   timeout 360 python3 -m pytest -q -s -p no:cacheprovider tests/test_engine_graph.py tests/test_kernels_model_gpu.py \
-    tests/test_kernels_parity.py -k "graph or sampling or model_shape or flash" 2>&1 \
+    tests/test_kernels_parity.py tests/test_kernels_model_ops.py -k "$tests" 2>&1 \
     | grep -E "tokens == oracle|passed|failed|Error|error|assert|FAIL" | tail -25
 fi
 timeout 500 python3 bench/engine.py flash --layers "$layers" --out "$OUT" 2>&1 | grep -v "Warning\|warn("

@@ -422,3 +422,29 @@ def test_sample_no_finite_logit_and_token_helper(kernel_rng):
     x[3] = np.nan
     p = SamplingParams(temperature=1.0, top_k=5)
     assert S.sample_token(cuda.to_device(x), p, np.random.default_rng(0)) == _sample_twin(x, p, 0.5)
+
+
+def test_sinkhorn_warp_equals_one_thread(kernel_rng):
+    """hc.pre's Sinkhorn with one entry per lane (the GPU path) gives one thread's float64 values bit for bit."""
+    n_hc = 4
+    serial, warp = H.sinkhorn_fns(n_hc)
+
+    @cuda.jit
+    def both(mix, scale, base, iters, eps, out_serial, out_warp):
+        lane = cuda.threadIdx.x
+        if lane == 0:
+            serial(mix, scale, base, iters, eps, out_serial, 0)
+        warp(mix, scale, base, iters, eps, out_warp, 0, lane)
+
+    rng = kernel_rng
+    n_mix = 2 * n_hc + n_hc * n_hc
+    mix = (rng.standard_normal(n_mix) * 3).astype(np.float32)
+    scale = rng.uniform(0.5, 2, 3).astype(np.float32)
+    base = rng.standard_normal(n_mix).astype(np.float32)
+    a, b = poisoned(n_hc * n_hc), poisoned(n_hc * n_hc)
+    both[1, 32](cuda.to_device(mix), cuda.to_device(scale), cuda.to_device(base), 20, np.float64(np.float32(1e-6)),
+                a, b)
+    got_a, got_b = a.copy_to_host(), b.copy_to_host()
+    assert np.isfinite(got_a).all() and np.array_equal(got_a, got_b)
+    split = ops.hc_split_sinkhorn(mix[None, :], scale, base, n_hc, 20, 1e-6)   # and both are the oracle's
+    check_bits(got_a, split.comb.reshape(-1), "hc.pre", "sinkhorn")

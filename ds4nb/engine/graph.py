@@ -96,14 +96,22 @@ class StepRunner:
 
 
 @dataclass(frozen=True)
-class FamilyTime:
-    family: str
+class GroupTime:
+    group: str
     launches: int
-    gpu_us: float           # GPU time per step of this family's launches, replayed alone as a graph
+    gpu_us: float           # GPU time per step of this group's launches, replayed alone as a graph
 
 
-def time_families(launches: Sequence[Launch], stream: Any, reps: int = 20) -> list[FamilyTime]:
-    """GPU time per op family: each family's launches captured alone and replayed ``reps`` times.
+def kernel_name(kernel: Any) -> str:
+    """``module.kernel`` (``module.factory.kernel`` for kernels built by a ``kernel_factory``)."""
+    fn = getattr(kernel, "py_func", None) or getattr(kernel, "fn", None) or kernel
+    module = fn.__module__.rsplit(".", 1)[-1]
+    origin = getattr(fn, "ds4nb_origin", None)
+    return f"{module}.{origin[1]}.{fn.__name__}" if origin else f"{module}.{fn.__name__}"
+
+
+def time_groups(launches: Sequence[Launch], stream: Any, *, by: str = "family", reps: int = 20) -> list[GroupTime]:
+    """GPU time per op family (``by="family"``) or per (family, kernel): each group captured alone, replayed.
 
     The launches keep their arguments (and so may write state): run it on a
     session whose state is restored afterwards.  Kernels replayed alone miss
@@ -112,20 +120,23 @@ def time_families(launches: Sequence[Launch], stream: Any, reps: int = 20) -> li
     """
     from numba import cuda
 
-    by_family: dict[str, list[Launch]] = defaultdict(list)
+    groups: dict[str, list[Launch]] = defaultdict(list)
     for launch in launches:
-        by_family[launch.family or "other"].append(launch)
+        key = launch.family or "other"
+        if by == "kernel":
+            key = f"{key}: {kernel_name(launch.kernel)}"
+        groups[key].append(launch)
     core_stream = _core_device().create_stream(stream)
     out = []
-    for family, group in by_family.items():
+    for key, group in groups.items():
         graph = capture(group)
         graph.upload(core_stream)
         graph.launch(core_stream)                          # warm
-        start, stop = cuda.event(timing=True), cuda.event(timing=True)
+        start, stop = cuda.event(), cuda.event()
         start.record(stream)
         for _ in range(reps):
             graph.launch(core_stream)
         stop.record(stream)
         stop.synchronize()
-        out.append(FamilyTime(family, len(group), 1000.0 * start.elapsed_time(stop) / reps))
-    return sorted(out, key=lambda f: -f.gpu_us)
+        out.append(GroupTime(key, len(group), 1000.0 * start.elapsed_time(stop) / reps))
+    return sorted(out, key=lambda g: -g.gpu_us)

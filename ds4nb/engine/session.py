@@ -27,7 +27,7 @@ from ds4nb.cache.plan import DeviceMemory, FullPolicy, PlacementRequest
 from ds4nb.cache.residency import load_residency
 from ds4nb.dispatch.device import probe_device
 from ds4nb.dispatch.select import select_q8_strategy
-from ds4nb.engine.graph import FamilyTime, StepRunner, graphs_requested, time_families
+from ds4nb.engine.graph import GroupTime, StepRunner, graphs_requested, time_groups
 from ds4nb.engine.model import (STRATEGY_IMPLS, Kernels, Scratch, StepContext, alloc_layer_states, build_step,
                                 state_bytes)
 from ds4nb.engine.step import StepInput, StepLayout
@@ -205,13 +205,18 @@ class CudaEngine(Engine):
     # ------------------------------------------------------------------
     # measurement
 
-    def profile_decode(self, token: int, reps: int = 20) -> list[FamilyTime]:
-        """GPU time per op family of a decode step at the current position (the session is left as it was)."""
+    def profile_decode(self, token: int, *, by: str = "family", reps: int = 20) -> list[GroupTime]:
+        """GPU time per op family (or per family and kernel) of a decode step here; the session is left as it was."""
         state = self.snapshot()
         self._run(self._check([token]))                 # the step once: every kernel compiled, inputs in place
-        times = time_families(self._runner(1, False).launches, self.stream, reps)
+        times = time_groups(self._runner(1, False).launches, self.stream, by=by, reps=reps)
         self.restore(state)
         return times
+
+    def set_graphs(self, enabled: bool) -> None:
+        """Switch CUDA graphs on or off for the following steps (drops the captured steps)."""
+        self.use_graphs = enabled and not self.probe.simulator
+        self._runners.clear()
 
     def launches_per_token(self) -> int:
         return len(self._runner(1, True).launches)

@@ -26,9 +26,15 @@ streams ``hc (T, n_hc, n_embd)`` into a sublayer input in three launches:
    is read twice and the F16 ``fn`` (24 x 16384 for DS4) once, spread over
    ~128 blocks instead of 24 rows.
 3. ``_finish`` (one block per token): ``mix = float32(sum of the partials)``,
-   then one thread runs the split + Sinkhorn in float64 registers (the
-   oracle's operations: divisions, not reciprocals; products not contracted
-   into FMAs) and rounds ``pre``, ``post``, ``comb``; all threads form
+   then the split (``pre``, ``post``: a thread each) and the Sinkhorn
+   normalisation in float64 with the oracle's operations (divisions, not
+   reciprocals; products not contracted into FMAs; every row and column sum
+   added in index order): on the GPU the ``n_hc^2`` entries sit in the first
+   lanes of warp 0, one each, and each lane reads its row's (column's)
+   entries by shuffles, so a round costs two dependent divisions instead of
+   ``2 n_hc^2`` (the same values bit for bit as one thread doing it all, which
+   is what the simulator runs); ``pre``, ``post``, ``comb`` are rounded once;
+   all threads form
    ``x = float32(sum_h pre[h] * hc[h])`` and optionally
    ``x_norm = float32(x / rms(x) * norm_w)`` (the sublayer's attn_norm /
    ffn_norm, from the rounded ``x``).
@@ -56,7 +62,7 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.f16_matvec import group_sum
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, shfl_idx
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -112,6 +118,91 @@ def _ss_kernel(x, hc_dim, cols, part_ss):
         part_ss[t * n_split + s] = d
 
 
+@device
+def zval(mix, scale, base, m, part):
+    """float64 ``mix[m] * scale[part] + base[m]`` from the float32 values."""
+    return float64(mix[m]) * float64(scale[part]) + float64(base[m])
+
+
+@L.kernel_factory
+def sinkhorn_fns(n_hc: int) -> tuple[Any, Any]:
+    """(serial, warp) device functions: the ``n_hc x n_hc`` Sinkhorn normalisation of ``hc.pre``.
+
+    Both read the control values ``mix[2 n_hc:]`` and write ``comb[t * n_hc^2:]``;
+    ``warp`` holds entry ``e = i * n_hc + j`` in lane ``e`` of a warp (every
+    lane calls; ``n_hc^2 <= 32``) and computes the same float64 values as
+    ``serial`` on one thread: the same operations, every row and column sum
+    added in index order.
+    """
+    N_HC = n_hc
+    N_C = n_hc * n_hc
+
+    @device
+    def serial(mix, scale, base, iters, hc_eps, comb, t):
+        """Row softmax + eps, then ``iters`` rounds of row / column normalisation, one thread."""
+        c = cuda.local.array(N_C, float64)
+        for i in range(N_HC):  # row softmax + eps
+            mx = zval(mix, scale, base, 2 * N_HC + i * N_HC, 2)
+            for j in range(N_HC):
+                v = zval(mix, scale, base, 2 * N_HC + i * N_HC + j, 2)
+                c[i * N_HC + j] = v
+                mx = max(mx, v)
+            rsum = _D0
+            for j in range(N_HC):
+                e = math.exp(c[i * N_HC + j] - mx)
+                c[i * N_HC + j] = e
+                rsum += e
+            for j in range(N_HC):
+                c[i * N_HC + j] = c[i * N_HC + j] / rsum + hc_eps
+        for it in range(max(iters, 1)):
+            if it > 0:  # rows (the first round's row step is the softmax above)
+                for i in range(N_HC):
+                    rsum = _D0
+                    for j in range(N_HC):
+                        rsum += c[i * N_HC + j]
+                    den = rsum + hc_eps
+                    for j in range(N_HC):
+                        c[i * N_HC + j] = c[i * N_HC + j] / den
+            for j in range(N_HC):  # columns
+                csum = _D0
+                for i in range(N_HC):
+                    csum += c[i * N_HC + j]
+                den = csum + hc_eps
+                for i in range(N_HC):
+                    c[i * N_HC + j] = c[i * N_HC + j] / den
+        for i in range(N_C):
+            comb[t * N_C + i] = float32(c[i])
+
+    @device
+    def line_sum(v, first, step):
+        """Entries first, first + step, ... (N_HC of them) added in order, gathered by shuffles."""
+        s = _D0
+        for k in range(N_HC):
+            s += shfl_idx(v, first + k * step)
+        return s
+
+    @device
+    def warp(mix, scale, base, iters, hc_eps, comb, t, lane):
+        own = lane < N_C
+        e = lane if own else 0
+        i = e // N_HC
+        j = e % N_HC
+        v = zval(mix, scale, base, 2 * N_HC + e, 2)
+        mx = v
+        for k in range(N_HC):
+            mx = max(mx, shfl_idx(v, i * N_HC + k))
+        v = math.exp(v - mx)
+        v = v / line_sum(v, i * N_HC, 1) + hc_eps              # row softmax + eps
+        for it in range(max(iters, 1)):
+            if it > 0:
+                v = v / (line_sum(v, i * N_HC, 1) + hc_eps)    # rows
+            v = v / (line_sum(v, j, N_HC) + hc_eps)            # columns
+        if own:
+            comb[t * N_C + e] = float32(v)
+
+    return serial, warp
+
+
 @L.kernel_factory
 def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
     """(mix, finish) kernels specialised for ``n_hc`` streams and ``n_mix`` control values.
@@ -121,8 +212,8 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
     """
     N_HC = n_hc
     N_MIX = n_mix
-    N_C = n_hc * n_hc
     HEAD = n_mix == n_hc
+    sinkhorn_serial, sinkhorn_warp = sinkhorn_fns(n_hc)
 
     @device
     def mix_out(red, part_dot, t, n_split, s, m):
@@ -137,11 +228,6 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
         for s in range(n_split):
             d += part_dot[(t * n_split + s) * N_MIX + m]
         mix[m] = float32(d)                      # mix = fn . flat, rounded once
-
-    @device
-    def zval(mix, scale, base, m, part):
-        """float64 ``mix[m] * scale[part] + base[m]`` from the float32 values."""
-        return float64(mix[m]) * float64(scale[part]) + float64(base[m])
 
     @cuda.jit
     def mix_kernel(x, fn, hc_dim, cols, rms_eps, part_ss, part_dot):
@@ -204,42 +290,17 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
         if HEAD:
             if tid < N_HC:
                 wts[tid] = float32(_sigmoid64(zval(mix, scale, base, tid, 0)) + hc_eps)
-        elif tid == 0:
-            for i in range(N_HC):
-                wts[i] = float32(_sigmoid64(zval(mix, scale, base, i, 0)) + hc_eps)
-                post[t * N_HC + i] = float32(_D2 * _sigmoid64(zval(mix, scale, base, N_HC + i, 1)))
-            c = cuda.local.array(N_C, float64)
-            for i in range(N_HC):  # row softmax + eps
-                mx = zval(mix, scale, base, 2 * N_HC + i * N_HC, 2)
-                for j in range(N_HC):
-                    v = zval(mix, scale, base, 2 * N_HC + i * N_HC + j, 2)
-                    c[i * N_HC + j] = v
-                    mx = max(mx, v)
-                rsum = _D0
-                for j in range(N_HC):
-                    e = math.exp(c[i * N_HC + j] - mx)
-                    c[i * N_HC + j] = e
-                    rsum += e
-                for j in range(N_HC):
-                    c[i * N_HC + j] = c[i * N_HC + j] / rsum + hc_eps
-            for it in range(max(iters, 1)):
-                if it > 0:  # rows (the first round's row step is the softmax above)
-                    for i in range(N_HC):
-                        rsum = _D0
-                        for j in range(N_HC):
-                            rsum += c[i * N_HC + j]
-                        den = rsum + hc_eps
-                        for j in range(N_HC):
-                            c[i * N_HC + j] = c[i * N_HC + j] / den
-                for j in range(N_HC):  # columns
-                    csum = _D0
-                    for i in range(N_HC):
-                        csum += c[i * N_HC + j]
-                    den = csum + hc_eps
-                    for i in range(N_HC):
-                        c[i * N_HC + j] = c[i * N_HC + j] / den
-            for i in range(N_C):
-                comb[t * N_C + i] = float32(c[i])
+        else:
+            for i in range(tid, 2 * N_HC, FINISH_THREADS):
+                if i < N_HC:
+                    wts[i] = float32(_sigmoid64(zval(mix, scale, base, i, 0)) + hc_eps)
+                else:
+                    post[t * N_HC + i - N_HC] = float32(_D2 * _sigmoid64(zval(mix, scale, base, i, 1)))
+            if SIMULATOR:   # one thread (a constant-false branch on the GPU)
+                if tid == 0:
+                    sinkhorn_serial(mix, scale, base, iters, hc_eps, comb, t)
+            elif tid < 32:
+                sinkhorn_warp(mix, scale, base, iters, hc_eps, comb, t, tid)
         cuda.syncthreads()
         # x = sum_h w[h] * hc[h] (float64, rounded once); the sum of squares of the rounded x for the norm
         xb = t * hc_dim
@@ -311,6 +372,8 @@ def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, pos
     n_embd = hc_dim // n_hc
     if fn.shape[0] != n_mix or hc_dim % n_hc or hc.size != n_tok * hc_dim:
         raise ValueError(f"hc: fn is {tuple(fn.shape)}, expected ({n_mix}, {hc_dim})")
+    if n_hc * n_hc > 32:
+        raise ValueError(f"hc: {n_hc} streams: the Sinkhorn warp holds at most 32 entries")
     ns = n_splits(hc_dim)
     if scratch is None:
         scratch = alloc_scratch(n_tok, hc_dim, n_mix, stream)

@@ -165,6 +165,15 @@ def _sim_shfl_xor(value, lane_mask):
         raise RuntimeError(f"shfl_xor: partner lane {partner} of thread {tid} is not in the shuffle") from None
 
 
+def _sim_shfl_idx(value, src_lane):
+    table, tid = _sim_exchange(value)
+    src = (tid & ~31) | (int(src_lane) & 31)
+    try:
+        return table[src]
+    except KeyError:
+        raise RuntimeError(f"shfl_idx: source lane {src} of thread {tid} is not in the shuffle") from None
+
+
 def _sim_group(value, width, is_max):
     """``warp_sum`` / ``warp_max`` over aligned groups of ``width`` lanes: one exchange, then the
     GPU's xor-butterfly on the group's values (same operand order, so the same float result)."""
@@ -233,6 +242,7 @@ if SIMULATOR:
     dp4a = _sim_dp4a
     byte_perm = _sim_byte_perm
     shfl_xor = _sim_shfl_xor
+    shfl_idx = _sim_shfl_idx
     as_i32 = _sim_as_i32
     hi_i32 = _sim_hi_i32
     rint = _sim_rint
@@ -259,6 +269,11 @@ else:
     def shfl_xor(value, lane_mask):
         """Value of lane ``lane ^ lane_mask`` (all 32 lanes must call)."""
         return cuda.shfl_xor_sync(FULL_MASK, value, lane_mask)
+
+    @device
+    def shfl_idx(value, src_lane):
+        """Value of lane ``src_lane`` (all 32 lanes must call)."""
+        return cuda.shfl_sync(FULL_MASK, value, src_lane)
 
     @device
     def as_i32(x):
@@ -320,6 +335,7 @@ __all__ = [
     "hi_i32",
     "jit_kernel",
     "rint",
+    "shfl_idx",
     "shfl_xor",
     "warp_max",
     "warp_sum",
