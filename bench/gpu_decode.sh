@@ -11,10 +11,10 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 layers=${1:-43}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import numba_cuda, cuda.core, numpy; print('numba-cuda', numba_cuda.__version__, 'cuda.core', cuda.core.__version__, 'numpy', numpy.__version__)"
-tests=${2:-graph or sampling or model_shape or flash or sinkhorn}
+tests=${2:-}
 if [ "$tests" != 0 ]; then
-  timeout 360 python3 -m pytest -q -s -p no:cacheprovider tests/test_engine_graph.py tests/test_kernels_model_gpu.py \
-    tests/test_kernels_parity.py tests/test_kernels_model_ops.py -k "$tests" 2>&1 \
-    | grep -E "tokens == oracle|passed|failed|Error|error|assert|FAIL" | tail -25
+  timeout 330 python3 -m pytest -q -s -p no:cacheprovider tests/test_engine_graph.py tests/test_engine.py \
+    tests/test_residency.py tests/test_kernels_model_gpu.py tests/test_kernels_parity.py tests/test_kernels_model_ops.py \
+    ${tests:+-k "$tests"} 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "tokens == oracle|rel. error|passed|failed|Error|assert" | tail -12
 fi
 timeout 500 python3 bench/engine.py flash --layers "$layers" --out "$OUT" 2>&1 | grep -v "Warning\|warn("

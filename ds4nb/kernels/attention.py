@@ -451,22 +451,66 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
             part_l[sp * n_head + h0 + tid] = run_l[tid]
 
     @device
-    def combine_pair(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, pos,
-                     n_rot, ts, fscale, ext, low, denom, msc, p):
+    def split_factors(part_m, part_l, n_split, n_head, h, sink, fs):
+        """``fs[s] = e^(m_s - M)`` with ``M = max(sink, m_s)``; returns ``den = e^(sink - M) + sum_s l_s fs[s]``
+        (added in split order).  GPU: warp 0 computes the factors, a lane per split; every thread calls."""
+        tid = cuda.threadIdx.x
+        den_s = cuda.shared.array(1, float64)
+        if SIMULATOR:          # one thread a block (a constant-false branch on the GPU)
+            mx = sink
+            for s in range(n_split):
+                mx = max(mx, part_m[s * n_head + h])
+            den = float64(math.exp(sink - mx))
+            for s in range(n_split):
+                f = float64(math.exp(part_m[s * n_head + h] - mx))
+                fs[s] = f
+                den += part_l[s * n_head + h] * f
+            return den
+        if tid < 32:
+            m = part_m[tid * n_head + h] if tid < n_split else _NEG_INF64
+            mx = max(group_max(m, 32), sink)
+            if tid < n_split:
+                fs[tid] = float64(math.exp(m - mx))
+            cuda.syncwarp()
+            if tid == 0:
+                den = float64(math.exp(sink - mx))
+                for s in range(n_split):
+                    den += part_l[s * n_head + h] * fs[s]
+                den_s[0] = den
+        cuda.syncthreads()
+        return den_s[0]
+
+    @device
+    def combine_pair(part_acc, n_split, n_head, fs, den, out, do_rope, pos, n_rot, ts, fscale, ext, low, denom,
+                     msc, p):
         h = cuda.blockIdx.x
-        sink = float64(sinks[h])
-        mx = sink
-        for s in range(n_split):
-            mx = max(mx, part_m[s * n_head + h])
-        den = float64(math.exp(sink - mx))
         a0 = _D0
         a1 = _D0
-        for s in range(n_split):
-            f = float64(math.exp(part_m[s * n_head + h] - mx))
-            den += part_l[s * n_head + h] * f
-            b = (s * n_head + h) * HD + 2 * p
-            a0 += part_acc[b] * f
-            a1 += part_acc[b + 1] * f
+        b = h * HD + 2 * p
+        step = n_head * HD
+        s = 0
+        while s + 4 <= n_split:         # four splits' loads in flight, added in split order
+            u0 = part_acc[b + s * step]
+            v0 = part_acc[b + s * step + 1]
+            u1 = part_acc[b + (s + 1) * step]
+            v1 = part_acc[b + (s + 1) * step + 1]
+            u2 = part_acc[b + (s + 2) * step]
+            v2 = part_acc[b + (s + 2) * step + 1]
+            u3 = part_acc[b + (s + 3) * step]
+            v3 = part_acc[b + (s + 3) * step + 1]
+            a0 += u0 * fs[s]
+            a1 += v0 * fs[s]
+            a0 += u1 * fs[s + 1]
+            a1 += v1 * fs[s + 1]
+            a0 += u2 * fs[s + 2]
+            a1 += v2 * fs[s + 2]
+            a0 += u3 * fs[s + 3]
+            a1 += v3 * fs[s + 3]
+            s += 4
+        while s < n_split:
+            a0 += part_acc[b + s * step] * fs[s]
+            a1 += part_acc[b + s * step + 1] * fs[s]
+            s += 1
         y0 = float32(a0 / den)      # the head output: the one rounding of step 11
         y1 = float32(a1 / den)
         k = p - (HD - n_rot) // 2
@@ -480,17 +524,19 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
     def combine_kernel(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, steps, rec,
                        n_rot, ts, fscale, ext, low, denom, msc):
         pos = steps[rec + POS]
+        h = cuda.blockIdx.x
         p = cuda.threadIdx.x
+        fs = cuda.shared.array(MAX_SPLITS, float64)
+        den = split_factors(part_m, part_l, n_split, n_head, h, float64(sinks[h]), fs)
         if 2 * p >= HD:
             return
-        combine_pair(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, pos, n_rot, ts, fscale, ext,
-                     low, denom, msc, p)
+        combine_pair(part_acc, n_split, n_head, fs, den, out, do_rope, pos, n_rot, ts, fscale, ext, low, denom, msc, p)
         if PAIRS > 1:  # the simulator: this thread's further pairs (a constant-false branch on the GPU)
             for e in range(1, PAIRS):
                 if 2 * (p + e * cuda.blockDim.x) >= HD:
                     break
-                combine_pair(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, pos, n_rot, ts, fscale,
-                             ext, low, denom, msc, p + e * cuda.blockDim.x)
+                combine_pair(part_acc, n_split, n_head, fs, den, out, do_rope, pos, n_rot, ts, fscale, ext, low,
+                             denom, msc, p + e * cuda.blockDim.x)
 
     return partial_kernel, combine_kernel
 

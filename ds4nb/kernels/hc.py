@@ -69,7 +69,7 @@ from ds4nb.kernels.registry import OpSpec, implementation
 LANES = 1 if SIMULATOR else 32     # lanes of a reduction group (a warp on the GPU)
 MIX_THREADS = 16 if SIMULATOR else 128
 MIX_WARPS = MIX_THREADS // LANES
-FINISH_THREADS = 8 if SIMULATOR else 256
+FINISH_THREADS = 8 if SIMULATOR else 1024   # a block of one token: many threads, few dependent load rounds
 FINISH_WARPS = FINISH_THREADS // LANES
 COLS_PER_SPLIT = 128        # GPU: one column per thread per split
 POST_THREADS = 8 if SIMULATOR else 256
@@ -223,11 +223,17 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
         part_dot[(t * n_split + s) * N_MIX + m] = d
 
     @device
-    def mix_value(part_dot, t, n_split, mix, m):
-        d = _D0
-        for s in range(n_split):
-            d += part_dot[(t * n_split + s) * N_MIX + m]
-        mix[m] = float32(d)                      # mix = fn . flat, rounded once
+    def mix_values(part_dot, t, n_split, mix, tid):
+        """mix = fn . flat from the splits' partials, rounded once: warp w adds the partials of values
+        w, w + warps, ... (lane l taking splits l, l + 32, ...: a fixed order, loads in parallel)."""
+        lane = tid % LANES
+        for m in range(tid // LANES, N_MIX, FINISH_WARPS):
+            d = _D0
+            for s in range(lane, n_split, LANES):
+                d += part_dot[(t * n_split + s) * N_MIX + m]
+            d = group_sum(d, LANES)
+            if lane == 0:
+                mix[m] = float32(d)
 
     @cuda.jit
     def mix_kernel(x, fn, hc_dim, cols, rms_eps, part_ss, part_dot):
@@ -281,11 +287,7 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
         mix = cuda.shared.array(N_MIX, float32)
         wts = cuda.shared.array(N_HC, float32)
         red = cuda.shared.array(FINISH_WARPS, float64)
-        if tid < N_MIX:
-            mix_value(part_dot, t, n_split, mix, tid)
-        if FINISH_THREADS < N_MIX:  # the simulator: fewer threads than mix values
-            for m in range(tid + FINISH_THREADS, N_MIX, FINISH_THREADS):
-                mix_value(part_dot, t, n_split, mix, m)
+        mix_values(part_dot, t, n_split, mix, tid)
         cuda.syncthreads()
         if HEAD:
             if tid < N_HC:
