@@ -51,10 +51,9 @@ WARPS = THREADS // LANES
 ROWS_PER_WARP = 8 if SIMULATOR else 1   # rows a warp sums before the block's barrier
 PARTS = WARPS * ROWS_PER_WARP
 _D0 = np.float64(0.0)
-# ~8 resident blocks per SM on a 132-SM H100/H200: a lane keeps only 4 loads in flight, so the memory
-# pipe fills only with many warps per SM (264 blocks reached ~1 TB/s); the simulator pays per block
-# barrier, so it packs rows
-TARGET_BLOCKS = 1 if SIMULATOR else 1056
+# ~2 blocks per SM on a 132-SM H100/H200 (1056 blocks measured 9% slower on the compressor projections,
+# bench/results/decode_graph_flash_h200.md); the simulator pays per block barrier, so it packs rows
+TARGET_BLOCKS = 1 if SIMULATOR else 264
 
 # ---------------------------------------------------------------------------
 # Reductions shared by the model kernels (hc, attention, compressor, indexer, router, sample)
