@@ -9,7 +9,10 @@ name, a string value, a path): :func:`shown` makes such text safe to put in a
 one-line message.
 """
 
+import os
+
 SHOWN_LIMIT = 80
+PATH_LIMIT = 400
 
 
 class Ds4Error(Exception):
@@ -34,3 +37,8 @@ def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
     if len(head) < len(text) or len(head) > limit:
         head = head[:limit - 3] + "..."
     return head
+
+
+def shown_path(path: str | os.PathLike[str]) -> str:
+    """A path for a one-line message: like :func:`shown`, with room for a long path."""
+    return shown(os.fspath(path), PATH_LIMIT)

@@ -345,3 +345,8 @@ def validate_config(cfg: ModelConfig) -> None:
         ratio = cfg.compress_ratios[il]
         need(ratio == 0 or ratio >= 2,
              f"deepseek4.attention.compress_ratios[{il}] is {ratio}, expected 0 or >= 2")
+    if any(cfg.layer_kind(il) == "csa" for il in range(cfg.n_layer)):
+        d = cfg.indexer_head_dim  # the indexer rotates and pairs its rows (docs/model.md, "Indexer")
+        need(d & (d - 1) == 0 and d % 32 == 0 and cfg.n_rot <= d,
+             f"deepseek4.attention.indexer.key_length ({d}) must be a power of two, a multiple of 32 and at least "
+             f"rope.dimension_count ({cfg.n_rot})")

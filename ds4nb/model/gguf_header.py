@@ -233,14 +233,17 @@ def _tensor_entry(name: str, dims: tuple[int, ...], code: int, offset: int, alig
 
 
 def _check_packing(tensors: list[TensorEntry], alignment: int) -> None:
-    """In offset order, each tensor starts where the previous one's padded bytes end."""
+    """In offset order, each tensor starts where the previous one's bytes, padded to the alignment, end."""
     expected_at, previous = 0, None
     for t in sorted(tensors, key=lambda t: t.offset):
         if t.offset != expected_at:
-            where = "the data section starts" if previous is None else f"tensor {shown(previous.name)} ends"
-            problem = "overlaps" if t.offset < expected_at else "leaves a gap after"
-            raise ModelError(f"tensor {shown(t.name)} at data offset {t.offset} {problem} where {where} "
-                             f"({expected_at}): offsets do not match the tensors' shapes and types")
+            if previous is None:
+                raise ModelError(f"the first tensor's data, {shown(t.name)}, starts at data offset {t.offset}, "
+                                 f"expected 0")
+            relation = "overlaps" if t.offset < expected_at else "leaves a gap after"
+            raise ModelError(f"tensor {shown(t.name)} at data offset {t.offset} {relation} tensor "
+                             f"{shown(previous.name)} ({previous.qtype.name} {list(previous.dims)}, which ends at "
+                             f"{expected_at}): offsets and shapes or types do not match")
         expected_at = -(-(t.offset + t.nbytes) // alignment) * alignment
         previous = t
 

@@ -23,7 +23,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
 
-from ds4nb.errors import ModelError, shown
+from ds4nb.errors import ModelError, shown, shown_path
 from ds4nb.model.catalog import FileKind, Role, TensorSpec, expected_tensors
 from ds4nb.model.config import ModelConfig, config_from_metadata
 from ds4nb.model.gguf_header import GGUFHeader, read_header
@@ -164,9 +164,9 @@ class Model:
 
 def _check_file(path: Path) -> int:
     if not path.exists():
-        raise ModelError(f"model file not found: {shown(path)}")
+        raise ModelError(f"model file not found: {shown_path(path)}")
     if not path.is_file():
-        raise ModelError(f"not a regular file: {shown(path)}")
+        raise ModelError(f"not a regular file: {shown_path(path)}")
     return path.stat().st_size
 
 
