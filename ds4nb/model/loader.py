@@ -219,7 +219,7 @@ def _open(path: Path, size: int, header: GGUFHeader) -> Model:
     config = config_from_metadata(metadata, types)
     _check_vocabulary(config, metadata)
 
-    mm = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
     specs = {s.name: s for s in expected_tensors(config, kind)}
     catalog: list[TensorInfo] = []
     by_name: dict[str, TensorInfo] = {}
