@@ -45,6 +45,21 @@ class BenchRow:
         return list(asdict(self).values())
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """The frontiers and generation length of one ``ds4nb bench`` run."""
+
+    ctx_start: int
+    ctx_max: int
+    step_incr: int
+    gen_tokens: int
+
+
+GPU_SWEEP = Sweep(ctx_start=2048, ctx_max=32768, step_incr=2048, gen_tokens=128)  # the reference engine's
+# The numpy reference prefills some 25 tokens/s on the default model: this sweep takes about 15 s.
+CPU_SWEEP = Sweep(ctx_start=64, ctx_max=256, step_incr=64, gen_tokens=8)
+
+
 def frontiers(ctx_start: int, ctx_max: int, step_incr: int) -> list[int]:
     if ctx_start <= 0 or step_incr <= 0:
         raise UsageError("--ctx-start and --step-incr must be positive")
@@ -54,6 +69,11 @@ def frontiers(ctx_start: int, ctx_max: int, step_incr: int) -> list[int]:
     if out[-1] != ctx_max:
         out.append(ctx_max)
     return out
+
+
+def check_sequence(tokens: Sequence[int], ctx_max: int) -> None:
+    if len(tokens) < ctx_max:
+        raise UsageError(f"the benchmark sequence has {len(tokens)} tokens, --ctx-max needs {ctx_max}")
 
 
 def state_bytes(state) -> int:
@@ -72,8 +92,7 @@ def _argmax_excluding(logits: np.ndarray, banned: int) -> int:
 def run_bench(engine, tokens: Sequence[int], *, ctx_start: int, ctx_max: int, step_incr: int, gen_tokens: int,
               eos_id: int) -> Iterator[BenchRow]:
     """Yield one :class:`BenchRow` per frontier (see the module docstring)."""
-    if len(tokens) < ctx_max:
-        raise UsageError(f"the benchmark sequence has {len(tokens)} tokens, --ctx-max needs {ctx_max}")
+    check_sequence(tokens, ctx_max)
     engine.reset()
     done = 0
     for frontier in frontiers(ctx_start, ctx_max, step_incr):

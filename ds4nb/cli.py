@@ -1,29 +1,64 @@
 """The ``ds4nb`` command line.
 
 Each subcommand is a small function; user errors (:class:`Ds4Error`) become one
-red line on stderr and exit status 2, never a traceback.
+red line on stderr and exit status 2, never a traceback.  Text that comes from
+a file or the user (a model name, a path) is shown escaped, never read as rich
+markup; output piped into another program is not cut to a terminal's width,
+and a reader that stops early (``| head``) ends the command quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import IO, TYPE_CHECKING, Callable, Iterator, Sequence
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.console import Console, ConsoleDimensions
+from rich.markup import escape
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TaskID, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
+from rich.text import Text
 
 from ds4nb import __version__
-from ds4nb.errors import Ds4Error, UsageError
+from ds4nb.errors import Ds4Error, UsageError, shown, shown_path
+
+if TYPE_CHECKING:
+    from ds4nb.bench import Sweep
 
 DEFAULT_CTX = 32768  # the reference CLI's default context
+PIPE_WIDTH = 10_000  # columns when the output is not a terminal: lines are never cut or wrapped
+ERROR_LIMIT = 2000   # characters of an error message
 
-console = Console()
-err_console = Console(stderr=True)
+
+class _Console(Console):
+    """A rich console that lays out for the terminal, or, when piped or redirected, for no width limit."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        if not self.is_terminal:
+            return ConsoleDimensions(PIPE_WIDTH, 25)
+        return super().size
+
+    def on_broken_pipe(self) -> None:
+        # rich would exit with status 1; a reader that stopped early is not a failure: main() ends quietly
+        self.quiet = True
+        raise BrokenPipeError
+
+
+console = _Console()
+err_console = _Console(stderr=True)
+
+
+def _safe(value: object, limit: int = 400) -> str:
+    """Untrusted text placed in rich markup: control characters escaped, shortened, markup escaped."""
+    return escape(shown(value, limit))
 
 
 # ---------------------------------------------------------------------------
@@ -35,7 +70,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     cfg = model.config
-    title = f"{model.name}  [dim]({model.path}, {model.kind} file)[/dim]"
+    title = f"{_safe(model.name, 80)}  [dim]({_safe(model.path)}, {model.kind} file)[/dim]"
     t = Table(title=title, show_header=False, title_justify="left")
     t.add_column("key", style="cyan")
     t.add_column("value")
@@ -106,12 +141,12 @@ def cmd_kernels(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from ds4nb.model.synth import describe, write_synthetic
 
-    with _bytes_progress(f"writing {args.out.name}") as advance:
+    with _bytes_progress(f"writing {_safe(args.out.name)}") as advance:
         t0 = time.perf_counter()
         plan = write_synthetic(args.out, args.preset, seed=args.seed, quant=args.quant, n_layer=args.layers,
                                workers=args.workers, progress=advance)
         dt = time.perf_counter() - t0
-    console.print(f"[green]wrote[/green] {args.out}: {args.preset} preset, {describe(plan, dt)}")
+    console.print(f"[green]wrote[/green] {_safe(args.out)}: {args.preset} preset, {describe(plan, dt)}")
     return 0
 
 
@@ -140,6 +175,12 @@ class _bytes_progress:
 # generate
 
 
+DEFAULT_MODEL_NOTE = (
+    "[yellow]note:[/yellow] no -m given, so this runs the embedded default model: the real DS4 architecture and "
+    "vocabulary with [bold]random weights[/bold]. It shows the whole engine working (tokenizer, chat template, "
+    "prefill, decode, sampling) but its replies are gibberish. Run a real DS4 GGUF with -m FILE.gguf.")
+
+
 def _load_for_run(model_arg: Path | None):
     """The model to run: ``-m`` or the embedded default (written on first use)."""
     from ds4nb.model import load_model
@@ -148,10 +189,31 @@ def _load_for_run(model_arg: Path | None):
     if model_arg is not None:
         return load_model(model_arg)
     if not default_model_path().is_file():
-        err_console.print(f"[dim]writing the embedded default model to {default_model_path()} (once)[/dim]")
+        err_console.print(f"[dim]writing the embedded default model to {_safe(default_model_path())} (once)[/dim]")
         with _bytes_progress("default model") as advance:
             ensure_default_model(progress=advance)
+    err_console.print(DEFAULT_MODEL_NOTE, highlight=False)
     return load_model(default_model_path())
+
+
+
+def _read_prompt_file(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read --prompt-file {shown_path(path)}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--prompt-file {shown_path(path)} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                         f"{e.start})") from None
+
+
+def _check_env() -> None:
+    """Environment settings that only a GPU engine reads, checked up front on every backend."""
+    from ds4nb.dispatch.select import requested_strategy
+
+    requested_strategy()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -163,7 +225,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ds4nb.sampling import SamplingParams
     from ds4nb.tokenizer import Tokenizer
 
+    _check_env()
     params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+    prompt = args.prompt if args.prompt_file is None else _read_prompt_file(args.prompt_file)
     model = _load_for_run(args.model)
     limit = model.config.context_length or None
     if args.ctx is None:
@@ -171,32 +235,60 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif limit is not None and args.ctx > limit:
         raise UsageError(f"--ctx {args.ctx} is larger than the model's context length {limit}")
     tok = Tokenizer.from_gguf(model)
-    prompt = args.prompt
-    if args.prompt_file is not None:
-        try:
-            prompt = args.prompt_file.read_text(encoding="utf-8")
-        except OSError as e:
-            raise UsageError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
     ids = render_prompt(tok, prompt, system=args.system, think="none" if args.nothink else args.think, ctx=args.ctx)
     stop = StopCondition.for_tokenizer(tok, max_tokens=args.n)
     budget = stop.token_budget(args.ctx, len(ids))
     if budget <= 0:
         raise UsageError(f"the prompt has {len(ids)} tokens: no room to generate in --ctx {args.ctx}")
     engine, where = open_engine(model, args.backend, ctx=args.ctx)
-    err_console.print(f"[dim]{model.name} | {where} | prompt {len(ids)} tokens[/dim]", highlight=False)
+    err_console.print(f"[dim]{_safe(model.name, 80)} | {where} | prompt {len(ids)} tokens[/dim]", highlight=False)
 
     def emit(text: str) -> None:
         console.out(text, end="", highlight=False)
         console.file.flush()
 
-    out, stats = generate(engine, tok, ids, max_new_tokens=budget, params=params, stop=stop, on_text=emit,
-                          rng=np.random.default_rng(args.seed))
+    with _PrefillProgress() as on_prefill_progress:
+        out, stats = generate(engine, tok, ids, max_new_tokens=budget, params=params, stop=stop, on_text=emit,
+                              rng=np.random.default_rng(args.seed), on_prefill_progress=on_prefill_progress)
     console.out("")
-    err_console.print(
-        f"[dim]prompt {stats.prompt_tokens} tok, prefill {stats.prefill_tps:.1f} t/s | generated "
-        f"{stats.generated_tokens} tok, decode {stats.decode_tps:.2f} t/s | first token "
-        f"{stats.first_token_seconds:.2f} s | stop: {stats.stop} | {where}[/dim]", highlight=False)
+    err_console.print(Text(f"{stats.describe()} | {where}", style="dim"))
     return 130 if stats.stop == "interrupted" else 0
+
+
+class _PrefillProgress:
+    """Context manager yielding an ``on_prefill_progress(done, total)`` callback: a transient
+    bar on a terminal's stderr that appears once a prefill has run for :attr:`DELAY` seconds."""
+
+    DELAY = 1.0
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+        self.started = 0.0
+
+    def __enter__(self) -> Callable[[int, int], None]:
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        if done == 0:
+            self.started = time.perf_counter()
+        elif self.progress is None and err_console.is_terminal and time.perf_counter() - self.started >= self.DELAY:
+            self.progress = Progress(TextColumn("prefill"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                                     TimeRemainingColumn(), console=err_console, transient=True)
+            self.task = self.progress.add_task("prefill", total=total, completed=done)
+            self.progress.start()
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done)
+            if done >= total:
+                self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # ---------------------------------------------------------------------------
@@ -206,59 +298,115 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import csv
 
-    from ds4nb.bench import FILLER, BenchRow, frontiers, run_bench
-    from ds4nb.engine.backends import open_engine
+    from ds4nb.bench import FILLER, BenchRow, check_sequence, frontiers, run_bench
+    from ds4nb.engine.backends import open_engine, resolve_backend
     from ds4nb.tokenizer import Tokenizer
 
-    frontiers(args.ctx_start, args.ctx_max, args.step_incr)  # validate before any output
+    _check_env()
+    backend = resolve_backend(args.backend)
+    sweep = _bench_sweep(args, backend)
+    frontiers(sweep.ctx_start, sweep.ctx_max, sweep.step_incr)  # validate before any output
+    for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
+        if path is not None:
+            _check_output_path(path, flag)
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'ds4nb[plot]'") from None
+    text = _read_prompt_file(args.prompt_file) if args.prompt_file is not None else None
     model = _load_for_run(args.model)
     limit = model.config.context_length or None
-    if limit is not None and args.ctx_max + args.gen_tokens > limit:
-        raise UsageError(f"--ctx-max {args.ctx_max} + --gen-tokens {args.gen_tokens} exceeds the model's "
+    if limit is not None and sweep.ctx_max + sweep.gen_tokens > limit:
+        raise UsageError(f"--ctx-max {sweep.ctx_max} + --gen-tokens {sweep.gen_tokens} exceeds the model's "
                          f"context length {limit}")
     tok = Tokenizer.from_gguf(model)
-    if args.prompt_file is not None:
-        try:
-            text = args.prompt_file.read_text(encoding="utf-8")
-        except OSError as e:
-            raise UsageError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+    if text is not None:
         tokens = tok.encode_ordinary(text)
     else:
         unit = tok.encode_ordinary(FILLER)
-        tokens = unit * (args.ctx_max // len(unit) + 1)
-    engine, where = open_engine(model, args.backend, ctx=args.ctx_max + args.gen_tokens + 1)
-    err_console.print(f"[dim]{model.name} | {where}[/dim]", highlight=False)
+        tokens = unit * (sweep.ctx_max // len(unit) + 1)
+    check_sequence(tokens, sweep.ctx_max)  # before the engine loads
+    if backend == "cpu":
+        _warn_line(_cpu_bench_note(args))
+    engine, where = open_engine(model, backend, ctx=sweep.ctx_max + sweep.gen_tokens + 1)
+    err_console.print(f"[dim]{_safe(model.name, 80)} | {where}[/dim]", highlight=False)
     table = Table(title="ds4nb bench", title_justify="left")
     for col in BenchRow.header():
         table.add_column(col, justify="right")
     rows: list[BenchRow] = []
-    out = open(args.csv, "w", newline="") if args.csv else None
-    try:
+    with _atomic_output(args.csv) as out:
         writer = csv.writer(out if out else sys.stdout)
         writer.writerow(BenchRow.header())
-        for row in run_bench(engine, tokens, ctx_start=args.ctx_start, ctx_max=args.ctx_max,
-                             step_incr=args.step_incr, gen_tokens=args.gen_tokens, eos_id=tok.eos_id):
+        for row in run_bench(engine, tokens, ctx_start=sweep.ctx_start, ctx_max=sweep.ctx_max,
+                             step_incr=sweep.step_incr, gen_tokens=sweep.gen_tokens, eos_id=tok.eos_id):
             rows.append(row)
             writer.writerow([f"{v:.3f}" if isinstance(v, float) else v for v in row.values()])
             if out:
                 out.flush()
                 err_console.print(f"ctx {row.ctx_tokens}: prefill {row.prefill_tps:.1f} t/s, "
                                   f"gen {row.gen_tps:.2f} t/s", highlight=False)
-    finally:
-        if out:
-            out.close()
-    if out:
+    if args.csv:
         for row in rows:
             table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()])
         console.print(table)
     if args.plot is not None:
         _plot(rows, args.plot, model.name)
     return 0
+
+
+def _bench_sweep(args: argparse.Namespace, backend: str) -> Sweep:
+    """The flags' sweep; flags left out take the backend's defaults (a small sweep on the slow cpu backend)."""
+    import dataclasses
+
+    from ds4nb.bench import CPU_SWEEP, GPU_SWEEP
+
+    defaults = CPU_SWEEP if backend == "cpu" else GPU_SWEEP
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(defaults) if getattr(args, f.name) is not None}
+    return dataclasses.replace(defaults, **given)
+
+
+def _cpu_bench_note(args: argparse.Namespace) -> str:
+    from ds4nb.bench import CPU_SWEEP as cpu
+
+    note = "the cpu backend runs the numpy reference, some 25 tokens/s on the default model"
+    if None in (args.ctx_start, args.ctx_max, args.step_incr, args.gen_tokens):
+        note += (f"; flags left out take a small sweep (ctx {cpu.ctx_start} to {cpu.ctx_max} step {cpu.step_incr}, "
+                 f"{cpu.gen_tokens} tokens)")
+    return note
+
+
+def _check_output_path(path: Path, flag: str) -> None:
+    """Fail before any work if ``path`` cannot become an output file."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {shown_path(path)} is a directory, expected a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {shown_path(path)}: the directory {shown_path(parent)} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {shown_path(path)}: the directory {shown_path(parent)} is not writable")
+
+
+@contextlib.contextmanager
+def _atomic_output(path: Path | None, mode: str = "w") -> Iterator[IO | None]:
+    """A file that appears at ``path`` only once complete (None: no file); a failure leaves nothing."""
+    if path is None:
+        yield None
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        fh = open(tmp, mode, **({} if "b" in mode else {"newline": ""}))
+    except OSError as e:
+        raise UsageError(f"cannot write {shown_path(path)}: {e.strerror or e}") from None
+    try:
+        with fh:
+            yield fh
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise UsageError(f"cannot write {shown_path(path)}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _plot(rows, path: Path, title: str) -> None:
@@ -274,10 +422,12 @@ def _plot(rows, path: Path, title: str) -> None:
     ax.set_xlabel("context tokens")
     ax.set_ylabel("tokens / s")
     ax.set_yscale("log")
-    ax.set_title(title)
+    ax.set_title(shown(title, 80))
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with _atomic_output(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------
@@ -344,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--workers", type=_positive_int, default=None, help="writer processes (default: all cores)")
     synth.set_defaults(func=cmd_synth)
 
+    from ds4nb.bench import CPU_SWEEP, GPU_SWEEP
     from ds4nb.chat import DEFAULT_SYSTEM_PROMPT
     from ds4nb.engine.backends import BACKENDS
     from ds4nb.sampling import SamplingParams
@@ -375,10 +526,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="prefill and generation tokens/s at context frontiers (CSV)")
     b.add_argument("-m", "--model", type=Path, default=None, help="DS4 GGUF file (default: the embedded model)")
-    b.add_argument("--ctx-start", type=_positive_int, default=2048, help="first frontier (default 2048)")
-    b.add_argument("--ctx-max", type=_positive_int, default=32768, help="last frontier (default 32768)")
-    b.add_argument("--step-incr", type=_positive_int, default=2048, help="frontier step (default 2048)")
-    b.add_argument("--gen-tokens", type=_positive_int, default=128, help="greedy tokens per frontier (default 128)")
+    b.add_argument("--ctx-start", type=_positive_int, default=None,
+                   help=f"first frontier (default {GPU_SWEEP.ctx_start}; cpu backend {CPU_SWEEP.ctx_start})")
+    b.add_argument("--ctx-max", type=_positive_int, default=None,
+                   help=f"last frontier (default {GPU_SWEEP.ctx_max}; cpu backend {CPU_SWEEP.ctx_max})")
+    b.add_argument("--step-incr", type=_positive_int, default=None,
+                   help=f"frontier step (default {GPU_SWEEP.step_incr}; cpu backend {CPU_SWEEP.step_incr})")
+    b.add_argument("--gen-tokens", type=_positive_int, default=None,
+                   help=f"greedy tokens per frontier (default {GPU_SWEEP.gen_tokens}; cpu backend "
+                        f"{CPU_SWEEP.gen_tokens})")
     b.add_argument("--prompt-file", type=Path, default=None, help="benchmark text (default: built-in filler)")
     b.add_argument("--csv", type=Path, default=None, help="write the CSV here (default: stdout)")
     b.add_argument("--plot", type=Path, default=None, help="write a PNG of t/s vs context (needs matplotlib)")
@@ -390,19 +546,47 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        if not getattr(args, "func", None):
-            parser.print_help()
-            return 2
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args = parser.parse_args(argv)
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return 2
+            return int(args.func(args) or 0)
     except Ds4Error as e:
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        _error_line(str(e))
         return 2
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/yellow]")
         return 130
     except BrokenPipeError:
+        _silence_stdout()
         return 0
+
+
+def _error_line(message: str) -> None:
+    err_console.print(Text.assemble(("error:", "bold red"), " ", shown(message, ERROR_LIMIT)), soft_wrap=True)
+
+
+def _warn_line(message: str) -> None:
+    err_console.print(Text.assemble(("warning:", "yellow"), " ", shown(message, ERROR_LIMIT)), soft_wrap=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """``warnings.showwarning`` for the CLI: one ``warning:`` line, no source location."""
+    _warn_line(str(message))
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout went away (``| head``): send what is still buffered, and the
+    interpreter's flush at exit, to /dev/null instead of raising again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests capture it)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

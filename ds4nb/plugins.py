@@ -23,8 +23,12 @@ same hooks as third-party ones (``ds4nb.kernels.builtin``).
 from __future__ import annotations
 
 import threading
+import warnings
+from importlib.metadata import entry_points
 
 import pluggy
+
+from ds4nb.errors import shown
 
 PROJECT = "ds4nb"
 ENTRY_POINT_GROUP = "ds4nb"
@@ -56,8 +60,18 @@ def new_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
     for plugin in _builtin_plugins():
         pm.register(plugin, name=f"{PROJECT}.builtin.{plugin.__name__.rsplit('.', 1)[-1]}")
     if load_entry_points:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        _load_entry_points(pm)
     return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    """Register every ``ds4nb`` entry point; one that fails to import is skipped with a warning."""
+    for name in sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}):
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+        except Exception as exc:  # a broken third-party package must not take ds4nb down
+            warnings.warn(f"plugin {shown(name)} failed to load and is skipped: {type(exc).__name__}: "
+                          f"{shown(exc, 200)}", stacklevel=2)
 
 
 def get_plugin_manager() -> pluggy.PluginManager:

@@ -28,7 +28,7 @@ import gguf
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from ds4nb.errors import ModelError
+from ds4nb.errors import ModelError, shown
 
 __all__ = [
     "ASSISTANT_TEXT",
@@ -173,7 +173,7 @@ def read_tokenizer_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         fields = gguf.GGUFReader(path).fields
         return {name: field.contents() for name, field in fields.items() if name.startswith("tokenizer.")}
     except (OSError, ValueError) as exc:  # ValueError covers bad magic, truncation and invalid UTF-8
-        raise ModelError(f"cannot read GGUF file {os.fspath(path)}: {exc}") from None
+        raise ModelError(f"cannot read GGUF file {shown(os.fspath(path))}: {shown(exc, 200)}") from None
 
 
 class Tokenizer:
@@ -188,7 +188,7 @@ class Tokenizer:
 
     def __init__(self, tokens: Sequence[str], token_types: Sequence[int], merges: Sequence[str], pre: str) -> None:
         if pre not in SUPPORTED_PRE:
-            raise ModelError(f"GGUF key {_KEY_PRE} is {pre!r}: expected one of {', '.join(SUPPORTED_PRE)}")
+            raise ModelError(f"GGUF key {_KEY_PRE} is {shown(repr(pre))}: expected one of {', '.join(SUPPORTED_PRE)}")
         if len(token_types) != len(tokens):
             raise ModelError(
                 f"GGUF key {_KEY_TYPES} has {len(token_types)} entries: expected one per token ({len(tokens)})"
@@ -214,10 +214,10 @@ class Tokenizer:
         for rank, merge in enumerate(merges):
             left, sep, right = merge.partition(" ")
             if not sep or not left or not right or " " in right:
-                raise ModelError(f"GGUF key {_KEY_MERGES} entry {rank} is {merge!r}: expected 'left right'")
+                raise ModelError(f"GGUF key {_KEY_MERGES} entry {rank} is {shown(repr(merge))}: expected 'left right'")
             if left not in vocab or right not in vocab or left + right not in vocab:
                 raise ModelError(
-                    f"GGUF key {_KEY_MERGES} entry {rank} is {merge!r}: expected both parts and their join "
+                    f"GGUF key {_KEY_MERGES} entry {rank} is {shown(repr(merge))}: expected both parts and their join "
                     f"in {_KEY_TOKENS}"
                 )
             pairs.append((left, right))
@@ -252,7 +252,7 @@ class Tokenizer:
         """Build from decoded GGUF metadata (strings as ``str``, arrays as lists/arrays)."""
         model = _as_str(_require(meta, _KEY_MODEL, "'gpt2'"), _KEY_MODEL)
         if model != "gpt2":
-            raise ModelError(f"GGUF key {_KEY_MODEL} is {model!r}: expected 'gpt2' (byte-level BPE)")
+            raise ModelError(f"GGUF key {_KEY_MODEL} is {shown(repr(model))}: expected 'gpt2' (byte-level BPE)")
         pre = _as_str(_require(meta, _KEY_PRE, "'joyai-llm'"), _KEY_PRE)
         tokens = _string_list(meta, _KEY_TOKENS, "an array of token strings")
         if not tokens:

@@ -147,10 +147,17 @@ def test_a_failing_plugin_is_skipped_with_a_warning() -> None:
 
 
 def test_plugin_manager_uses_the_ds4nb_entry_point_group(monkeypatch) -> None:
+    from importlib.metadata import EntryPoint
+
     import pluggy
 
-    seen = []
+    import ds4nb.plugins
+
+    groups, seen = [], []
+    monkeypatch.setattr(ds4nb.plugins, "entry_points", lambda group: groups.append(group) or [
+        EntryPoint("b", "pkg_b", group), EntryPoint("a", "pkg_a", group), EntryPoint("a", "pkg_a2", group)])
     monkeypatch.setattr(pluggy.PluginManager, "load_setuptools_entrypoints",
-                        lambda self, group, name=None: seen.append((self.project_name, group)) or 0)
+                        lambda self, group, name=None: seen.append((self.project_name, group, name)) or 0)
     new_plugin_manager()
-    assert seen == [("ds4nb", "ds4nb")]
+    assert groups == ["ds4nb"]
+    assert seen == [("ds4nb", "ds4nb", "a"), ("ds4nb", "ds4nb", "b")]  # one at a time, so one can fail alone

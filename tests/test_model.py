@@ -295,5 +295,5 @@ def test_header_reader_agrees_with_gguf_reader(fresh_tiny) -> None:
         elem_type = f.types[-1]
         assert ours.types[key] == (elem_type if main_type == GGUFValueType.ARRAY else main_type), key
         assert ours.metadata[key] == f.contents(), key
-    assert [(t.name, t.dims, t.ggml_type, ours.data_offset + t.offset) for t in ours.tensors] == [
+    assert [(t.name, t.dims, t.qtype, ours.data_offset + t.offset) for t in ours.tensors] == [
         (t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), int(t.data_offset)) for t in theirs.tensors]

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from ds4nb.errors import UsageError
+from ds4nb.errors import UsageError, shown
 
 ENV_VAR = "DS4_CUDA_PREFILL_PATH"
 STRATEGIES = ("mmq", "cublas", "warp8")
@@ -32,13 +32,23 @@ class StrategyChoice:
         return f"q8_0 {self.name} ({self.reason})"
 
 
-def select_q8_strategy(available: Callable[[str], bool], device_name: str,
-                       env: Mapping[str, str] | None = None) -> StrategyChoice:
-    """The strategy for a device on which ``available(name)`` says what can run."""
+def requested_strategy(env: Mapping[str, str] | None = None) -> str:
+    """The strategy ``DS4_CUDA_PREFILL_PATH`` asks for (``auto`` when unset); a bad value is a :class:`UsageError`.
+
+    Commands call this at startup on every backend, so a typo is reported at
+    once rather than only when a GPU engine starts.
+    """
     env = os.environ if env is None else env
     requested = env.get(ENV_VAR, "auto").strip().lower() or "auto"
     if requested not in (*STRATEGIES, "auto"):
-        raise UsageError(f"{ENV_VAR}={requested!r}: expected one of mmq, cublas, warp8, auto")
+        raise UsageError(f"{ENV_VAR}={shown(repr(requested))}: expected one of mmq, cublas, warp8, auto")
+    return requested
+
+
+def select_q8_strategy(available: Callable[[str], bool], device_name: str,
+                       env: Mapping[str, str] | None = None) -> StrategyChoice:
+    """The strategy for a device on which ``available(name)`` says what can run."""
+    requested = requested_strategy(env)
     if requested == "auto":
         for name in STRATEGIES:
             if available(name):

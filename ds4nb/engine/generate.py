@@ -28,6 +28,12 @@ class LogitsEngine(Protocol):
     def decode(self, token: int) -> np.ndarray: ...
 
 
+PrefillProgress = Callable[[int, int], None]
+"""``on_prefill_progress(done, total)``: called with 0 before the prefill starts, then after each chunk."""
+
+PREFILL_FIRST_CHUNK = 16     # tokens: small, to learn the rate quickly
+PREFILL_MAX_CHUNK = 4096     # tokens
+PREFILL_CHUNK_SECONDS = 0.25  # later chunks are sized to take about this long
 
 
 @dataclass(frozen=True)
@@ -50,13 +56,47 @@ class GenerationStats:
             return 0.0
         return self.decode_steps / self.decode_seconds
 
+    def describe(self) -> str:
+        """One line for the end of a run; a rate that was never measured is said so, not shown as 0."""
+        prefill = f"prefill {self.prefill_tps:.1f} t/s" if self.prefill_seconds > 0 else "no prefill timing"
+        if self.decode_steps and self.decode_seconds > 0:
+            decode = f"decode {self.decode_tps:.2f} t/s"
+        else:
+            decode = "no decode step"
+        return (f"prompt {self.prompt_tokens} tok, {prefill} | generated {self.generated_tokens} tok, {decode} | "
+                f"first token {self.first_token_seconds:.2f} s | stop: {self.stop}")
+
+
+def prefill(engine: LogitsEngine, tokens: Sequence[int], on_progress: PrefillProgress | None = None) -> np.ndarray:
+    """``engine.prefill(tokens)``; with ``on_progress``, in chunks sized to report about every quarter second.
+
+    Engines prefill incrementally, so the logits are those of one call.
+    """
+    if on_progress is None:
+        return engine.prefill(tokens)
+    total, done, chunk = len(tokens), 0, PREFILL_FIRST_CHUNK
+    on_progress(0, total)
+    while True:
+        t0 = time.perf_counter()
+        logits = engine.prefill(tokens[done:done + chunk])
+        elapsed = time.perf_counter() - t0
+        n = min(chunk, total - done)
+        done += n
+        on_progress(done, total)
+        if done >= total:
+            return logits
+        rate = n / elapsed if elapsed > 0 else float(PREFILL_MAX_CHUNK)
+        chunk = max(PREFILL_FIRST_CHUNK, min(PREFILL_MAX_CHUNK, int(rate * PREFILL_CHUNK_SECONDS)))
+
 
 def generate(engine: LogitsEngine, tokenizer: Tokenizer, prompt: Sequence[int], *, max_new_tokens: int,
              params: SamplingParams, stop: StopCondition, on_text: Callable[[str], None],
-             rng: np.random.Generator) -> tuple[list[int], GenerationStats]:
+             rng: np.random.Generator,
+             on_prefill_progress: PrefillProgress | None = None) -> tuple[list[int], GenerationStats]:
     """Generate up to ``max_new_tokens`` tokens after ``prompt``; returns (tokens, stats).
 
     Ctrl-C ends generation early with ``stop == "interrupted"`` and keeps what was produced.
+    ``on_prefill_progress`` (see :data:`PrefillProgress`) follows a long prompt's prefill.
     """
     stream = tokenizer.stream()
     out: list[int] = []
@@ -67,7 +107,7 @@ def generate(engine: LogitsEngine, tokenizer: Tokenizer, prompt: Sequence[int], 
     # Engines that sample on the device (the CUDA engine) return only the token id.
     device_step = getattr(engine, "decode_sample", None)
     try:
-        logits = engine.prefill(prompt)
+        logits = prefill(engine, prompt, on_prefill_progress)
         t_prefill = time.perf_counter()
         token = sample(logits, params, rng)
         for step in range(max_new_tokens):

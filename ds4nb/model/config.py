@@ -10,14 +10,13 @@ writer writes through it (:meth:`ModelConfig.to_metadata`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 import numpy as np
 from gguf import GGUFValueType
 
-from ds4nb.errors import ModelError
+from ds4nb.errors import ModelError, shown
 
 ARCH = "deepseek4"
 
@@ -35,51 +34,83 @@ CSA_RATIO = 4
 
 
 @dataclass(frozen=True)
+class Bounds:
+    """The values a metadata key may hold (for an array: each element); NaN is never inside."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False  # lo itself excluded
+
+    def __contains__(self, value: float) -> bool:
+        return (self.lo < value if self.lo_open else self.lo <= value) and value <= self.hi
+
+    def describe(self) -> str:
+        if self.lo == self.hi:
+            return f"{self.lo:g}"
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}]"
+
+
+def _count(hi: int, lo: int = 1) -> Bounds:
+    return Bounds(lo, hi)
+
+
+def _small_positive(hi: float) -> Bounds:
+    return Bounds(0.0, hi, lo_open=True)
+
+
+@dataclass(frozen=True)
 class MetadataKey:
     field: str
     key: str
     kind: Literal["u32", "u64", "f32", "bool", "u32[]", "f32[]"]
+    bounds: Bounds | None = None  # checked when the key is present
     required: bool = True
 
 
+# Bounds: what the forward pass can compute with, generous around the real model's
+# values (docs/runtime.md, "Metadata keys").  Sizes that shape a tensor are also
+# checked against the file's tensors; the others (window, top-k, iterations,
+# context) size state or loops, so they get tighter caps.
 METADATA_KEYS: tuple[MetadataKey, ...] = (
-    MetadataKey("n_layer", "block_count", "u32"),
-    MetadataKey("context_length", "context_length", "u64", required=False),
-    MetadataKey("n_embd", "embedding_length", "u32"),
-    MetadataKey("n_vocab", "vocab_size", "u32"),
-    MetadataKey("n_head", "attention.head_count", "u32"),
-    MetadataKey("n_head_kv", "attention.head_count_kv", "u32"),
-    MetadataKey("head_dim", "attention.key_length", "u32"),
-    MetadataKey("value_dim", "attention.value_length", "u32"),
-    MetadataKey("n_rot", "rope.dimension_count", "u32"),
-    MetadataKey("q_lora_rank", "attention.q_lora_rank", "u32"),
-    MetadataKey("out_lora_rank", "attention.output_lora_rank", "u32"),
-    MetadataKey("n_out_group", "attention.output_group_count", "u32"),
-    MetadataKey("n_expert", "expert_count", "u32"),
-    MetadataKey("n_expert_used", "expert_used_count", "u32"),
-    MetadataKey("n_ff_exp", "expert_feed_forward_length", "u32"),
-    MetadataKey("n_expert_shared", "expert_shared_count", "u32"),
-    MetadataKey("n_hash_layer", "hash_layer_count", "u32"),
-    MetadataKey("expert_group_count", "expert_group_count", "u32", required=False),
-    MetadataKey("expert_group_used_count", "expert_group_used_count", "u32", required=False),
-    MetadataKey("n_swa", "attention.sliding_window", "u32"),
-    MetadataKey("n_indexer_head", "attention.indexer.head_count", "u32"),
-    MetadataKey("indexer_head_dim", "attention.indexer.key_length", "u32"),
-    MetadataKey("indexer_top_k", "attention.indexer.top_k", "u32"),
-    MetadataKey("n_hc", "hyper_connection.count", "u32"),
-    MetadataKey("hc_sinkhorn_iter", "hyper_connection.sinkhorn_iterations", "u32"),
-    MetadataKey("hc_eps", "hyper_connection.epsilon", "f32"),
-    MetadataKey("rms_eps", "attention.layer_norm_rms_epsilon", "f32"),
-    MetadataKey("rope_freq_base", "rope.freq_base", "f32"),
-    MetadataKey("rope_scale_factor", "rope.scaling.factor", "f32"),
-    MetadataKey("rope_yarn_beta_fast", "rope.scaling.yarn_beta_fast", "f32"),
-    MetadataKey("rope_yarn_beta_slow", "rope.scaling.yarn_beta_slow", "f32"),
-    MetadataKey("rope_orig_ctx", "rope.scaling.original_context_length", "u64"),
-    MetadataKey("compress_rope_freq_base", "attention.compress_rope_freq_base", "f32"),
-    MetadataKey("expert_weights_scale", "expert_weights_scale", "f32"),
+    MetadataKey("n_layer", "block_count", "u32", _count(1024)),
+    MetadataKey("context_length", "context_length", "u64", _count(1 << 24), required=False),
+    MetadataKey("n_embd", "embedding_length", "u32", _count(1 << 16)),
+    MetadataKey("n_vocab", "vocab_size", "u32", _count(1 << 24)),
+    MetadataKey("n_head", "attention.head_count", "u32", _count(1024)),
+    MetadataKey("n_head_kv", "attention.head_count_kv", "u32", _count(1)),          # one shared KV head
+    MetadataKey("head_dim", "attention.key_length", "u32", _count(1 << 14)),
+    MetadataKey("value_dim", "attention.value_length", "u32", _count(1 << 14)),
+    MetadataKey("n_rot", "rope.dimension_count", "u32", _count(1 << 14, lo=2)),
+    MetadataKey("q_lora_rank", "attention.q_lora_rank", "u32", _count(1 << 16)),
+    MetadataKey("out_lora_rank", "attention.output_lora_rank", "u32", _count(1 << 16)),
+    MetadataKey("n_out_group", "attention.output_group_count", "u32", _count(1024)),
+    MetadataKey("n_expert", "expert_count", "u32", _count(1 << 16)),
+    MetadataKey("n_expert_used", "expert_used_count", "u32", _count(1024)),
+    MetadataKey("n_ff_exp", "expert_feed_forward_length", "u32", _count(1 << 17)),
+    MetadataKey("n_expert_shared", "expert_shared_count", "u32", _count(1)),
+    MetadataKey("n_hash_layer", "hash_layer_count", "u32", _count(1024, lo=0)),
+    # grouped routing is not used by DS4
+    MetadataKey("expert_group_count", "expert_group_count", "u32", _count(0, lo=0), required=False),
+    MetadataKey("expert_group_used_count", "expert_group_used_count", "u32", _count(0, lo=0), required=False),
+    MetadataKey("n_swa", "attention.sliding_window", "u32", _count(1 << 16)),
+    MetadataKey("n_indexer_head", "attention.indexer.head_count", "u32", _count(1024)),
+    MetadataKey("indexer_head_dim", "attention.indexer.key_length", "u32", _count(1 << 14)),
+    MetadataKey("indexer_top_k", "attention.indexer.top_k", "u32", _count(1024)),   # the top-k kernel's limit
+    MetadataKey("n_hc", "hyper_connection.count", "u32", _count(64)),
+    MetadataKey("hc_sinkhorn_iter", "hyper_connection.sinkhorn_iterations", "u32", _count(1000)),
+    MetadataKey("hc_eps", "hyper_connection.epsilon", "f32", _small_positive(1e-2)),
+    MetadataKey("rms_eps", "attention.layer_norm_rms_epsilon", "f32", _small_positive(1e-2)),
+    MetadataKey("rope_freq_base", "rope.freq_base", "f32", Bounds(1.0, 1e12, lo_open=True)),
+    MetadataKey("rope_scale_factor", "rope.scaling.factor", "f32", Bounds(1.0, 1e6)),
+    MetadataKey("rope_yarn_beta_fast", "rope.scaling.yarn_beta_fast", "f32", _small_positive(1e6)),
+    MetadataKey("rope_yarn_beta_slow", "rope.scaling.yarn_beta_slow", "f32", _small_positive(1e6)),
+    MetadataKey("rope_orig_ctx", "rope.scaling.original_context_length", "u64", _count(1 << 32)),
+    MetadataKey("compress_rope_freq_base", "attention.compress_rope_freq_base", "f32",
+                Bounds(1.0, 1e12, lo_open=True)),
+    MetadataKey("expert_weights_scale", "expert_weights_scale", "f32", _small_positive(1e3)),
     MetadataKey("expert_weights_norm", "expert_weights_norm", "bool"),
-    MetadataKey("compress_ratios", "attention.compress_ratios", "u32[]"),
-    MetadataKey("swiglu_clamp_exp", "swiglu_clamp_exp", "f32[]"),
+    MetadataKey("compress_ratios", "attention.compress_ratios", "u32[]", _count(1 << 16, lo=0)),
+    MetadataKey("swiglu_clamp_exp", "swiglu_clamp_exp", "f32[]", _small_positive(1e6)),
 )
 
 _INT_TYPES = {
@@ -226,33 +257,42 @@ def _read_value(meta: Mapping[str, Any], types: Mapping[str, GGUFValueType], spe
         if spec.required:
             raise ModelError(f"required metadata key is missing: {key}")
         return 0
-    value, vtype = meta[key], types.get(key)
-    if spec.kind in ("u32", "u64"):
+    value = _typed_value(key, meta[key], types.get(key), spec.kind)
+    if spec.bounds is not None:
+        for i, v in enumerate(value if isinstance(value, tuple) else (value,)):
+            if v not in spec.bounds:
+                where = f"{key}[{i}]" if isinstance(value, tuple) else key
+                raise ModelError(f"metadata key {where} is {_number(v)}, expected {spec.bounds.describe()}")
+    return value
+
+
+def _typed_value(key: str, value: Any, vtype: GGUFValueType | None, kind: str) -> Any:
+    if kind in ("u32", "u64"):
         if vtype not in _INT_TYPES or isinstance(value, (list, str)):
             raise ModelError(f"metadata key {key} has type {_tname(vtype)}, expected an integer")
-        if value < 0:
-            raise ModelError(f"metadata key {key} is negative ({value})")
         return int(value)
-    if spec.kind == "f32":
-        if vtype not in _FLOAT_TYPES:
+    if kind == "f32":
+        if vtype not in _FLOAT_TYPES or isinstance(value, list):
             raise ModelError(f"metadata key {key} has type {_tname(vtype)}, expected a float")
         return float(value)
-    if spec.kind == "bool":
-        if vtype != GGUFValueType.BOOL:
+    if kind == "bool":
+        if vtype != GGUFValueType.BOOL or isinstance(value, list):
             raise ModelError(f"metadata key {key} has type {_tname(vtype)}, expected a bool")
         return bool(value)
     # arrays: the reader reports the element type for arrays
     if not isinstance(value, list):
         raise ModelError(f"metadata key {key} has type {_tname(vtype)}, expected an array")
-    if spec.kind == "u32[]":
+    if kind == "u32[]":
         if vtype not in _INT_TYPES:
             raise ModelError(f"metadata key {key} holds {_tname(vtype)} values, expected integers")
-        if any(v < 0 for v in value):
-            raise ModelError(f"metadata key {key} contains a negative value")
         return tuple(int(v) for v in value)
     if vtype not in _FLOAT_TYPES:
         raise ModelError(f"metadata key {key} holds {_tname(vtype)} values, expected floats")
     return tuple(float(v) for v in value)
+
+
+def _number(v: float) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _tname(vtype: GGUFValueType | None) -> str:
@@ -263,12 +303,14 @@ def config_from_metadata(meta: Mapping[str, Any], types: Mapping[str, GGUFValueT
     """Build and validate a :class:`ModelConfig`.
 
     ``meta`` maps key -> decoded value; ``types`` maps key -> GGUF value type
-    (for arrays, the element type).  Raises :class:`ModelError` with one line
-    naming the key and what was expected.
+    (for arrays, the element type).  Every key is checked against its
+    :class:`Bounds`, then :func:`validate_config` checks how they fit
+    together.  Raises :class:`ModelError` with one line naming the key and
+    what was expected.
     """
     arch = meta.get("general.architecture")
     if arch != ARCH:
-        raise ModelError(f"general.architecture is {arch!r}, expected {ARCH!r}")
+        raise ModelError(f"general.architecture is {shown(repr(arch))}, expected {ARCH!r}")
     values = {spec.field: _read_value(meta, types, spec) for spec in METADATA_KEYS}
     cfg = ModelConfig(**values)
     validate_config(cfg)
@@ -276,31 +318,25 @@ def config_from_metadata(meta: Mapping[str, Any], types: Mapping[str, GGUFValueT
 
 
 def validate_config(cfg: ModelConfig) -> None:
-    """Check the invariants the forward pass relies on (docs/model.md, "Shape")."""
+    """Check how the keys fit together (docs/model.md, "Shape"); each key's own range is in its :class:`Bounds`."""
 
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ModelError(msg)
 
-    pos = ("n_layer", "n_embd", "n_vocab", "n_head", "head_dim", "q_lora_rank", "out_lora_rank",
-           "n_out_group", "n_expert", "n_expert_used", "n_ff_exp", "n_swa", "n_hc",
-           "hc_sinkhorn_iter", "n_indexer_head", "indexer_head_dim", "indexer_top_k")
-    for name in pos:
-        need(getattr(cfg, name) > 0, f"deepseek4 metadata: {name} must be positive, got {getattr(cfg, name)}")
-    need(cfg.n_head_kv == 1, f"deepseek4.attention.head_count_kv is {cfg.n_head_kv}, expected 1 (one shared KV head)")
     need(cfg.value_dim == cfg.head_dim,
          f"deepseek4.attention.value_length ({cfg.value_dim}) must equal key_length ({cfg.head_dim})")
-    need(0 < cfg.n_rot <= cfg.head_dim and cfg.n_rot % 2 == 0,
+    need(cfg.n_rot <= cfg.head_dim and cfg.n_rot % 2 == 0,
          f"deepseek4.rope.dimension_count ({cfg.n_rot}) must be even and at most key_length ({cfg.head_dim})")
     need(cfg.n_head % cfg.n_out_group == 0,
          f"deepseek4.attention.output_group_count ({cfg.n_out_group}) must divide head_count ({cfg.n_head})")
     need(cfg.n_expert_used <= cfg.n_expert,
          f"deepseek4.expert_used_count ({cfg.n_expert_used}) exceeds expert_count ({cfg.n_expert})")
-    need(cfg.n_expert_shared == 1, f"deepseek4.expert_shared_count is {cfg.n_expert_shared}, expected 1")
-    need(cfg.expert_group_count == 0 and cfg.expert_group_used_count == 0,
-         "deepseek4.expert_group_count/expert_group_used_count must be 0 (grouped routing is not used by DS4)")
     need(cfg.n_hash_layer <= cfg.n_layer,
          f"deepseek4.hash_layer_count ({cfg.n_hash_layer}) exceeds block_count ({cfg.n_layer})")
+    need(cfg.rope_yarn_beta_fast > cfg.rope_yarn_beta_slow,
+         f"deepseek4.rope.scaling.yarn_beta_fast ({cfg.rope_yarn_beta_fast:g}) must exceed yarn_beta_slow "
+         f"({cfg.rope_yarn_beta_slow:g})")
     need(len(cfg.compress_ratios) >= cfg.n_layer,
          f"deepseek4.attention.compress_ratios has {len(cfg.compress_ratios)} entries, expected {cfg.n_layer}")
     need(len(cfg.swiglu_clamp_exp) >= cfg.n_layer,
@@ -309,9 +345,8 @@ def validate_config(cfg: ModelConfig) -> None:
         ratio = cfg.compress_ratios[il]
         need(ratio == 0 or ratio >= 2,
              f"deepseek4.attention.compress_ratios[{il}] is {ratio}, expected 0 or >= 2")
-        clamp = cfg.swiglu_clamp_exp[il]
-        need(math.isfinite(clamp) and clamp > 0, f"deepseek4.swiglu_clamp_exp[{il}] is {clamp}, expected > 0")
-    for name in ("hc_eps", "rms_eps", "rope_freq_base", "compress_rope_freq_base", "rope_scale_factor",
-                 "expert_weights_scale"):
-        v = getattr(cfg, name)
-        need(math.isfinite(v) and v > 0, f"deepseek4 metadata: {name} must be a positive number, got {v}")
+    if any(cfg.layer_kind(il) == "csa" for il in range(cfg.n_layer)):
+        d = cfg.indexer_head_dim  # the indexer rotates and pairs its rows (docs/model.md, "Indexer")
+        need(d & (d - 1) == 0 and d % 32 == 0 and cfg.n_rot <= d,
+             f"deepseek4.attention.indexer.key_length ({d}) must be a power of two, a multiple of 32 and at least "
+             f"rope.dimension_count ({cfg.n_rot})")

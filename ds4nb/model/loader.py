@@ -12,7 +12,6 @@ and what was expected.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -24,10 +23,12 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
 
-from ds4nb.errors import ModelError
+from ds4nb.errors import ModelError, shown, shown_path
 from ds4nb.model.catalog import FileKind, Role, TensorSpec, expected_tensors
 from ds4nb.model.config import ModelConfig, config_from_metadata
 from ds4nb.model.gguf_header import GGUFHeader, read_header
+
+TOKENS_KEY = "tokenizer.ggml.tokens"
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ class Model:
         try:
             return self.tensors[name]
         except KeyError:
-            raise ModelError(f"{self.path.name}: tensor {name} is not in the file") from None
+            raise ModelError(f"{shown(self.path.name)}: tensor {shown(name)} is not in the file") from None
 
     @property
     def tensor_bytes(self) -> int:
@@ -152,7 +153,9 @@ class Model:
 
     @property
     def name(self) -> str:
-        return str(self.metadata.get("general.name", self.path.stem))
+        """``general.name`` (untrusted text: display it through :func:`ds4nb.errors.shown`)."""
+        name = self.metadata.get("general.name")
+        return name if isinstance(name, str) and name else self.path.stem
 
 
 # ---------------------------------------------------------------------------
@@ -161,40 +164,34 @@ class Model:
 
 def _check_file(path: Path) -> int:
     if not path.exists():
-        raise ModelError(f"model file not found: {path}")
+        raise ModelError(f"model file not found: {shown_path(path)}")
     if not path.is_file():
-        raise ModelError(f"not a regular file: {path}")
+        raise ModelError(f"not a regular file: {shown_path(path)}")
     return path.stat().st_size
 
 
-def _tensor_infos(header: GGUFHeader, path: Path, size: int) -> list[tuple[str, Q, tuple[int, ...], int, int]]:
-    """(name, qtype, numpy shape, absolute offset, nbytes) per tensor, bounds-checked."""
-    out = []
-    for t in header.tensors:
-        try:
-            qtype = Q(t.ggml_type)
-        except ValueError:
-            raise ModelError(f"{path.name}: tensor {t.name} has unknown GGML type {t.ggml_type}") from None
-        shape = tuple(reversed(t.dims))
-        block, tsize = GGML_QUANT_SIZES[qtype]
-        if shape[-1] % block:
-            raise ModelError(f"{path.name}: tensor {t.name} row length {shape[-1]} is not a multiple of "
-                             f"the {qtype.name} block size {block}")
-        nbytes = math.prod(shape) // block * tsize
-        offset = header.data_offset + t.offset
-        if offset + nbytes > size:
-            raise ModelError(f"{path.name}: file is truncated (tensor {t.name} ends at byte "
-                             f"{offset + nbytes}, file has {size})")
-        out.append((t.name, qtype, shape, offset, nbytes))
-    return out
+def _check_vocabulary(cfg: ModelConfig, metadata: Mapping[str, Any]) -> None:
+    """The token table, when present, has one entry per embedding row (token ids index both)."""
+    tokens = metadata.get(TOKENS_KEY)
+    if tokens is not None and (not isinstance(tokens, list) or len(tokens) != cfg.n_vocab):
+        count = f"{len(tokens)} entries" if isinstance(tokens, list) else "not an array"
+        raise ModelError(f"{TOKENS_KEY} has {count}, expected deepseek4.vocab_size = {cfg.n_vocab}")
 
 
-def _check_tensor(spec: TensorSpec, qtype: Q, shape: tuple[int, ...], fname: str) -> None:
+def _check_hash_table(info: TensorInfo, n_expert: int) -> None:
+    """Hash-routed layers index experts by these ids: each must name one of the ``n_expert`` experts."""
+    ids = np.asarray(info.data).view("<i4")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n_expert):
+        bad = int(ids[(ids < 0) | (ids >= n_expert)][0])
+        raise ModelError(f"tensor {info.name} holds expert id {bad}, expected 0 to {n_expert - 1}")
+
+
+def _check_tensor(spec: TensorSpec, qtype: Q, shape: tuple[int, ...]) -> None:
     if qtype not in spec.qtypes:
         allowed = " or ".join(q.name for q in spec.qtypes)
-        raise ModelError(f"{fname}: tensor {spec.name} has type {qtype.name}, expected {allowed}")
+        raise ModelError(f"tensor {spec.name} has type {qtype.name}, expected {allowed}")
     if shape != spec.shape:
-        raise ModelError(f"{fname}: tensor {spec.name} has shape {list(shape)}, expected {list(spec.shape)}")
+        raise ModelError(f"tensor {spec.name} has shape {list(shape)}, expected {list(spec.shape)}")
 
 
 def _detect_kind(names: set[str]) -> FileKind:
@@ -210,38 +207,45 @@ def load_model(path: str | os.PathLike[str]) -> Model:
     path = Path(path)
     size = _check_file(path)
     header = read_header(path)
-    metadata, types = header.metadata, header.types
-    infos = _tensor_infos(header, path, size)
-    names = {n for n, *_ in infos}
-    kind = _detect_kind(names)
     try:
-        config = config_from_metadata(metadata, types)
+        return _open(path, size, header)
     except ModelError as e:
-        raise ModelError(f"{path.name}: {e}") from None
+        raise ModelError(f"{shown(path.name)}: {e}") from None
+
+
+def _open(path: Path, size: int, header: GGUFHeader) -> Model:
+    metadata, types = header.metadata, header.types
+    kind = _detect_kind({t.name for t in header.tensors})
+    config = config_from_metadata(metadata, types)
+    _check_vocabulary(config, metadata)
 
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     specs = {s.name: s for s in expected_tensors(config, kind)}
     catalog: list[TensorInfo] = []
     by_name: dict[str, TensorInfo] = {}
-    for name, qtype, shape, offset, nbytes in infos:
-        spec = specs.get(name)
+    for t in header.tensors:
+        shape = tuple(reversed(t.dims))
+        offset = header.data_offset + t.offset
+        spec = specs.get(t.name)
         if spec is not None:
-            _check_tensor(spec, qtype, shape, path.name)
-        info = TensorInfo(name, spec.role if spec else None, spec.layer if spec else None,
-                          qtype, shape, nbytes, offset, mm[offset:offset + nbytes])
+            _check_tensor(spec, t.qtype, shape)
+        info = TensorInfo(t.name, spec.role if spec else None, spec.layer if spec else None,
+                          t.qtype, shape, t.nbytes, offset, mm[offset:offset + t.nbytes])
         catalog.append(info)
-        by_name[name] = info
+        by_name[t.name] = info
     for spec in specs.values():
         if spec.required and spec.name not in by_name:
-            raise ModelError(f"{path.name}: required tensor is missing: {spec.name}")
+            raise ModelError(f"required tensor is missing: {spec.name}")
+        if spec.field == "ffn_gate_tid2eid" and spec.name in by_name:
+            _check_hash_table(by_name[spec.name], config.n_expert)
 
-    weights = _bind(config, kind, specs, by_name, path.name)
+    weights = _bind(config, kind, specs, by_name)
     return Model(path=path, kind=kind, config=config, metadata=metadata, metadata_types=types,
                  catalog=tuple(catalog), weights=weights, file_size=size)
 
 
 def _bind(cfg: ModelConfig, kind: FileKind, specs: Mapping[str, TensorSpec],
-          by_name: Mapping[str, TensorInfo], fname: str) -> Weights | MtpWeights:
+          by_name: Mapping[str, TensorInfo]) -> Weights | MtpWeights:
     groups: dict[int | None, dict[str, TensorInfo]] = {}
     for name, spec in specs.items():
         if name in by_name:
@@ -255,6 +259,6 @@ def _bind(cfg: ModelConfig, kind: FileKind, specs: Mapping[str, TensorSpec],
     layers = tuple(LayerWeights(**groups[il]) for il in range(cfg.n_layer))
     for il, lw in enumerate(layers):
         if lw.ffn_gate_exps.qtype != lw.ffn_up_exps.qtype:
-            raise ModelError(f"{fname}: routed gate/up experts of layer {il} use different quant types "
+            raise ModelError(f"routed gate/up experts of layer {il} use different quant types "
                              f"({lw.ffn_gate_exps.qtype.name} vs {lw.ffn_up_exps.qtype.name})")
     return Weights(layers=layers, **top)
