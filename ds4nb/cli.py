@@ -21,8 +21,8 @@ from typing import IO, TYPE_CHECKING, Callable, Iterator, Sequence
 
 from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TaskID, TextColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID,
+                           TextColumn, TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
 
@@ -150,12 +150,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+class _GiBPerSecond(ProgressColumn):
+    """Transfer rate in GiB/s (the unit load and bandwidth numbers use)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else f"{speed / 2**30:.2f} GiB/s", style="progress.data.speed")
+
+
 class _bytes_progress:
     """Context manager yielding a ``progress(done, total)`` callback drawing a rich bar."""
 
     def __init__(self, label: str) -> None:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(), console=err_console,
+                                 _GiBPerSecond(), TimeRemainingColumn(), console=err_console,
                                  transient=True)
         self.task = self.progress.add_task(label, total=None)
 
@@ -240,7 +248,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     budget = stop.token_budget(args.ctx, len(ids))
     if budget <= 0:
         raise UsageError(f"the prompt has {len(ids)} tokens: no room to generate in --ctx {args.ctx}")
-    engine, where = open_engine(model, args.backend, ctx=args.ctx)
+    with _bytes_progress("loading weights") as advance:
+        engine, where = open_engine(model, args.backend, ctx=args.ctx, progress=advance)
     err_console.print(f"[dim]{_safe(model.name, 80)} | {where} | prompt {len(ids)} tokens[/dim]", highlight=False)
 
     def emit(text: str) -> None:
@@ -251,7 +260,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out, stats = generate(engine, tok, ids, max_new_tokens=budget, params=params, stop=stop, on_text=emit,
                               rng=np.random.default_rng(args.seed), on_prefill_progress=on_prefill_progress)
     console.out("")
-    err_console.print(Text(f"{stats.describe()} | {where}", style="dim"))
+    err_console.print(Text(f"{stats.describe()} | {engine.describe()}", style="dim"))   # the path that ran
     return 130 if stats.stop == "interrupted" else 0
 
 
@@ -329,7 +338,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_sequence(tokens, sweep.ctx_max)  # before the engine loads
     if backend == "cpu":
         _warn_line(_cpu_bench_note(args))
-    engine, where = open_engine(model, backend, ctx=sweep.ctx_max + sweep.gen_tokens + 1)
+    with _bytes_progress("loading weights") as advance:
+        engine, where = open_engine(model, backend, ctx=sweep.ctx_max + sweep.gen_tokens + 1, progress=advance)
     err_console.print(f"[dim]{_safe(model.name, 80)} | {where}[/dim]", highlight=False)
     table = Table(title="ds4nb bench", title_justify="left")
     for col in BenchRow.header():
@@ -350,6 +360,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for row in rows:
             table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()])
         console.print(table)
+    err_console.print(Text(engine.describe(), style="dim"))   # the decode path that ran
     if args.plot is not None:
         _plot(rows, args.plot, model.name)
     return 0

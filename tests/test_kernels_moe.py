@@ -79,3 +79,43 @@ def test_routed_moe_chain_model_shapes(kernel_rng: np.random.Generator) -> None:
     differ, err, peak = _routed_moe(kernel_rng, n_expert=16, d=4096, f=2048, n_used=6)
     print(f"routed MoE chain: {differ:.3g} of the values differ (rel error {err:.3g})")
     assert differ <= CONTRACT_RATE and peak > 0, (differ, err)
+
+
+def test_split_placement_skips_the_other_copys_slots(kernel_rng):
+    """Experts split between two copies: each launch writes only its slots, and the two give the whole result."""
+    from ds4nb.kernels import moe as M
+    from ds4nb.kernels.activation import q8_K_to_device
+    from ds4nb.kernels.parity import contract_error
+
+    rng = kernel_rng
+    qtype = Q.IQ2_XXS
+    e, n, k, n_used = M._TINY["gate_up"]
+    graw, gw = M._experts(rng, qtype, e, n, k)
+    uraw, uw = M._experts(rng, qtype, e, n, k)
+    ids = M._ids(rng, e, n_used)
+    weights = rng.uniform(0.05, 1.0, n_used).astype(np.float32)
+    x = q8_K_to_device(M._x(rng, 1, k))
+    want = cuda.device_array(n_used * n, np.float32)
+    M._moe_gate_up(qtype, gw, uw, cuda.to_device(ids), cuda.to_device(weights), x, 1.0, out=want)
+    mine = np.zeros(n_used, bool)
+    mine[rng.permutation(n_used)[:n_used // 2]] = True
+    got = cuda.to_device(np.full(n_used * n, np.nan, np.float32))
+    for part in (mine, ~mine):                       # two launches, -1 marking the other launch's slots
+        M._moe_gate_up(qtype, gw, uw, cuda.to_device(np.where(part, ids, -1).astype(np.int32)),
+                       cuda.to_device(weights), x, 1.0, out=got)
+        if part is mine:
+            rows = got.copy_to_host().reshape(n_used, n)
+            assert np.isnan(rows[~mine]).all() and np.isfinite(rows[mine]).all()
+    assert contract_error(got.copy_to_host(), want.copy_to_host()) == 0.0
+
+
+def test_expert_counts_accumulate(kernel_rng):
+    from ds4nb.kernels import moe as M
+
+    counts = cuda.to_device(np.zeros(16, np.int32))
+    total = np.zeros(16, np.int64)
+    for _ in range(3):
+        ids = kernel_rng.integers(0, 16, 6).astype(np.int32)
+        M.count_experts(cuda.to_device(ids), out=counts)
+        total += np.bincount(ids, minlength=16)
+    assert np.array_equal(counts.copy_to_host(), total)

@@ -14,9 +14,11 @@ DMA and, for quantized tensors, repacks it there
 host never touches the bytes beyond the read.  In the CUDA simulator the
 repack runs in numpy (simulated kernels are far too slow for whole models).
 
-``mapped`` tensors are repacked on the host into page-locked, device-mapped
-buffers that kernels read over PCIe.  A progress callback gets bytes done and
-total.
+``mapped`` tensors take the same path into page-locked, device-mapped host
+buffers (the repack kernel writes them over PCIe); kernels then read them over
+PCIe.  A routed-expert tensor the plan splits by expert becomes
+:class:`SplitExperts`: the chosen experts in GPU memory, the others mapped.
+A progress callback gets bytes done and total.
 """
 
 from __future__ import annotations
@@ -55,57 +57,71 @@ def host_layout(info: TensorInfo) -> PackedWeight | np.ndarray:
     raise Ds4Error(f"tensor {info.name}: no GPU layout for {info.qtype.name}")
 
 
-def _to_mapped(a: np.ndarray) -> Any:
-    buf = cuda.mapped_array(a.shape, dtype=a.dtype)
-    buf[...] = a
-    return buf
+def _alloc(shape: Any, dtype: Any, mapped: bool) -> Any:
+    return cuda.mapped_array(shape, dtype=dtype) if mapped else cuda.device_array(shape, dtype)
 
 
-def _mapped(info: TensorInfo) -> PackedWeight | Any:
-    value = host_layout(info)
-    if isinstance(value, PackedWeight):
-        def up(a: np.ndarray | None) -> Any:
-            return None if a is None else _to_mapped(np.ascontiguousarray(a).reshape(-1))
-
-        return PackedWeight(value.qtype, value.shape, up(value.qs), up(value.sc), up(value.dm))
-    return _to_mapped(np.ascontiguousarray(value))
-
-
-def empty_packed(qtype: Q, shape: tuple[int, ...]) -> PackedWeight:
-    """Unfilled device arrays for a block-minor tensor: the flat ``qs``, ``sc`` and ``dm`` fields."""
+def empty_packed(qtype: Q, shape: tuple[int, ...], mapped: bool = False) -> PackedWeight:
+    """Unfilled arrays for a block-minor tensor (device memory, or page-locked device-mapped host memory)."""
     blocks = int(np.prod(shape)) // block_size(qtype)
-    arrays = {f.name: cuda.device_array(blocks * f.words, _WORD_DTYPE[f.word_bytes]) for f in fields(qtype)}
+    arrays = {f.name: _alloc(blocks * f.words, _WORD_DTYPE[f.word_bytes], mapped) for f in fields(qtype)}
     return PackedWeight(qtype, tuple(shape), arrays["qs"], arrays.get("sc"), arrays["dm"])
 
 
-def _device_empty(info: TensorInfo) -> PackedWeight | Any:
-    """The tensor's final device arrays, unfilled."""
-    if info.qtype in REPACKABLE:
-        return empty_packed(info.qtype, info.shape)
-    if info.qtype in _PLAIN:
-        return cuda.device_array(info.shape, _PLAIN[info.qtype])
-    raise Ds4Error(f"tensor {info.name}: no GPU layout for {info.qtype.name}")
+@dataclass(frozen=True)
+class SplitExperts:
+    """A routed-expert tensor split by expert: some experts in GPU memory, the others host-mapped.
+
+    ``device`` and ``mapped`` hold their experts in id order; ``slot_of[e]``
+    (device int32) is expert ``e``'s index in ``device`` when ``>= 0``, else
+    ``-1 - index`` in ``mapped`` (``moe.split_ids`` reads it).
+    """
+
+    device: PackedWeight
+    mapped: PackedWeight
+    slot_of: Any
+    device_ids: tuple[int, ...]
+
+
+def _dest_ranges(info: TensorInfo, where: str, on_device: frozenset[int]) -> tuple[Any, list[tuple[int, int, Any, int]]]:
+    """(the placed value, [(first source row, rows, destination, destination row)]) for a repackable tensor."""
+    n_rows = int(np.prod(info.shape[:-1]))
+    if where != "split":
+        dst = empty_packed(info.qtype, info.shape, mapped=where == "mapped")
+        return dst, [(0, n_rows, dst, 0)]
+    n_expert, per = info.shape[0], n_rows // info.shape[0]
+    dev_ids = sorted(on_device)
+    host_ids = [e for e in range(n_expert) if e not in on_device]
+    dev = empty_packed(info.qtype, (len(dev_ids), *info.shape[1:]))
+    host = empty_packed(info.qtype, (len(host_ids), *info.shape[1:]), mapped=True)
+    slot_of = np.empty(n_expert, np.int32)
+    slot_of[dev_ids] = np.arange(len(dev_ids))
+    slot_of[host_ids] = -1 - np.arange(len(host_ids))
+    ranges = [(e * per, per, dev, i * per) for i, e in enumerate(dev_ids)]
+    ranges += [(e * per, per, host, i * per) for i, e in enumerate(host_ids)]
+    return SplitExperts(dev, host, cuda.to_device(slot_of), tuple(dev_ids)), sorted(ranges, key=lambda r: r[0])
 
 
 @dataclass(frozen=True)
 class _Piece:
-    """Rows ``[row0, row0 + n_rows)`` of a tensor: ``nbytes`` bytes at file offset ``offset``."""
+    """``n_rows`` rows of a tensor, ``nbytes`` bytes at file offset ``offset``, for row ``row0`` of ``dst``."""
 
     info: TensorInfo
+    dst: Any            # a PackedWeight (repacked there) or a plain array (copied there)
     row0: int
     n_rows: int
     offset: int
     nbytes: int
 
 
-def _pieces(infos: list[TensorInfo], piece_bytes: int) -> Iterator[_Piece]:
-    for info in infos:
-        n_rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
-        row_bytes = info.nbytes // n_rows
-        per = max(1, piece_bytes // row_bytes)
-        for r0 in range(0, n_rows, per):
-            n = min(per, n_rows - r0)
-            yield _Piece(info, r0, n, info.offset + r0 * row_bytes, n * row_bytes)
+def _pieces(info: TensorInfo, ranges: list[tuple[int, int, Any, int]], piece_bytes: int) -> Iterator[_Piece]:
+    n_rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+    row_bytes = info.nbytes // n_rows
+    per = max(1, piece_bytes // row_bytes)
+    for src0, rows, dst, dst0 in ranges:
+        for r in range(0, rows, per):
+            n = min(per, rows - r)
+            yield _Piece(info, dst, dst0 + r, n, info.offset + (src0 + r) * row_bytes, n * row_bytes)
 
 
 class _Staging:
@@ -128,12 +144,21 @@ def _read_into(fd: int, buf: np.ndarray, offset: int, nbytes: int, name: str) ->
         got += n
 
 
-def _load_device(model: Model, infos: list[TensorInfo], placed: dict[str, Any], stream: Any,
-                 progress: Callable[[int], None]) -> None:
-    """The pipeline of the module docstring for the ``device`` tensors ``infos``."""
+def _load_pipelined(model: Model, plan: PlacementPlan, infos: list[TensorInfo], placed: dict[str, Any],
+                    stream: Any, progress: Callable[[int], None]) -> None:
+    """The pipeline of the module docstring: every repackable tensor and every plain ``device`` one."""
+    pieces: list[_Piece] = []
     for info in infos:
-        placed[info.name] = _device_empty(info)
-    pieces = list(_pieces(infos, PIECE_BYTES))
+        where = plan.where(info.name)
+        if info.qtype in REPACKABLE:
+            on_device = plan.device_experts(info) if where == "split" else frozenset()
+            placed[info.name], ranges = _dest_ranges(info, where, on_device)
+        elif info.qtype in _PLAIN and where == "device":
+            placed[info.name] = dst = cuda.device_array(info.shape, _PLAIN[info.qtype])
+            ranges = [(0, int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1, dst, 0)]
+        else:
+            continue
+        pieces += _pieces(info, ranges, PIECE_BYTES)
     if not pieces:
         return
     stages = min(STAGES, len(pieces))
@@ -155,13 +180,12 @@ def _load_device(model: Model, infos: list[TensorInfo], placed: dict[str, Any], 
                 pending.pop(i).result()
                 s = i % stages
                 host = staging.host[s][:p.nbytes]
-                dst = placed[p.info.name]
-                if isinstance(dst, PackedWeight):
+                if isinstance(p.dst, PackedWeight):
                     staging.device[s][:p.nbytes].copy_to_device(host, stream=stream)
-                    repack_rows(staging.device[s][:p.nbytes], p.info.qtype, p.info.shape[-1], p.row0, p.n_rows, dst,
-                                stream=stream)
+                    repack_rows(staging.device[s][:p.nbytes], p.info.qtype, p.info.shape[-1], p.row0, p.n_rows,
+                                p.dst, stream=stream)
                 else:
-                    flat = dst.reshape(dst.size).view(np.uint8)
+                    flat = p.dst.reshape(p.dst.size).view(np.uint8)
                     start = p.nbytes // p.n_rows * p.row0
                     flat[start:start + p.nbytes].copy_to_device(host, stream=stream)
                 staging.done[s].record(stream)
@@ -209,16 +233,33 @@ def load_residency(model: Model, plan: PlacementPlan, names: list[str],
     if repack_on_device is None:
         repack_on_device = not config.ENABLE_CUDASIM
     placed: dict[str, Any] = {}
-    on_device = [i for i in infos if plan.where(i.name) == "device"]
     if repack_on_device:
-        _load_device(model, on_device, placed, stream or cuda.stream(), advance)
-    else:
-        for info in on_device:
-            value = host_layout(info)
-            placed[info.name] = value.to_device() if isinstance(value, PackedWeight) else cuda.to_device(value)
-            advance(info.nbytes)
+        _load_pipelined(model, plan, infos, placed, stream or cuda.stream(), advance)
     for info in infos:
-        if plan.where(info.name) == "mapped":
-            placed[info.name] = _mapped(info)
-            advance(info.nbytes)
+        if info.name in placed:
+            continue
+        placed[info.name] = _host_placed(info, plan)
+        advance(info.nbytes)
     return Residency(plan, {n: placed[n] for n in names}, total)
+
+
+def _host_placed(info: TensorInfo, plan: PlacementPlan) -> Any:
+    """A tensor placed without the pipeline: repacked on the host (the simulator), or a plain mapped tensor."""
+    where = plan.where(info.name)
+    value = host_layout(info)
+    if not isinstance(value, PackedWeight):
+        if where == "device":
+            return cuda.to_device(np.ascontiguousarray(value))
+        buf = cuda.mapped_array(value.shape, dtype=value.dtype)
+        buf[...] = value
+        return buf
+    on_device = plan.device_experts(info) if where == "split" else frozenset()
+    placed, ranges = _dest_ranges(info, where, on_device)
+    n_rows = int(np.prod(info.shape[:-1]))
+    for src0, rows, dst, dst0 in ranges:
+        for f in fields(info.qtype):
+            words = getattr(value, f.name).reshape(n_rows, -1)[src0:src0 + rows]
+            flat = getattr(dst, f.name)
+            per = words.shape[1]
+            flat[dst0 * per:(dst0 + rows) * per].copy_to_device(np.ascontiguousarray(words).reshape(-1))
+    return placed

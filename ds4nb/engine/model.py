@@ -24,13 +24,16 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda
 
+from ds4nb.cache.residency import SplitExperts
 from ds4nb.engine.step import StepInput, StepLayout
+from ds4nb.errors import Ds4Error
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.activation import Q8_0Act, Q8KAct, alloc_q8_0, alloc_q8_K
 from ds4nb.kernels.attention import alloc_attn_scratch
 from ds4nb.kernels.compressor import CompressorProjection, CompressorStateDev, alloc_projection, alloc_state
 from ds4nb.kernels.hc import HcPreOut, alloc_scratch as alloc_hc_scratch
 from ds4nb.kernels.indexer import indexer_w_scale
+from ds4nb.kernels.moe import count_experts
 from ds4nb.kernels.registry import DeviceInfo, get_registry
 from ds4nb.kernels.rope import rope_args
 from ds4nb.kernels.router import RouteOut
@@ -80,6 +83,8 @@ class Kernels:
         self.add = pick("vec.add")
         self.swap01 = pick("copy.swap01")
         self.slot_sum = pick("moe.slot_sum")
+        self.split_ids = pick("moe.split_ids")
+        self.count_experts = count_experts
         self.sample = pick("sample.draw")
         self.moe = {q: (pick(f"{q.name.lower()}.moe_gate_up"), pick(f"{q.name.lower()}.moe_down_sum"),
                         pick(f"{q.name.lower()}.moe_matvec")) for q in expert_types}
@@ -197,6 +202,9 @@ class Scratch:
         self.scores = _empty(max(csa_rows, default=1))
         self.sel = _empty(max(cfg.indexer_top_k, 1), np.int32)
         self.router_logits = _empty(c * cfg.n_expert)
+        # (device, mapped) expert indices of the selected slots, for gate/up and for down (split placements)
+        self.split_ids = tuple((_empty(c * cfg.n_expert_used, np.int32), _empty(c * cfg.n_expert_used, np.int32))
+                               for _ in range(2))
         self.route = RouteOut(cuda.device_array((c, cfg.n_expert_used), np.int32),
                               cuda.device_array((c, cfg.n_expert_used), np.float32))
         n_slot = c * cfg.n_expert_used
@@ -239,6 +247,7 @@ class StepContext:
     scratch: Scratch
     inputs: StepInput
     ctx: int
+    expert_counts: Any = None     # device int32 (n_layer, n_expert): routing counts for ds4nb profile, or None
 
 
 class _Recording:
@@ -450,13 +459,37 @@ class _Builder:
             bias = None if lw.ffn_exp_probs_b is None else self.w(lw.ffn_exp_probs_b)
             k.router_select(logits.reshape(T, cfg.n_expert), bias, out=route, k=n_used,
                             scale=cfg.expert_weights_scale, normalise=cfg.expert_weights_norm)
-        k.family("routed_experts")                                                # step 17
-        gate_up, down_sum, matvec = k.moe[lw.ffn_gate_exps.qtype]
-        down = k.moe[lw.ffn_down_exps.qtype]
-        clamp = cfg.swiglu_clamp_exp[il]
         sel_flat = route.selected.reshape(T * n_used)
-        w_flat = route.weights.reshape(T * n_used)
-        mid = s.mid[:T * n_used * ff]
+        if self.sc.expert_counts is not None:                                     # ds4nb profile
+            k.count_experts(sel_flat, out=self.sc.expert_counts[il])
+        k.family("routed_experts")                                                # step 17
+        routed = self.routed_experts(il, lw, x_norm, sel_flat, route.weights.reshape(T * n_used))
+        k.family("shared_expert")                                                 # step 18
+        act = self.quant_q8_0(x_norm, T, e)
+        g, u = s.sh_gate[:T * ff], s.sh_up[:T * ff]
+        self.q8(self.w(lw.ffn_gate_shexp), act, g)
+        self.q8(self.w(lw.ffn_up_shexp), act, u)
+        k.swiglu(g, u, cfg.swiglu_clamp_exp[il], out=g)
+        shared = s.shared[:T * e]
+        self.q8(self.w(lw.ffn_down_shexp), self.quant_q8_0(g, T, ff), shared)
+        k.family("hc")
+        k.add(routed, shared, out=routed)                                         # step 19
+        k.hc_post(routed, hc, pre.post, pre.comb, out=hc_out, n_hc=cfg.n_hc)
+
+    def routed_experts(self, il: int, lw: LayerWeights, x_norm: Any, sel: Any, weights: Any) -> Any:
+        """Step 17: the selected experts' clamped SwiGLU (gate, up), then their down projections summed.
+
+        An expert tensor the placement split between GPU and host-mapped
+        memory (``SplitExperts``) runs as two launches, one per copy, each
+        skipping the other's slots; the split down projection writes per-slot
+        outputs that ``moe.slot_sum`` adds in slot order, as the fused
+        ``moe_down_sum`` does: placement never changes the numerics.
+        """
+        cfg, k, s, T = self.cfg, self.k, self.s, self.T
+        e, n_used, ff = cfg.n_embd, cfg.n_expert_used, cfg.n_ff_exp
+        gate, up, down = self.w(lw.ffn_gate_exps), self.w(lw.ffn_up_exps), self.w(lw.ffn_down_exps)
+        gate_up = k.moe[lw.ffn_gate_exps.qtype][0]
+        _, down_sum, down_matvec = k.moe[lw.ffn_down_exps.qtype]
         if T == 1:
             xk = _q8_K_rows(s.act_k, e // 256, 0, 1)
             k.quant_q8_K(x_norm.reshape(1, e), out=xk)
@@ -465,27 +498,38 @@ class _Builder:
             k.expand(x_norm.reshape(T, e), out=slots, n_hc=n_used)
             xk = _q8_K_rows(s.act_k, e // 256, 0, T * n_used)
             k.quant_q8_K(slots.reshape(T * n_used, e), out=xk)
-        gate_up(self.w(lw.ffn_gate_exps), self.w(lw.ffn_up_exps), sel_flat, w_flat, xk, clamp, out=mid)
+        mid = s.mid[:T * n_used * ff]
+        clamp = cfg.swiglu_clamp_exp[il]
+        if isinstance(gate, SplitExperts) or isinstance(up, SplitExperts):
+            if not (isinstance(gate, SplitExperts) and isinstance(up, SplitExperts)
+                    and gate.device_ids == up.device_ids):
+                raise Ds4Error(f"placement {self.res.plan.policy!r} puts the gate and up experts of layer {il} in "
+                               f"different places: an expert's gate and up must live together")
+            for part, ids in zip(("device", "mapped"), self.split_ids(gate, sel, 0)):
+                gate_up(getattr(gate, part), getattr(up, part), ids, weights, xk, clamp, out=mid)
+        else:
+            gate_up(gate, up, sel, weights, xk, clamp, out=mid)
         mk = _q8_K_rows(s.act_k, ff // 256, 0, T * n_used)
         k.quant_q8_K(mid.reshape(T * n_used, ff), out=mk)
         routed = s.routed[:T * e]
-        if T == 1:
-            down[1](self.w(lw.ffn_down_exps), sel_flat, mk, out=routed)
+        if T == 1 and not isinstance(down, SplitExperts):
+            down_sum(down, sel, mk, out=routed)
+            return routed
+        slot_out = s.slot_out[:T * n_used * e]
+        if isinstance(down, SplitExperts):
+            for part, ids in zip(("device", "mapped"), self.split_ids(down, sel, 1)):
+                down_matvec(getattr(down, part), ids, mk, out=slot_out)
         else:
-            slot_out = s.slot_out[:T * n_used * e]
-            down[2](self.w(lw.ffn_down_exps), sel_flat, mk, out=slot_out)
-            k.slot_sum(slot_out, T, n_used, out=routed)
-        k.family("shared_expert")                                                 # step 18
-        act = self.quant_q8_0(x_norm, T, e)
-        g, u = s.sh_gate[:T * ff], s.sh_up[:T * ff]
-        self.q8(self.w(lw.ffn_gate_shexp), act, g)
-        self.q8(self.w(lw.ffn_up_shexp), act, u)
-        k.swiglu(g, u, clamp, out=g)
-        shared = s.shared[:T * e]
-        self.q8(self.w(lw.ffn_down_shexp), self.quant_q8_0(g, T, ff), shared)
-        k.family("hc")
-        k.add(routed, shared, out=routed)                                         # step 19
-        k.hc_post(routed, hc, pre.post, pre.comb, out=hc_out, n_hc=cfg.n_hc)
+            down_matvec(down, sel, mk, out=slot_out)
+        k.slot_sum(slot_out, T, n_used, out=routed)
+        return routed
+
+    def split_ids(self, w: SplitExperts, sel: Any, which: int) -> tuple[Any, Any]:
+        """The slots' expert indices in ``w.device`` and in ``w.mapped`` (-1: the other copy's slot)."""
+        n = sel.size
+        out = (self.s.split_ids[which][0][:n], self.s.split_ids[which][1][:n])
+        self.k.split_ids(sel, w.slot_of, out=out)
+        return out
 
     # -- helpers --------------------------------------------------------
 

@@ -47,13 +47,16 @@ class CudaEngine(Engine):
     """DS4 on one CUDA GPU (or the CUDA simulator); see the module docstring.
 
     ``graphs``: replay steps as CUDA graphs (default: on, unless
-    ``DS4NB_CUDA_GRAPHS=0`` or the simulator).
+    ``DS4NB_CUDA_GRAPHS=0`` or the simulator).  ``count_experts``: count the
+    router's picks per layer and expert on the device (:meth:`expert_counts`,
+    ``ds4nb profile``).
     """
 
     name = "cuda"
 
     def __init__(self, model: Model, *, ctx: int = 4096, chunk: int = 64, budget_bytes: int | None = None,
-                 progress: Callable[[int, int], None] | None = None, graphs: bool | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None, graphs: bool | None = None,
+                 count_experts: bool = False) -> None:
         if not isinstance(model.weights, Weights):
             raise Ds4Error(f"{model.path.name} is a {model.kind} file, not a main DS4 model")
         self.model = model
@@ -88,8 +91,9 @@ class CudaEngine(Engine):
         self.layout = StepLayout.from_config(cfg)
         self.states = alloc_layer_states(cfg, ctx)
         self.inputs = StepInput(self.chunk, self.layout)
+        self._counts = cuda.to_device(np.zeros((cfg.n_layer, cfg.n_expert), np.int32)) if count_experts else None
         self._step = StepContext(cfg, w, self.res, Kernels(device, self.strategy.name, expert_types), self.layout,
-                                 self.states, Scratch(cfg, self.chunk, ctx), self.inputs, ctx)
+                                 self.states, Scratch(cfg, self.chunk, ctx), self.inputs, ctx, self._counts)
         self.use_graphs = (graphs_requested() if graphs is None else graphs) and not self.probe.simulator
         self._runners: dict[tuple[int, bool], StepRunner] = {}
         self._logits_host = cuda.pinned_array(cfg.n_vocab, np.float32)
@@ -212,6 +216,13 @@ class CudaEngine(Engine):
         times = time_groups(self._runner(1, False).launches, self.stream, by=by, reps=reps)
         self.restore(state)
         return times
+
+    def expert_counts(self) -> np.ndarray:
+        """int64 (n_layer, n_expert): how many tokens picked each expert since the engine started."""
+        if self._counts is None:
+            raise ValueError("this engine does not count experts (CudaEngine(..., count_experts=True))")
+        self.stream.synchronize()
+        return self._counts.copy_to_host().astype(np.int64)
 
     def set_graphs(self, enabled: bool) -> None:
         """Switch CUDA graphs on or off for the following steps (drops the captured steps)."""

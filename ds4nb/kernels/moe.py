@@ -412,6 +412,8 @@ def _make_matvec(qtype, lpr: int, nb: int, replicas: int):
 
     @cuda.jit
     def kernel(qs, sc, dm, n_rows, ids, x_per_slot, yq, yd, ybs, grid_g, sign_g, out):
+        if ids[cuda.blockIdx.y] < 0:     # a slot whose expert another launch reads (split placement)
+            return
         grid_s = cuda.shared.array(grid_words, uint32)
         sign_s = cuda.shared.array(sign_words, uint32)
         if lut:
@@ -460,6 +462,8 @@ def _make_gate_up(qtype, lpr: int, nb: int, replicas: int, min_blocks: int = 0):
     @jit_kernel(launch_bounds=(THREADS, min_blocks) if min_blocks else None)
     def kernel(gqs, gsc, gdm, uqs, usc, udm, n_rows, ids, weights, clamp, x_per_slot,
                yq, yd, ybs, grid_g, sign_g, mid):
+        if ids[cuda.blockIdx.y] < 0:     # a slot whose expert another launch reads (split placement)
+            return
         grid_s = cuda.shared.array(grid_words, uint32)
         sign_s = cuda.shared.array(sign_words, uint32)
         if lut:
@@ -653,6 +657,49 @@ def _moe_down_sum(qtype: GGMLQuantizationType, w: PackedWeight, ids: Any, x: Q8K
 
 
 # ---------------------------------------------------------------------------
+# Experts split between GPU memory and host-mapped memory; usage counts
+# ---------------------------------------------------------------------------
+
+
+@cuda.jit
+def _split_ids_kernel(ids, n, slot_of, dev_ids, host_ids):
+    i = cuda.grid(1)
+    if i < n:
+        s = slot_of[ids[i]]
+        dev_ids[i] = s if s >= 0 else -1
+        host_ids[i] = -s - 1 if s < 0 else -1
+
+
+@implementation("moe.split_ids", "thread_per_slot", layout="i32")
+def split_ids(ids: Any, slot_of: Any, *, out: tuple[Any, Any], stream: Any = 0) -> tuple[Any, Any]:
+    """Route each selected expert to the copy that holds it: ``out = (dev_ids, host_ids)``.
+
+    ``slot_of[e]`` is expert ``e``'s index in the GPU-resident experts when
+    ``>= 0``, else ``-1 - index`` in the host-mapped ones.  A slot gets its
+    index in the copy that holds its expert and ``-1`` in the other, which the
+    expert kernels skip.
+    """
+    n = ids.size
+    L.launch(_split_ids_kernel, L.cdiv(n, 32), 32, stream, L.flat(ids), n, slot_of, L.flat(out[0]), L.flat(out[1]))
+    return out
+
+
+@cuda.jit
+def _count_kernel(ids, n, counts):
+    i = cuda.grid(1)
+    if i < n:
+        cuda.atomic.add(counts, ids[i], 1)
+
+
+def count_experts(ids: Any, *, out: Any, stream: Any = 0) -> Any:
+    """``out[e] +=`` how many of ``ids`` are ``e``: the router's picks, counted for usage profiles
+    (``ds4nb profile``; a tool of the engine's, not an op with alternatives)."""
+    n = ids.size
+    L.launch(_count_kernel, L.cdiv(n, 32), 32, stream, L.flat(ids), n, out)
+    return out
+
+
+# ---------------------------------------------------------------------------
 # Registered launchers, one set per quant type
 # ---------------------------------------------------------------------------
 
@@ -810,7 +857,26 @@ def _case_down_sum(qtype: GGMLQuantizationType):
 # tolerance is for relative-error checks of chained results (float32 rounding).
 _TOL = 1e-6
 
-OPS = []
+def _case_split(rng: np.random.Generator, scale: str) -> Case:
+    n_expert, n = (16, 6) if scale == "tiny" else (256, 6 * 64)
+    on_gpu = rng.permutation(n_expert)[:int(rng.integers(1, n_expert))]
+    slot_of = np.empty(n_expert, np.int32)
+    host = np.setdiff1d(np.arange(n_expert), on_gpu)
+    slot_of[np.sort(on_gpu)] = np.arange(on_gpu.size)
+    slot_of[host] = -1 - np.arange(host.size)
+    ids = rng.integers(0, n_expert, n).astype(np.int32)
+    in_gpu = np.isin(ids, on_gpu)
+    want_dev = np.where(in_gpu, np.searchsorted(np.sort(on_gpu), ids), -1).astype(np.int32)
+    want_host = np.where(in_gpu, -1, np.searchsorted(host, ids)).astype(np.int32)
+    out = (L.device_array(n, np.int32), L.device_array(n, np.int32))
+    return Case((cuda.to_device(ids), cuda.to_device(slot_of)), out, (want_dev, want_host), (True, True))
+
+
+OPS = [
+    OpSpec("moe.split_ids", "selected experts -> their index in the GPU copy and in the host-mapped copy (-1: "
+           "the other one)", "(ids i32 (n,), slot_of i32 (n_expert,), *, out (dev_ids, host_ids) i32 (n,), stream)",
+           "numpy searchsorted over the resident / mapped expert ids", 0.0, _case_split),
+]
 for _qt in QTYPES:
     _q = _qt.name.lower()
     OPS += [

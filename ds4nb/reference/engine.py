@@ -105,3 +105,6 @@ class CpuEngine(Engine):
 
     def reset(self) -> None:
         self._state = self.reference.new_state()
+
+    def describe(self) -> str:
+        return "cpu backend (numpy reference)"
