@@ -88,12 +88,13 @@ def format_bytes(n: int) -> str:
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    from ds4nb.kernels.registry import KERNELS_TABLE_HEADER, kernels_table
+    from ds4nb.kernels.registry import KERNELS_TABLE_HEADER
+    from ds4nb.plugins import get_registry
 
     t = Table(title="kernel registry", title_justify="left")
     for col in KERNELS_TABLE_HEADER:
         t.add_column(col)
-    for row in kernels_table():
+    for row in get_registry().table():
         t.add_row(*row)
     console.print(t)
     return 0

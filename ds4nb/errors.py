@@ -16,3 +16,11 @@ class ModelError(Ds4Error):
 
 class UsageError(Ds4Error):
     """A command-line flag or argument is invalid."""
+
+
+class PluginError(Ds4Error):
+    """A plugin failed to import, raised, or returned something invalid; the message names it."""
+
+    def __init__(self, plugin: str, message: str) -> None:
+        super().__init__(" ".join(f"plugin {plugin}: {message}".split()))  # one line, whatever the plugin raised
+        self.plugin = plugin

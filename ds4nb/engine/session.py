@@ -37,11 +37,12 @@ from ds4nb.kernels.activation import Q8_0Act, Q8KAct, alloc_q8_0, alloc_q8_K
 from ds4nb.kernels.attention import alloc_attn_scratch
 from ds4nb.kernels.compressor import CompressorStateDev, alloc_state
 from ds4nb.kernels.hc import HcPreOut, alloc_scratch as alloc_hc_scratch
-from ds4nb.kernels.registry import DeviceInfo, get_registry
+from ds4nb.kernels.registry import DeviceInfo
 from ds4nb.kernels.rope import rope_args
 from ds4nb.kernels.router import RouteOut
 from ds4nb.kernels.sample import alloc_scratch as alloc_sample_scratch
 from ds4nb.model import LayerWeights, Model, Weights
+from ds4nb.plugins import get_registry
 from ds4nb.quants.repack import PackedWeight
 from ds4nb.reference import ops
 from ds4nb.reference.engine import Engine
