@@ -15,8 +15,8 @@ and implementing hooks (specified in :mod:`ds4nb.hooks`) marked with
     def ds4nb_register_kernels(registry):
         registry.register("q8_0.matvec", "mine", my_launcher, layout="q8_0/block-minor", priority=20)
 
-The built-in plugin (:mod:`ds4nb.kernels.builtin`) answers the same hooks
-and is registered first.  A plugin is named after its
+The built-in plugins (:mod:`ds4nb.kernels.builtin`, :mod:`ds4nb.cache.builtin`)
+answer the same hooks and are registered first.  A plugin is named after its
 distribution (``dist:entry_point`` when one distribution has several).  A
 plugin that fails to import, fails validation, raises in a hook or returns
 something invalid is a :class:`~ds4nb.errors.PluginError` naming it: the
@@ -46,10 +46,11 @@ from ds4nb.hooks import PROJECT, hookimpl, hookspec
 __all__ = [
     "BUILTIN", "BUILTIN_PLUGINS", "ENTRY_POINT_GROUP", "PROJECT", "PluginInfo", "build_registry", "check_hooks",
     "entry_point_plugins", "get_plugin_manager", "get_registry", "hookimpl", "hookspec", "is_builtin",
-    "new_plugin_manager", "plugin_infos", "provider", "register_entry_points",
+    "new_plugin_manager", "placement_policies", "plugin_infos", "provider", "register_entry_points",
 ]
 
 if TYPE_CHECKING:
+    from ds4nb.cache.plan import ProvidedPolicy
     from ds4nb.kernels.registry import KernelRegistry
 
 ENTRY_POINT_GROUP = "ds4nb"
@@ -58,7 +59,7 @@ ENTRY_POINT_GROUP = "ds4nb"
 BUILTIN = "ds4nb"
 
 #: Built-in plugin modules, registered in this order before any entry point.
-BUILTIN_PLUGINS = ("ds4nb.kernels.builtin",)
+BUILTIN_PLUGINS = ("ds4nb.kernels.builtin", "ds4nb.cache.builtin")
 
 _lock = threading.Lock()
 _manager: pluggy.PluginManager | None = None
@@ -181,6 +182,30 @@ def get_registry() -> KernelRegistry:
         if _registry is None:
             _registry = build_registry(pm)
         return _registry
+
+
+def placement_policies(pm: pluggy.PluginManager | None = None) -> dict[str, ProvidedPolicy]:
+    """Every placement policy by name, with its provider (built-ins first)."""
+    from ds4nb.cache.plan import ProvidedPolicy
+
+    pm = pm or get_plugin_manager()
+    out: dict[str, ProvidedPolicy] = {}
+    for impl in _hookimpls(pm, "ds4nb_placement_policies"):
+        who, builtin = provider(pm, impl.plugin), is_builtin(pm, impl.plugin)
+        try:
+            returned = impl.function()
+            policies = list(returned) if returned is not None else []
+        except Exception as e:
+            raise PluginError(who, f"ds4nb_placement_policies raised {type(e).__name__}: {e}") from None
+        for policy in policies:
+            name = getattr(policy, "name", None)
+            if not isinstance(name, str) or not name or not callable(getattr(policy, "plan", None)):
+                raise PluginError(who, f"ds4nb_placement_policies returned {policy!r}, which is not a placement "
+                                       f"policy (it needs a string 'name' and a 'plan(request)' method)")
+            if name in out:
+                raise PluginError(who, f"placement policy {name!r} is already provided by {out[name].provider}")
+            out[name] = ProvidedPolicy(policy, who, builtin)
+    return out
 
 
 # ---------------------------------------------------------------------------

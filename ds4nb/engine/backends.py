@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
+from ds4nb.cache.options import PlacementOptions
 from ds4nb.errors import Ds4Error
 from ds4nb.model import Model
 
@@ -37,13 +38,16 @@ def resolve_backend(requested: Backend) -> Literal["cuda", "cpu"]:
     raise Ds4Error(f"unknown backend {requested!r}: expected one of {', '.join(BACKENDS)}")
 
 
-def open_engine(model: Model, backend: Backend, *, ctx: int):
-    """An engine for ``model`` on the resolved backend, and a one-line description of it."""
+def open_engine(model: Model, backend: Backend, *, ctx: int, placement: PlacementOptions | None = None):
+    """An engine for ``model`` on the resolved backend, and a one-line description of it.
+
+    ``placement`` (where the weights go) applies to the ``cuda`` backend; the ``cpu`` one reads the file.
+    """
     kind = resolve_backend(backend)
     if kind == "cuda":
         from ds4nb.engine.session import CudaEngine
 
-        engine = CudaEngine(model, ctx=ctx)
+        engine = CudaEngine(model, ctx=ctx, placement=placement)
         return engine, engine.describe()
     from ds4nb.reference.engine import CpuEngine
 

@@ -28,7 +28,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from numba import cuda
 
-from ds4nb.cache.plan import DeviceMemory, FullPolicy, PlacementRequest
+from ds4nb.cache.choose import choose_placement
+from ds4nb.cache.options import PlacementOptions
+from ds4nb.cache.plan import DeviceMemory, engine_tensors
 from ds4nb.cache.residency import load_residency
 from ds4nb.dispatch.device import probe_device
 from ds4nb.dispatch.select import StrategyChoice, select_q8_strategy
@@ -42,7 +44,7 @@ from ds4nb.kernels.rope import rope_args
 from ds4nb.kernels.router import RouteOut
 from ds4nb.kernels.sample import alloc_scratch as alloc_sample_scratch
 from ds4nb.model import LayerWeights, Model, Weights
-from ds4nb.plugins import get_registry
+from ds4nb.plugins import get_registry, placement_policies
 from ds4nb.quants.repack import PackedWeight
 from ds4nb.reference import ops
 from ds4nb.reference.engine import Engine
@@ -135,7 +137,7 @@ class CudaEngine(Engine):
 
     name = "cuda"
 
-    def __init__(self, model: Model, *, ctx: int = 4096, chunk: int = 64, budget_bytes: int | None = None,
+    def __init__(self, model: Model, *, ctx: int = 4096, chunk: int = 64, placement: PlacementOptions | None = None,
                  progress: Callable[[int, int], None] | None = None) -> None:
         if not isinstance(model.weights, Weights):
             raise Ds4Error(f"{model.path.name} is a {model.kind} file, not a main DS4 model")
@@ -160,12 +162,12 @@ class CudaEngine(Engine):
         expert_types = {lw.ffn_gate_exps.qtype for lw in w.layers} | {lw.ffn_down_exps.qtype for lw in w.layers}
         self.k = _K(device, self.strategy, expert_types)
 
-        names = [t.name for t in model.catalog if t.role is not None]
-        request = PlacementRequest(
-            catalog=[model.tensor(n) for n in names],
-            device=DeviceMemory(self.probe.name, self.probe.total_bytes, self.probe.free_bytes),
-            reserve_bytes=self.state_bytes() + self.scratch_bytes(), budget_bytes=budget_bytes)
-        self.plan = FullPolicy().plan(request)
+        tensors = engine_tensors(model)
+        names = [t.name for t in tensors]
+        self.plan = choose_placement(
+            tensors, DeviceMemory(self.probe.name, self.probe.total_bytes, self.probe.free_bytes),
+            placement or PlacementOptions(), reserve_bytes=self.state_bytes() + self.scratch_bytes(),
+            policies=placement_policies())
         self.res = load_residency(model, self.plan, names, progress)
         self.ropes = [rope_args(ops.make_rope(
             cfg.n_rot, compressed=cfg.compress_ratio(il) != 0, freq_base=cfg.rope_freq_base,
