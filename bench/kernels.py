@@ -43,7 +43,7 @@ from numba import cuda, uint8, uint64
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ds4nb.kernels import get_registry  # noqa: E402
+from ds4nb.plugins import get_registry  # noqa: E402
 from ds4nb.kernels import argmax as argmax_mod  # noqa: E402
 from ds4nb.kernels import moe, q8_0  # noqa: E402
 from ds4nb.kernels.activation import alloc_q8_0, alloc_q8_K, q8_0_to_device, q8_K_to_device  # noqa: E402

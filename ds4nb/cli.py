@@ -32,6 +32,9 @@ from ds4nb.errors import Ds4Error, UsageError, shown, shown_path
 if TYPE_CHECKING:
     from ds4nb.bench import Sweep
 
+if TYPE_CHECKING:
+    from ds4nb.cache.options import PlacementOptions
+
 DEFAULT_CTX = 32768  # the reference CLI's default context
 PIPE_WIDTH = 10_000  # columns when the output is not a terminal: lines are never cut or wrapped
 ERROR_LIMIT = 2000   # characters of an error message
@@ -123,12 +126,13 @@ def format_bytes(n: int) -> str:
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    from ds4nb.kernels.registry import KERNELS_TABLE_HEADER, kernels_table
+    from ds4nb.kernels.registry import KERNELS_TABLE_HEADER
+    from ds4nb.plugins import get_registry
 
     t = Table(title="kernel registry", title_justify="left")
     for col in KERNELS_TABLE_HEADER:
         t.add_column(col)
-    for row in kernels_table():
+    for row in get_registry().table():
         t.add_row(*row)
     console.print(t)
     return 0
@@ -234,6 +238,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ds4nb.tokenizer import Tokenizer
 
     _check_env()
+    placement = _placement_options(args)   # flags first: a bad one fails before any work
     params = SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
     prompt = args.prompt if args.prompt_file is None else _read_prompt_file(args.prompt_file)
     model = _load_for_run(args.model)
@@ -249,7 +254,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if budget <= 0:
         raise UsageError(f"the prompt has {len(ids)} tokens: no room to generate in --ctx {args.ctx}")
     with _bytes_progress("loading weights") as advance:
-        engine, where = open_engine(model, args.backend, ctx=args.ctx, progress=advance)
+        engine, where = open_engine(model, args.backend, ctx=args.ctx, placement=placement,
+                                    progress=advance)
     err_console.print(f"[dim]{_safe(model.name, 80)} | {where} | prompt {len(ids)} tokens[/dim]", highlight=False)
 
     def emit(text: str) -> None:
@@ -312,6 +318,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ds4nb.tokenizer import Tokenizer
 
     _check_env()
+    placement = _placement_options(args)   # flags first: a bad one fails before any work
     backend = resolve_backend(args.backend)
     sweep = _bench_sweep(args, backend)
     frontiers(sweep.ctx_start, sweep.ctx_max, sweep.step_incr)  # validate before any output
@@ -339,7 +346,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if backend == "cpu":
         _warn_line(_cpu_bench_note(args))
     with _bytes_progress("loading weights") as advance:
-        engine, where = open_engine(model, backend, ctx=sweep.ctx_max + sweep.gen_tokens + 1, progress=advance)
+        engine, where = open_engine(model, backend, ctx=sweep.ctx_max + sweep.gen_tokens + 1,
+                                    placement=placement, progress=advance)
     err_console.print(f"[dim]{_safe(model.name, 80)} | {where}[/dim]", highlight=False)
     table = Table(title="ds4nb bench", title_justify="left")
     for col in BenchRow.header():
@@ -442,6 +450,235 @@ def _plot(rows, path: Path, title: str) -> None:
 
 
 # ---------------------------------------------------------------------------
+# placement
+
+
+# ---------------------------------------------------------------------------
+# profile
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Record how often the router picks each expert on a text: the usage profile ``--expert-usage`` reads."""
+    import json
+
+    import numpy as np
+
+    from ds4nb.cache.usage import ExpertUsage
+    from ds4nb.engine.backends import resolve_backend
+    from ds4nb.engine.session import CudaEngine
+    from ds4nb.sampling import GREEDY
+    from ds4nb.tokenizer import Tokenizer
+
+    placement = _placement_options(args)
+    _check_output_path(args.out, "-o")
+    text = _read_prompt_file(args.prompt_file)
+    if resolve_backend("auto") != "cuda":
+        raise UsageError("ds4nb profile counts expert picks on the GPU: no CUDA GPU is available")
+    model = _load_for_run(args.model)
+    tokens = Tokenizer.from_gguf(model).encode_ordinary(text)
+    if not tokens:
+        raise UsageError(f"{shown_path(args.prompt_file)} holds no text to profile")
+    ctx = len(tokens) + args.gen + 1
+    with _bytes_progress("loading weights") as advance:
+        engine = CudaEngine(model, ctx=ctx, placement=placement, progress=advance, count_experts=True)
+    with _PrefillProgress() as on_progress:
+        for start in range(0, len(tokens), engine.chunk):
+            logits = engine.prefill(tokens[start:start + engine.chunk])
+            on_progress(min(start + engine.chunk, len(tokens)), len(tokens))
+    token = int(logits.argmax())
+    rng = np.random.default_rng(0)
+    for _ in range(args.gen):
+        token = engine.decode_sample(token, GREEDY, rng)
+    counts = engine.expert_counts()
+    usage = ExpertUsage(model.name, tuple(tuple(int(c) for c in row) for row in counts))
+    with _atomic_output(args.out) as fh:
+        fh.write(json.dumps(usage.to_json()) + "\n")
+    picks = int(counts.sum())
+    err_console.print(Text(f"{len(tokens) + args.gen} tokens, {picks} expert picks over {counts.shape[0]} layers "
+                           f"-> {shown_path(args.out)}", style="dim"))
+    return 0
+
+
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
+    """--placement, --gpu-budget, --expert-usage (generate, bench, placement)."""
+    p.add_argument("--placement", metavar="NAME[:ARG]", default=None,
+                   help="where weights live: full, partial, direct or a plugin's policy (env DS4NB_PLACEMENT; "
+                        "default: full when the model fits the GPU, else partial)")
+    p.add_argument("--gpu-budget", metavar="SIZE", default=None,
+                   help="most weight bytes in GPU memory: 24G (= 24GiB), 24GB, 512M, or 70%% of the device's "
+                        "memory (env DS4NB_GPU_BUDGET)")
+    p.add_argument("--expert-usage", type=Path, metavar="FILE", default=None,
+                   help="routing profile JSON: partial keeps the most used routed experts on the GPU")
+
+
+def _placement_options(args: argparse.Namespace) -> PlacementOptions:
+    """The placement options of a command, from its flags and the environment (parsed once)."""
+    from ds4nb.cache.options import PlacementOptions
+
+    return PlacementOptions.from_cli(args.placement, args.gpu_budget, args.expert_usage)
+
+
+def _size(text: str) -> int:
+    from ds4nb.cache.options import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _gbps(text: str) -> float:
+    v = _float(text)
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive bandwidth in GB/s, got {text!r}")
+    return v * 1e9
+
+
+def _fmt_size(n: float) -> str:
+    """Bytes for a table: B, KiB, MiB with two decimals, GiB from 1 GiB."""
+    if n < 2**10:
+        return f"{n:.0f} B"
+    if n < 2**20:
+        return f"{n / 2**10:.2f} KiB"
+    return format_bytes(int(n))
+
+
+ASSUMED_DEVICE_MEMORY = 80 << 30  # an H100's, like the assumed bandwidths
+
+
+def _placement_target(args: argparse.Namespace):
+    """(device memory, its note, HBM read B/s, host read B/s, their notes) for ``ds4nb placement``."""
+    from ds4nb.cache.plan import DeviceMemory
+    from ds4nb.dispatch.device import ASSUMED_READ_BANDWIDTH, probe_device, read_bandwidth
+    from ds4nb.engine.backends import cuda_available
+
+    gpu = cuda_available()
+    probe = probe_device() if gpu else None
+    if args.device_memory is not None:
+        size = args.device_memory
+        device = DeviceMemory(f"{format_bytes(size)} GPU", size, size)
+        note = "given"
+    elif probe is not None:
+        device = DeviceMemory(probe.name, probe.total_bytes, probe.free_bytes)
+        note = f"{format_bytes(probe.free_bytes)} free of {format_bytes(probe.total_bytes)}"
+    else:
+        size = ASSUMED_DEVICE_MEMORY
+        device = DeviceMemory(f"{format_bytes(size)} GPU", size, size)
+        note = "assumed: no GPU here; --device-memory to change"
+    if args.device_bw is not None and args.host_bw is not None:
+        return device, note, (args.device_bw, "given"), (args.host_bw, "given")
+    bw = ASSUMED_READ_BANDWIDTH
+    if probe is not None:
+        bw = read_bandwidth(probe, on_measure=lambda: err_console.print(
+            f"[dim]measuring the read bandwidth of {probe.name} (once; cached)[/dim]", highlight=False))
+    dev = (args.device_bw, "given") if args.device_bw is not None else (bw.device, bw.source)
+    host = (args.host_bw, "given") if args.host_bw is not None else (bw.host, bw.source)
+    return device, note, dev, host
+
+
+def cmd_placement(args: argparse.Namespace) -> int:
+    from ds4nb.cache.choose import choose_placement, placement_request
+    from ds4nb.cache.plan import engine_tensors
+    from ds4nb.cache.roofline import role_costs, roofline
+    from ds4nb.plugins import placement_policies
+
+    options = _placement_options(args)
+    model = _load_for_run(args.model)
+    device, device_note, (dev_bw, dev_src), (host_bw, host_src) = _placement_target(args)
+    tensors = engine_tensors(model)
+    plan = choose_placement(tensors, device, options, reserve_bytes=args.reserve, policies=placement_policies())
+    weight_budget = placement_request(tensors, device, options, reserve_bytes=args.reserve).weight_budget
+    k, usage = model.config.n_expert_used, options.expert_usage
+    roof = roofline(plan, tensors, k, device_bw=dev_bw, host_bw=host_bw, usage=usage)
+
+    rows = [("model", f"{model.name} ({model.path})"),
+            ("device", f"{device.name} ({device_note}); {format_bytes(args.reserve)} kept for KV cache and "
+                       f"activations (--reserve)")]
+    source = f"--gpu-budget {options.gpu_budget.text}" if options.gpu_budget else "free memory less the reserve"
+    rows.append(("weight budget", f"{format_bytes(weight_budget)} ({source})"))
+    how = "" if options.policy else (" (default: the model fits)" if plan.policy == "full" else
+                                     " (default: the model does not fit the budget)")
+    rows.append(("placement", f"{plan.policy}{how}: {format_bytes(plan.device_bytes)} on the GPU, "
+                              f"{format_bytes(plan.mapped_bytes)} host-mapped"))
+    if usage is not None:
+        rows.append(("expert usage", f"{usage.source} (recorded on {usage.model})"))
+    rows += [
+        ("routed experts", _experts_on_gpu(plan, tensors)),
+        ("GPU reads", f"{_fmt_size(roof.per_token.device)}/token at {dev_bw / 1e9:.0f} GB/s ({dev_src}): "
+                      f"{roof.device_seconds * 1e3:.3f} ms"),
+        ("host reads", f"{_fmt_size(roof.per_token.host)}/token at {host_bw / 1e9:.1f} GB/s ({host_src}): "
+                       f"{roof.host_seconds * 1e3:.3f} ms"),
+        ("decode roofline", f"{roof.tokens_per_second:.1f} tokens/s (weights read once per token, GPU then host)"),
+    ]
+    for key, value in rows:
+        console.print(f"[cyan]{key:<16}[/cyan]{escape(value)}", highlight=False, soft_wrap=True)
+
+    rt = Table(title="bytes by role: held, and read per token", title_justify="left")
+    for col, just in (("role", "left"), ("tensors", "right"), ("on GPU", "right"), ("on host", "right"),
+                      ("GPU/token", "right"), ("host/token", "right")):
+        rt.add_column(col, justify=just, no_wrap=True)
+    costs = role_costs(plan, tensors, k, usage)
+    for r in costs:
+        rt.add_row(r.role, str(r.tensors), _fmt_size(r.held.device), _fmt_size(r.held.host),
+                   _fmt_size(r.per_token.device), _fmt_size(r.per_token.host))
+    rt.add_section()
+    rt.add_row("total", str(len(tensors)), _fmt_size(plan.device_bytes), _fmt_size(plan.mapped_bytes),
+               _fmt_size(roof.per_token.device), _fmt_size(roof.per_token.host), style="bold")
+    console.print(rt)
+    return 0
+
+
+def _experts_on_gpu(plan, tensors) -> str:
+    """How many (layer, expert) have all their routed-expert slices on the GPU, in total and per layer."""
+    from ds4nb.cache.plan import expert_count
+
+    per_layer: dict[int, frozenset[int]] = {}
+    n_per_layer: dict[int, int] = {}
+    for info in tensors:
+        n = expert_count(info)
+        if n is None or info.layer is None:
+            continue
+        ids = plan.device_experts(info)
+        per_layer[info.layer] = per_layer.get(info.layer, ids) & ids
+        n_per_layer[info.layer] = n
+    on = sum(len(ids) for ids in per_layer.values())
+    layers = " ".join(str(len(per_layer[il])) for il in sorted(per_layer))
+    return f"{on} of {sum(n_per_layer.values())} on the GPU (per layer: {layers})"
+
+
+# ---------------------------------------------------------------------------
+# plugins
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from ds4nb.plugins import get_registry, placement_policies, plugin_infos
+
+    pt = Table(title="plugins", title_justify="left")
+    for col in ("plugin", "version", "hooks"):
+        pt.add_column(col)
+    for info in plugin_infos():
+        pt.add_row(info.name, info.version, ", ".join(info.hooks) or "(none)")
+    console.print(pt)
+
+    pol = Table(title="placement policies", title_justify="left")
+    for col in ("policy", "provider", "what it does"):
+        pol.add_column(col)
+    for p in placement_policies().values():
+        pol.add_row(p.name, p.provider, p.summary)
+    console.print(pol)
+
+    kt = Table(title="kernels", title_justify="left")
+    for col, just in (("op", "left"), ("implementation", "left"), ("priority", "right"), ("provider", "left")):
+        kt.add_column(col, justify=just)
+    reg = get_registry()
+    for op in reg.ops():
+        for impl in reg.implementations(op):
+            kt.add_row(op, impl.name, str(impl.priority), impl.provider)
+    console.print(kt)
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # parser
 
 
@@ -533,6 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="thinking mode (max needs --ctx >= 393216; default high)")
     gen.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT, help="system prompt ('' for none)")
     gen.add_argument("--backend", choices=BACKENDS, default="auto", help="auto (default): cuda if a GPU, else cpu")
+    _add_placement_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="prefill and generation tokens/s at context frontiers (CSV)")
@@ -550,8 +788,39 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--csv", type=Path, default=None, help="write the CSV here (default: stdout)")
     b.add_argument("--plot", type=Path, default=None, help="write a PNG of t/s vs context (needs matplotlib)")
     b.add_argument("--backend", choices=BACKENDS, default="auto", help="auto (default): cuda if a GPU, else cpu")
+    _add_placement_args(b)
     b.set_defaults(func=cmd_bench)
+
+    _add_placement_parser(sub)
+    plug = sub.add_parser("plugins", help="list plugins, placement policies and kernels with their providers")
+    plug.set_defaults(func=cmd_plugins)
     return p
+
+
+def _add_placement_parser(sub) -> None:
+    prof = sub.add_parser("profile", help="record which routed experts a text uses (for --expert-usage)")
+    prof.add_argument("-m", "--model", type=Path, default=None, help="DS4 GGUF file (default: the embedded model)")
+    prof.add_argument("--prompt-file", type=Path, required=True, help="the text to run through the model")
+    prof.add_argument("-o", "--out", type=Path, required=True, help="the usage profile JSON to write")
+    prof.add_argument("--gen", type=_non_negative_int, default=0, help="greedy tokens to generate after the text")
+    _add_placement_args(prof)
+    prof.set_defaults(func=cmd_profile)
+
+    pl = sub.add_parser("placement", help="show where each weight would live and the decode roofline it implies "
+                                          "(loads no weights)")
+    pl.add_argument("-m", "--model", type=Path, default=None, help="DS4 GGUF file (default: the embedded model)")
+    _add_placement_args(pl)
+    pl.add_argument("--reserve", type=_size, default=1 << 30, metavar="SIZE",
+                    help="GPU memory kept for KV cache and activations (default 1G; the engine computes its own)")
+    pl.add_argument("--device-memory", type=_size, default=None, metavar="SIZE",
+                    help="plan for a GPU with this much free memory (default: this machine's GPU, else 80G)")
+    pl.add_argument("--device-bw", type=_gbps, default=None, metavar="GB/s",
+                    help="GPU memory read bandwidth (default: measured once per GPU and cached; without a GPU "
+                         "2706, an H100's)")
+    pl.add_argument("--host-bw", type=_gbps, default=None, metavar="GB/s",
+                    help="host-mapped memory read bandwidth over PCIe (default: measured and cached; without a "
+                         "GPU 50.7, an H100's)")
+    pl.set_defaults(func=cmd_placement)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,3 +42,11 @@ def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
 def shown_path(path: str | os.PathLike[str]) -> str:
     """A path for a one-line message: like :func:`shown`, with room for a long path."""
     return shown(os.fspath(path), PATH_LIMIT)
+
+
+class PluginError(Ds4Error):
+    """A plugin failed to import, raised, or returned something invalid; the message names it."""
+
+    def __init__(self, plugin: str, message: str) -> None:
+        super().__init__(shown(" ".join(f"plugin {plugin}: {message}".split()), 2 * SHOWN_LIMIT))  # one line
+        self.plugin = plugin

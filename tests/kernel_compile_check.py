@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     seen: dict = {}
     _record_launches(cuda, seen)
 
-    from ds4nb.kernels.registry import get_registry
+    from ds4nb.plugins import get_registry
 
     reg = get_registry()
     rng = np.random.default_rng(0)

@@ -19,7 +19,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType
 from numba import cuda
 
-from ds4nb.kernels import get_registry
+from ds4nb.plugins import get_registry
 from ds4nb.kernels.activation import alloc_q8_K
 from ds4nb.kernels.parity import CONTRACT_RATE, contract_error, rel_error
 from ds4nb.quants import dequantize, random_blocks

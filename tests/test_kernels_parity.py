@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ds4nb.kernels import get_registry
+from ds4nb.plugins import get_registry
 from ds4nb.kernels.parity import Case, ParityResult, check_case, run_parity
 from ds4nb.kernels.registry import Implementation, Requirements
 
@@ -33,7 +33,7 @@ def _runnable(op: str, impl: str) -> None:
 @pytest.mark.parametrize(("op", "impl"), PAIRS, ids=_ids(PAIRS))
 def test_parity_tiny(op: str, impl: str, kernel_rng: np.random.Generator) -> None:
     _runnable(op, impl)
-    result = run_parity(op, impl, rng=kernel_rng, scale="tiny")
+    result = run_parity(op, impl, registry=REG, rng=kernel_rng, scale="tiny")
     assert result.ok, str(result)
 
 
@@ -41,7 +41,7 @@ def test_parity_tiny(op: str, impl: str, kernel_rng: np.random.Generator) -> Non
 @pytest.mark.parametrize(("op", "impl"), PAIRS, ids=_ids(PAIRS))
 def test_parity_model_shapes(op: str, impl: str, kernel_rng: np.random.Generator) -> None:
     _runnable(op, impl)
-    result = run_parity(op, impl, rng=kernel_rng, scale="model")
+    result = run_parity(op, impl, registry=REG, rng=kernel_rng, scale="model")
     print(result)
     assert result.ok, str(result)
 

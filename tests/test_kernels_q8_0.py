@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ds4nb.kernels import get_registry
+from ds4nb.plugins import get_registry
 from ds4nb.kernels.parity import check_case
 from ds4nb.kernels.q8_0 import MODEL_SHAPES, make_q8_0_case
 

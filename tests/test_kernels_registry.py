@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import types
-import warnings
 
 import pytest
 
-from ds4nb.kernels import KERNELS_TABLE_HEADER, get_registry, kernels_table
+from ds4nb.errors import PluginError
+from ds4nb.kernels import KERNELS_TABLE_HEADER
 from ds4nb.kernels.registry import (
     DeviceInfo,
     KernelRegistry,
     KernelRegistryError,
     OpSpec,
     Requirements,
-    build_registry,
     implementation,
 )
-from ds4nb.plugins import hookimpl, new_plugin_manager
+from ds4nb.plugins import build_registry, get_registry, hookimpl, new_plugin_manager
 
 H100 = DeviceInfo("H100", (9, 0))
 VOLTA = DeviceInfo("V100", (7, 0))
@@ -42,7 +41,7 @@ def test_builtin_ops_are_registered() -> None:
 
 
 def test_kernels_table_rows() -> None:
-    rows = kernels_table()
+    rows = get_registry().table()
     assert all(len(r) == len(KERNELS_TABLE_HEADER) for r in rows)
     by_key = {(r[0], r[1]): r for r in rows}
     op, impl, layout, req, provider = by_key[("q8_0.matvec", "warp8")]
@@ -136,28 +135,56 @@ def test_plugins_register_through_the_hook() -> None:
     assert ("plugin.op", "mine", "plugin-layout", "cc>=6.1", "acme-kernels") in reg.table()
 
 
-def test_a_failing_plugin_is_skipped_with_a_warning() -> None:
+def test_a_failing_plugin_is_an_error_naming_it() -> None:
     pm = new_plugin_manager(load_entry_points=False)
     pm.register(_BrokenPlugin(), name="broken-kernels")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with pytest.raises(PluginError, match="^plugin broken-kernels: ds4nb_register_kernels raised RuntimeError: boom$"):
+        build_registry(pm)
+
+
+def _rival(priority: int, *, name: str = "aaa_first_by_name", replace: bool = False):
+    class Rival:
+        @hookimpl
+        def ds4nb_register_kernels(self, registry):
+            registry.register("q8_0.matvec", name, lambda *a, **k: "rival", layout="q8_0/block-minor",
+                              priority=priority, replace=replace,
+                              requires=Requirements(min_batch=1, max_batch=1))
+
+    return Rival()
+
+
+def test_a_plugin_beats_a_builtin_only_by_a_higher_priority() -> None:
+    builtin = get_registry().get("q8_0.matvec", "warp8").priority
+    for priority, winner in ((builtin, "warp8"), (builtin - 1, "warp8"), (builtin + 1, "aaa_first_by_name")):
+        pm = new_plugin_manager(load_entry_points=False)
+        pm.register(_rival(priority), name="rival-kernels")
         reg = build_registry(pm)
-    assert any("broken-kernels" in str(w.message) for w in caught)
-    assert "q8_0.matvec" in reg.ops()
+        assert reg.select("q8_0.matvec", device=H100, batch=1).name == winner, priority
+        assert reg.implementations("q8_0.matvec")[0].name == winner
 
 
-def test_plugin_manager_uses_the_ds4nb_entry_point_group(monkeypatch) -> None:
-    from importlib.metadata import EntryPoint
+def test_a_plugin_cannot_replace_a_builtin_by_name() -> None:
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(_rival(100, name="warp8", replace=True), name="rival-kernels")
+    with pytest.raises(PluginError, match="rival-kernels: .*implementation 'warp8' is already registered \\(by ds4nb\\)"):
+        build_registry(pm)
 
-    import pluggy
 
-    import ds4nb.plugins
+def test_a_provider_may_replace_its_own_implementation() -> None:
+    reg = KernelRegistry()
+    reg.define_op(_op())
+    with reg.providing("acme"):
+        reg.register("t.op", "x", lambda: 1, layout="l")
+        reg.register("t.op", "x", lambda: 2, layout="l2", replace=True)
+    with reg.providing("other"), pytest.raises(KernelRegistryError, match="already registered \\(by acme\\)"):
+        reg.register("t.op", "x", lambda: 3, layout="l3", replace=True)
+    assert reg.get("t.op", "x").layout == "l2" and reg.get("t.op", "x").provider == "acme"
 
-    groups, seen = [], []
-    monkeypatch.setattr(ds4nb.plugins, "entry_points", lambda group: groups.append(group) or [
-        EntryPoint("b", "pkg_b", group), EntryPoint("a", "pkg_a", group), EntryPoint("a", "pkg_a2", group)])
-    monkeypatch.setattr(pluggy.PluginManager, "load_setuptools_entrypoints",
-                        lambda self, group, name=None: seen.append((self.project_name, group, name)) or 0)
+
+def test_plugin_manager_reads_the_ds4nb_entry_point_group(monkeypatch) -> None:
+    from importlib import metadata
+
+    seen = []
+    monkeypatch.setattr(metadata, "entry_points", lambda **kw: seen.append(kw) or [])
     new_plugin_manager()
-    assert groups == ["ds4nb"]
-    assert seen == [("ds4nb", "ds4nb", "a"), ("ds4nb", "ds4nb", "b")]  # one at a time, so one can fail alone
+    assert seen == [{"group": "ds4nb"}]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Literal
 
+from ds4nb.cache.options import PlacementOptions
 from ds4nb.errors import Ds4Error
 from ds4nb.model import Model
 
@@ -37,16 +38,18 @@ def resolve_backend(requested: Backend) -> Literal["cuda", "cpu"]:
     raise Ds4Error(f"unknown backend {requested!r}: expected one of {', '.join(BACKENDS)}")
 
 
-def open_engine(model: Model, backend: Backend, *, ctx: int, progress: Callable[[int, int], None] | None = None):
+def open_engine(model: Model, backend: Backend, *, ctx: int, placement: PlacementOptions | None = None,
+                progress: Callable[[int, int], None] | None = None):
     """An engine for ``model`` on the resolved backend, and a one-line description of it.
 
+    ``placement`` (where the weights go) applies to the ``cuda`` backend; the ``cpu`` one reads the file.
     ``progress(done, total)``: bytes of weights placed so far (the cuda backend's load).
     """
     kind = resolve_backend(backend)
     if kind == "cuda":
         from ds4nb.engine.session import CudaEngine
 
-        engine = CudaEngine(model, ctx=ctx, progress=progress)
+        engine = CudaEngine(model, ctx=ctx, placement=placement, progress=progress)
         return engine, engine.describe()
     from ds4nb.reference.engine import CpuEngine
 

@@ -34,12 +34,13 @@ from ds4nb.kernels.compressor import CompressorProjection, CompressorStateDev, a
 from ds4nb.kernels.hc import HcPreOut, alloc_scratch as alloc_hc_scratch
 from ds4nb.kernels.indexer import indexer_w_scale
 from ds4nb.kernels.moe import count_experts
-from ds4nb.kernels.registry import DeviceInfo, get_registry
+from ds4nb.kernels.registry import DeviceInfo
 from ds4nb.kernels.rope import rope_args
 from ds4nb.kernels.router import RouteOut
 from ds4nb.kernels.sample import alloc_scratch as alloc_sample_scratch
 from ds4nb.kernels.step import NF, ROWS, SELECT
 from ds4nb.model import LayerWeights, ModelConfig, Weights
+from ds4nb.plugins import get_registry
 from ds4nb.quants.repack import PackedWeight
 from ds4nb.reference import ops
 
@@ -365,7 +366,7 @@ class _Builder:
         step's last record says whether any token of the step needs them.
         """
         cfg, k, s, T = self.cfg, self.k, self.s, self.T
-        if cfg.layer_kind(il) != "csa":
+        if not self.indexer_selects(il):
             return
         k.family("indexer")
         steps, sel = self.sc.inputs.steps, self.sc.layout.field(il) + SELECT
@@ -394,6 +395,7 @@ class _Builder:
                 k.comp_step(s.index_proj, t, self.w(lw.indexer_compressor_ape), self.w(lw.indexer_compressor_norm),
                             out=ls.index_comp, state=ls.index_compressor, ratio=ratio, overlap=True, rope=rope,
                             eps=cfg.rms_eps, finish="qat", steps=steps, rec=rec, grp=grp)
+            if self.indexer_selects(il):
                 k.family("indexer")                                               # step 10
                 sel = self.indexer_select(il, t, ls)
         k.family("attention")                                                     # steps 11-12
@@ -407,6 +409,11 @@ class _Builder:
             return 0
         n = ls.comp.shape[0]
         return min(n, self.cfg.indexer_top_k) if self.cfg.layer_kind(il) == "csa" else n
+
+    def indexer_selects(self, il: int) -> bool:
+        """Whether layer ``il``'s indexer can select in this session (it needs more than top-k rows)."""
+        ls = self.sc.states[il]
+        return ls.index_comp is not None and ls.index_comp.shape[0] > self.cfg.indexer_top_k
 
     def indexer_select(self, il: int, t: int, ls: LayerStateDev) -> Any:
         cfg, k, s = self.cfg, self.k, self.s

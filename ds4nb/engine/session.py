@@ -23,7 +23,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from numba import cuda
 
-from ds4nb.cache.plan import DeviceMemory, FullPolicy, PlacementRequest
+from ds4nb.cache.choose import choose_placement
+from ds4nb.cache.options import PlacementOptions
+from ds4nb.cache.plan import DeviceMemory, engine_tensors
 from ds4nb.cache.residency import load_residency
 from ds4nb.dispatch.device import probe_device
 from ds4nb.dispatch.select import select_q8_strategy
@@ -33,9 +35,10 @@ from ds4nb.engine.model import (STRATEGY_IMPLS, Kernels, Scratch, StepContext, a
 from ds4nb.engine.step import StepInput, StepLayout
 from ds4nb.errors import Ds4Error
 from ds4nb.kernels.attention import NEG_INF
-from ds4nb.kernels.registry import DeviceInfo, get_registry
+from ds4nb.kernels.registry import DeviceInfo
 from ds4nb.kernels.sample import FixedDraw, sample_launch
 from ds4nb.model import Model, Weights
+from ds4nb.plugins import get_registry, placement_policies
 from ds4nb.reference.engine import Engine
 from ds4nb.reference.state import CompressorState, LayerState, RowBuffer, State
 from ds4nb.sampling import SamplingParams, sample
@@ -54,7 +57,7 @@ class CudaEngine(Engine):
 
     name = "cuda"
 
-    def __init__(self, model: Model, *, ctx: int = 4096, chunk: int = 64, budget_bytes: int | None = None,
+    def __init__(self, model: Model, *, ctx: int = 4096, chunk: int = 64, placement: PlacementOptions | None = None,
                  progress: Callable[[int, int], None] | None = None, graphs: bool | None = None,
                  count_experts: bool = False) -> None:
         if not isinstance(model.weights, Weights):
@@ -79,12 +82,12 @@ class CudaEngine(Engine):
         w = model.weights
         expert_types = {lw.ffn_gate_exps.qtype for lw in w.layers} | {lw.ffn_down_exps.qtype for lw in w.layers}
 
-        names = [t.name for t in model.catalog if t.role is not None]
-        request = PlacementRequest(
-            catalog=[model.tensor(n) for n in names],
-            device=DeviceMemory(self.probe.name, self.probe.total_bytes, self.probe.free_bytes),
-            reserve_bytes=state_bytes(cfg, ctx) + Scratch.nbytes(cfg, self.chunk, ctx), budget_bytes=budget_bytes)
-        self.plan = FullPolicy().plan(request)
+        tensors = engine_tensors(model)
+        names = [t.name for t in tensors]
+        self.plan = choose_placement(
+            tensors, DeviceMemory(self.probe.name, self.probe.total_bytes, self.probe.free_bytes),
+            placement or PlacementOptions(), reserve_bytes=state_bytes(cfg, ctx) + Scratch.nbytes(cfg, self.chunk, ctx),
+            policies=placement_policies())
         self.stream = cuda.stream()
         self.res = load_residency(model, self.plan, names, progress, stream=self.stream)
 

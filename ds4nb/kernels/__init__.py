@@ -1,9 +1,10 @@
 """Numba-CUDA kernels for ds4nb, found through a registry of named ops.
 
-Use :func:`get_registry` (built-ins plus every plugin) to pick an
-implementation once at setup, then call it on the hot path::
+Use the process-wide registry (built-ins plus every plugin, filled by the
+plugin manager) to pick an implementation once at setup, then call it on the
+hot path::
 
-    from ds4nb.kernels import get_registry
+    from ds4nb.plugins import get_registry
     matvec = get_registry().select("q8_0.matvec", batch=1)
     matvec(weight, x_q8, out=y)
 
@@ -21,9 +22,7 @@ from ds4nb.kernels.registry import (
     KernelRegistryError,
     OpSpec,
     Requirements,
-    get_registry,
     implementation,
-    kernels_table,
 )
 
 __all__ = [
@@ -34,7 +33,5 @@ __all__ = [
     "KernelRegistryError",
     "OpSpec",
     "Requirements",
-    "get_registry",
     "implementation",
-    "kernels_table",
 ]

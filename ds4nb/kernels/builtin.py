@@ -1,7 +1,7 @@
 """The built-in kernel plugin: registers ds4nb's own ops and implementations.
 
 It goes through the same ``ds4nb_register_kernels`` hook as third-party
-plugins (``ds4nb.plugins`` registers it first), so built-ins have no
+plugins (:mod:`ds4nb.plugins` registers it first), so built-ins have no
 privileged path into the registry.  Every public module of
 ``ds4nb.kernels`` is a kernel module: its ``OPS`` are defined and its
 ``@implementation`` launchers registered, so a new op family is a new module
@@ -13,10 +13,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ds4nb.plugins import hookimpl
+from ds4nb.hooks import hookimpl
 
 #: Modules of ds4nb.kernels that hold no kernels.
-NOT_KERNEL_MODULES = frozenset({"builtin", "hookspecs", "intrinsics", "parity", "registry"})
+NOT_KERNEL_MODULES = frozenset({"builtin", "intrinsics", "parity", "registry"})
 
 
 def kernel_modules() -> list:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ds4nb.kernels.registry import Implementation, KernelRegistry, get_registry
+from ds4nb.kernels.registry import Implementation, KernelRegistry
 
 SCALES = ("tiny", "model")
 
@@ -187,15 +187,16 @@ def run_parity(
     op: str,
     impl: str | None = None,
     *,
+    registry: KernelRegistry,
     rng: np.random.Generator | None = None,
     scale: str = "tiny",
-    registry: KernelRegistry | None = None,
     stream: Any = 0,
 ) -> ParityResult:
-    """Check implementation ``impl`` of ``op`` (default: the one ``select`` picks) on a fresh random case."""
+    """Check implementation ``impl`` of ``op`` in ``registry`` (default: the one ``select`` picks) on a fresh
+    random case (the process-wide registry: :func:`ds4nb.plugins.get_registry`)."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    reg = registry or get_registry()
+    reg = registry
     spec = reg.op(op)
     if spec.make_case is None:
         raise ValueError(f"{op} has no parity case")

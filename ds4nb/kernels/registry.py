@@ -10,21 +10,23 @@ can run here (:meth:`KernelRegistry.select`) once, at setup, and then call it
 directly on the hot path.
 
 Built-in implementations and third-party ones arrive the same way, through
-the pluggy hook ``ds4nb_register_kernels(registry)`` (``ds4nb.plugins``).
-The process-wide registry (:func:`get_registry`) is, with the plugin manager,
-the one piece of global mutable state in ds4nb.
+the pluggy hook ``ds4nb_register_kernels(registry)`` (:mod:`ds4nb.hooks`);
+the plugin manager fills the process-wide registry
+(:func:`ds4nb.plugins.get_registry`).  Selection never depends on who
+registered first or on name order between providers: a plugin's
+implementation beats a built-in one only with a higher ``priority``.
 """
 
 from __future__ import annotations
 
 import threading
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-#: Header of :func:`kernels_table` rows.
+#: Header of :meth:`KernelRegistry.table` rows.
 KERNELS_TABLE_HEADER: tuple[str, ...] = ("op", "implementation", "layout", "requirements", "provider")
 
 BUILTIN_PROVIDER = "ds4nb"
@@ -237,10 +239,11 @@ class KernelRegistry:
             if op not in self._ops:
                 raise KernelRegistryError(f"unknown op {op!r}: define it with registry.define_op first")
             impls = self._impls[op]
-            if name in impls and not replace:
+            provider = provider or self._provider
+            if name in impls and not (replace and impls[name].provider == provider):
                 raise KernelRegistryError(f"{op}: implementation {name!r} is already registered "
                                           f"(by {impls[name].provider})")
-            impl = Implementation(op, name, fn, layout, requires or Requirements(), provider or self._provider,
+            impl = Implementation(op, name, fn, layout, requires or Requirements(), provider,
                                   priority, summary or (fn.__doc__ or "").strip().split("\n")[0])
             impls[name] = impl
             return impl
@@ -256,28 +259,15 @@ class KernelRegistry:
                 added.append(self.register(fn=value, provider=provider, **mark))
         return added
 
-    def load_plugins(self, pm: Any) -> None:
-        """Call every plugin's ``ds4nb_register_kernels``, attributing what each adds to it.
-
-        A plugin that raises is reported with a warning and skipped; the
-        built-in plugin raising is an error.
-        """
-        from ds4nb.plugins import plugin_name
-
-        # Registration order: the built-in plugin first, so plugins can add to its ops.
-        for hookimpl in pm.hook.ds4nb_register_kernels.get_hookimpls():
-            name = plugin_name(pm, hookimpl.plugin)
-            builtin = name.startswith(f"{BUILTIN_PROVIDER}.builtin")
-            with self._lock:
-                self._provider = BUILTIN_PROVIDER if builtin else name
-                try:
-                    hookimpl.function(registry=self)
-                except Exception as exc:
-                    if builtin:
-                        raise
-                    warnings.warn(f"kernel plugin {name} failed to register: {exc!r}", stacklevel=2)
-                finally:
-                    self._provider = BUILTIN_PROVIDER
+    @contextmanager
+    def providing(self, provider: str) -> Iterator[KernelRegistry]:
+        """Attribute what is registered inside the block to ``provider`` (the plugin manager uses this)."""
+        with self._lock:
+            previous, self._provider = self._provider, provider
+            try:
+                yield self
+            finally:
+                self._provider = previous
 
     # -- queries ---------------------------------------------------------
 
@@ -291,9 +281,10 @@ class KernelRegistry:
             raise KernelRegistryError(f"unknown op {name!r}") from None
 
     def implementations(self, op: str) -> list[Implementation]:
-        """Implementations of ``op``, best first (priority, then name)."""
+        """Implementations of ``op``, best first: higher priority, then built-in before plugin, then name."""
         self.op(op)
-        return sorted(self._impls[op].values(), key=lambda i: (-i.priority, i.name))
+        return sorted(self._impls[op].values(),
+                      key=lambda i: (-i.priority, i.provider != BUILTIN_PROVIDER, i.name))
 
     def get(self, op: str, name: str) -> Implementation:
         self.op(op)
@@ -332,39 +323,3 @@ class KernelRegistry:
             for impl in self.implementations(op):
                 rows.append((op, impl.name, impl.layout, impl.requires.describe(), impl.provider))
         return rows
-
-
-# ---------------------------------------------------------------------------
-# The process-wide registry
-# ---------------------------------------------------------------------------
-
-_registry: KernelRegistry | None = None
-_registry_lock = threading.Lock()
-
-
-def get_registry() -> KernelRegistry:
-    """The registry filled by every plugin of the process-wide plugin manager (built once)."""
-    global _registry
-    with _registry_lock:
-        if _registry is None:
-            from ds4nb.plugins import get_plugin_manager
-
-            reg = KernelRegistry()
-            reg.load_plugins(get_plugin_manager())
-            _registry = reg
-        return _registry
-
-
-def build_registry(pm: Any) -> KernelRegistry:
-    """A separate registry filled from ``pm`` (for tests and tools; the global one is untouched)."""
-    reg = KernelRegistry()
-    reg.load_plugins(pm)
-    return reg
-
-
-def kernels_table() -> list[tuple[str, ...]]:
-    """Rows for ``ds4nb kernels``: (op, implementation, layout, requirements, provider).
-
-    The header is :data:`KERNELS_TABLE_HEADER`.
-    """
-    return get_registry().table()
