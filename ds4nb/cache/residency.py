@@ -57,8 +57,18 @@ def host_layout(info: TensorInfo) -> PackedWeight | np.ndarray:
     raise Ds4Error(f"tensor {info.name}: no GPU layout for {info.qtype.name}")
 
 
-def _alloc(shape: Any, dtype: Any, mapped: bool) -> Any:
-    return cuda.mapped_array(shape, dtype=dtype) if mapped else cuda.device_array(shape, dtype)
+def _alloc(shape: Any, dtype: Any, mapped: bool, fill: np.ndarray | None = None) -> Any:
+    """A device array, or page-locked device-mapped host memory seen as a device array (filled on the host)."""
+    if not mapped:
+        return cuda.device_array(shape, dtype)
+    buf = cuda.mapped_array(shape, dtype=dtype)
+    if fill is not None:
+        buf[...] = fill
+    if config.ENABLE_CUDASIM:
+        return buf
+    # numba's MappedNDArray reshapes into views without a device pointer: kernels get a plain device array
+    # over the same memory (which keeps the mapped buffer alive)
+    return cuda.from_cuda_array_interface(buf.__cuda_array_interface__, owner=buf, sync=False)
 
 
 def empty_packed(qtype: Q, shape: tuple[int, ...], mapped: bool = False) -> PackedWeight:
@@ -250,9 +260,7 @@ def _host_placed(info: TensorInfo, plan: PlacementPlan) -> Any:
     if not isinstance(value, PackedWeight):
         if where == "device":
             return cuda.to_device(np.ascontiguousarray(value))
-        buf = cuda.mapped_array(value.shape, dtype=value.dtype)
-        buf[...] = value
-        return buf
+        return _alloc(value.shape, value.dtype, True, fill=value)
     on_device = plan.device_experts(info) if where == "split" else frozenset()
     placed, ranges = _dest_ranges(info, where, on_device)
     n_rows = int(np.prod(info.shape[:-1]))
