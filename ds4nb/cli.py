@@ -586,6 +586,11 @@ def cmd_placement(args: argparse.Namespace) -> int:
     model = _load_for_run(args.model)
     device, device_note, (dev_bw, dev_src), (host_bw, host_src) = _placement_target(args)
     tensors = engine_tensors(model)
+    if args.reserve is None:             # what the CUDA engine keeps for a session of --ctx tokens
+        from ds4nb.engine.model import Scratch, state_bytes
+
+        ctx = args.ctx or min(32768, model.config.context_length or 32768)
+        args.reserve = state_bytes(model.config, ctx) + Scratch.nbytes(model.config, 64, ctx)
     plan = choose_placement(tensors, device, options, reserve_bytes=args.reserve, policies=placement_policies())
     weight_budget = placement_request(tensors, device, options, reserve_bytes=args.reserve).weight_budget
     k, usage = model.config.n_expert_used, options.expert_usage
@@ -810,8 +815,10 @@ def _add_placement_parser(sub) -> None:
                                           "(loads no weights)")
     pl.add_argument("-m", "--model", type=Path, default=None, help="DS4 GGUF file (default: the embedded model)")
     _add_placement_args(pl)
-    pl.add_argument("--reserve", type=_size, default=1 << 30, metavar="SIZE",
-                    help="GPU memory kept for KV cache and activations (default 1G; the engine computes its own)")
+    pl.add_argument("--ctx", type=_positive_int, default=None,
+                    help="context the session is for (default 32768, or the model's if smaller)")
+    pl.add_argument("--reserve", type=_size, default=None, metavar="SIZE",
+                    help="GPU memory kept for KV cache and activations (default: what the engine needs for --ctx)")
     pl.add_argument("--device-memory", type=_size, default=None, metavar="SIZE",
                     help="plan for a GPU with this much free memory (default: this machine's GPU, else 80G)")
     pl.add_argument("--device-bw", type=_gbps, default=None, metavar="GB/s",

@@ -74,7 +74,8 @@ def prefill(engine: LogitsEngine, tokens: Sequence[int], on_progress: PrefillPro
     """
     if on_progress is None:
         return engine.prefill(tokens)
-    total, done, chunk = len(tokens), 0, PREFILL_FIRST_CHUNK
+    step = max(1, int(getattr(engine, "chunk", 1)))   # whole engine chunks: the CUDA engine replays those
+    total, done, chunk = len(tokens), 0, _round_up(PREFILL_FIRST_CHUNK, step)
     on_progress(0, total)
     while True:
         t0 = time.perf_counter()
@@ -86,7 +87,11 @@ def prefill(engine: LogitsEngine, tokens: Sequence[int], on_progress: PrefillPro
         if done >= total:
             return logits
         rate = n / elapsed if elapsed > 0 else float(PREFILL_MAX_CHUNK)
-        chunk = max(PREFILL_FIRST_CHUNK, min(PREFILL_MAX_CHUNK, int(rate * PREFILL_CHUNK_SECONDS)))
+        chunk = _round_up(max(PREFILL_FIRST_CHUNK, min(PREFILL_MAX_CHUNK, int(rate * PREFILL_CHUNK_SECONDS))), step)
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 def generate(engine: LogitsEngine, tokenizer: Tokenizer, prompt: Sequence[int], *, max_new_tokens: int,
