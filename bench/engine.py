@@ -41,35 +41,6 @@ def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def read_bandwidth(nbytes: int = 4 << 30, reps: int = 10) -> float:
-    """A read-only stream (each thread sums 8-byte words, one word written per thread) in GB/s."""
-    from numba import cuda, uint64
-
-    @cuda.jit
-    def read_all(x, out):
-        i = cuda.grid(1)
-        stride = cuda.gridsize(1)
-        acc = uint64(0)
-        while i < x.size:
-            acc ^= x[i]
-            i += stride
-        out[cuda.grid(1)] = acc
-
-    x = cuda.device_array(nbytes // 8, np.uint64)
-    blocks, threads = 132 * 16, 256
-    out = cuda.device_array(blocks * threads, np.uint64)
-    read_all[blocks, threads](x, out)
-    cuda.synchronize()
-    start, stop = cuda.event(), cuda.event()
-    start.record()
-    for _ in range(reps):
-        read_all[blocks, threads](x, out)
-    stop.record()
-    stop.synchronize()
-    ms = start.elapsed_time(stop) / reps
-    return nbytes / (ms * 1e-3) / 1e9
-
-
 def token_bytes(model) -> int:
     """Weight bytes one decode token reads: everything but the unused routed experts and embedding rows."""
     cfg = model.config
@@ -109,8 +80,13 @@ def flash(args: argparse.Namespace) -> int:
     model = load_model(path)
     from numba import config
 
-    copy_bw, read_bw = (1.0, 1.0) if config.ENABLE_CUDASIM else (copy_bandwidth(args.bw_bytes),
-                                                                  read_bandwidth(args.bw_bytes))
+    from ds4nb.dispatch.device import measure_read_bandwidth
+
+    if config.ENABLE_CUDASIM:
+        copy_bw = read_bw = 1.0
+    else:
+        copy_bw = copy_bandwidth(args.bw_bytes)
+        read_bw = measure_read_bandwidth(device_bytes=args.bw_bytes, host_bytes=64 << 20).device / 1e9
     facts["bandwidth"] = f"copy {copy_bw:.0f} GB/s (read + write), read-only {read_bw:.0f} GB/s"
     print("bandwidth:", facts["bandwidth"], flush=True)
     ctx = args.ctx_max + args.gen + 1

@@ -196,6 +196,7 @@ class CudaEngine(Engine):
         """
         u = 0.0 if params.greedy else float(rng.random())
         if token is None:
+            self._input_free.synchronize()
             self.inputs.write([0], self.pos, params, u, self._cfg.n_vocab)   # only the sampling record is read
             self.inputs.upload(self.stream)
             sample_launch(self._step.scratch.logits, out=self._step.scratch.sampled, sp=self.inputs.sp,
