@@ -65,10 +65,6 @@ class StepRunner:
         self._core_stream: Any = None
         self._warm = False
 
-    @property
-    def mode(self) -> str:
-        return "cuda graph" if self.graph is not None else "eager"
-
     def run(self) -> None:
         """Enqueue the step on the stream (asynchronous)."""
         if self.graph is not None:
