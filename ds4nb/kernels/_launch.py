@@ -53,6 +53,26 @@ class Launch:
         self.kernel[self.grid, self.block, stream](*self.args)
 
 
+@dataclass(frozen=True)
+class LibraryCall:
+    """A library routine in a step (a cuBLAS GEMM through CuPy), fixed once like a :class:`Launch`.
+
+    ``fn(stream)`` enqueues it on ``stream`` (a numba stream, 0, or a
+    ``cuda.core`` graph builder while capturing); ``kernel`` is ``fn`` so
+    per-kernel timings name it.
+    """
+
+    fn: Callable[[Any], None] = field(repr=False)
+    family: str = ""
+
+    @property
+    def kernel(self) -> Any:
+        return self.fn
+
+    def __call__(self, stream: Any = 0) -> None:
+        self.fn(stream)
+
+
 class Recorder:
     """A stand-in stream: launchers called with ``stream=recorder`` append their launches instead of running them.
 
@@ -62,7 +82,7 @@ class Recorder:
     """
 
     def __init__(self) -> None:
-        self.launches: list[Launch] = []
+        self.launches: list[Launch | LibraryCall] = []
         self.family = ""
 
 
@@ -72,6 +92,14 @@ def launch(kernel: Any, grid: Any, block: Any, stream: Any, *args: Any) -> None:
         stream.launches.append(Launch(kernel, grid, block, args, stream.family))
     else:
         kernel[grid, block, stream](*args)
+
+
+def call(fn: Callable[[Any], None], stream: Any) -> None:
+    """``fn(stream)`` (a library routine enqueued on ``stream``), or record it when ``stream`` is a :class:`Recorder`."""
+    if isinstance(stream, Recorder):
+        stream.launches.append(LibraryCall(fn, stream.family))
+    else:
+        fn(stream)
 
 
 def cdiv(a: int, b: int) -> int:
