@@ -136,8 +136,8 @@ def flash(args: argparse.Namespace) -> int:
     wall_e, gpu_e = timed_decode(min(args.gen, 16))
     eng.set_graphs(True)
     eng.restore(snap)
-    families = [] if eng.probe.simulator else eng.profile_decode(first)
-    kernels = [] if eng.probe.simulator else eng.profile_decode(first, by="kernel")
+    families = [] if eng.probe.simulator else eng.profile_step([first])
+    kernels = [] if eng.probe.simulator else eng.profile_step([first], by="kernel")
     per_tok = token_bytes(model)
     roof = read_bw * 1e9 / per_tok
     facts["decode"] = (f"graph {1 / wall_g:.2f} t/s (wall {wall_g * 1e3:.2f} ms, GPU {gpu_g * 1e3:.2f} ms per token, "

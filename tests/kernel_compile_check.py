@@ -56,8 +56,10 @@ def _no_device(cc: tuple[int, int]) -> None:
     from types import SimpleNamespace
 
     import numba.cuda.dispatcher as dispatcher
+    from numba import cuda
 
     dispatcher.get_current_device = lambda: SimpleNamespace(compute_capability=cc)
+    cuda.get_current_device = dispatcher.get_current_device   # launchers that pick a variant by capability
 
 
 def _record_launches(cuda, seen: dict) -> None:

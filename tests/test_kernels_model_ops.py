@@ -448,3 +448,25 @@ def test_sinkhorn_warp_equals_one_thread(kernel_rng):
     assert np.isfinite(got_a).all() and np.array_equal(got_a, got_b)
     split = ops.hc_split_sinkhorn(mix[None, :], scale, base, n_hc, 20, 1e-6)   # and both are the oracle's
     check_bits(got_a, split.comb.reshape(-1), "hc.pre", "sinkhorn")
+
+
+def test_topk_rows_of_a_step(kernel_rng: np.random.Generator) -> None:
+    """topk.select over the rows of a prefill step: each row's n and k from its own token's record."""
+    from ds4nb.kernels.indexer import topk
+    from ds4nb.kernels.step import ROWS, SELECT
+    from ds4nb.reference import ops
+
+    n_rows, n, k = 3, 40, 6
+    g = group_offset(1)
+    values = kernel_rng.standard_normal((n_rows, n)).astype(np.float32)
+    steps = records(0, n_rows).reshape(n_rows, NF)
+    counts = [(int(kernel_rng.integers(k, n + 1)), int(kernel_rng.integers(0, k + 1))) for _ in range(n_rows)]
+    for t, (rows, sel) in enumerate(counts):
+        steps[t, g + ROWS], steps[t, g + SELECT] = rows, sel
+    out = cuda.to_device(np.full(n_rows * k, -1, np.int32))
+    topk(cuda.to_device(values), n, k, out=out, n_from=(cuda.to_device(steps.reshape(-1)), g + ROWS),
+         k_from=(cuda.to_device(steps.reshape(-1)), g + SELECT), n_rows=n_rows)
+    got = out.copy_to_host().reshape(n_rows, k)
+    for t, (rows, sel) in enumerate(counts):
+        np.testing.assert_array_equal(got[t, :sel], ops.top_k_stable(values[t, :rows], sel) if sel else [])
+        assert (got[t, sel:] == -1).all()

@@ -31,10 +31,36 @@ def test_output_head_matvec(kernel_rng: np.random.Generator) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 7, 33])
-def test_matmul_batches(tokens: int, kernel_rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("impl", ["warp8_t8", "mmq"])
+@pytest.mark.parametrize("tokens", [1, 7, 33, 300])
+def test_matmul_batches(impl: str, tokens: int, kernel_rng: np.random.Generator) -> None:
     reg = get_registry()
-    result = check_case(reg.get("q8_0.matmul", "warp8_t8"), make_q8_0_case(kernel_rng, 4096, 4096, tokens),
+    if tokens < reg.get("q8_0.matmul", impl).requires.min_batch:
+        pytest.skip(f"{impl} starts at {reg.get('q8_0.matmul', impl).requires.min_batch} tokens")
+    result = check_case(reg.get("q8_0.matmul", impl), make_q8_0_case(kernel_rng, 4096, 4096, tokens),
                         reg.op("q8_0.matmul").tolerance)
     print(result)
     assert result.ok, str(result)
+
+
+def test_mmq_ragged_tiles(kernel_rng: np.random.Generator) -> None:
+    """mmq where nothing divides: rows past the 64-row tile, tokens past 32, blocks past a 4-block stage."""
+    reg = get_registry()
+    rows, k, tokens = (int(kernel_rng.integers(65, 80)), 32 * int(kernel_rng.integers(5, 8)),
+                       int(kernel_rng.integers(33, 40)))
+    result = check_case(reg.get("q8_0.matmul", "mmq"), make_q8_0_case(kernel_rng, rows, k, tokens),
+                        reg.op("q8_0.matmul").tolerance)
+    assert result.ok, f"{rows}x{k}, {tokens} tokens: {result}"
+
+
+@pytest.mark.gpu
+def test_mmq_random_model_shapes(kernel_rng: np.random.Generator) -> None:
+    """mmq on the tensor cores at random sizes around the model's (row and token counts off the tiles)."""
+    reg = get_registry()
+    for _ in range(4):
+        rows = int(kernel_rng.integers(1, 9000))
+        k = 32 * int(kernel_rng.integers(1, 260))
+        tokens = int(kernel_rng.integers(2, 600))
+        result = check_case(reg.get("q8_0.matmul", "mmq"), make_q8_0_case(kernel_rng, rows, k, tokens),
+                            reg.op("q8_0.matmul").tolerance)
+        assert result.ok, f"{rows}x{k}, {tokens} tokens: {result}"

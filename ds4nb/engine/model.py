@@ -10,9 +10,9 @@ buffer (``ds4nb.engine.step``), so the same launches run for every token,
 eagerly or captured as a CUDA graph (``ds4nb.engine.graph``).
 
 Stateless parts (HC, norms, projections, router, experts) run over all ``T``
-tokens per launch; the stateful part of attention (window store,
-compressors, indexer, attention itself; steps 8-12) runs token by token,
-as in the oracle.
+tokens per launch; so do the window store, the indexer and attention (each
+token reads only the rows its step record counts: causal); the compressors
+(step 9) run token by token, as in the oracle.
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ from ds4nb.model import LayerWeights, ModelConfig, Weights
 from ds4nb.plugins import get_registry
 from ds4nb.quants.repack import PackedWeight
 from ds4nb.reference import ops
+
+#: tokens of a prefill step (the engine's ``chunk``) unless the caller says otherwise
+DEFAULT_CHUNK = 64
 
 # Q8_0 strategy -> (decode implementation, batched implementation) of the q8_0 ops
 STRATEGY_IMPLS = {"warp8": ("warp8", "warp8_t8"), "mmq": ("warp8", "mmq"), "cublas": ("warp8", "cublas")}
@@ -124,7 +127,7 @@ def packed_rows(w: PackedWeight, start: int, stop: int) -> PackedWeight:
 class LayerStateDev:
     """One layer's session state on the device (docs/model.md, "Session state"), allocated once."""
 
-    raw: Any                                            # (n_swa, head_dim) ring: row pos % n_swa
+    raw: Any                                            # (ring, head_dim) window ring: row pos % ring
     comp: Any = None                                    # (max_rows, head_dim) compressed rows
     attn_compressor: CompressorStateDev | None = None
     index_comp: Any = None                              # (max_rows, indexer_head_dim)
@@ -137,10 +140,10 @@ def max_comp_rows(cfg: ModelConfig, il: int, ctx: int) -> int:
     return 0 if ratio == 0 else ctx // ratio + 1
 
 
-def alloc_layer_states(cfg: ModelConfig, ctx: int) -> list[LayerStateDev]:
+def alloc_layer_states(cfg: ModelConfig, ctx: int, ring: int) -> list[LayerStateDev]:
     states = []
     for il in range(cfg.n_layer):
-        ls = LayerStateDev(raw=cuda.device_array((cfg.n_swa, cfg.head_dim), np.float32))
+        ls = LayerStateDev(raw=cuda.device_array((ring, cfg.head_dim), np.float32))
         ratio = cfg.compress_ratio(il)
         if ratio:
             csa = cfg.layer_kind(il) == "csa"
@@ -154,11 +157,12 @@ def alloc_layer_states(cfg: ModelConfig, ctx: int) -> list[LayerStateDev]:
     return states
 
 
-def state_bytes(cfg: ModelConfig, ctx: int) -> int:
-    """Device bytes of the session state for ``ctx`` tokens (this engine's KV cache)."""
+def state_bytes(cfg: ModelConfig, ctx: int, ring: int | None = None) -> int:
+    """Device bytes of the session state for ``ctx`` tokens (this engine's KV cache; window ring of ``ring``
+    rows, default ``n_swa``)."""
     total = 0
     for il in range(cfg.n_layer):
-        total += cfg.n_swa * cfg.head_dim * 4
+        total += (ring or cfg.n_swa) * cfg.head_dim * 4
         n = max_comp_rows(cfg, il, ctx)
         if n:
             ratio = cfg.compress_ratio(il)
@@ -167,6 +171,12 @@ def state_bytes(cfg: ModelConfig, ctx: int) -> int:
             if csa:
                 total += n * cfg.indexer_head_dim * 4 + 2 * 2 * ratio * 2 * cfg.indexer_head_dim * 4
     return total
+
+
+def session_bytes(cfg: ModelConfig, ctx: int, chunk: int) -> int:
+    """Device bytes an engine keeps besides the weights: session state for ``ctx`` tokens and the scratch of
+    ``chunk``-token steps (what a placement must leave free)."""
+    return state_bytes(cfg, ctx, StepLayout.from_config(cfg, chunk).ring) + Scratch.nbytes(cfg, chunk, ctx)
 
 
 class Scratch:
@@ -192,7 +202,7 @@ class Scratch:
         self.low = _empty(c * cfg.out_low_dim)
         self.low_t = _empty(c * cfg.out_low_dim)
         self.y = _empty(c * e)
-        self.attn_scratch = alloc_attn_scratch(cfg.n_head, cfg.head_dim)
+        self.attn_scratch = alloc_attn_scratch(cfg.n_head, cfg.head_dim, tokens=c)
         widths = [cfg.compressor_width(il) for il in range(cfg.n_layer) if cfg.compress_ratio(il)]
         self.comp_proj = alloc_projection(c, max(widths, default=1))
         self.index_proj = alloc_projection(c, 2 * cfg.indexer_head_dim)
@@ -200,8 +210,8 @@ class Scratch:
         self.iq_prep = _empty(c * cfg.indexer_q_dim)
         self.iw = _empty(c * cfg.n_indexer_head)
         csa_rows = [max_comp_rows(cfg, il, ctx) for il in range(cfg.n_layer) if cfg.layer_kind(il) == "csa"]
-        self.scores = _empty(max(csa_rows, default=1))
-        self.sel = _empty(max(cfg.indexer_top_k, 1), np.int32)
+        self.scores = _empty(c * max(csa_rows, default=1))             # (T, rows) indexer scores
+        self.sel = _empty(c * max(cfg.indexer_top_k, 1), np.int32)     # (T, top_k) indexer selections
         self.router_logits = _empty(c * cfg.n_expert)
         # (device, mapped) expert indices of the selected slots, for gate/up and for down (split placements)
         self.split_ids = tuple((_empty(c * cfg.n_expert_used, np.int32), _empty(c * cfg.n_expert_used, np.int32))
@@ -227,6 +237,7 @@ class Scratch:
         """An upper bound of the bytes ``Scratch(cfg, chunk, ctx)`` allocates (for placement budgets)."""
         c = chunk
         per_tok = 4 * (cfg.n_hc * cfg.n_embd * 3 + cfg.q_dim * 3 + cfg.n_expert_used * (cfg.n_ff_exp + cfg.n_embd) * 2)
+        per_tok += 8 * cfg.n_head * cfg.head_dim + 4 * (ctx + cfg.indexer_top_k)    # attention partials, indexer
         return c * per_tok + cfg.n_vocab * 4 + ctx + (256 << 20)
 
 
@@ -338,8 +349,7 @@ class _Builder:
         self.compressors_project(il, lw, pre.x_norm)
         self.indexer_project(il, lw, pre.x_norm, qr_norm)
         heads = s.heads[:T * qd]
-        for t in range(T):                                                        # steps 8-12, token by token
-            self.attend_one(il, lw, t, q[t * qd:(t + 1) * qd], kv[t * hd:(t + 1) * hd], heads[t * qd:(t + 1) * qd])
+        self.attend(il, lw, q, kv, heads)                                         # steps 8-12
         k.family("attn_proj")
         y = self.grouped_output(il, lw, heads)                                    # step 13
         k.family("hc")
@@ -376,30 +386,41 @@ class _Builder:
                        head_dim=cfg.indexer_head_dim, rope=self.ropes[il], steps=steps, gate_field=sel)
         k.f16_matvec(self.w(lw.indexer_proj), x_norm, out=s.iw[:T * cfg.n_indexer_head], gate=gate)
 
-    def attend_one(self, il: int, lw: LayerWeights, t: int, q: Any, kv: Any, out: Any) -> None:
-        """Steps 8-12 for token ``t`` of the step: window row, compressors, indexer, attention."""
-        cfg, k, s, ls = self.cfg, self.k, self.s, self.sc.states[il]
-        steps, rec, grp = self.sc.inputs.steps, t * NF, self.sc.layout.field(il)
+    def attend(self, il: int, lw: LayerWeights, q: Any, kv: Any, out: Any) -> None:
+        """Steps 8-12 for the step's tokens: window rows, compressors, indexer, attention.
+
+        The window rows of all ``T`` tokens are stored first (the ring has
+        room for them and the window), the compressors run token by token
+        (each token's emission depends on the state the previous one left),
+        then the indexer and attention run once for all ``T`` queries, each
+        reading only the rows its own step record counts: causal, as
+        token-by-token steps would be.
+        """
+        cfg, k, s, ls, T = self.cfg, self.k, self.s, self.sc.states[il], self.T
+        steps, grp = self.sc.inputs.steps, self.sc.layout.field(il)
         rope = self.ropes[il]
         k.family("attention")
-        k.kv_store(kv, self.w(lw.attn_kv_a_norm), out=ls.raw, rope=rope, eps=cfg.rms_eps, steps=steps, rec=rec)
+        k.kv_store(kv, self.w(lw.attn_kv_a_norm), out=ls.raw, rope=rope, eps=cfg.rms_eps, steps=steps)
         ratio = cfg.compress_ratio(il)
         csa = cfg.layer_kind(il) == "csa"
         sel = None
         if ratio:                                                                 # step 9
             k.family("compressor")
-            k.comp_step(s.comp_proj, t, self.w(lw.attn_compressor_ape), self.w(lw.attn_compressor_norm),
-                        out=ls.comp, state=ls.attn_compressor, ratio=ratio, overlap=csa, rope=rope, eps=cfg.rms_eps,
-                        finish="fp8", steps=steps, rec=rec, grp=grp)
-            if csa:
-                k.comp_step(s.index_proj, t, self.w(lw.indexer_compressor_ape), self.w(lw.indexer_compressor_norm),
-                            out=ls.index_comp, state=ls.index_compressor, ratio=ratio, overlap=True, rope=rope,
-                            eps=cfg.rms_eps, finish="qat", steps=steps, rec=rec, grp=grp)
+            for t in range(T):
+                rec = t * NF
+                k.comp_step(s.comp_proj, t, self.w(lw.attn_compressor_ape), self.w(lw.attn_compressor_norm),
+                            out=ls.comp, state=ls.attn_compressor, ratio=ratio, overlap=csa, rope=rope,
+                            eps=cfg.rms_eps, finish="fp8", steps=steps, rec=rec, grp=grp)
+                if csa:
+                    k.comp_step(s.index_proj, t, self.w(lw.indexer_compressor_ape),
+                                self.w(lw.indexer_compressor_norm), out=ls.index_comp, state=ls.index_compressor,
+                                ratio=ratio, overlap=True, rope=rope, eps=cfg.rms_eps, finish="qat", steps=steps,
+                                rec=rec, grp=grp)
             if self.indexer_selects(il):
                 k.family("indexer")                                               # step 10
-                sel = self.indexer_select(il, t, ls)
+                sel = self.indexer_select(il, ls)
         k.family("attention")                                                     # steps 11-12
-        k.attention(q, ls.raw, ls.comp, self.w(lw.attn_sinks), sel, out=out, steps=steps, rec=rec, grp=grp,
+        k.attention(q, ls.raw, ls.comp, self.w(lw.attn_sinks), sel, out=out, steps=steps, grp=grp,
                     max_rows=cfg.n_swa + self.max_visible(il), rope=rope, scratch=s.attn_scratch)
 
     def max_visible(self, il: int) -> int:
@@ -415,17 +436,18 @@ class _Builder:
         ls = self.sc.states[il]
         return ls.index_comp is not None and ls.index_comp.shape[0] > self.cfg.indexer_top_k
 
-    def indexer_select(self, il: int, t: int, ls: LayerStateDev) -> Any:
-        cfg, k, s = self.cfg, self.k, self.s
-        steps, rec, grp = self.sc.inputs.steps, t * NF, self.sc.layout.field(il)
-        n_ih, d = cfg.n_indexer_head, cfg.indexer_head_dim
+    def indexer_select(self, il: int, ls: LayerStateDev) -> Any:
+        """Each token's top-k compressed rows (T, k), scored over the rows its record counts."""
+        cfg, k, s, T = self.cfg, self.k, self.s, self.T
+        steps, grp = self.sc.inputs.steps, self.sc.layout.field(il)
+        n_ih, d, top = cfg.n_indexer_head, cfg.indexer_head_dim, cfg.indexer_top_k
         n_rows = ls.index_comp.shape[0]
-        k.index_scores(s.iq_prep[t * n_ih * d:(t + 1) * n_ih * d], s.iw[t * n_ih:(t + 1) * n_ih], ls.index_comp,
-                       out=s.scores[:n_rows], w_scale=indexer_w_scale(d, n_ih), steps=steps, rec=rec, grp=grp,
-                       max_rows=n_rows)
-        k.topk(s.scores[:n_rows], n_rows, cfg.indexer_top_k, out=s.sel, n_from=(steps, rec + grp + ROWS),
-               k_from=(steps, rec + grp + SELECT))
-        return s.sel
+        scores = s.scores[:T * n_rows]
+        k.index_scores(s.iq_prep[:T * n_ih * d], s.iw[:T * n_ih], ls.index_comp, out=scores,
+                       w_scale=indexer_w_scale(d, n_ih), steps=steps, grp=grp, max_rows=n_rows, n_tok=T)
+        sel = s.sel[:T * top]
+        k.topk(scores, n_rows, top, out=sel, n_from=(steps, grp + ROWS), k_from=(steps, grp + SELECT), n_rows=T)
+        return sel
 
     def grouped_output(self, il: int, lw: LayerWeights, heads: Any) -> Any:
         cfg, k, s, T = self.cfg, self.k, self.s, self.T

@@ -30,8 +30,8 @@ from ds4nb.cache.residency import load_residency
 from ds4nb.dispatch.device import probe_device
 from ds4nb.dispatch.select import select_q8_strategy
 from ds4nb.engine.graph import GroupTime, StepRunner, graphs_requested, time_groups
-from ds4nb.engine.model import (STRATEGY_IMPLS, Kernels, Scratch, StepContext, alloc_layer_states, build_step,
-                                state_bytes)
+from ds4nb.engine.model import (DEFAULT_CHUNK, STRATEGY_IMPLS, Kernels, Scratch, StepContext, alloc_layer_states,
+                                build_step, session_bytes, state_bytes)
 from ds4nb.engine.step import StepInput, StepLayout
 from ds4nb.errors import Ds4Error
 from ds4nb.kernels.attention import NEG_INF
@@ -57,7 +57,7 @@ class CudaEngine(Engine):
 
     name = "cuda"
 
-    def __init__(self, model: Model, *, ctx: int = 4096, chunk: int = 64, placement: PlacementOptions | None = None,
+    def __init__(self, model: Model, *, ctx: int = 4096, chunk: int = DEFAULT_CHUNK, placement: PlacementOptions | None = None,
                  progress: Callable[[int, int], None] | None = None, graphs: bool | None = None,
                  count_experts: bool = False) -> None:
         if not isinstance(model.weights, Weights):
@@ -86,13 +86,13 @@ class CudaEngine(Engine):
         names = [t.name for t in tensors]
         self.plan = choose_placement(
             tensors, DeviceMemory(self.probe.name, self.probe.total_bytes, self.probe.free_bytes),
-            placement or PlacementOptions(), reserve_bytes=state_bytes(cfg, ctx) + Scratch.nbytes(cfg, self.chunk, ctx),
+            placement or PlacementOptions(), reserve_bytes=session_bytes(cfg, ctx, self.chunk),
             policies=placement_policies())
         self.stream = cuda.stream()
         self.res = load_residency(model, self.plan, names, progress, stream=self.stream)
 
-        self.layout = StepLayout.from_config(cfg)
-        self.states = alloc_layer_states(cfg, ctx)
+        self.layout = StepLayout.from_config(cfg, self.chunk)
+        self.states = alloc_layer_states(cfg, ctx, self.layout.ring)
         self.inputs = StepInput(self.chunk, self.layout)
         self._counts = cuda.to_device(np.zeros((cfg.n_layer, cfg.n_expert), np.int32)) if count_experts else None
         self._step = StepContext(cfg, w, self.res, Kernels(device, self.strategy.name, expert_types), self.layout,
@@ -116,7 +116,7 @@ class CudaEngine(Engine):
 
     def state_bytes(self) -> int:
         """Device bytes of the session state for ``ctx`` tokens (the KV cache of this engine)."""
-        return state_bytes(self._cfg, self.ctx)
+        return state_bytes(self._cfg, self.ctx, self.layout.ring)
 
     @property
     def decode_mode(self) -> str:
@@ -213,11 +213,13 @@ class CudaEngine(Engine):
     # ------------------------------------------------------------------
     # measurement
 
-    def profile_decode(self, token: int, *, by: str = "family", reps: int = 20) -> list[GroupTime]:
-        """GPU time per op family (or per family and kernel) of a decode step here; the session is left as it was."""
+    def profile_step(self, tokens: Sequence[int], *, by: str = "family", reps: int = 20) -> list[GroupTime]:
+        """GPU time per op family (or per family and kernel) of a step of ``tokens`` here (one token: a decode
+        step; more: a prefill chunk); the session is left as it was."""
+        tokens = self._check(tokens)
         state = self.snapshot()
-        self._run(self._check([token]))                 # the step once: every kernel compiled, inputs in place
-        times = time_groups(self._runner(1, False).launches, self.stream, by=by, reps=reps)
+        self._run(tokens)                               # the step once: every kernel compiled, inputs in place
+        times = time_groups(self._runner(len(tokens), False).launches, self.stream, by=by, reps=reps)
         self.restore(state)
         return times
 
@@ -271,7 +273,7 @@ class CudaEngine(Engine):
         for il, ls in enumerate(self.states):
             n_raw = min(self.pos, cfg.n_swa)
             ring = ls.raw.copy_to_host()
-            order = [(self.pos - n_raw + i) % cfg.n_swa for i in range(n_raw)]
+            order = [(self.pos - n_raw + i) % self.layout.ring for i in range(n_raw)]
             out = LayerState(raw=ring[order].copy())
             n = self._comp_rows(il, self.pos)
             if ls.comp is not None:
@@ -301,10 +303,10 @@ class CudaEngine(Engine):
         self.reset()
         self.pos = state.position
         for ls, src in zip(self.states, state.layers):
-            ring = np.zeros((cfg.n_swa, cfg.head_dim), np.float32)
+            ring = np.zeros((self.layout.ring, cfg.head_dim), np.float32)
             n_raw = len(src.raw)
             for i in range(n_raw):
-                ring[(self.pos - n_raw + i) % cfg.n_swa] = src.raw[i]
+                ring[(self.pos - n_raw + i) % self.layout.ring] = src.raw[i]
             ls.raw.copy_to_device(ring, stream=self.stream)
             for dst, rows in ((ls.comp, src.comp), (ls.index_comp, src.index_comp)):
                 if dst is not None and rows is not None and rows.n:

@@ -32,9 +32,11 @@ class StepLayout:
     n_swa: int
     groups: tuple[tuple[int, int], ...]    # (ratio, indexer top-k or 0) of group g = index + 1
     layer_group: tuple[int, ...]           # each layer's group (0: no compression)
+    ring: int                              # rows of the window ring (n_swa + the longest step - 1)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> StepLayout:
+    def from_config(cls, cfg: ModelConfig, chunk: int = 1) -> StepLayout:
+        """The layout of ``cfg`` for steps of up to ``chunk`` tokens."""
         groups: list[tuple[int, int]] = []
         layer_group = []
         for il in range(cfg.n_layer):
@@ -46,7 +48,7 @@ class StepLayout:
             if key not in groups:
                 groups.append(key)
             layer_group.append(groups.index(key) + 1)
-        return cls(cfg.n_swa, tuple(groups), tuple(layer_group))
+        return cls(cfg.n_swa, tuple(groups), tuple(layer_group), cfg.n_swa + max(chunk, 1) - 1)
 
     def field(self, il: int) -> int:
         """Offset of layer ``il``'s compression-group fields inside a record."""
@@ -79,7 +81,7 @@ class StepInput:
         if not 0 < n <= self.capacity:
             raise ValueError(f"a step takes 1..{self.capacity} tokens, got {n}")
         self._ids[:n] = tokens
-        fill_records(self._steps[:n], pos0, self.layout.n_swa, self.layout.groups)
+        fill_records(self._steps[:n], pos0, self.layout.n_swa, self.layout.groups, self.layout.ring)
         if params is not None:
             sampling_record(params, u, n_vocab, out=self._sp)
 

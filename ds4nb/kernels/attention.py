@@ -334,13 +334,22 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
     QT = float64 if 8 * (QS + SCN + 3 * HPB) <= SHARED_BYTES else float32
 
     @cuda.jit
-    def partial_kernel(q, raw, comp, sel, steps, rec, grp, kq_scale, n_head, part_m, part_l, part_acc):
-        n_raw = steps[rec + N_RAW]
-        n_vis = steps[rec + grp + VISIBLE]
-        use_sel = steps[rec + grp + SELECT] != 0
+    def partial_kernel(q, raw, ring, comp, sel, sel_stride, steps, rec, grp, kq_scale, n_head, part_m, part_l,
+                       part_acc):
         g = cuda.blockIdx.x
         sp = cuda.blockIdx.y
         n_split = cuda.gridDim.y
+        t = cuda.blockIdx.z                 # the step's token t: its record, query, selection and partials
+        rec += t * NF
+        q = q[t * n_head * HD:]
+        sel = sel[t * sel_stride:]
+        part_m = part_m[t * n_split * n_head:]
+        part_l = part_l[t * n_split * n_head:]
+        part_acc = part_acc[t * n_split * n_head * HD:]
+        n_raw = steps[rec + N_RAW]
+        first = steps[rec + RAW_ROW] + ring - n_raw + 1      # ring row of the window's oldest position (+ ring)
+        n_vis = steps[rec + grp + VISIBLE]
+        use_sel = steps[rec + grp + SELECT] != 0
         tid = cuda.threadIdx.x
         lane = tid % LANES
         warp = tid // LANES
@@ -370,7 +379,7 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
                 valid = rr < CH and r < n_total
                 if valid:
                     src = raw
-                    b = r * HD
+                    b = ((first + r) % ring) * HD
                     if r >= n_raw:
                         c = r - n_raw
                         if use_sel:
@@ -426,7 +435,7 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
             for rr in range(n_rows):
                 r = r0 + rr
                 src = raw
-                b = r * HD
+                b = ((first + r) % ring) * HD
                 if r >= n_raw:
                     c = r - n_raw
                     if use_sel:
@@ -523,7 +532,12 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
     @cuda.jit
     def combine_kernel(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, steps, rec,
                        n_rot, ts, fscale, ext, low, denom, msc):
-        pos = steps[rec + POS]
+        t = cuda.blockIdx.y                 # the step's token t
+        part_m = part_m[t * n_split * n_head:]
+        part_l = part_l[t * n_split * n_head:]
+        part_acc = part_acc[t * n_split * n_head * HD:]
+        out = out[t * n_head * HD:]
+        pos = steps[rec + t * NF + POS]
         h = cuda.blockIdx.x
         p = cuda.threadIdx.x
         fs = cuda.shared.array(MAX_SPLITS, float64)
@@ -544,15 +558,17 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
 class AttnScratch(NamedTuple):
     """Per-split partial results of ``attn.decode`` (float64: nothing is rounded before the merge)."""
 
-    part_m: Any     # f64 (max_split, n_head): running max of the split's scores
-    part_l: Any     # f64 (max_split, n_head): sum of e^(s - m)
-    part_acc: Any   # f64 (max_split, n_head, head_dim): sum of e^(s - m) row
+    part_m: Any     # f64 (rows, n_head): running max of the split's scores (a row per token and split)
+    part_l: Any     # f64 (rows, n_head): sum of e^(s - m)
+    part_acc: Any   # f64 (rows, n_head, head_dim): sum of e^(s - m) row
 
 
-def alloc_attn_scratch(n_head: int, head_dim: int, stream: Any = 0) -> AttnScratch:
-    return AttnScratch(L.device_array(MAX_SPLITS * n_head, np.float64, stream),
-                       L.device_array(MAX_SPLITS * n_head, np.float64, stream),
-                       L.device_array(MAX_SPLITS * n_head * head_dim, np.float64, stream))
+def alloc_attn_scratch(n_head: int, head_dim: int, stream: Any = 0, tokens: int = 1) -> AttnScratch:
+    """Partials for a decode step's ``MAX_SPLITS`` splits, or one split per token of a ``tokens``-token step."""
+    rows = max(MAX_SPLITS, tokens)
+    return AttnScratch(L.device_array(rows * n_head, np.float64, stream),
+                       L.device_array(rows * n_head, np.float64, stream),
+                       L.device_array(rows * n_head * head_dim, np.float64, stream))
 
 
 def heads_per_block(n_head: int) -> int:
@@ -563,11 +579,12 @@ def heads_per_block(n_head: int) -> int:
 
 
 def attn_geometry(n_head: int, head_dim: int, n_total: int, hpb: int | None = None, chunk: int = 32,
-                  splits: int | None = None) -> tuple[int, int, int, int]:
-    """(heads per block, chunk rows, threads, splits) for one decode attention launch.
+                  splits: int | None = None, tokens: int = 1) -> tuple[int, int, int, int]:
+    """(heads per block, chunk rows, threads, splits) for one attention launch over ``tokens`` queries.
 
     Splits: enough blocks for ~1.2 waves on 132 SMs (the simulator: 1 unless
-    forced), never more than there are chunks or ``MAX_SPLITS``.
+    forced), never more than there are chunks or ``MAX_SPLITS``; a step of
+    many tokens has blocks enough with one split each.
     """
     hpb = hpb or heads_per_block(n_head)
     nt = ATTN_THREADS if head_dim >= ATTN_THREADS else max(64, head_dim)
@@ -575,7 +592,7 @@ def attn_geometry(n_head: int, head_dim: int, n_total: int, hpb: int | None = No
         nt = hpb        # one-lane warps; tid < hpb threads keep the per-head state
     n_chunks = max(1, L.cdiv(n_total, chunk))
     if splits is None:
-        splits = 1 if SIMULATOR else max(1, TARGET_BLOCKS // (n_head // hpb))
+        splits = 1 if SIMULATOR else max(1, TARGET_BLOCKS // (tokens * n_head // hpb))
     return hpb, chunk, nt, max(1, min(n_chunks, splits, MAX_SPLITS))
 
 
@@ -584,13 +601,17 @@ def attention_decode(q: Any, raw: Any, comp: Any | None, sinks: Any, sel: Any | 
                      steps: Any, rec: int = 0, grp: int = GROUP0, max_rows: int, rope: Any | None = None,
                      scratch: AttnScratch | None = None, hpb: int | None = None, chunk: int = 32,
                      splits: int | None = None, stream: Any = 0) -> Any:
-    """Attention of one token's q (n_head, head_dim) over its window rows and compressed rows.
+    """Attention of the step's queries q (T, n_head, head_dim) over their window rows and compressed rows.
 
-    The token's step record (``steps[rec:]``, ``ds4nb.kernels.step``) says how
-    many: window rows ``raw[0:N_RAW]``, then ``VISIBLE`` compressed rows of
-    compression group ``grp`` (a field offset, ``group_offset(g)``):
-    ``comp[sel[i]]`` while the group's ``SELECT`` is set (the indexer top-k),
-    else ``comp[0:VISIBLE]``.  ``max_rows`` bounds ``N_RAW + VISIBLE`` over the
+    Token ``t``'s step record (``steps[rec + t * NF:]``, ``ds4nb.kernels.step``)
+    says which: the ``N_RAW`` window rows of positions up to its own (ring rows
+    ``(RAW_ROW - N_RAW + 1 ..  RAW_ROW) mod ring``, ``ring = raw.shape[0]``),
+    then ``VISIBLE`` compressed rows of compression group ``grp`` (a field
+    offset, ``group_offset(g)``): ``comp[sel[t, i]]`` while the group's
+    ``SELECT`` is set (the indexer top-k; ``sel`` (T, k)), else
+    ``comp[0:VISIBLE]``.  A prefill chunk attends causally in one launch: its
+    window rows are all stored first (the ring holds ``n_swa + T - 1`` rows)
+    and each token reads only the rows its record counts.  ``max_rows`` bounds ``N_RAW + VISIBLE`` over the
     session and fixes the launch geometry (blocks past the token's rows exit
     at once).  ``sinks`` f32 (n_head,).  ``rope`` given: the output tails are
     rotated back by the angle of ``POS`` (step 12).  ``raw`` and ``comp`` must
@@ -599,23 +620,30 @@ def attention_decode(q: Any, raw: Any, comp: Any | None, sinks: Any, sel: Any | 
     benchmarks.
     """
     n_head, head_dim = sinks.size, raw.shape[1]
-    if q.size != n_head * head_dim or head_dim % 32:
-        raise ValueError(f"attn.decode: q has {q.size} values for {n_head} x {head_dim} (head_dim % 32 == 0)")
+    if q.size % (n_head * head_dim) or head_dim % 32:
+        raise ValueError(f"attn.decode: q has {q.size} values, not tokens of {n_head} x {head_dim} "
+                         f"(head_dim % 32 == 0)")
     if comp is None:
         comp = raw
     if comp.dtype != raw.dtype:
         raise ValueError("attn.decode: raw and comp rows must have the same dtype")
-    hpb, ch, nt, n_split = attn_geometry(n_head, head_dim, max_rows, hpb, chunk, splits)
+    n_tok = q.size // (n_head * head_dim)
+    hpb, ch, nt, n_split = attn_geometry(n_head, head_dim, max_rows, hpb, chunk, splits, n_tok)
     if scratch is None:
-        scratch = alloc_attn_scratch(n_head, head_dim, stream)
+        scratch = alloc_attn_scratch(n_head, head_dim, stream, n_tok)
+    n_split = min(n_split, scratch.part_m.size // (n_head * n_tok))
+    if n_split < 1:
+        raise ValueError(f"attn.decode: the scratch holds partials for {scratch.part_m.size // n_head} "
+                         f"(token, split) pairs, not {n_tok} tokens")
     part_k, comb_k = _attn_kernels(hpb, head_dim, ch, nt)
     kq = np.float64(1.0 / math.sqrt(head_dim))    # 1/sqrt(d) in float64 (the contract's score scale)
     sel_arr = sel if sel is not None else L.placeholder(np.int32)
-    L.launch(part_k, (n_head // hpb, n_split), nt, stream,
-             L.flat(q), L.flat(raw), L.flat(comp), L.flat(sel_arr), steps, int(rec), int(grp), kq, n_head,
-             scratch.part_m, scratch.part_l, scratch.part_acc)
+    sel_stride = sel.size // n_tok if sel is not None else 0
+    L.launch(part_k, (n_head // hpb, n_split, n_tok), nt, stream,
+             L.flat(q), L.flat(raw), raw.shape[0], L.flat(comp), L.flat(sel_arr), sel_stride, steps, int(rec),
+             int(grp), kq, n_head, scratch.part_m, scratch.part_l, scratch.part_acc)
     ra = _rope(rope, head_dim)
-    L.launch(comb_k, n_head, pair_threads(head_dim), stream,
+    L.launch(comb_k, (n_head, n_tok), pair_threads(head_dim), stream,
              scratch.part_m, scratch.part_l, scratch.part_acc, n_split, n_head, L.flat(sinks), L.flat(out),
              int(rope is not None), steps, int(rec), *ra)
     return out
@@ -673,30 +701,44 @@ def _case_kv(rng: np.random.Generator, scale: str) -> Case:
 
 
 def _case_decode(rng: np.random.Generator, scale: str) -> Case:
+    """A step of T tokens attending causally: window rows in a ring of ``n_swa + T - 1``, compressed rows
+    (ratio 4) selected per token by its own top-k once there are more than k."""
     from ds4nb.kernels.rope import make_test_rope
     from ds4nb.reference import ops
 
     if scale == "tiny":
-        n_head, head_dim, n_rot, n_raw, n_comp, top = 4, 64, 16, 8, 12, 4
+        n_head, head_dim, n_rot, n_swa, n_tok, top = 4, 64, 16, 8, 3, 2
+        pos0 = int(rng.integers(4, 40))
     else:
-        n_head, head_dim, n_rot, n_raw, n_comp, top = 64, 512, 64, 128, 2048, 512
-    raw = ops.f16_round(rng.standard_normal((n_raw, head_dim))).astype(np.float32)
-    comp = ops.f16_round(rng.standard_normal((n_comp, head_dim))).astype(np.float32)
-    q = (rng.standard_normal((n_head, head_dim)) * 2).astype(np.float32)
+        n_head, head_dim, n_rot, n_swa, n_tok, top = 64, 512, 64, 128, 4, 512
+        pos0 = int(rng.integers(2100, 4000))
+    ratio, ring = 4, n_swa + n_tok - 1
+    steps = records(pos0, n_tok, n_swa, [(ratio, top)], ring=ring).reshape(n_tok, NF)
+    grp = group_offset(1)
+    n_comp = int(steps[-1, grp + 1])                        # ROWS of the last token: every row any token sees
+    raw = ops.f16_round(rng.standard_normal((ring, head_dim))).astype(np.float32)
+    comp = ops.f16_round(rng.standard_normal((max(n_comp, 1), head_dim))).astype(np.float32)
+    q = (rng.standard_normal((n_tok, n_head, head_dim)) * 2).astype(np.float32)
     sinks = (0.5 * rng.standard_normal(n_head)).astype(np.float32)
-    sel = np.sort(rng.choice(n_comp, top, replace=False)).astype(np.int32)
     rope = make_test_rope(n_rot, True)
-    pos = int(rng.integers(0, 100000))
-    visible = np.concatenate([np.ones(n_raw, bool), np.isin(np.arange(n_comp), sel)])
-    ref = ops.attention_with_sinks(q, np.concatenate([raw, comp]), sinks, visible)
-    ref = ops.apply_rope_tail(ref, rope, pos, inverse=True)
-    out = L.device_array(n_head * head_dim, np.float32)
+    sel = np.zeros((n_tok, top), np.int32)
+    ref = np.empty((n_tok, n_head, head_dim), np.float32)
+    for t in range(n_tok):
+        pos, n_raw, rows, k = (int(steps[t, f]) for f in (POS, N_RAW, grp + 1, grp + SELECT))
+        window = raw[(pos - n_raw + 1 + np.arange(n_raw)) % ring]
+        if k:
+            sel[t] = np.sort(rng.choice(rows, k, replace=False))
+            seen = comp[sel[t]]
+        else:
+            seen = comp[:rows]
+        out_t = ops.attention_with_sinks(q[t], np.concatenate([window, seen]), sinks, np.ones(n_raw + len(seen), bool))
+        ref[t] = ops.apply_rope_tail(out_t, rope, pos, inverse=True)
+    out = L.device_array(q.size, np.float32)
     return Case((cuda.to_device(q), cuda.to_device(raw.astype(np.float16)), cuda.to_device(comp.astype(np.float16)),
                  cuda.to_device(sinks), cuda.to_device(sel)),
                 out, (ref.reshape(-1),), (CONTRACT,),
-                kwargs=dict(rope=rope, steps=cuda.to_device(one_record(pos, n_raw=n_raw, visible=top, select=top)),
-                            grp=group_offset(1), max_rows=n_raw + n_comp),
-                info={"shape": (n_head, head_dim), "rows": n_raw + top})
+                kwargs=dict(rope=rope, steps=cuda.to_device(steps.reshape(-1)), grp=grp, max_rows=n_swa + top),
+                info={"shape": (n_tok, n_head, head_dim), "pos": pos0})
 
 
 OPS = [
@@ -712,10 +754,10 @@ OPS = [
            # tolerance only applies to non-contract callers (a rare 1-ulp difference before FP8 can flip one
            # E4M3 rounding, 1/16 of a value in a 64-block)
            2e-3, _case_kv),
-    OpSpec("attn.decode", "decode attention with sinks over window + (selected) compressed rows, "
-           "optional inverse RoPE",
-           "(q f32 (n_head, head_dim), raw (cap, head_dim), comp (n, head_dim) | None, sinks f32 (n_head,), "
-           "sel int32 (k,) | None, *, out f32 (n_head, head_dim), steps, rec=0, grp, max_rows, rope=None, "
+    OpSpec("attn.decode", "attention with sinks of a step's tokens over their window + (selected) compressed "
+           "rows, causal within the step, optional inverse RoPE",
+           "(q f32 (T, n_head, head_dim), raw (ring, head_dim), comp (n, head_dim) | None, sinks f32 (n_head,), "
+           "sel int32 (T, k) | None, *, out f32 (T, n_head, head_dim), steps, rec=0, grp, max_rows, rope=None, "
            "scratch=None, stream)",
            "ops.attention_with_sinks (+ ops.apply_rope_tail inverse)", 1e-5, _case_decode),  # CONTRACT
 ]

@@ -14,6 +14,10 @@ state rows, the gate row plus its ``ape`` bias.
 Layout: weights row-major ``(n_out, n_in)`` exactly as in the GGUF file
 (F16 or F32), activations float32 ``(T, n_in)``.
 
+A step of several tokens (prefill) runs ``_matmul_kernel``: the same rows
+and sums, but each lane loads a weight value once for a pass of up to 8
+tokens (``TOKENS_PER_PASS``, ``blockIdx.y``) instead of once per token.
+
 Launch geometry: 256-thread blocks (8 warps); each output row gets
 ``wpr`` warps (1, 2, 4 or 8) so that narrow matrices still launch enough
 blocks to fill the GPU (router: 256 rows -> one row per block, 8 warps
@@ -50,6 +54,7 @@ THREADS = 16 if SIMULATOR else 256
 WARPS = THREADS // LANES
 ROWS_PER_WARP = 8 if SIMULATOR else 1   # rows a warp sums before the block's barrier
 PARTS = WARPS * ROWS_PER_WARP
+PARTS_T = PARTS * 8       # the batched kernel's warp sums: PARTS x TOKENS_PER_PASS
 _D0 = np.float64(0.0)
 # ~2 blocks per SM on a 132-SM H100/H200 (1056 blocks measured 9% slower on the compressor projections,
 # bench/results/decode_graph_flash_h200.md); the simulator pays per block barrier, so it packs rows
@@ -182,6 +187,77 @@ def _matvec_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out,
         cuda.syncthreads()
 
 
+#: tokens that share each weight load in the batched kernel (prefill steps)
+TOKENS_PER_PASS = 8
+
+
+@device
+def _row_dots(w, wb, x, t0, n_tok, n_in, i, stride, acc):
+    """acc[k] = float64 sum of w[wb + j] * x[t0 + k, j] for j = i, i + stride, ... < n_in and the pass's tokens:
+    each weight value is loaded once for up to ``TOKENS_PER_PASS`` tokens."""
+    for k in range(TOKENS_PER_PASS):
+        acc[k] = _D0
+    while i < n_in:
+        wv = float64(float32(w[wb + i]))
+        for k in range(TOKENS_PER_PASS):
+            if t0 + k < n_tok:
+                acc[k] += wv * float64(x[(t0 + k) * n_in + i])
+        i += stride
+
+
+@cuda.jit
+def _matmul_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out, n_out2, n_in, n_tok, wpr, rpw,
+                   gate, gate_at):
+    """``_matvec_kernel`` for a pass of up to ``TOKENS_PER_PASS`` tokens (``blockIdx.y``): the same rows, the same
+    float64 sums, the weights read once per pass instead of once per token."""
+    if gate_at >= 0 and gate[gate_at] == 0:   # a step-record flag says this step needs no result
+        return
+    tid = cuda.threadIdx.x
+    warp = tid // LANES
+    lane = tid % LANES
+    rpb = WARPS // wpr
+    t0 = cuda.blockIdx.y * TOKENS_PER_PASS
+    sub = (warp % wpr) * LANES + lane
+    stride = LANES * wpr
+    part = cuda.shared.array(PARTS_T, float64)
+    acc = cuda.local.array(TOKENS_PER_PASS, float64)
+    for rep in range(rpw):   # rpw > 1 only in the simulator
+        for e in range(ROWS_PER_WARP):     # the simulator's further rows (one row a warp on the GPU)
+            row = (cuda.blockIdx.x * rpw + rep) * (rpb * ROWS_PER_WARP) + warp // wpr + e * rpb
+            if row < n_out + n_out2:
+                if row < n_out:
+                    _row_dots(w, row * n_in, x, t0, n_tok, n_in, sub, stride, acc)
+                else:
+                    _row_dots(w2, (row - n_out) * n_in, x, t0, n_tok, n_in, sub, stride, acc)
+            else:
+                for k in range(TOKENS_PER_PASS):
+                    acc[k] = _D0
+            for k in range(TOKENS_PER_PASS):
+                v = group_sum(acc[k], LANES)                 # every warp reduces
+                if lane == 0:
+                    part[(warp + e * WARPS) * TOKENS_PER_PASS + k] = v
+        cuda.syncthreads()
+        for e in range(ROWS_PER_WARP):
+            row = (cuda.blockIdx.x * rpw + rep) * (rpb * ROWS_PER_WARP) + warp // wpr + e * rpb
+            if row >= n_out + n_out2:
+                continue
+            for k in range(sub, TOKENS_PER_PASS, stride):    # lanes 0..7 of the row's first warp: a token each
+                if t0 + k >= n_tok:
+                    break
+                s = _D0
+                for j in range(wpr):                          # the row's warp sums, in warp order
+                    s += part[(warp - warp % wpr + j + e * WARPS) * TOKENS_PER_PASS + k]
+                if row < n_out:
+                    if has_bias:
+                        s += float64(float32(bias[row]))
+                    out[(t0 + k) * n_out + row] = s         # the output's type: float32 rounds once
+                else:
+                    r = row - n_out
+                    if has_bias2:
+                        s += float64(float32(bias2[r]))
+                    out2[(t0 + k) * n_out2 + r] = s
+        cuda.syncthreads()
+
 
 def warps_per_row(n_rows: int, n_tok: int = 1) -> int:
     """Smallest split (1, 2, 4, 8 warps a row) that gives ~TARGET_BLOCKS blocks, else 8."""
@@ -215,11 +291,22 @@ def f16_matvec(w: Any, x: Any, bias: Any | None = None, *, out: Any, w2: Any | N
     wpr = wpr or warps_per_row(n_out + n_out2, n_tok)
     if wpr not in (1, 2, 4, 8):
         raise ValueError(f"f16.matvec: wpr must be 1, 2, 4 or 8, got {wpr}")
+    d = L.placeholder(np.float32)
+    gate_arr, gate_at = gate if gate is not None else (L.placeholder(np.int32), -1)
+    if n_tok > 1:                          # a prefill step: each weight row read once per 8 tokens
+        wpr = wpr if SIMULATOR else warps_per_row(n_out + n_out2, L.cdiv(n_tok, TOKENS_PER_PASS))
+        rows_per_pass = (WARPS // wpr) * ROWS_PER_WARP
+        rpw = min(4, L.cdiv(n_out + n_out2, rows_per_pass)) if SIMULATOR else 1
+        grid = (L.cdiv(n_out + n_out2, rows_per_pass * rpw), L.cdiv(n_tok, TOKENS_PER_PASS))
+        L.launch(_matmul_kernel, grid, THREADS, stream,
+                 L.flat(w), d if bias is None else L.flat(bias), int(bias is not None), L.flat(out),
+                 d if w2 is None else L.flat(w2), d if bias2 is None else L.flat(bias2), int(bias2 is not None),
+                 d if out2 is None else L.flat(out2), L.flat(x), n_out, n_out2, n_in, n_tok, wpr, rpw, gate_arr,
+                 int(gate_at))
+        return out
     rows_per_pass = (WARPS // wpr) * ROWS_PER_WARP
     rpw = min(4, L.cdiv(n_out + n_out2, rows_per_pass)) if SIMULATOR else 1
     grid = (L.cdiv(n_out + n_out2, rows_per_pass * rpw), n_tok)
-    d = L.placeholder(np.float32)
-    gate_arr, gate_at = gate if gate is not None else (L.placeholder(np.int32), -1)
     L.launch(_matvec_kernel, grid, THREADS, stream,
              L.flat(w), d if bias is None else L.flat(bias), int(bias is not None), L.flat(out),
              d if w2 is None else L.flat(w2), d if bias2 is None else L.flat(bias2), int(bias2 is not None),
@@ -234,10 +321,10 @@ def f16_matvec(w: Any, x: Any, bias: Any | None = None, *, out: Any, w2: Any | N
 
 def _case(rng: np.random.Generator, scale: str) -> Case:
     # tiny: a router-like (8 x 256) plus a compressor-like pair; model: compressor kv+gate of a CSA layer
-    if scale == "tiny":
-        n_tok, n_out, n_out2, n_in = 1, 8, 16, 256
+    if scale == "tiny":        # one token (decode), or a prefill step of 11 (a pass of 8 and a partial one)
+        n_tok, n_out, n_out2, n_in = int(rng.choice([1, 11])), 8, 16, 256
     else:
-        n_tok, n_out, n_out2, n_in = 1, 1024, 1024, 4096
+        n_tok, n_out, n_out2, n_in = int(rng.choice([1, 24])), 1024, 1024, 4096
     w = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float16)
     w2 = (rng.standard_normal((n_out2, n_in)) / np.sqrt(n_in)).astype(np.float16)
     b2 = rng.standard_normal(n_out2).astype(np.float16)

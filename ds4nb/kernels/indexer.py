@@ -217,7 +217,13 @@ def _scores_kernel(n_ih: int, d: int) -> Any:
     QN, RN = NH * DP, TILE_ROWS * DP
 
     @cuda.jit
-    def kernel(q, w, w_scale, rows, steps, rows_at, gate_at, out):
+    def kernel(q, w, w_scale, rows, steps, rows_at, gate_at, out, out_stride):
+        t = cuda.blockIdx.y           # the step's token t: its record, query, weights and scores
+        rows_at += t * NF
+        gate_at += t * NF
+        q = q[t * n_ih * d:]
+        w = w[t * n_ih:]
+        out = out[t * out_stride:]
         if steps[gate_at] == 0:       # the indexer does not select at this token
             return
         n_comp = steps[rows_at]
@@ -262,22 +268,24 @@ SCORE_BLOCKS = 1 if SIMULATOR else 264
 
 @implementation("indexer.scores", "tile16_persistent", layout="rows f16|f32 (n_comp, d)")
 def indexer_scores(q: Any, w: Any, rows: Any, *, out: Any, w_scale: float = 1.0, steps: Any, rec: int = 0,
-                   grp: int, max_rows: int, stream: Any = 0) -> Any:
-    """score[c] = (sum_h relu(rows[c] . q[h]) * w[h]) * w_scale for c < ROWS, float64, rounded once.
+                   grp: int, max_rows: int, n_tok: int = 1, stream: Any = 0) -> Any:
+    """score[t, c] = (sum_h relu(rows[c] . q[t, h]) * w[t, h]) * w_scale for c < ROWS_t, float64, rounded once.
 
-    ``ROWS`` is compression group ``grp``'s row count in the token's step
-    record ``steps[rec:]``; nothing runs while the group's ``SELECT`` is 0.
-    ``max_rows`` bounds ``ROWS`` (the grid).  q f32 (n_ih, d) after
-    ``indexer.q_prep``; w f32 (n_ih,) from ``indexer.proj``, unscaled;
+    ``ROWS_t`` is compression group ``grp``'s row count in token ``t``'s step
+    record ``steps[rec + t * NF:]``; nothing runs for a token whose ``SELECT``
+    is 0.  ``max_rows`` bounds ``ROWS`` (the grid) and is the row stride of
+    ``out`` (n_tok, max_rows).  q f32 (n_tok, n_ih, d) after
+    ``indexer.q_prep``; w f32 (n_tok, n_ih) from ``indexer.proj``, unscaled;
     ``w_scale`` a float64 factor (the model's ``1/sqrt(d * n_ih)``,
     ``ops.indexer_weight_scale``).
     """
-    n_ih = w.size
-    d = q.size // n_ih
+    n_ih = w.size // n_tok
+    d = q.size // (n_tok * n_ih)
     kern = _scores_kernel(n_ih, d)
     n_tiles = L.cdiv(max(max_rows, 1), TILE_ROWS)
-    L.launch(kern, min(n_tiles, SCORE_BLOCKS), SCORE_THREADS, stream, L.flat(q), L.flat(w), np.float64(w_scale),
-             L.flat(rows), steps, int(rec + grp + ROWS), int(rec + grp + SELECT), L.flat(out))
+    blocks = max(1, min(n_tiles, SCORE_BLOCKS // n_tok))
+    L.launch(kern, (blocks, n_tok), SCORE_THREADS, stream, L.flat(q), L.flat(w), np.float64(w_scale),
+             L.flat(rows), steps, int(rec + grp + ROWS), int(rec + grp + SELECT), L.flat(out), int(max_rows))
     return out
 
 
@@ -317,13 +325,16 @@ def topk_key(bits, i):
 
 
 @cuda.jit
-def _topk_kernel(bits, n, k, n_src, n_at, k_src, k_at, out):
+def _topk_kernel(bits, n, k, n_src, n_at, k_src, k_at, out, from_stride):
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
+    t = cuda.blockIdx.x           # row t of a batch: values[t, 0:n], out[t, 0:k], counts at + t * from_stride
+    bits = bits[t * n:]
+    out = out[t * k:]
     if n_at >= 0:                 # n and k limited by counts in device memory (a step record, finite logits)
-        n = min(n, n_src[n_at])
+        n = min(n, n_src[n_at + t * from_stride])
     if k_at >= 0:
-        k = min(k, k_src[k_at])
+        k = min(k, k_src[k_at + t * from_stride])
     if k <= 0:
         return
     hist = cuda.shared.array(256, int32)
@@ -415,12 +426,14 @@ TOPK_THREADS = 1024
 
 @implementation("topk.select", "radix_block", layout="f32")
 def topk(values: Any, n: int, k: int, *, out: Any, n_from: tuple[Any, int] | None = None,
-         k_from: tuple[Any, int] | None = None, stream: Any = 0) -> Any:
-    """out[0:k] = indices of the k largest of values[0:n], best first, ties to the lower index.
+         k_from: tuple[Any, int] | None = None, n_rows: int = 1, from_stride: int = NF, stream: Any = 0) -> Any:
+    """out[r, 0:k] = indices of the k largest of values[r, 0:n], best first, ties to the lower index.
 
-    ``n_from = (array, i)`` / ``k_from = (array, i)``: n and k are lowered to
-    ``array[i]`` on the device (a step record's row count and the indexer's
-    ``SELECT``, or the count of finite logits); k lowered to 0 launches nothing.
+    ``n_rows`` rows (one block each; values (n_rows, n), out (n_rows, k)).
+    ``n_from = (array, i)`` / ``k_from = (array, i)``: row r's n and k are
+    lowered to ``array[i + r * from_stride]`` on the device (the step records'
+    row counts and the indexer's ``SELECT``, or the count of finite logits);
+    k lowered to 0 does nothing.
     """
     if not 0 < k <= min(n, TOPK_MAX):
         raise ValueError(f"topk.select: need 0 < k <= min(n, {TOPK_MAX}), got k={k}, n={n}")
@@ -428,8 +441,8 @@ def topk(values: Any, n: int, k: int, *, out: Any, n_from: tuple[Any, int] | Non
     none = (L.placeholder(np.int32), -1)
     n_src, n_at = n_from or none
     k_src, k_at = k_from or none
-    L.launch(_topk_kernel, 1, nt, stream, L.flat(values).view(np.uint32), int(n), int(k), n_src, int(n_at), k_src,
-             int(k_at), L.flat(out))
+    L.launch(_topk_kernel, n_rows, nt, stream, L.flat(values).view(np.uint32), int(n), int(k), n_src, int(n_at),
+             k_src, int(k_at), L.flat(out), int(from_stride))
     return out
 
 
@@ -454,20 +467,29 @@ def _case_q(rng: np.random.Generator, scale: str) -> Case:
 
 
 def _case_scores(rng: np.random.Generator, scale: str) -> Case:
+    """A step of T tokens, each scoring its own visible rows (the later tokens see more; one may not select)."""
     from ds4nb.reference import ops
 
-    n_ih, d, n_comp = (4, 32, 40) if scale == "tiny" else (64, 128, 8192)
-    q = ops.indexer_qat(rng.standard_normal((n_ih, d)).astype(np.float32))
+    n_tok, n_ih, d, n_comp = (3, 4, 32, 40) if scale == "tiny" else (2, 64, 128, 8192)
+    q = ops.indexer_qat(rng.standard_normal((n_tok, n_ih, d)).astype(np.float32))
     rows = ops.f16_round(ops.indexer_qat(rng.standard_normal((n_comp, d)).astype(np.float32)))
-    w = rng.standard_normal(n_ih).astype(np.float32)
+    w = rng.standard_normal((n_tok, n_ih)).astype(np.float32)
     ws = indexer_w_scale(d, n_ih)
-    ref = ops.indexer_scores(q, w, rows, ws)
-    out = L.device_array(n_comp, np.float32)
-    rec = one_record(rows=n_comp, select=1)
+    max_rows = n_comp + int(rng.integers(0, 3 * TILE_ROWS))
+    g = group_offset(1)
+    steps = records(0, n_tok).reshape(n_tok, NF)
+    ref = np.full((n_tok, max_rows), np.nan, np.float32)   # scores a token does not compute are not written
+    for t in range(n_tok):
+        seen = n_comp - int(rng.integers(0, n_comp // 2)) if t < n_tok - 1 else n_comp
+        selects = t > 0 or bool(rng.integers(0, 2))
+        steps[t, g + ROWS], steps[t, g + SELECT] = seen, int(selects)
+        if selects:
+            ref[t, :seen] = ops.indexer_scores(q[t], w[t], rows[:seen], ws)
+    out = L.device_array(n_tok * max_rows, np.float32)
     return Case((cuda.to_device(q), cuda.to_device(w), cuda.to_device(rows.astype(np.float16))), out,
-                (ref,), (CONTRACT,), kwargs=dict(w_scale=ws, steps=cuda.to_device(rec), grp=group_offset(1),
-                                                 max_rows=n_comp + int(rng.integers(0, 3 * TILE_ROWS))),
-                info={"shape": (n_ih, d, n_comp)})
+                (ref.reshape(-1),), (CONTRACT,), kwargs=dict(w_scale=ws, steps=cuda.to_device(steps.reshape(-1)),
+                                                             grp=g, max_rows=max_rows, n_tok=n_tok),
+                info={"shape": (n_tok, n_ih, d, n_comp)})
 
 
 def _case_topk(rng: np.random.Generator, scale: str) -> Case:
@@ -496,10 +518,11 @@ OPS = [
            # a 1-ulp Hadamard difference can flip one E2M1 rounding in a block
            2e-3, _case_q),
     OpSpec("indexer.scores", "indexer scores sum_h relu(row . q_h) w_h over the compressed index rows",
-           "(q f32 (n_ih, d), w f32 (n_ih,), rows f16|f32 (n, d), *, out f32 (ROWS,), w_scale, steps, rec=0, grp, "
-           "max_rows, stream)",
+           "(q f32 (T, n_ih, d), w f32 (T, n_ih), rows f16|f32 (n, d), *, out f32 (T, max_rows), w_scale, steps, "
+           "rec=0, grp, max_rows, n_tok=1, stream)",
            "ops.indexer_scores", 1e-5, _case_scores),   # CONTRACT
     OpSpec("topk.select", "indices of the k largest values, best first, ties to the lower index",
-           "(values f32 (n,), n, k, *, out int32 (k,), n_from=None, k_from=None, stream)", "ops.top_k_stable", 0.0,
+           "(values f32 (n_rows, n), n, k, *, out int32 (n_rows, k), n_from=None, k_from=None, n_rows=1, "
+           "from_stride=NF, stream)", "ops.top_k_stable", 0.0,
            _case_topk),
 ]

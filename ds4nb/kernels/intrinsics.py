@@ -239,6 +239,7 @@ def _sim_rint(x):
 # ---------------------------------------------------------------------------
 
 if SIMULATOR:
+    mma_s8_lo = mma_s8_hi = None  # warp-collective: kernels take their dp4a path in the simulator
     dp4a = _sim_dp4a
     byte_perm = _sim_byte_perm
     shfl_xor = _sim_shfl_xor
@@ -264,6 +265,14 @@ else:
     #: PRMT: byte i = byte ``(s >> 4i) & 7`` of the 8 bytes ``y:x`` (its sign replicated if bit 4i+3 is set).
     byte_perm = cuda.declare_device("ds4nb_byte_perm", "uint32(uint32, uint32, uint32)", link=[str(CU_PATH)],
                                     abi="c")
+
+    #: Integer tensor-core MMA 16x8x32 (sm_80+; see intrinsics.cu): a lane's D[g][2t], D[g][2t+1] packed in an
+    #: int64 (low word first), and D[g+8][2t], D[g+8][2t+1].  Warp-collective; no simulator twin (kernels that
+    #: use it have a dp4a path, taken in the simulator and on older GPUs).
+    mma_s8_lo = cuda.declare_device("ds4nb_mma_s8_lo", "int64(int32, int32, int32, int32, int32, int32)",
+                                    link=[str(CU_PATH)], abi="c")
+    mma_s8_hi = cuda.declare_device("ds4nb_mma_s8_hi", "int64(int32, int32, int32, int32, int32, int32)",
+                                    link=[str(CU_PATH)], abi="c")
 
     @device
     def shfl_xor(value, lane_mask):
@@ -332,6 +341,8 @@ __all__ = [
     "dot8",
     "byte_perm",
     "dp4a",
+    "mma_s8_hi",
+    "mma_s8_lo",
     "hi_i32",
     "jit_kernel",
     "rint",

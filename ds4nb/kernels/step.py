@@ -12,8 +12,9 @@ Fields of a record (docs/model.md, "Session state" and steps 8-11):
 
 ==========  ================================================================
 ``POS``      the token's position
-``RAW_ROW``  its row in the sliding-window ring, ``pos % n_swa``
-``N_RAW``    window rows attention reads, ``min(pos + 1, n_swa)``
+``RAW_ROW``  its row in the sliding-window ring, ``pos % ring``
+``N_RAW``    window rows attention reads, ``min(pos + 1, n_swa)``: the ring rows of positions
+             ``pos - N_RAW + 1 .. pos``
 ==========  ================================================================
 
 then one group of fields per *compression group* (the layers that share a
@@ -53,18 +54,24 @@ def group_offset(g: int) -> int:
     return GROUP0 + GROUP_FIELDS * g
 
 
-def fill_records(out: np.ndarray, pos0: int, n_swa: int, groups: Sequence[tuple[int, int]]) -> np.ndarray:
+def fill_records(out: np.ndarray, pos0: int, n_swa: int, groups: Sequence[tuple[int, int]],
+                 ring: int | None = None) -> np.ndarray:
     """Records of the tokens at positions ``pos0 .. pos0 + len(out) - 1`` into ``out`` (int32 (T, NF)).
 
     ``groups[g - 1] = (ratio, top_k)`` for compression group ``g >= 1``
-    (``top_k`` 0: no indexer, every compressed row visible).
+    (``top_k`` 0: no indexer, every compressed row visible).  ``ring``: rows
+    of the window ring (default ``n_swa``; a step of ``T`` tokens stores all
+    its rows before attending, so its ring needs ``n_swa + T - 1`` rows).
     """
+    ring = n_swa if ring is None else ring
+    if ring < n_swa:
+        raise ValueError(f"a window ring of {ring} rows cannot hold the {n_swa}-token window")
     if len(groups) >= MAX_GROUPS:
         raise ValueError(f"{len(groups)} compression groups, at most {MAX_GROUPS - 1} fit a step record")
     pos = pos0 + np.arange(len(out), dtype=np.int64)
     out[:] = 0
     out[:, POS] = pos
-    out[:, RAW_ROW] = pos % n_swa
+    out[:, RAW_ROW] = pos % ring
     out[:, N_RAW] = np.minimum(pos + 1, n_swa)
     for g, (ratio, top_k) in enumerate(groups, start=1):
         base = group_offset(g)
@@ -77,16 +84,20 @@ def fill_records(out: np.ndarray, pos0: int, n_swa: int, groups: Sequence[tuple[
     return out
 
 
-def records(pos0: int, n_tok: int, n_swa: int = 1 << 30, groups: Sequence[tuple[int, int]] = ()) -> np.ndarray:
+def records(pos0: int, n_tok: int, n_swa: int = 1 << 30, groups: Sequence[tuple[int, int]] = (),
+            ring: int | None = None) -> np.ndarray:
     """A fresh flat int32 array of ``n_tok`` records (tests and one-off launches)."""
-    return fill_records(np.zeros((n_tok, NF), np.int32), pos0, n_swa, groups).reshape(-1)
+    return fill_records(np.zeros((n_tok, NF), np.int32), pos0, n_swa, groups, ring).reshape(-1)
 
 
 def one_record(pos: int = 0, *, n_raw: int = 0, emit: int = 0, rows: int = 0, visible: int = 0, select: int = 0,
                group: int = 1) -> np.ndarray:
-    """One record with chosen fields (compression group ``group``): for direct kernel calls in tests and benchmarks."""
+    """One record with chosen fields (compression group ``group``): for direct kernel calls in tests and benchmarks.
+
+    The window is ring rows ``0 .. n_raw - 1`` (the token's own row last).
+    """
     rec = records(pos, 1)
-    rec[RAW_ROW] = 0
+    rec[RAW_ROW] = max(n_raw - 1, 0)
     rec[N_RAW] = n_raw
     base = group_offset(group)
     rec[base + EMIT], rec[base + ROWS], rec[base + VISIBLE], rec[base + SELECT] = emit, rows, visible, select
