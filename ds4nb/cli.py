@@ -71,6 +71,7 @@ def _safe(value: object, limit: int = 400) -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     from ds4nb.model import load_model
 
+    _check_env()
     model = load_model(args.model)
     cfg = model.config
     title = f"{_safe(model.name, 80)}  [dim]({_safe(model.path)}, {model.kind} file)[/dim]"
@@ -113,7 +114,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     rt.add_row("total", str(len(model.catalog)), "", format_bytes(total), "100%", style="bold")
     console.print(rt)
     console.print(f"file: {format_bytes(model.file_size)}, {len(model.metadata)} metadata keys")
+    console.print(Text(f"q8_0 dispatch: {_dispatch_decision(cfg, model.path)}"))
     return 0
+
+
+def _dispatch_decision(cfg, path: Path) -> str:
+    """The Q8_0 strategies a CUDA session of ``cfg`` would use here, as far as known without measuring."""
+    from ds4nb.engine.backends import cuda_available
+
+    if not cuda_available():
+        return "no CUDA GPU here (the cpu backend needs none)"
+    from ds4nb.dispatch.device import probe_device
+    from ds4nb.engine.q8_timing import q8_dispatch
+
+    probe = probe_device()
+    decision = q8_dispatch(cfg, probe, measure=False)
+    if decision.source == "default":
+        return f"not measured yet on {shown(probe.name)}: run ds4nb dispatch -m {shown_path(path)}"
+    return decision.describe()
 
 
 def format_bytes(n: int) -> str:
@@ -652,6 +670,61 @@ def _experts_on_gpu(plan, tensors) -> str:
 
 
 # ---------------------------------------------------------------------------
+# dispatch
+
+
+def cmd_dispatch(args: argparse.Namespace) -> int:
+    """Time the Q8_0 matmul strategies on this GPU for a model's shapes (or show the cached timings) and the choice."""
+    from ds4nb.dispatch.device import probe_device
+    from ds4nb.dispatch.select import ENV_VAR, REGIMES, STRATEGIES, dispatch_cache_path, requested_strategy
+    from ds4nb.engine.backends import cuda_available
+    from ds4nb.engine.q8_timing import dispatch_key, q8_dispatch
+
+    forced = requested_strategy()
+    if not cuda_available():
+        raise UsageError("ds4nb dispatch times the Q8_0 matmul strategies on a CUDA GPU: none is available here "
+                         "(the cpu backend needs no dispatch)")
+    if args.model is not None:
+        from ds4nb.model import load_model
+
+        model = load_model(args.model)
+        cfg, what = model.config, model.name
+    else:
+        from ds4nb.model.presets import flash_config
+
+        cfg, what = flash_config(), "the flash preset"
+    probe = probe_device()
+    decision = q8_dispatch(cfg, probe, remeasure=args.remeasure, env={}, on_measure=lambda: err_console.print(
+        f"[dim]timing the Q8_0 strategies on {_safe(probe.name)} (once; cached)[/dim]", highlight=False))
+    key = dispatch_key(cfg, probe)
+    t = Table()
+    t.add_column("strategy")
+    for regime in REGIMES:
+        t.add_column(f"{regime} token" + ("s" if regime > 1 else ""), justify="right")
+    chosen = dict(decision.choices)
+    for strategy in STRATEGIES:
+        cells = []
+        for regime in REGIMES:
+            sec = decision.seconds(strategy, regime)
+            if sec is None:
+                cells.append("-")
+                continue
+            mark = "*" if chosen[regime] == strategy else " "
+            cells.append(f"{sec * 1e3:.3f} ms {key.flops(regime) / sec / 1e12:6.1f}{mark}")
+        ran = any(c != "-" for c in cells)
+        t.add_row(strategy if ran else f"{strategy} (not run)", *cells)
+    if decision.timings:
+        console.print(Text(f"the {len(key.shapes)} Q8_0 matmuls of one layer of {shown(what, 80)} on "
+                           f"{shown(probe.name)}: ms, TFLOP/s (* = chosen)"))
+        console.print(t)
+    console.print(Text(f"choice: {decision.describe()}"))
+    if forced != "auto":
+        console.print(Text(f"in effect ({ENV_VAR}): {q8_dispatch(cfg, probe, measure=False).describe()}"))
+    console.print(Text(f"cache: {dispatch_cache_path()}"))
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # plugins
 
 
@@ -797,6 +870,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     _add_placement_parser(sub)
+    dis = sub.add_parser("dispatch", help="time the Q8_0 matmul strategies on this GPU per batch size, and show "
+                                          "the choice (measured once per GPU and model; cached)")
+    dis.add_argument("-m", "--model", type=Path, default=None,
+                     help="DS4 GGUF file whose shapes to time (default: the real flash model's)")
+    dis.add_argument("--remeasure", action="store_true", help="measure again even if a choice is cached")
+    dis.set_defaults(func=cmd_dispatch)
     plug = sub.add_parser("plugins", help="list plugins, placement policies and kernels with their providers")
     plug.set_defaults(func=cmd_plugins)
     return p

@@ -8,7 +8,6 @@ dir (``ds4nb placement`` shows it).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from numba import cuda, uint64
+
+from ds4nb.dispatch.cachefile import load_entries, save_entries
 
 
 @dataclass(frozen=True)
@@ -123,29 +124,32 @@ def measure_read_bandwidth(*, device_bytes: int = DEVICE_SAMPLE_BYTES, host_byte
     return ReadBandwidth(dev, host, "measured")
 
 
+def driver_version(probe: DeviceProbe) -> str:
+    """The CUDA driver's version (``12.8``), or ``simulator``."""
+    if probe.simulator:
+        return "simulator"
+    from numba.cuda.cudadrv.driver import driver as drv
+
+    return ".".join(str(v) for v in drv.get_version())
+
+
 def bandwidth_key(probe: DeviceProbe) -> str:
     """What a measurement depends on: the device, the driver, this ds4nb."""
     from ds4nb import __version__
 
-    if probe.simulator:
-        driver = "simulator"
-    else:
-        from numba.cuda.cudadrv.driver import driver as drv
-
-        driver = ".".join(str(v) for v in drv.get_version())
-    return f"{probe.name} | driver {driver} | ds4nb {__version__}"
+    return f"{probe.name} | driver {driver_version(probe)} | ds4nb {__version__}"
 
 
 def cached_read_bandwidth(key: str, cache_file: Path, measure: Callable[[], ReadBandwidth]) -> ReadBandwidth:
     """The bandwidth cached under ``key`` in ``cache_file``, else ``measure()`` once and cache it."""
-    entries = _load_cache(cache_file)
+    entries = load_entries(cache_file)
     hit = entries.get(key)
     if isinstance(hit, dict) and _positive(hit.get("device_bytes_per_s")) and _positive(hit.get("host_bytes_per_s")):
         return ReadBandwidth(float(hit["device_bytes_per_s"]), float(hit["host_bytes_per_s"]), "cached")
     bw = measure()
     entries[key] = {"device_bytes_per_s": bw.device, "host_bytes_per_s": bw.host,
                     "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _save_cache(cache_file, entries)
+    save_entries(cache_file, entries)
     return bw
 
 
@@ -168,23 +172,3 @@ def read_bandwidth(probe: DeviceProbe | None = None, *,
 
 def _positive(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-
-
-def _load_cache(path: Path) -> dict:
-    """The cache's entries; an unreadable or malformed cache counts as empty (it is rewritten)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _save_cache(path: Path, entries: dict) -> None:
-    """Write atomically; a cache that cannot be written is only a cache."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass

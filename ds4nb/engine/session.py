@@ -28,17 +28,17 @@ from ds4nb.cache.options import PlacementOptions
 from ds4nb.cache.plan import DeviceMemory, engine_tensors
 from ds4nb.cache.residency import load_residency
 from ds4nb.dispatch.device import probe_device
-from ds4nb.dispatch.select import select_q8_strategy
 from ds4nb.engine.graph import GroupTime, StepRunner, graphs_requested, time_groups
-from ds4nb.engine.model import (DEFAULT_CHUNK, STRATEGY_IMPLS, Kernels, Scratch, StepContext, alloc_layer_states,
-                                build_step, session_bytes, state_bytes)
+from ds4nb.engine.model import (DEFAULT_CHUNK, Kernels, Scratch, StepContext, alloc_layer_states, build_step,
+                                session_bytes, state_bytes)
+from ds4nb.engine.q8_timing import q8_dispatch
 from ds4nb.engine.step import StepInput, StepLayout
 from ds4nb.errors import Ds4Error
 from ds4nb.kernels.attention import NEG_INF
 from ds4nb.kernels.registry import DeviceInfo
 from ds4nb.kernels.sample import FixedDraw, sample_launch
 from ds4nb.model import Model, Weights
-from ds4nb.plugins import get_registry, placement_policies
+from ds4nb.plugins import placement_policies
 from ds4nb.reference.engine import Engine
 from ds4nb.reference.state import CompressorState, LayerState, RowBuffer, State
 from ds4nb.sampling import SamplingParams, sample
@@ -68,17 +68,7 @@ class CudaEngine(Engine):
         self.chunk = max(1, min(chunk, ctx))
         self.probe = probe_device()
         device = DeviceInfo(self.probe.name, self.probe.cc, simulator=self.probe.simulator)
-        reg = get_registry()
-
-        def available(strategy: str) -> bool:
-            dec, bat = STRATEGY_IMPLS[strategy]
-            try:
-                return (reg.get("q8_0.matvec", dec).supports(device)
-                        and reg.get("q8_0.matmul", bat).supports(device))
-            except LookupError:
-                return False
-
-        self.strategy = select_q8_strategy(available, self.probe.name)
+        self.dispatch = q8_dispatch(cfg, self.probe)
         w = model.weights
         expert_types = {lw.ffn_gate_exps.qtype for lw in w.layers} | {lw.ffn_down_exps.qtype for lw in w.layers}
 
@@ -95,7 +85,8 @@ class CudaEngine(Engine):
         self.states = alloc_layer_states(cfg, ctx, self.layout.ring)
         self.inputs = StepInput(self.chunk, self.layout)
         self._counts = cuda.to_device(np.zeros((cfg.n_layer, cfg.n_expert), np.int32)) if count_experts else None
-        self._step = StepContext(cfg, w, self.res, Kernels(device, self.strategy.name, expert_types), self.layout,
+        kernels = Kernels(device, self.dispatch.strategy_for(self.chunk), expert_types)
+        self._step = StepContext(cfg, w, self.res, kernels, self.layout,
                                  self.states, Scratch(cfg, self.chunk, ctx), self.inputs, ctx, self._counts)
         self.use_graphs = (graphs_requested() if graphs is None else graphs) and not self.probe.simulator
         self._runners: dict[tuple[int, bool], StepRunner] = {}
@@ -127,7 +118,7 @@ class CudaEngine(Engine):
         return "cuda graph" if self.use_graphs and (runner is None or runner.use_graph) else "eager"
 
     def describe(self) -> str:
-        return (f"cuda on {self.probe.describe()} | {self.strategy.describe()} | placement {self.plan.describe()} "
+        return (f"cuda on {self.probe.describe()} | {self.dispatch.describe()} | placement {self.plan.describe()} "
                 f"| decode: {self.decode_mode}")
 
     # ------------------------------------------------------------------
