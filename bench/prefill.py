@@ -97,6 +97,31 @@ def layer_q8_shapes(cfg) -> list[tuple[str, int, int, int]]:
             ("ffn_up_shexp", cfg.n_ff_exp, cfg.n_embd, 1), ("ffn_down_shexp", cfg.n_embd, cfg.n_ff_exp, 1)]
 
 
+def _cublas_impl(reg):
+    """The cublas strategy as a q8_0.matmul-shaped callable (its F16 weight copies made once), or None."""
+    from types import SimpleNamespace
+
+    from ds4nb.engine.q8_timing import cublas_module
+    from ds4nb.kernels import _launch as L
+
+    cublas = cublas_module()
+    if cublas is None or not cublas.cublas_available():
+        print("cublas strategy unavailable here")
+        return None
+    copies, x16s = {}, {}
+
+    def fn(w, act, *, out, x=None):
+        key = id(w)
+        if key not in copies:
+            copies[key] = cublas.dequantize_q8_0_f16(w, out=L.device_array(w.n_rows * w.n_cols, np.float16))
+        n_tok = act.d.size // (w.n_cols // 32)
+        x16 = x16s.setdefault((n_tok, w.n_cols), L.device_array(n_tok * w.n_cols, np.float16))
+        cublas.to_f16(x, out=x16)
+        cublas.f16_gemm(copies[key], x16, out=out, n_rows=w.n_rows, k=w.n_cols, n_tok=n_tok)
+
+    return SimpleNamespace(name="cublas", fn=fn, supports=lambda batch=None: batch is None or batch >= 2, f32=True)
+
+
 def kernels(args: argparse.Namespace) -> int:
     from ds4nb.kernels import _launch as L
     from ds4nb.kernels.activation import q8_0_to_device
@@ -115,19 +140,25 @@ def kernels(args: argparse.Namespace) -> int:
     for k, v in peaks.items():
         print(f"{k}: {v:.0f} TFLOP/s", flush=True)
     impls = [i for i in reg.implementations("q8_0.matmul") if i.supports()]
+    cublas = _cublas_impl(reg)
+    if cublas is not None:
+        impls.append(cublas)
     shapes = layer_q8_shapes(cfg)
     weights = {name: repack(random_blocks(Q.Q8_0, (n, k), rng, rms=0.02), Q.Q8_0, (n, k)).to_device()
                for name, n, k, _ in shapes}
     rows = []
     for n_tok in args.tokens:
-        acts = {k: q8_0_to_device(rng.standard_normal((n_tok, k)).astype(np.float32)) for k in {s[2] for s in shapes}}
+        xs = {k: rng.standard_normal((n_tok, k)).astype(np.float32) for k in {s[2] for s in shapes}}
+        acts = {k: q8_0_to_device(x) for k, x in xs.items()}
+        xs = {k: L.to_device_flat(x) for k, x in xs.items()}
         outs = {name: L.device_array(n_tok * n, np.float32) for name, n, _, _ in shapes}
         for impl in impls:
             if not impl.supports(batch=n_tok):
                 continue
             total_ms, flops = 0.0, 0.0
             for name, n, k, times in shapes:
-                ms = _events_ms(lambda: impl.fn(weights[name], acts[k], out=outs[name]), args.reps)
+                extra = {"x": xs[k]} if getattr(impl, "f32", False) else {}   # cublas: F16 of the float input
+                ms = _events_ms(lambda: impl.fn(weights[name], acts[k], out=outs[name], **extra), args.reps)
                 total_ms += ms * times
                 flops += 2.0 * n * k * n_tok * times
                 rows.append((impl.name, n_tok, name, n, k, times, ms, 2.0 * n * k * n_tok / (ms * 1e-3) / 1e12))
@@ -203,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     k.set_defaults(func=kernels)
     e = sub.add_parser("engine")
     e.add_argument("--layers", type=int, default=4)
-    e.add_argument("--strategies", type=lambda s: s.split(","), default=["warp8", "mmq"])
+    e.add_argument("--strategies", type=lambda s: s.split(","), default=["warp8", "mmq", "cublas"])
     e.add_argument("--chunks", type=int, nargs="+", default=[64, 256])
     e.add_argument("--ctx", type=int, default=2048)
     e.add_argument("--synth-dir", default="/dev/shm")

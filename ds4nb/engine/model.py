@@ -18,13 +18,14 @@ token reads only the rows its step record counts: causal); the compressors
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 from numba import cuda
 
 from ds4nb.cache.residency import SplitExperts
+from ds4nb.dispatch.select import Q8Dispatch
 from ds4nb.engine.step import StepInput, StepLayout
 from ds4nb.errors import Ds4Error
 from ds4nb.kernels import _launch as L
@@ -47,22 +48,28 @@ from ds4nb.reference import ops
 #: tokens of a prefill step (the engine's ``chunk``) unless the caller says otherwise
 DEFAULT_CHUNK = 64
 
-# Q8_0 strategy -> (decode implementation, batched implementation) of the q8_0 ops
-STRATEGY_IMPLS = {"warp8": ("warp8", "warp8_t8"), "mmq": ("warp8", "mmq"), "cublas": ("warp8", "cublas")}
+#: Q8_0 strategy -> the (op, implementation) of its matmul for steps of several tokens; one token is always the
+#: ``warp8`` matvec.  ``cublas`` multiplies F16 copies of the weights (``F16Copies``); a weight without one
+#: (beyond their byte budget, or host-mapped) goes through ``mmq``.
+BATCHED_IMPLS = {"warp8": ("q8_0.matmul", "warp8_t8"), "mmq": ("q8_0.matmul", "mmq"), "cublas": ("f16.gemm", "cublas")}
 
 
 class Kernels:
-    """The launchers a step uses, selected once from the registry."""
+    """The launchers a step uses, selected once from the registry (Q8_0 matmuls per the dispatcher's choice)."""
 
-    def __init__(self, device: DeviceInfo, strategy: str, expert_types: set) -> None:
+    def __init__(self, device: DeviceInfo, dispatch: Q8Dispatch, expert_types: set) -> None:
         reg = get_registry()
-        decode_impl, batched_impl = STRATEGY_IMPLS[strategy]
 
         def pick(op: str) -> Callable[..., Any]:
             return reg.select(op, device=device).fn
 
-        self.q8_matvec = reg.get("q8_0.matvec", decode_impl).fn
-        self.q8_matmul = reg.get("q8_0.matmul", batched_impl).fn
+        self.dispatch = dispatch
+        self.q8_matvec = reg.get("q8_0.matvec", "warp8").fn
+        used = dispatch.strategies() | ({"mmq"} if "cublas" in dispatch.strategies() else set())
+        self.q8_matmuls = {s: reg.get(*BATCHED_IMPLS[s]).fn for s in used}
+        if "cublas" in used:
+            self.to_f16 = pick("vec.to_f16")
+            self.f16_gemm = pick("f16.gemm")
         self.q8_grouped_matvec = pick("q8_0.grouped_matvec")
         self.quant_q8_0 = pick("act.quantize_q8_0")
         self.quant_q8_K = pick("act.quantize_q8_K")
@@ -182,7 +189,7 @@ def session_bytes(cfg: ModelConfig, ctx: int, chunk: int) -> int:
 class Scratch:
     """Activation buffers for steps of up to ``chunk`` tokens (a step of T tokens uses the first T rows)."""
 
-    def __init__(self, cfg: ModelConfig, chunk: int, ctx: int) -> None:
+    def __init__(self, cfg: ModelConfig, chunk: int, ctx: int, *, f16: bool = False) -> None:
         c = chunk
         e, hc = cfg.n_embd, cfg.n_hc
         self.x_emb = _empty(c * e)
@@ -193,6 +200,7 @@ class Scratch:
         self.head_scratch = alloc_hc_scratch(1, cfg.hc_dim, cfg.n_hc)
         k_max = max(e, cfg.q_lora_rank, cfg.q_dim, cfg.out_low_dim, cfg.n_ff_exp)
         self.act = alloc_q8_0(c * max(1, cfg.n_out_group), k_max)
+        self.x16 = cuda.device_array(c * max(k_max, cfg.q_dim), np.float16) if f16 else None   # cublas inputs
         self.qr = _empty(c * cfg.q_lora_rank)
         self.qr_norm = _empty(c * cfg.q_lora_rank)
         self.q = _empty(c * cfg.q_dim)
@@ -241,6 +249,32 @@ class Scratch:
         return c * per_tok + cfg.n_vocab * 4 + ctx + (256 << 20)
 
 
+#: the Q8_0 weights of a layer that steps multiply as matmuls (what the cublas strategy copies to F16)
+Q8_MATMUL_WEIGHTS = ("attn_q_a", "attn_kv", "attn_q_b", "attn_output_a", "attn_output_b", "ffn_gate_shexp",
+                     "ffn_up_shexp", "ffn_down_shexp")
+
+
+def f16_copies(weights: Weights, res: Any, budget: int, stream: Any = 0) -> dict[str, Any]:
+    """F16 copies of the layers' Q8_0 matmul weights for the ``cublas`` strategy, layer by layer while they fit
+    ``budget`` bytes (the rest stay Q8_0 and go through ``mmq``); host-mapped weights are not copied."""
+    from ds4nb.kernels.cublas import dequantize_q8_0_f16, f16_bytes
+
+    out: dict[str, Any] = {}
+    for lw in weights.layers:
+        for attr in Q8_MATMUL_WEIGHTS:
+            info = getattr(lw, attr)
+            if res.plan.where(info.name) != "device":
+                continue
+            w = res[info.name]
+            need = f16_bytes(w)
+            if need > budget:
+                return out
+            budget -= need
+            out[info.name] = dequantize_q8_0_f16(w, out=cuda.device_array(w.n_rows * w.n_cols, np.float16,
+                                                                           stream=stream), stream=stream)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # The step
 # ---------------------------------------------------------------------------
@@ -260,6 +294,19 @@ class StepContext:
     inputs: StepInput
     ctx: int
     expert_counts: Any = None     # device int32 (n_layer, n_expert): routing counts for ds4nb profile, or None
+    f16: dict = field(default_factory=dict)   # Q8_0 weight name -> its F16 copy (the cublas strategy)
+
+
+@dataclass
+class MatIn:
+    """A float32 activation (rows, n) entering Q8_0 matmuls, with the forms the strategies read, each made once
+    when first needed (in the step's launch order): Q8_0 blocks (``warp8``, ``mmq``), F16 (``cublas``)."""
+
+    x: Any
+    rows: int
+    n: int
+    q8: Q8_0Act | None = None
+    f16: Any = None
 
 
 class _Recording:
@@ -275,7 +322,10 @@ class _Recording:
     def __getattr__(self, op: str) -> Any:
         fn = getattr(self._k, op)
         if isinstance(fn, dict):
-            return {q: tuple(functools.partial(f, stream=self._rec) for f in fns) for q, fns in fn.items()}
+            return {q: functools.partial(f, stream=self._rec) if callable(f)
+                    else tuple(functools.partial(g, stream=self._rec) for g in f) for q, f in fn.items()}
+        if not callable(fn):
+            return fn
         return functools.partial(fn, stream=self._rec)
 
 
@@ -324,7 +374,7 @@ class _Builder:
         k.hc_head(last, self.w(w.output_hc_fn), self.w(w.output_hc_scale), self.w(w.output_hc_base), out=s.x_out,
                   n_hc=nhc, hc_eps=cfg.hc_eps, rms_eps=cfg.rms_eps, scratch=s.head_scratch)
         k.rms(s.x_out.reshape(1, e), self.w(w.output_norm), cfg.rms_eps, out=s.x_out)
-        k.q8_matvec(self.w(w.output), self.quant_q8_0(s.x_out, 1, e), out=s.logits)
+        k.q8_matvec(self.w(w.output), self.quant_q8_0(s.x_out, 1, e), out=s.logits)   # one token: warp8
         if sample:
             k.family("sample")
             k.sample(s.logits, out=s.sampled, sp=self.sc.inputs.sp, scratch=s.sample_scratch)
@@ -337,12 +387,12 @@ class _Builder:
         k.family("hc")
         pre = self.hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm)   # steps 2-4
         k.family("attn_proj")
-        act = self.quant_q8_0(pre.x_norm, T, e)                                   # step 5
+        x = MatIn(pre.x_norm, T, e)                                               # step 5
         qr, qr_norm, q, kv = s.qr[:T * rank], s.qr_norm[:T * rank], s.q[:T * qd], s.kv[:T * hd]
-        self.q8(self.w(lw.attn_q_a), act, qr)
-        self.q8(self.w(lw.attn_kv), act, kv)                                      # step 6 (same activation)
+        self.q8(lw.attn_q_a, x, qr)
+        self.q8(lw.attn_kv, x, kv)                                                # step 6 (same activation)
         k.rms(qr.reshape(T, rank), self.w(lw.attn_q_a_norm), cfg.rms_eps, out=qr_norm)
-        self.q8(self.w(lw.attn_q_b), self.quant_q8_0(qr_norm, T, rank), q)
+        self.q8(lw.attn_q_b, MatIn(qr_norm, T, rank), q)
         k.family("attention")
         k.q_norm_rope(q, out=q, n_head=cfg.n_head, head_dim=hd, eps=cfg.rms_eps, rope=self.ropes[il],
                       steps=self.sc.inputs.steps)                                 # steps 5.4, 7 (q)
@@ -459,14 +509,14 @@ class _Builder:
         else:
             by_group = s.heads_g[:T * G * gd]
             k.swap01(heads, T, G, gd, out=by_group)                               # (T, G, gd) -> (G, T, gd)
-            act = self.quant_q8_0(by_group, G * T, gd)
+            x = MatIn(by_group, G * T, gd)
             low_g = s.low_t[:T * G * rank]
-            for g in range(G):
-                k.q8_matmul(packed_rows(out_a, g * rank, (g + 1) * rank), _q8_0_rows(act, gd // 32, g * T, (g + 1) * T),
-                            out=low_g[g * T * rank:(g + 1) * T * rank])
+            for g in range(G):                                                    # group g: rows g*rank.. of
+                self.q8(lw.attn_output_a, x, low_g[g * T * rank:(g + 1) * T * rank],   # out_a x its T rows
+                        rows=(g * rank, (g + 1) * rank), x_rows=(g * T, (g + 1) * T))
             k.swap01(low_g, G, T, rank, out=low)                                  # (G, T, rank) -> (T, G, rank)
         y = s.y[:T * cfg.n_embd]
-        self.q8(self.w(lw.attn_output_b), self.quant_q8_0(low, T, G * rank), y)
+        self.q8(lw.attn_output_b, MatIn(low, T, G * rank), y)
         return y
 
     # -- FFN sublayer (steps 15-19) -------------------------------------
@@ -494,13 +544,13 @@ class _Builder:
         k.family("routed_experts")                                                # step 17
         routed = self.routed_experts(il, lw, x_norm, sel_flat, route.weights.reshape(T * n_used))
         k.family("shared_expert")                                                 # step 18
-        act = self.quant_q8_0(x_norm, T, e)
+        x = MatIn(x_norm, T, e)
         g, u = s.sh_gate[:T * ff], s.sh_up[:T * ff]
-        self.q8(self.w(lw.ffn_gate_shexp), act, g)
-        self.q8(self.w(lw.ffn_up_shexp), act, u)
+        self.q8(lw.ffn_gate_shexp, x, g)
+        self.q8(lw.ffn_up_shexp, x, u)
         k.swiglu(g, u, cfg.swiglu_clamp_exp[il], out=g)
         shared = s.shared[:T * e]
-        self.q8(self.w(lw.ffn_down_shexp), self.quant_q8_0(g, T, ff), shared)
+        self.q8(lw.ffn_down_shexp, MatIn(g, T, ff), shared)
         k.family("hc")
         k.add(routed, shared, out=routed)                                         # step 19
         k.hc_post(routed, hc, pre.post, pre.comb, out=hc_out, n_hc=cfg.n_hc)
@@ -567,10 +617,38 @@ class _Builder:
         self.k.quant_q8_0(x[:rows * n].reshape(rows, n), out=act)
         return act
 
-    def q8(self, w: PackedWeight, act: Q8_0Act, out: Any) -> Any:
-        if self.T == 1:
-            return self.k.q8_matvec(w, act, out=out)
-        return self.k.q8_matmul(w, act, out=out)
+    def q8(self, info: Any, x: MatIn, out: Any, *, rows: tuple[int, int] | None = None,
+           x_rows: tuple[int, int] | None = None) -> Any:
+        """out = x W^T for the Q8_0 weight ``info`` (or its rows ``rows``, against x's rows ``x_rows``), by the
+        strategy the dispatcher chose for this step's size: one token the ``warp8`` matvec; ``cublas`` the F16
+        copy of the weight through cuBLAS when it has one (else ``mmq``); otherwise that strategy's kernel."""
+        k, T = self.k, self.T
+        w = self.w(info)
+        r0, r1 = rows or (0, w.n_rows)
+        x0, x1 = x_rows or (0, x.rows)
+        if T == 1:
+            return k.q8_matvec(w if rows is None else packed_rows(w, r0, r1), self.q8_act(x, x0, x1), out=out)
+        strategy = self.sc.kernels.dispatch.strategy_for(T)
+        w16 = self.sc.f16.get(info.name) if strategy == "cublas" else None
+        if w16 is not None:
+            kd = w.n_cols
+            return k.f16_gemm(w16[r0 * kd:r1 * kd], self.f16_act(x)[x0 * kd:x1 * kd], out=out, n_rows=r1 - r0,
+                              k=kd, n_tok=x1 - x0)
+        matmul = k.q8_matmuls["mmq" if strategy == "cublas" else strategy]
+        return matmul(w if rows is None else packed_rows(w, r0, r1), self.q8_act(x, x0, x1), out=out)
+
+    def q8_act(self, x: MatIn, start: int, stop: int) -> Q8_0Act:
+        """Rows ``[start, stop)`` of x quantized to Q8_0 (all of x quantized once, at first use)."""
+        if x.q8 is None:
+            x.q8 = self.quant_q8_0(x.x, x.rows, x.n)
+        return _q8_0_rows(x.q8, x.n // 32, start, stop)
+
+    def f16_act(self, x: MatIn) -> Any:
+        """x rounded to F16 for the ``cublas`` GEMMs (once, at first use)."""
+        if x.f16 is None:
+            x.f16 = self.s.x16[:x.rows * x.n]
+            self.k.to_f16(x.x[:x.rows * x.n], out=x.f16)
+        return x.f16
 
     def hc_pre(self, hc: Any, fn: Any, scale: Any, base: Any, norm: Any) -> HcPreOut:
         cfg, s, T = self.cfg, self.s, self.T

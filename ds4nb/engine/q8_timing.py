@@ -23,7 +23,7 @@ from numba import cuda
 from ds4nb.dispatch.device import DeviceProbe
 from ds4nb.dispatch.select import DispatchKey, Q8Dispatch, select_q8_dispatch
 from ds4nb.engine.graph import StepRunner, graphs_requested
-from ds4nb.engine.model import STRATEGY_IMPLS
+from ds4nb.engine.model import BATCHED_IMPLS
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.activation import Q8_0Act, alloc_q8_0
 from ds4nb.kernels.registry import DeviceInfo
@@ -65,12 +65,11 @@ def available_strategies(device: DeviceInfo) -> Callable[[str], bool]:
     reg = get_registry()
 
     def available(strategy: str) -> bool:
-        impls = STRATEGY_IMPLS.get(strategy)
-        if impls is None:
+        impl = BATCHED_IMPLS.get(strategy)
+        if impl is None:
             return False
-        decode, batched = impls
         try:
-            ok = reg.get("q8_0.matvec", decode).supports(device) and reg.get("q8_0.matmul", batched).supports(device)
+            ok = reg.get("q8_0.matvec", "warp8").supports(device) and reg.get(*impl).supports(device)
         except LookupError:
             return False
         if ok and strategy == "cublas":
@@ -166,11 +165,11 @@ class Q8Timer:
         """Record ``strategy``'s launches for ``n_tok`` tokens into ``rec``; False if it cannot run here."""
         if strategy == "cublas":
             return self._record_cublas(n_tok, rec)
-        impls = STRATEGY_IMPLS.get(strategy)
-        if impls is None:
+        impl = BATCHED_IMPLS.get(strategy)
+        if impl is None:
             return False
         reg = get_registry()
-        op, name = ("q8_0.matvec", impls[0]) if n_tok == 1 else ("q8_0.matmul", impls[1])
+        op, name = ("q8_0.matvec", "warp8") if n_tok == 1 else impl
         try:
             matmul = reg.get(op, name).fn
             quantize = reg.select("act.quantize_q8_0", device=self.device).fn

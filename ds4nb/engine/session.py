@@ -30,7 +30,7 @@ from ds4nb.cache.residency import load_residency
 from ds4nb.dispatch.device import probe_device
 from ds4nb.engine.graph import GroupTime, StepRunner, graphs_requested, time_groups
 from ds4nb.engine.model import (DEFAULT_CHUNK, Kernels, Scratch, StepContext, alloc_layer_states, build_step,
-                                session_bytes, state_bytes)
+                                Q8_MATMUL_WEIGHTS, f16_copies, session_bytes, state_bytes)
 from ds4nb.engine.q8_timing import q8_dispatch
 from ds4nb.engine.step import StepInput, StepLayout
 from ds4nb.errors import Ds4Error
@@ -67,7 +67,7 @@ class CudaEngine(Engine):
         self.ctx = ctx
         self.chunk = max(1, min(chunk, ctx))
         self.probe = probe_device()
-        device = DeviceInfo(self.probe.name, self.probe.cc, simulator=self.probe.simulator)
+        device = DeviceInfo.current()
         self.dispatch = q8_dispatch(cfg, self.probe)
         w = model.weights
         expert_types = {lw.ffn_gate_exps.qtype for lw in w.layers} | {lw.ffn_down_exps.qtype for lw in w.layers}
@@ -85,9 +85,13 @@ class CudaEngine(Engine):
         self.states = alloc_layer_states(cfg, ctx, self.layout.ring)
         self.inputs = StepInput(self.chunk, self.layout)
         self._counts = cuda.to_device(np.zeros((cfg.n_layer, cfg.n_expert), np.int32)) if count_experts else None
-        kernels = Kernels(device, self.dispatch.strategy_for(self.chunk), expert_types)
-        self._step = StepContext(cfg, w, self.res, kernels, self.layout,
-                                 self.states, Scratch(cfg, self.chunk, ctx), self.inputs, ctx, self._counts)
+        kernels = Kernels(device, self.dispatch, expert_types)
+        use_f16 = "cublas" in self.dispatch.strategies()
+        scratch = Scratch(cfg, self.chunk, ctx, f16=use_f16)
+        # the cublas strategy's F16 weight copies: in what is left after weights, state and scratch
+        self.f16 = f16_copies(w, self.res, self._f16_budget(), self.stream) if use_f16 else {}
+        self._step = StepContext(cfg, w, self.res, kernels, self.layout, self.states, scratch, self.inputs, ctx,
+                                 self._counts, self.f16)
         self.use_graphs = (graphs_requested() if graphs is None else graphs) and not self.probe.simulator
         self._runners: dict[tuple[int, bool], StepRunner] = {}
         self._logits_host = cuda.pinned_array(cfg.n_vocab, np.float32)
@@ -97,6 +101,17 @@ class CudaEngine(Engine):
         #: set to a list to collect (start, stop) CUDA events around every step's launches (benchmarks)
         self.step_events: list[tuple[Any, Any]] | None = None
         self.reset()
+
+    #: GPU memory the F16 copies leave free: a share of the device and a floor (allocator slack, other users)
+    F16_HEADROOM_SHARE = 0.04
+    F16_HEADROOM_MIN = 2 << 30
+
+    def _f16_budget(self) -> int:
+        """Bytes the ``cublas`` strategy's F16 weight copies may take: what is free now, less a headroom."""
+        if self.probe.simulator:
+            return 1 << 62
+        free, total = cuda.current_context().get_memory_info()
+        return max(0, int(free) - max(self.F16_HEADROOM_MIN, int(self.F16_HEADROOM_SHARE * total)))
 
     # ------------------------------------------------------------------
     # sizes and description
@@ -118,7 +133,11 @@ class CudaEngine(Engine):
         return "cuda graph" if self.use_graphs and (runner is None or runner.use_graph) else "eager"
 
     def describe(self) -> str:
-        return (f"cuda on {self.probe.describe()} | {self.dispatch.describe()} | placement {self.plan.describe()} "
+        f16 = ""
+        if "cublas" in self.dispatch.strategies():
+            n = sum(a.size * 2 for a in self.f16.values())
+            f16 = f" | cublas F16 copies {n / 2**30:.1f} GiB ({len(self.f16)} of {self._cfg.n_layer * len(Q8_MATMUL_WEIGHTS)} weights)"
+        return (f"cuda on {self.probe.describe()} | {self.dispatch.describe()}{f16} | placement {self.plan.describe()} "
                 f"| decode: {self.decode_mode}")
 
     # ------------------------------------------------------------------
