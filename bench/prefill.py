@@ -115,7 +115,9 @@ def _cublas_impl(reg):
         if key not in copies:
             copies[key] = cublas.dequantize_q8_0_f16(w, out=L.device_array(w.n_rows * w.n_cols, np.float16))
         n_tok = act.d.size // (w.n_cols // 32)
-        x16 = x16s.setdefault((n_tok, w.n_cols), L.device_array(n_tok * w.n_cols, np.float16))
+        if (n_tok, w.n_cols) not in x16s:
+            x16s[(n_tok, w.n_cols)] = L.device_array(n_tok * w.n_cols, np.float16)
+        x16 = x16s[(n_tok, w.n_cols)]
         cublas.to_f16(x, out=x16)
         cublas.f16_gemm(copies[key], x16, out=out, n_rows=w.n_rows, k=w.n_cols, n_tok=n_tok)
 

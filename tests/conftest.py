@@ -20,11 +20,14 @@ def _real_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if _real_gpu():
-        return
-    skip = pytest.mark.skip(reason="needs a real CUDA GPU (run through the device tool)")
+    if _real_gpu():      # tests of what happens without a GPU (or in the simulator) cannot run here
+        skip = pytest.mark.skip(reason="checks the behaviour without a CUDA GPU")
+        marker = "no_gpu"
+    else:
+        skip = pytest.mark.skip(reason="needs a real CUDA GPU (run through the device tool)")
+        marker = "gpu"
     for item in items:
-        if "gpu" in item.keywords:
+        if marker in item.keywords:
             item.add_marker(skip)
 
 
@@ -53,6 +56,15 @@ def tiny_model(tiny_gguf: Path):
     from ds4nb.model import load_model
 
     return load_model(tiny_gguf)
+
+
+@pytest.fixture(scope="module")
+def exact_prefill():
+    """CUDA engines made in this module prefill with ``mmq``, the exact Q8_0 strategy (``auto`` may pick
+    ``cublas``, whose results have a tolerance, not the oracle's bits)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DS4_CUDA_PREFILL_PATH", "mmq")
+        yield
 
 
 @pytest.fixture

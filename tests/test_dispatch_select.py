@@ -308,6 +308,7 @@ def test_the_timer_runs_warp8_on_the_simulator() -> None:
     assert timer._weights is None and not timer._out
 
 
+@pytest.mark.no_gpu
 def test_q8_dispatch_never_measures_in_the_simulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ds4nb.dispatch.device import probe_device
     from ds4nb.engine import q8_timing
@@ -320,6 +321,7 @@ def test_q8_dispatch_never_measures_in_the_simulator(tmp_path: Path, monkeypatch
     assert forced.source == "env" and forced.strategies() == {"warp8"}
 
 
+@pytest.mark.no_gpu
 def test_only_registered_strategies_are_available() -> None:
     from ds4nb.engine.q8_timing import available_strategies
     from ds4nb.kernels.registry import DeviceInfo
@@ -346,6 +348,7 @@ def _one_line_error(code: int, err: str, *needles: str) -> str:
     return lines[0]
 
 
+@pytest.mark.no_gpu
 def test_dispatch_without_a_gpu_is_one_line(capsys) -> None:
     code, out, err = _run(capsys, "dispatch")
     _one_line_error(code, err, "no", "GPU")
@@ -360,6 +363,7 @@ def test_a_bad_override_is_one_line_everywhere(capsys, monkeypatch, tiny_gguf: P
     _one_line_error(code, err, ENV_VAR, "bogus", "mmq, cublas, warp8, auto")
 
 
+@pytest.mark.no_gpu
 def test_info_shows_the_decision_without_a_gpu(capsys, tiny_gguf: Path) -> None:
     code, out, err = _run(capsys, "info", str(tiny_gguf))
     assert code == 0, err
@@ -426,6 +430,7 @@ def test_dispatch_measures_once_then_reads_the_cache(capsys, fake_gpu, tmp_path:
     assert code == 0 and FakeTimer.made[2].calls and "measured on Fake GPU" in out
 
 
+@pytest.mark.no_gpu
 def test_dispatch_shows_an_override_in_effect(capsys, monkeypatch, fake_gpu) -> None:
     from ds4nb.engine.q8_timing import available_strategies
     from ds4nb.kernels.registry import DeviceInfo

@@ -24,7 +24,7 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model):
+def engines(tiny_model, exact_prefill):
     return CudaEngine(tiny_model, ctx=64, chunk=4), CpuEngine(tiny_model)
 
 
@@ -78,7 +78,7 @@ def test_greedy_generation_matches_the_oracle(tiny_model, engines) -> None:
 
 
 @pytest.mark.gpu
-def test_greedy_generation_matches_the_oracle_small(small_gguf) -> None:
+def test_greedy_generation_matches_the_oracle_small(small_gguf, exact_prefill) -> None:
     """`small` (real window 128, ratios 4 / 128, top-k 512): 2100 prompt tokens reach the indexer's selection."""
     from ds4nb.model import load_model
 

@@ -17,7 +17,7 @@ from ds4nb.engine.session import CudaEngine
 from ds4nb.model import load_model
 from ds4nb.reference.engine import CpuEngine
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_prefill")]
 
 STEPS = 64
 

@@ -48,13 +48,13 @@ def _check(model, prompt: list[int], steps: int, **kw) -> None:
             assert np.array_equal(a, b), f"{name}: logits differ from full at step {step}"
 
 
-def test_placements_give_identical_logits_tiny(tiny_model) -> None:
+def test_placements_give_identical_logits_tiny(tiny_model, exact_prefill) -> None:
     prompt = np.random.default_rng().integers(0, tiny_model.config.n_vocab, 2).tolist()
     _check(tiny_model, prompt, 1, ctx=8, chunk=2)
 
 
 @pytest.mark.gpu
-def test_placements_give_identical_logits_small(small_gguf) -> None:
+def test_placements_give_identical_logits_small(small_gguf, exact_prefill) -> None:
     from ds4nb.model import load_model
 
     model = load_model(small_gguf)
