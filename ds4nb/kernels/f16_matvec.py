@@ -14,9 +14,11 @@ state rows, the gate row plus its ``ape`` bias.
 Layout: weights row-major ``(n_out, n_in)`` exactly as in the GGUF file
 (F16 or F32), activations float32 ``(T, n_in)``.
 
-A step of several tokens (prefill) runs ``_matmul_kernel``: the same rows
-and sums, but each lane loads a weight value once for a pass of up to 8
-tokens (``TOKENS_PER_PASS``, ``blockIdx.y``) instead of once per token.
+A step of several tokens (prefill) runs ``_matmul_kernel``: a warp owns 4
+rows for a pass of up to 8 tokens (``blockIdx.y``); a lane loads each of its
+weight values once for the 8 tokens and widens each activation value to
+float64 once for the 4 rows (the same sums, the weights read once per pass
+instead of once per token).
 
 Launch geometry: 256-thread blocks (8 warps); each output row gets
 ``wpr`` warps (1, 2, 4 or 8) so that narrow matrices still launch enough
@@ -54,7 +56,6 @@ THREADS = 16 if SIMULATOR else 256
 WARPS = THREADS // LANES
 ROWS_PER_WARP = 8 if SIMULATOR else 1   # rows a warp sums before the block's barrier
 PARTS = WARPS * ROWS_PER_WARP
-PARTS_T = PARTS * 8       # the batched kernel's warp sums: PARTS x TOKENS_PER_PASS
 _D0 = np.float64(0.0)
 # ~2 blocks per SM on a 132-SM H100/H200 (1056 blocks measured 9% slower on the compressor projections,
 # bench/results/decode_graph_flash_h200.md); the simulator pays per block barrier, so it packs rows
@@ -187,76 +188,57 @@ def _matvec_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out,
         cuda.syncthreads()
 
 
-#: tokens that share each weight load in the batched kernel (prefill steps)
+#: tokens that share each weight load in the batched kernel (prefill steps), and rows a warp owns there
 TOKENS_PER_PASS = 8
-
-
-@device
-def _row_dots(w, wb, x, t0, n_tok, n_in, i, stride, acc):
-    """acc[k] = float64 sum of w[wb + j] * x[t0 + k, j] for j = i, i + stride, ... < n_in and the pass's tokens:
-    each weight value is loaded once for up to ``TOKENS_PER_PASS`` tokens."""
-    for k in range(TOKENS_PER_PASS):
-        acc[k] = _D0
-    while i < n_in:
-        wv = float64(float32(w[wb + i]))
-        for k in range(TOKENS_PER_PASS):
-            if t0 + k < n_tok:
-                acc[k] += wv * float64(x[(t0 + k) * n_in + i])
-        i += stride
+ROWS_PER_WARP_T = 4
+_ACC_T = TOKENS_PER_PASS * ROWS_PER_WARP_T
 
 
 @cuda.jit
-def _matmul_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out, n_out2, n_in, n_tok, wpr, rpw,
-                   gate, gate_at):
-    """``_matvec_kernel`` for a pass of up to ``TOKENS_PER_PASS`` tokens (``blockIdx.y``): the same rows, the same
-    float64 sums, the weights read once per pass instead of once per token."""
+def _matmul_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out, n_out2, n_in, n_tok, gate,
+                   gate_at):
+    """``out[t, r]`` for a pass of up to ``TOKENS_PER_PASS`` tokens (``blockIdx.y``) and ``ROWS_PER_WARP_T`` rows
+    per warp: a lane converts its columns of the pass's activations to float64 once and uses them for its 4
+    rows, and loads each weight value once for the 8 tokens; float64 sums, one shuffle reduction per
+    (row, token), rounded once at the store (the same values as ``_matvec_kernel``)."""
     if gate_at >= 0 and gate[gate_at] == 0:   # a step-record flag says this step needs no result
         return
     tid = cuda.threadIdx.x
     warp = tid // LANES
     lane = tid % LANES
-    rpb = WARPS // wpr
     t0 = cuda.blockIdx.y * TOKENS_PER_PASS
-    sub = (warp % wpr) * LANES + lane
-    stride = LANES * wpr
-    part = cuda.shared.array(PARTS_T, float64)
-    acc = cuda.local.array(TOKENS_PER_PASS, float64)
-    for rep in range(rpw):   # rpw > 1 only in the simulator
-        for e in range(ROWS_PER_WARP):     # the simulator's further rows (one row a warp on the GPU)
-            row = (cuda.blockIdx.x * rpw + rep) * (rpb * ROWS_PER_WARP) + warp // wpr + e * rpb
-            if row < n_out + n_out2:
-                if row < n_out:
-                    _row_dots(w, row * n_in, x, t0, n_tok, n_in, sub, stride, acc)
-                else:
-                    _row_dots(w2, (row - n_out) * n_in, x, t0, n_tok, n_in, sub, stride, acc)
+    row0 = (cuda.blockIdx.x * WARPS + warp) * ROWS_PER_WARP_T
+    n_rows = n_out + n_out2
+    acc = cuda.local.array(_ACC_T, float64)
+    xv = cuda.local.array(TOKENS_PER_PASS, float64)
+    for a in range(_ACC_T):
+        acc[a] = _D0
+    for i in range(lane, n_in, LANES):
+        for k in range(TOKENS_PER_PASS):
+            xv[k] = float64(x[(t0 + k) * n_in + i]) if t0 + k < n_tok else _D0
+        for r in range(ROWS_PER_WARP_T):
+            row = row0 + r
+            if row < n_out:
+                wv = float64(float32(w[row * n_in + i]))
+            elif row < n_rows:
+                wv = float64(float32(w2[(row - n_out) * n_in + i]))
             else:
-                for k in range(TOKENS_PER_PASS):
-                    acc[k] = _D0
+                wv = _D0
             for k in range(TOKENS_PER_PASS):
-                v = group_sum(acc[k], LANES)                 # every warp reduces
-                if lane == 0:
-                    part[(warp + e * WARPS) * TOKENS_PER_PASS + k] = v
-        cuda.syncthreads()
-        for e in range(ROWS_PER_WARP):
-            row = (cuda.blockIdx.x * rpw + rep) * (rpb * ROWS_PER_WARP) + warp // wpr + e * rpb
-            if row >= n_out + n_out2:
-                continue
-            for k in range(sub, TOKENS_PER_PASS, stride):    # lanes 0..7 of the row's first warp: a token each
-                if t0 + k >= n_tok:
-                    break
-                s = _D0
-                for j in range(wpr):                          # the row's warp sums, in warp order
-                    s += part[(warp - warp % wpr + j + e * WARPS) * TOKENS_PER_PASS + k]
+                acc[r * TOKENS_PER_PASS + k] += wv * xv[k]       # exact product, float64 sum
+    for r in range(ROWS_PER_WARP_T):
+        row = row0 + r
+        for k in range(TOKENS_PER_PASS):
+            v = group_sum(acc[r * TOKENS_PER_PASS + k], LANES)    # every lane of the warp takes part
+            if lane == 0 and row < n_rows and t0 + k < n_tok:
                 if row < n_out:
                     if has_bias:
-                        s += float64(float32(bias[row]))
-                    out[(t0 + k) * n_out + row] = s         # the output's type: float32 rounds once
+                        v += float64(float32(bias[row]))
+                    out[(t0 + k) * n_out + row] = v              # the output's type: float32 rounds once
                 else:
-                    r = row - n_out
                     if has_bias2:
-                        s += float64(float32(bias2[r]))
-                    out2[(t0 + k) * n_out2 + r] = s
-        cuda.syncthreads()
+                        v += float64(float32(bias2[row - n_out]))
+                    out2[(t0 + k) * n_out2 + row - n_out] = v
 
 
 def warps_per_row(n_rows: int, n_tok: int = 1) -> int:
@@ -293,16 +275,12 @@ def f16_matvec(w: Any, x: Any, bias: Any | None = None, *, out: Any, w2: Any | N
         raise ValueError(f"f16.matvec: wpr must be 1, 2, 4 or 8, got {wpr}")
     d = L.placeholder(np.float32)
     gate_arr, gate_at = gate if gate is not None else (L.placeholder(np.int32), -1)
-    if n_tok > 1:                          # a prefill step: each weight row read once per 8 tokens
-        wpr = wpr if SIMULATOR else warps_per_row(n_out + n_out2, L.cdiv(n_tok, TOKENS_PER_PASS))
-        rows_per_pass = (WARPS // wpr) * ROWS_PER_WARP
-        rpw = min(4, L.cdiv(n_out + n_out2, rows_per_pass)) if SIMULATOR else 1
-        grid = (L.cdiv(n_out + n_out2, rows_per_pass * rpw), L.cdiv(n_tok, TOKENS_PER_PASS))
+    if n_tok > 1:                          # a prefill step: each weight value read once per 8 tokens
+        grid = (L.cdiv(n_out + n_out2, WARPS * ROWS_PER_WARP_T), L.cdiv(n_tok, TOKENS_PER_PASS))
         L.launch(_matmul_kernel, grid, THREADS, stream,
                  L.flat(w), d if bias is None else L.flat(bias), int(bias is not None), L.flat(out),
                  d if w2 is None else L.flat(w2), d if bias2 is None else L.flat(bias2), int(bias2 is not None),
-                 d if out2 is None else L.flat(out2), L.flat(x), n_out, n_out2, n_in, n_tok, wpr, rpw, gate_arr,
-                 int(gate_at))
+                 d if out2 is None else L.flat(out2), L.flat(x), n_out, n_out2, n_in, n_tok, gate_arr, int(gate_at))
         return out
     rows_per_pass = (WARPS // wpr) * ROWS_PER_WARP
     rpw = min(4, L.cdiv(n_out + n_out2, rows_per_pass)) if SIMULATOR else 1
