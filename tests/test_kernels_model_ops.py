@@ -470,3 +470,22 @@ def test_topk_rows_of_a_step(kernel_rng: np.random.Generator) -> None:
     for t, (rows, sel) in enumerate(counts):
         np.testing.assert_array_equal(got[t, :sel], ops.top_k_stable(values[t, :rows], sel) if sel else [])
         assert (got[t, sel:] == -1).all()
+
+
+@pytest.mark.parametrize(("ratio", "d", "overlap", "finish", "n_tok"),
+                         [(4, 64, True, "fp8", 13), (16, 64, False, "fp8", 37), (4, 32, True, "qat", 6),
+                          (16, 64, False, "fp8", 5)],
+                         ids=["csa", "hca", "indexer", "hca-no-emission"])
+def test_compressor_chunk_equals_token_by_token(ratio, d, overlap, finish, n_tok, kernel_rng) -> None:
+    """compressor.chunk: the rows and the final window state of n_tok token-by-token steps, from a random
+    mid-window position and state."""
+    from ds4nb.kernels.parity import contract_error, poison
+
+    case, kv_end, sc_end = C.make_chunk_case(kernel_rng, ratio, d, 16, overlap, finish, n_tok)
+    poison(case.out)                                    # rows the step does not emit must stay unwritten
+    C.compressor_chunk(*case.inputs, out=case.out, **case.kwargs)
+    got = case.out.copy_to_host()
+    assert contract_error(got, case.expected[0]) <= 1e-3, case.info
+    state = case.kwargs["state"]
+    np.testing.assert_array_equal(state.kv.copy_to_host(), kv_end)
+    np.testing.assert_array_equal(state.score.copy_to_host(), sc_end)

@@ -10,9 +10,8 @@ buffer (``ds4nb.engine.step``), so the same launches run for every token,
 eagerly or captured as a CUDA graph (``ds4nb.engine.graph``).
 
 Stateless parts (HC, norms, projections, router, experts) run over all ``T``
-tokens per launch; so do the window store, the indexer and attention (each
-token reads only the rows its step record counts: causal); the compressors
-(step 9) run token by token, as in the oracle.
+tokens per launch; so do the window store, the compressors, the indexer and
+attention (each token reads only the rows its step record counts: causal).
 """
 
 from __future__ import annotations
@@ -84,6 +83,7 @@ class Kernels:
         self.attention = pick("attn.decode")
         self.comp_project = pick("compressor.project")
         self.comp_step = pick("compressor.step")
+        self.comp_chunk = pick("compressor.chunk")
         self.f16_matvec = pick("f16.matvec")
         self.index_q_prep = pick("indexer.q_prep")
         self.index_scores = pick("indexer.scores")
@@ -440,8 +440,8 @@ class _Builder:
         """Steps 8-12 for the step's tokens: window rows, compressors, indexer, attention.
 
         The window rows of all ``T`` tokens are stored first (the ring has
-        room for them and the window), the compressors run token by token
-        (each token's emission depends on the state the previous one left),
+        room for them and the window), the compressors pool every window the
+        tokens close at once and leave the state token-by-token steps would,
         then the indexer and attention run once for all ``T`` queries, each
         reading only the rows its own step record counts: causal, as
         token-by-token steps would be.
@@ -456,16 +456,14 @@ class _Builder:
         sel = None
         if ratio:                                                                 # step 9
             k.family("compressor")
-            for t in range(T):
-                rec = t * NF
-                k.comp_step(s.comp_proj, t, self.w(lw.attn_compressor_ape), self.w(lw.attn_compressor_norm),
-                            out=ls.comp, state=ls.attn_compressor, ratio=ratio, overlap=csa, rope=rope,
-                            eps=cfg.rms_eps, finish="fp8", steps=steps, rec=rec, grp=grp)
-                if csa:
-                    k.comp_step(s.index_proj, t, self.w(lw.indexer_compressor_ape),
-                                self.w(lw.indexer_compressor_norm), out=ls.index_comp, state=ls.index_compressor,
-                                ratio=ratio, overlap=True, rope=rope, eps=cfg.rms_eps, finish="qat", steps=steps,
-                                rec=rec, grp=grp)
+            comp = k.comp_step if T == 1 else k.comp_chunk       # one token, or every window the step closes
+            arg = 0 if T == 1 else T
+            k_comp = dict(ratio=ratio, rope=rope, eps=cfg.rms_eps, steps=steps, grp=grp)
+            comp(s.comp_proj, arg, self.w(lw.attn_compressor_ape), self.w(lw.attn_compressor_norm), out=ls.comp,
+                 state=ls.attn_compressor, overlap=csa, finish="fp8", **k_comp)
+            if csa:
+                comp(s.index_proj, arg, self.w(lw.indexer_compressor_ape), self.w(lw.indexer_compressor_norm),
+                     out=ls.index_comp, state=ls.index_compressor, overlap=True, finish="qat", **k_comp)
             if self.indexer_selects(il):
                 k.family("indexer")                                               # step 10
                 sel = self.indexer_select(il, ls)

@@ -57,7 +57,7 @@ from ds4nb.kernels.intrinsics import device, float32, float64
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.rope import RopeArgs, rope_args, rope_cos_sin, rope_rotate
-from ds4nb.kernels.step import EMIT, POS, ROWS, group_offset, one_record
+from ds4nb.kernels.step import EMIT, NF, POS, ROWS, group_offset, one_record, records
 
 _F0 = np.float32(0.0)
 _D0 = np.float64(0.0)
@@ -124,6 +124,33 @@ def _pool(kv, sc, width, d, j, ratio, overlap):
     return float32(tot / den)      # den >= 1: the best candidate contributes e^0
 
 
+@device
+def _finish_row(y0, y1, p, nt, d, norm_w, eps, rope_pos, finish, inv_sqrt, out, row, n_rot, ts, fscale, ext, low,
+                denom, msc):
+    """Step 9c after the pool, thread ``p`` holding pooled columns ``2p, 2p+1`` (every thread calls): RMSNorm,
+    RoPE at ``rope_pos``, FP8 round trip or Hadamard + FP4, F16, into compressed row ``row`` of ``out``."""
+    half = d // 2
+    valid = p < half
+    red = cuda.shared.array(32, float64)
+    ss = block_sum(float64(y0) * float64(y0) + float64(y1) * float64(y1), red, nt // 32, _D0, 32)
+    inv = rms_inv(ss, d, eps)
+    if valid:
+        y0 = rms_value(y0, norm_w[2 * p], inv)
+        y1 = rms_value(y1, norm_w[2 * p + 1], inv)
+    k = p - (d - n_rot) // 2
+    if valid and k >= 0:
+        c, s = rope_cos_sin(k, rope_pos, ts, fscale, ext, low, denom, msc)
+        y0, y1 = rope_rotate(y0, y1, c, s, False)
+    if finish == FINISH_FP8:   # uniform: a launch argument
+        y0, y1 = fp8_pair(y0, y1, valid and k < 0)
+    else:
+        hs = cuda.shared.array(MAX_ROW, float64)
+        y0, y1 = hadamard_fp4_pair(y0, y1, p, half, hs, inv_sqrt)
+    if valid:
+        out[row * d + 2 * p] = f16_round(y0)
+        out[row * d + 2 * p + 1] = f16_round(y1)
+
+
 @cuda.jit
 def _step_kernel(new_kv, new_sc, t, ape, kv, sc, ratio, overlap, d, norm_w, eps, out, finish, inv_sqrt,
                  steps, rec, grp, n_rot, ts, fscale, ext, low, denom, msc):
@@ -148,25 +175,8 @@ def _step_kernel(new_kv, new_sc, t, ape, kv, sc, ratio, overlap, d, norm_w, eps,
     if valid:
         y0 = _pool(kv, sc, width, d, 2 * p, ratio, overlap)
         y1 = _pool(kv, sc, width, d, 2 * p + 1, ratio, overlap)
-    red = cuda.shared.array(32, float64)
-    ss = block_sum(float64(y0) * float64(y0) + float64(y1) * float64(y1), red, nt // 32, _D0, 32)
-    inv = rms_inv(ss, d, eps)
-    if valid:
-        y0 = rms_value(y0, norm_w[2 * p], inv)
-        y1 = rms_value(y1, norm_w[2 * p + 1], inv)
-    k = p - (d - n_rot) // 2
-    if valid and k >= 0:
-        c, s = rope_cos_sin(k, pos + 1 - ratio, ts, fscale, ext, low, denom, msc)
-        y0, y1 = rope_rotate(y0, y1, c, s, False)
-    if finish == FINISH_FP8:   # uniform: a launch argument
-        y0, y1 = fp8_pair(y0, y1, valid and k < 0)
-    else:
-        hs = cuda.shared.array(MAX_ROW, float64)
-        y0, y1 = hadamard_fp4_pair(y0, y1, p, half, hs, inv_sqrt)
-    row = steps[rec + grp + ROWS] - 1
-    if valid:
-        out[row * d + 2 * p] = f16_round(y0)
-        out[row * d + 2 * p + 1] = f16_round(y1)
+    _finish_row(y0, y1, p, nt, d, norm_w, eps, pos + 1 - ratio, finish, inv_sqrt, out, steps[rec + grp + ROWS] - 1,
+                n_rot, ts, fscale, ext, low, denom, msc)
     cuda.syncthreads()   # every pool read is done: 9d, slide the window
     n = ratio * width
     if overlap:
@@ -204,6 +214,141 @@ def compressor_step(proj: CompressorProjection, t: int, ape: Any, norm_w: Any, *
              proj.kv, proj.score, int(t), L.flat(ape), L.flat(state.kv), L.flat(state.score), int(ratio),
              int(bool(overlap)), d, L.flat(norm_w), eps64(eps), L.flat(out),
              FINISH_FP8 if finish == "fp8" else FINISH_QAT, hadamard_scale(d), steps, int(rec), int(grp), *ra)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# compressor.chunk: steps 9b-d for all the tokens of a prefill step at once
+# ---------------------------------------------------------------------------
+
+
+@device
+def _window_value(pkv, psc, ape, skv, ssc, p0, q, c, width, ratio, overlap):
+    """(kv, score) that the window holds for position ``q`` at column ``c`` when token-by-token stores reach it:
+    from the step's projections when ``q >= p0`` (the score plus its ``ape`` row rounded once, as the store
+    does), else from the state at the step's start (the current window ``[g0, p0)`` in its slots, ``g0`` the
+    first position of ``p0``'s window; with overlap, the window before it in slots ``0 .. ratio - 1``)."""
+    r = q % ratio
+    if q >= p0:
+        t = q - p0
+        return pkv[t * width + c], float32(psc[t * width + c] + float64(float32(ape[r * width + c])))
+    slot = r
+    if overlap and q >= p0 - p0 % ratio:
+        slot = ratio + r
+    return skv[slot * width + c], ssc[slot * width + c]
+
+
+@device
+def _pool_window(pkv, psc, ape, skv, ssc, p0, e, width, d, j, ratio, overlap):
+    """``_pool`` of column ``j`` of the window that position ``e`` closes (same float64 sums, same order)."""
+    mx = NEG_INF
+    for r in range(ratio):
+        _, sc_c = _window_value(pkv, psc, ape, skv, ssc, p0, e - ratio + 1 + r, d + j if overlap else j, width,
+                                ratio, overlap)
+        if overlap:
+            _, sc_p = _window_value(pkv, psc, ape, skv, ssc, p0, e - 2 * ratio + 1 + r, j, width, ratio, overlap)
+            mx = max(mx, sc_p)
+        mx = max(mx, sc_c)
+    if mx <= _HALF_NEG_INF:
+        return _F0
+    m = float64(mx)
+    den = _D0
+    tot = _D0
+    for r in range(ratio):
+        if overlap:
+            kv_p, sc_p = _window_value(pkv, psc, ape, skv, ssc, p0, e - 2 * ratio + 1 + r, j, width, ratio, overlap)
+            wp = float64(math.exp(float64(sc_p) - m))
+            den += wp
+            tot += wp * float64(kv_p)
+        kv_c, sc_c = _window_value(pkv, psc, ape, skv, ssc, p0, e - ratio + 1 + r, d + j if overlap else j, width,
+                                   ratio, overlap)
+        wc = float64(math.exp(float64(sc_c) - m))
+        den += wc
+        tot += wc * float64(kv_c)
+    return float32(tot / den)
+
+
+@cuda.jit
+def _emit_chunk_kernel(pkv, psc, ape, skv, ssc, ratio, overlap, d, norm_w, eps, out, finish, inv_sqrt, steps, rec,
+                       grp, n_tok, n_rot, ts, fscale, ext, low, denom, msc):
+    """Block ``b``: the ``b``-th window the step's tokens close (if any), pooled from the step's projections and
+    the state at its start, finished into its compressed row."""
+    p = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    width = 2 * d if overlap else d
+    p0 = steps[rec + POS]
+    t = (ratio - 1 - p0 % ratio) + cuda.blockIdx.x * ratio     # the step's b-th token with (pos + 1) % ratio == 0
+    if t >= n_tok:
+        return
+    e = p0 + t
+    half = d // 2
+    y0 = _F0
+    y1 = _F0
+    if p < half:
+        y0 = _pool_window(pkv, psc, ape, skv, ssc, p0, e, width, d, 2 * p, ratio, overlap)
+        y1 = _pool_window(pkv, psc, ape, skv, ssc, p0, e, width, d, 2 * p + 1, ratio, overlap)
+    _finish_row(y0, y1, p, nt, d, norm_w, eps, e + 1 - ratio, finish, inv_sqrt, out,
+                steps[rec + t * NF + grp + ROWS] - 1, n_rot, ts, fscale, ext, low, denom, msc)
+
+
+@cuda.jit
+def _state_chunk_kernel(pkv, psc, ape, skv, ssc, ratio, overlap, d, steps, rec, n_tok):
+    """The window state after the step's tokens, as token-by-token stores and slides leave it: slot ``r`` of
+    the current window holds position ``g1 + r`` if it has come (``g1``: the first position of the next token's
+    window), else nothing; with overlap, the previous window is ``g1 - ratio ..`` if a window closed in the
+    step, else unchanged.  A thread owns (r, c) in both halves and reads only those slots: in place is safe."""
+    width = 2 * d if overlap else d
+    i = cuda.grid(1)
+    if i >= ratio * width:
+        return
+    r = i // width
+    c = i % width
+    p0 = steps[rec + POS]
+    pn = p0 + n_tok
+    g1 = pn - pn % ratio
+    kv_c = _F0
+    sc_c = NEG_INF
+    if g1 + r < pn:
+        kv_c, sc_c = _window_value(pkv, psc, ape, skv, ssc, p0, g1 + r, c, width, ratio, overlap)
+    if overlap:
+        if g1 > p0 - p0 % ratio:               # a window closed: the last closed one becomes the previous
+            kv_p, sc_p = _window_value(pkv, psc, ape, skv, ssc, p0, g1 - ratio + r, c, width, ratio, overlap)
+            skv[r * width + c] = kv_p
+            ssc[r * width + c] = sc_p
+        skv[(ratio + r) * width + c] = kv_c
+        ssc[(ratio + r) * width + c] = sc_c
+    else:
+        skv[r * width + c] = kv_c
+        ssc[r * width + c] = sc_c
+
+
+@implementation("compressor.chunk", "emit_parallel", layout="state f32")
+def compressor_chunk(proj: CompressorProjection, n_tok: int, ape: Any, norm_w: Any, *, out: Any,
+                     state: CompressorStateDev, ratio: int, overlap: bool, rope: Any, eps: float, finish: str,
+                     steps: Any, rec: int = 0, grp: int, stream: Any = 0) -> Any:
+    """Steps 9b-d for the ``n_tok`` tokens of a step (records at ``steps[rec + t * NF:]``) in two launches.
+
+    Every window the tokens close is pooled at once, one block each, from
+    the step's projections and the state at its start (the same float64
+    sums as ``compressor.step``), finished and written to its compressed
+    row; then the state becomes what token-by-token steps leave.  The same
+    values as ``n_tok`` calls of ``compressor.step``, in 2 launches.
+    """
+    d = norm_w.size
+    if finish not in ("fp8", "qat"):
+        raise ValueError(f"compressor.chunk: finish must be 'fp8' or 'qat', got {finish!r}")
+    if finish == "qat":
+        check_qat_width(d)
+        if d > MAX_ROW:
+            raise ValueError(f"compressor.chunk: qat rows wider than {MAX_ROW}")
+    ra = rope if isinstance(rope, RopeArgs) else rope_args(rope)
+    width = 2 * d if overlap else d
+    common = (proj.kv, proj.score, L.flat(ape), L.flat(state.kv), L.flat(state.score), int(ratio),
+              int(bool(overlap)), d)
+    L.launch(_emit_chunk_kernel, L.cdiv(n_tok, ratio), row_threads(d), stream, *common, L.flat(norm_w), eps64(eps),
+             L.flat(out), FINISH_FP8 if finish == "fp8" else FINISH_QAT, hadamard_scale(d), steps, int(rec),
+             int(grp), int(n_tok), *ra)
+    L.launch(_state_chunk_kernel, L.cdiv(ratio * width, 256), 256, stream, *common, steps, int(rec), int(n_tok))
     return out
 
 
@@ -291,6 +436,60 @@ def _case_step(rng: np.random.Generator, scale: str) -> Case:
                 info={"ratio": ratio, "d": d, "finish": finish, "pos": pos})
 
 
+def chunk_reference(kv: np.ndarray, sc: np.ndarray, new_kv: np.ndarray, new_sc: np.ndarray, ape: np.ndarray,
+                    nw: np.ndarray, p0: int, ratio: int, overlap: bool, rope: Any, eps: float, finish: str,
+                    n_rot: int) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
+    """The oracle's steps 9b-d token by token from ``p0``: ({row index: row}, final kv, final score)."""
+    rows = {}
+    for t in range(len(new_kv)):
+        pos = p0 + t
+        kv, sc = store_reference(kv, sc, new_kv[t], new_sc[t], ape, pos, ratio, overlap)
+        if (pos + 1) % ratio == 0:
+            row, kv, sc = emit_reference(kv, sc, nw, pos, ratio, overlap, rope, eps, finish, n_rot)
+            rows[(pos + 1) // ratio - 1] = row
+    return rows, kv, sc
+
+
+def make_chunk_case(rng: np.random.Generator, ratio: int, d: int, n_rot: int, overlap: bool, finish: str,
+                    n_tok: int) -> tuple[Case, np.ndarray, np.ndarray]:
+    """A step of ``n_tok`` tokens from a random position (mid-window) and a random consistent window state:
+    the case (rows) and the final state token-by-token steps leave (kv, score)."""
+    from ds4nb.kernels.rope import make_test_rope
+
+    width = 2 * d if overlap else d
+    p0 = int(rng.integers(0, 6 * ratio))
+    kv, sc = random_state(rng, ratio, d, overlap, filled=p0 % ratio)
+    if overlap and p0 < ratio:                          # no window has closed yet: no previous one
+        kv[:ratio], sc[:ratio] = 0.0, NEG_INF
+    new_kv = rng.standard_normal((n_tok, width)).astype(np.float32)
+    new_sc = 2 * rng.standard_normal((n_tok, width))
+    ape = rng.standard_normal((ratio, width)).astype(np.float16)
+    nw = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+    rope = make_test_rope(n_rot, True)
+    rows, kv_end, sc_end = chunk_reference(kv, sc, new_kv, new_sc, ape, nw, p0, ratio, overlap, rope, 1e-6, finish,
+                                           n_rot)
+    n_rows = (p0 + n_tok) // ratio + 1
+    ref = np.full((n_rows, d), np.nan, np.float32)     # rows the step does not emit are not written
+    for i, row in rows.items():
+        ref[i] = row
+    proj = CompressorProjection(cuda.to_device(new_kv.reshape(-1)), cuda.to_device(new_sc.reshape(-1)))
+    state = CompressorStateDev(cuda.to_device(kv), cuda.to_device(sc))
+    steps = cuda.to_device(records(p0, n_tok, groups=[(ratio, 0)]))
+    case = Case((proj, n_tok, cuda.to_device(ape), cuda.to_device(nw)), L.device_array((n_rows, d), np.float32),
+                (ref,), (CONTRACT,), kwargs=dict(state=state, ratio=ratio, overlap=overlap, rope=rope, eps=1e-6,
+                                                 finish=finish, steps=steps, grp=group_offset(1)),
+                info={"ratio": ratio, "d": d, "finish": finish, "p0": p0, "tokens": n_tok})
+    return case, kv_end, sc_end
+
+
+def _case_chunk(rng: np.random.Generator, scale: str) -> Case:
+    if scale == "tiny":
+        choices = [(4, 64, 16, True, "fp8", 11), (16, 64, 16, False, "fp8", 21), (4, 32, 16, True, "qat", 9)]
+    else:
+        choices = [(4, 512, 64, True, "fp8", 256), (128, 512, 64, False, "fp8", 300), (4, 128, 64, True, "qat", 256)]
+    return make_chunk_case(rng, *choices[int(rng.integers(0, len(choices)))])[0]
+
+
 def _case_project(rng: np.random.Generator, scale: str) -> Case:
     n_tok, n_embd, width = (2, 256, 16) if scale == "tiny" else (1, 4096, 1024)
     x = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
@@ -309,6 +508,11 @@ OPS = [
            "Reference.compressor_step (a): Wkv x rounded once, Wgate x in float64",
            # kv under the contract; the float64 gate within float64 summation-order error
            1e-12, _case_project),
+    OpSpec("compressor.chunk", "steps 9b-d for the tokens of a prefill step: every window they close pooled at "
+           "once, then the window state as token-by-token steps leave it",
+           "(proj: CompressorProjection, n_tok, ape f16 (ratio, W), norm_w f32 (d,), *, out (n, d), state, ratio, "
+           "overlap, rope, eps, finish='fp8'|'qat', steps, rec=0, grp, stream)",
+           "Reference.compressor_step (b)-(d) token by token", 2e-3, _case_chunk),
     OpSpec("compressor.step", "one token into the compressor window (+ ape); when it closes the window: pool, rms, "
            "RoPE, FP8 or Hadamard+FP4, F16 -> compressed row ROWS-1, slide the window",
            "(proj: CompressorProjection, t, ape f16 (ratio, W), norm_w f32 (d,), *, out (n, d), state, ratio, "
