@@ -605,10 +605,10 @@ def cmd_placement(args: argparse.Namespace) -> int:
     device, device_note, (dev_bw, dev_src), (host_bw, host_src) = _placement_target(args)
     tensors = engine_tensors(model)
     if args.reserve is None:             # what the CUDA engine keeps for a session of --ctx tokens
-        from ds4nb.engine.model import DEFAULT_CHUNK, session_bytes
+        from ds4nb.engine.model import prefill_chunk, session_bytes
 
         ctx = args.ctx or min(32768, model.config.context_length or 32768)
-        args.reserve = session_bytes(model.config, ctx, DEFAULT_CHUNK)
+        args.reserve = session_bytes(model.config, ctx, prefill_chunk(model.config, ctx, device.total_bytes))
     plan = choose_placement(tensors, device, options, reserve_bytes=args.reserve, policies=placement_policies())
     weight_budget = placement_request(tensors, device, options, reserve_bytes=args.reserve).weight_budget
     k, usage = model.config.n_expert_used, options.expert_usage

@@ -34,6 +34,7 @@ from ds4nb.kernels.compressor import CompressorProjection, CompressorStateDev, a
 from ds4nb.kernels.hc import HcPreOut, alloc_scratch as alloc_hc_scratch
 from ds4nb.kernels.indexer import indexer_w_scale
 from ds4nb.kernels.moe import count_experts
+from ds4nb.kernels.moe_grouped import SlotGroups, alloc_slot_groups
 from ds4nb.kernels.registry import DeviceInfo
 from ds4nb.kernels.rope import rope_args
 from ds4nb.kernels.router import RouteOut
@@ -44,8 +45,18 @@ from ds4nb.plugins import get_registry
 from ds4nb.quants.repack import PackedWeight
 from ds4nb.reference import ops
 
-#: tokens of a prefill step (the engine's ``chunk``) unless the caller says otherwise
-DEFAULT_CHUNK = 64
+#: tokens of a prefill step (the engine's ``chunk``): the largest of these whose scratch takes at most
+#: ``CHUNK_MEMORY_SHARE`` of the GPU's memory (a step's launches do not grow with its tokens, so larger is faster)
+CHUNK_SIZES = (512, 256, 128, 64)
+CHUNK_MEMORY_SHARE = 0.02
+
+
+def prefill_chunk(cfg: ModelConfig, ctx: int, device_bytes: int) -> int:
+    """Tokens of a prefill step for a session of ``ctx`` tokens on a GPU of ``device_bytes``."""
+    for chunk in CHUNK_SIZES:
+        if Scratch.nbytes(cfg, chunk, ctx) <= CHUNK_MEMORY_SHARE * device_bytes:
+            return max(1, min(chunk, ctx))
+    return max(1, min(CHUNK_SIZES[-1], ctx))
 
 #: Q8_0 strategy -> the (op, implementation) of its matmul for steps of several tokens; one token is always the
 #: ``warp8`` matvec.  ``cublas`` multiplies F16 copies of the weights (``F16Copies``); a weight without one
@@ -99,6 +110,9 @@ class Kernels:
         self.sample = pick("sample.draw")
         self.moe = {q: (pick(f"{q.name.lower()}.moe_gate_up"), pick(f"{q.name.lower()}.moe_down_sum"),
                         pick(f"{q.name.lower()}.moe_matvec")) for q in expert_types}
+        self.group_slots = pick("moe.group_slots")
+        self.moe_grouped = {q: (pick(f"{q.name.lower()}.moe_gate_up_grouped"),
+                                pick(f"{q.name.lower()}.moe_matvec_grouped")) for q in expert_types}
 
 
 def _empty(n: int, dtype: Any = np.float32) -> Any:
@@ -227,6 +241,7 @@ class Scratch:
         self.route = RouteOut(cuda.device_array((c, cfg.n_expert_used), np.int32),
                               cuda.device_array((c, cfg.n_expert_used), np.float32))
         n_slot = c * cfg.n_expert_used
+        self.slot_groups = alloc_slot_groups(n_slot, cfg.n_expert)       # a prefill step's slots by expert
         self.x_slots = _empty(n_slot * e)
         self.act_k = alloc_q8_K(n_slot, max(e, cfg.n_ff_exp))
         self.mid = _empty(n_slot * cfg.n_ff_exp)
@@ -556,7 +571,10 @@ class _Builder:
     def routed_experts(self, il: int, lw: LayerWeights, x_norm: Any, sel: Any, weights: Any) -> Any:
         """Step 17: the selected experts' clamped SwiGLU (gate, up), then their down projections summed.
 
-        An expert tensor the placement split between GPU and host-mapped
+        A prefill step groups its slots by expert (``moe.group_slots``) so
+        that each expert's weights are read once per 8 of its slots, from one
+        Q8_K row per token; the same integer dots and float64 sums as the
+        per-slot kernels, so the same values.  An expert tensor the placement split between GPU and host-mapped
         memory (``SplitExperts``) runs as two launches, one per copy, each
         skipping the other's slots; the split down projection writes per-slot
         outputs that ``moe.slot_sum`` adds in slot order, as the fused
@@ -565,6 +583,23 @@ class _Builder:
         cfg, k, s, T = self.cfg, self.k, self.s, self.T
         e, n_used, ff = cfg.n_embd, cfg.n_expert_used, cfg.n_ff_exp
         gate, up, down = self.w(lw.ffn_gate_exps), self.w(lw.ffn_up_exps), self.w(lw.ffn_down_exps)
+        clamp = cfg.swiglu_clamp_exp[il]
+        mid = s.mid[:T * n_used * ff]
+        routed = s.routed[:T * e]
+        split = any(isinstance(t, SplitExperts) for t in (gate, up, down))
+        if T > 1 and not split:
+            # a prefill step: slots grouped by expert, each expert's weights read once per 8 of its slots
+            groups = SlotGroups(s.slot_groups.order[:T * n_used], s.slot_groups.offsets)
+            k.group_slots(sel, out=groups)
+            xk = _q8_K_rows(s.act_k, e // 256, 0, T)                              # one Q8_K row per token
+            k.quant_q8_K(x_norm.reshape(T, e), out=xk)
+            k.moe_grouped[lw.ffn_gate_exps.qtype][0](gate, up, groups, weights, xk, clamp, out=mid)
+            mk = _q8_K_rows(s.act_k, ff // 256, 0, T * n_used)
+            k.quant_q8_K(mid.reshape(T * n_used, ff), out=mk)
+            slot_out = s.slot_out[:T * n_used * e]
+            k.moe_grouped[lw.ffn_down_exps.qtype][1](down, groups, mk, out=slot_out)
+            k.slot_sum(slot_out, T, n_used, out=routed)
+            return routed
         gate_up = k.moe[lw.ffn_gate_exps.qtype][0]
         _, down_sum, down_matvec = k.moe[lw.ffn_down_exps.qtype]
         if T == 1:
@@ -575,8 +610,6 @@ class _Builder:
             k.expand(x_norm.reshape(T, e), out=slots, n_hc=n_used)
             xk = _q8_K_rows(s.act_k, e // 256, 0, T * n_used)
             k.quant_q8_K(slots.reshape(T * n_used, e), out=xk)
-        mid = s.mid[:T * n_used * ff]
-        clamp = cfg.swiglu_clamp_exp[il]
         if isinstance(gate, SplitExperts) or isinstance(up, SplitExperts):
             if not (isinstance(gate, SplitExperts) and isinstance(up, SplitExperts)
                     and gate.device_ids == up.device_ids):
@@ -588,7 +621,6 @@ class _Builder:
             gate_up(gate, up, sel, weights, xk, clamp, out=mid)
         mk = _q8_K_rows(s.act_k, ff // 256, 0, T * n_used)
         k.quant_q8_K(mid.reshape(T * n_used, ff), out=mk)
-        routed = s.routed[:T * e]
         if T == 1 and not isinstance(down, SplitExperts):
             down_sum(down, sel, mk, out=routed)
             return routed

@@ -29,8 +29,8 @@ from ds4nb.cache.plan import DeviceMemory, engine_tensors
 from ds4nb.cache.residency import load_residency
 from ds4nb.dispatch.device import probe_device
 from ds4nb.engine.graph import GroupTime, StepRunner, graphs_requested, time_groups
-from ds4nb.engine.model import (DEFAULT_CHUNK, Kernels, Scratch, StepContext, alloc_layer_states, build_step,
-                                Q8_MATMUL_WEIGHTS, f16_copies, session_bytes, state_bytes)
+from ds4nb.engine.model import (Kernels, Scratch, StepContext, alloc_layer_states, build_step,
+                                Q8_MATMUL_WEIGHTS, f16_copies, prefill_chunk, session_bytes, state_bytes)
 from ds4nb.engine.q8_timing import q8_dispatch
 from ds4nb.engine.step import StepInput, StepLayout
 from ds4nb.errors import Ds4Error
@@ -57,7 +57,8 @@ class CudaEngine(Engine):
 
     name = "cuda"
 
-    def __init__(self, model: Model, *, ctx: int = 4096, chunk: int = DEFAULT_CHUNK, placement: PlacementOptions | None = None,
+    def __init__(self, model: Model, *, ctx: int = 4096, chunk: int | None = None,
+                 placement: PlacementOptions | None = None,
                  progress: Callable[[int, int], None] | None = None, graphs: bool | None = None,
                  count_experts: bool = False) -> None:
         if not isinstance(model.weights, Weights):
@@ -65,8 +66,10 @@ class CudaEngine(Engine):
         self.model = model
         cfg = self._cfg = model.config
         self.ctx = ctx
-        self.chunk = max(1, min(chunk, ctx))
         self.probe = probe_device()
+        if chunk is None:                   # tokens of a prefill step: from the GPU's memory
+            chunk = prefill_chunk(cfg, ctx, self.probe.total_bytes)
+        self.chunk = max(1, min(chunk, ctx))
         device = DeviceInfo.current()
         self.dispatch = q8_dispatch(cfg, self.probe)
         w = model.weights
