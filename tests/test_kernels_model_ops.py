@@ -489,3 +489,24 @@ def test_compressor_chunk_equals_token_by_token(ratio, d, overlap, finish, n_tok
     state = case.kwargs["state"]
     np.testing.assert_array_equal(state.kv.copy_to_host(), kv_end)
     np.testing.assert_array_equal(state.score.copy_to_host(), sc_end)
+
+
+@pytest.mark.parametrize(("n_tok", "n_out", "n_out2", "n_in"), [(11, 37, 16, 300), (17, 5, 0, 544)])
+def test_f16_matvec_prefill_tiles(n_tok, n_out, n_out2, n_in, kernel_rng) -> None:
+    """The prefill kernel where nothing divides: rows past a block's 32, tokens past a pass of 8, columns past
+    a 256-column tile; a second matrix with a bias: the float64 numpy twin rounded once, bit for bit."""
+    w = (kernel_rng.standard_normal((n_out, n_in)) / 16).astype(np.float16)
+    x = kernel_rng.standard_normal((n_tok, n_in)).astype(np.float32)
+    out = cuda.device_array(n_tok * n_out, np.float32)
+    kw = {}
+    if n_out2:
+        w2 = (kernel_rng.standard_normal((n_out2, n_in)) / 16).astype(np.float16)
+        b2 = kernel_rng.standard_normal(n_out2).astype(np.float16)
+        out2 = cuda.device_array(n_tok * n_out2, np.float32)
+        kw = dict(w2=cuda.to_device(w2), bias2=cuda.to_device(b2), out2=out2)
+    F.f16_matvec(cuda.to_device(w), cuda.to_device(x), out=out, **kw)
+    x64 = x.astype(np.float64)
+    np.testing.assert_array_equal(out.copy_to_host().reshape(n_tok, n_out), (x64 @ w.astype(np.float64).T).astype(np.float32))
+    if n_out2:
+        want2 = (x64 @ w2.astype(np.float64).T + b2.astype(np.float64)).astype(np.float32)
+        np.testing.assert_array_equal(out2.copy_to_host().reshape(n_tok, n_out2), want2)

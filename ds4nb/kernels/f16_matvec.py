@@ -15,10 +15,11 @@ Layout: weights row-major ``(n_out, n_in)`` exactly as in the GGUF file
 (F16 or F32), activations float32 ``(T, n_in)``.
 
 A step of several tokens (prefill) runs ``_matmul_kernel``: a warp owns 4
-rows for a pass of up to 8 tokens (``blockIdx.y``); a lane loads each of its
-weight values once for the 8 tokens and widens each activation value to
-float64 once for the 4 rows (the same sums, the weights read once per pass
-instead of once per token).
+rows for a pass of up to 8 tokens (``blockIdx.y``); the block widens the
+pass's activations to float64 in shared memory once for its 8 warps (256
+columns at a time), and a lane loads each of its weight values once for the
+8 tokens (the same sums, the weights read once per pass instead of once per
+token).
 
 Launch geometry: 256-thread blocks (8 warps); each output row gets
 ``wpr`` warps (1, 2, 4 or 8) so that narrow matrices still launch enough
@@ -192,15 +193,18 @@ def _matvec_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out,
 TOKENS_PER_PASS = 8
 ROWS_PER_WARP_T = 4
 _ACC_T = TOKENS_PER_PASS * ROWS_PER_WARP_T
+X_TILE = 256                              # activation columns widened to float64 in shared memory at a time
+_XS = TOKENS_PER_PASS * X_TILE
 
 
 @cuda.jit
 def _matmul_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out, n_out2, n_in, n_tok, gate,
                    gate_at):
     """``out[t, r]`` for a pass of up to ``TOKENS_PER_PASS`` tokens (``blockIdx.y``) and ``ROWS_PER_WARP_T`` rows
-    per warp: a lane converts its columns of the pass's activations to float64 once and uses them for its 4
-    rows, and loads each weight value once for the 8 tokens; float64 sums, one shuffle reduction per
-    (row, token), rounded once at the store (the same values as ``_matvec_kernel``)."""
+    per warp.  The block widens each tile of ``X_TILE`` columns of the pass's activations to float64 once, in
+    shared memory, for all its warps; a lane then loads each of its weight values once for the 8 tokens and
+    each activation value once for its 4 rows.  float64 sums, one shuffle reduction per (row, token), rounded
+    once at the store (the same values as ``_matvec_kernel``)."""
     if gate_at >= 0 and gate[gate_at] == 0:   # a step-record flag says this step needs no result
         return
     tid = cuda.threadIdx.x
@@ -209,23 +213,32 @@ def _matmul_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out,
     t0 = cuda.blockIdx.y * TOKENS_PER_PASS
     row0 = (cuda.blockIdx.x * WARPS + warp) * ROWS_PER_WARP_T
     n_rows = n_out + n_out2
+    xs = cuda.shared.array(_XS, float64)          # (TOKENS_PER_PASS, X_TILE) float64 activations
     acc = cuda.local.array(_ACC_T, float64)
     xv = cuda.local.array(TOKENS_PER_PASS, float64)
     for a in range(_ACC_T):
         acc[a] = _D0
-    for i in range(lane, n_in, LANES):
-        for k in range(TOKENS_PER_PASS):
-            xv[k] = float64(x[(t0 + k) * n_in + i]) if t0 + k < n_tok else _D0
-        for r in range(ROWS_PER_WARP_T):
-            row = row0 + r
-            if row < n_out:
-                wv = float64(float32(w[row * n_in + i]))
-            elif row < n_rows:
-                wv = float64(float32(w2[(row - n_out) * n_in + i]))
-            else:
-                wv = _D0
+    for c0 in range(0, n_in, X_TILE):
+        cuda.syncthreads()                        # the previous tile's reads are done
+        for i in range(tid, _XS, THREADS):
+            k = i // X_TILE
+            c = c0 + i % X_TILE
+            xs[i] = float64(x[(t0 + k) * n_in + c]) if t0 + k < n_tok and c < n_in else _D0
+        cuda.syncthreads()
+        for j in range(lane, min(X_TILE, n_in - c0), LANES):
             for k in range(TOKENS_PER_PASS):
-                acc[r * TOKENS_PER_PASS + k] += wv * xv[k]       # exact product, float64 sum
+                xv[k] = xs[k * X_TILE + j]
+            c = c0 + j
+            for r in range(ROWS_PER_WARP_T):
+                row = row0 + r
+                if row < n_out:
+                    wv = float64(float32(w[row * n_in + c]))
+                elif row < n_rows:
+                    wv = float64(float32(w2[(row - n_out) * n_in + c]))
+                else:
+                    wv = _D0
+                for k in range(TOKENS_PER_PASS):
+                    acc[r * TOKENS_PER_PASS + k] += wv * xv[k]       # exact product, float64 sum
     for r in range(ROWS_PER_WARP_T):
         row = row0 + r
         for k in range(TOKENS_PER_PASS):
