@@ -58,8 +58,9 @@ def prefill_chunk(cfg: ModelConfig, ctx: int, device_bytes: int) -> int:
             return max(1, min(chunk, ctx))
     return max(1, min(CHUNK_SIZES[-1], ctx))
 
+
 #: Q8_0 strategy -> the (op, implementation) of its matmul for steps of several tokens; one token is always the
-#: ``warp8`` matvec.  ``cublas`` multiplies F16 copies of the weights (``F16Copies``); a weight without one
+#: ``warp8`` matvec.  ``cublas`` multiplies F16 copies of the weights (:func:`f16_copies`); a weight without one
 #: (beyond their byte budget, or host-mapped) goes through ``mmq``.
 BATCHED_IMPLS = {"warp8": ("q8_0.matmul", "warp8_t8"), "mmq": ("q8_0.matmul", "mmq"), "cublas": ("f16.gemm", "cublas")}
 
@@ -75,11 +76,12 @@ class Kernels:
 
         self.dispatch = dispatch
         self.q8_matvec = reg.get("q8_0.matvec", "warp8").fn
-        used = dispatch.strategies() | ({"mmq"} if "cublas" in dispatch.strategies() else set())
-        self.q8_matmuls = {s: reg.get(*BATCHED_IMPLS[s]).fn for s in used}
-        if "cublas" in used:
+        used = dispatch.strategies()
+        if "cublas" in used:                   # F16 GEMMs, and mmq for the weights without an F16 copy
             self.to_f16 = pick("vec.to_f16")
-            self.f16_gemm = pick("f16.gemm")
+            self.f16_gemm = reg.get(*BATCHED_IMPLS["cublas"]).fn
+            used = (used - {"cublas"}) | {"mmq"}
+        self.q8_matmuls = {s: reg.get(*BATCHED_IMPLS[s]).fn for s in used}     # Q8_0 x Q8_0 matmuls
         self.q8_grouped_matvec = pick("q8_0.grouped_matvec")
         self.quant_q8_0 = pick("act.quantize_q8_0")
         self.quant_q8_K = pick("act.quantize_q8_K")
