@@ -105,7 +105,7 @@ def test_decode_matches_oracle_from_the_same_state(engines, prompt_state) -> Non
 
 
 def test_chunked_prefill_matches_oracle(engines, prompt_state) -> None:
-    """Batched projections, per-token attention (T > 1) from a restored state."""
+    """A prefill step of several tokens (T > 1: batched projections, experts, compressors, causal attention)."""
     gpu, cpu = engines
     tokens, state = prompt_state
     gpu.restore(state)
