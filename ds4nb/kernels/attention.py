@@ -1,4 +1,4 @@
-"""Decode attention and the row kernels around it (docs/model.md steps 5, 7, 8, 11, 12).
+"""Attention and the row kernels around it (docs/model.md steps 5, 7, 8, 11, 12).
 
 Ops
 ---
@@ -10,18 +10,21 @@ Ops
     round trip of the non-rotated dims in blocks of 64, F16 rounding, stored
     into row ``row`` of the window cache (steps 6-8, one block per token).
 ``attn.decode``
-    One query token: ``n_head`` heads over the ``n_raw`` window rows plus the
-    visible compressed rows (all ``n_comp``, or the indexer's selection
-    ``sel``), with the per-head sink logit in the denominator (step 11),
-    optionally followed by the inverse RoPE of the output (step 12).
+    The step's query tokens (one when decoding, a chunk when prefilling):
+    ``n_head`` heads over each token's ``N_RAW`` window rows (read from the
+    ring in position order) plus its visible compressed rows (the first
+    ``VISIBLE``, or its own indexer selection), with the per-head sink logit
+    in the denominator (step 11), optionally followed by the inverse RoPE of
+    the output (step 12).  Each token reads only the rows its step record
+    counts, so a chunk attends causally in one launch.
 
 Row-kernel geometry ("pair per thread"): a block of ``max(32, head_dim/2)``
 threads rounded to whole warps, thread ``p`` owning dims ``2p, 2p+1``.  A
 64-dim FP8 block is then exactly one warp (32 pairs), so its amax is one
 warp reduction; the rotary tail pairs are the last ``n_rot/2`` threads.
 
-Decode attention geometry (flash-decoding): grid ``(n_head / HPB, n_split)``,
-256 threads.  A block owns ``HPB`` heads (their queries in shared memory)
+Attention geometry (flash-decoding): grid ``(n_head / HPB, n_split, T)``,
+256 threads (a prefill chunk has blocks enough with one split a token).  A block owns ``HPB`` heads (their queries in shared memory)
 and walks chunks of ``CH`` rows (chunk ``c`` goes to split ``c mod n_split``):
 each warp scores rows (lane ``l`` holds dims ``l + 32 j`` of the row, one
 shuffle reduction per head), one warp per head turns the chunk's scores into
