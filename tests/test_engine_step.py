@@ -66,3 +66,18 @@ def test_step_input_lands_in_its_device_views(tiny_model) -> None:
     assert recs[:, POS].tolist() == [pos0, pos0 + 1, pos0 + 2]
     sp = inputs.sp.copy_to_host()
     assert sp.size == SP_FIELDS and np.array_equal(sp, sampling_record(params, u, cfg.n_vocab))
+
+
+def test_prefill_chunk_follows_gpu_memory() -> None:
+    """The prefill step's tokens: the largest size whose scratch fits 2% of the GPU, never more than ctx."""
+    from ds4nb.engine.model import CHUNK_MEMORY_SHARE, CHUNK_SIZES, Scratch, prefill_chunk
+
+    cfg = flash_config()
+    sizes = [prefill_chunk(cfg, 4096, gib << 30) for gib in (8, 24, 80, 141)]
+    assert sizes == sorted(sizes) and sizes[-1] == CHUNK_SIZES[0] and sizes[0] < sizes[-1]
+    for gib, chunk in zip((8, 24, 80, 141), sizes):
+        fits = Scratch.nbytes(cfg, chunk, 4096) <= CHUNK_MEMORY_SHARE * (gib << 30)
+        assert fits or chunk == CHUNK_SIZES[-1]
+        bigger = [c for c in CHUNK_SIZES if c > chunk]
+        assert all(Scratch.nbytes(cfg, c, 4096) > CHUNK_MEMORY_SHARE * (gib << 30) for c in bigger)
+    assert prefill_chunk(cfg, 100, 141 << 30) == 100
