@@ -80,7 +80,7 @@ from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, rint
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.rope import RopeArgs, rope_args, rope_cos_sin, rope_rotate
-from ds4nb.kernels.step import GROUP0, N_RAW, NF, POS, RAW_ROW, SELECT, VISIBLE, group_offset, one_record, records
+from ds4nb.kernels.step import GROUP0, N_RAW, NF, POS, RAW_ROW, SELECT, VISIBLE, group_offset, records
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
