@@ -8,29 +8,17 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ds4nb.cli import main
+from cli_run import one_line_error as _one_line_error, run_cli as _run
+
 
 TINY_GEN = ("--backend", "cpu", "-n", "1", "--temp", "0", "--nothink", "--system", "")
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def _one_line_error(code: int, err: str, *needles: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 # ---------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from typing import ClassVar
 import pytest
 
 from ds4nb import __version__
-from ds4nb.cli import main
 from ds4nb.dispatch.device import DeviceProbe
 from ds4nb.dispatch.select import (
     DISPATCH_CACHE_FILE,
@@ -33,6 +32,8 @@ from ds4nb.dispatch.select import (
     select_q8_dispatch,
 )
 from ds4nb.errors import UsageError
+
+from cli_run import one_line_error as _one_line_error, run_cli as _run
 
 KEY = DispatchKey("NVIDIA H200", (9, 0), "12.8", "0.1.0", ((1024, 4096), (512, 4096), (32768, 1024)))
 #: seconds per (strategy, regime): warp8 wins decode and small batches, mmq the large ones, cublas never
@@ -334,18 +335,6 @@ def test_only_registered_strategies_are_available() -> None:
 # the CLI
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
-def _one_line_error(code: int, err: str, *needles: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 @pytest.mark.no_gpu

@@ -340,8 +340,6 @@ class _Recording:
         if isinstance(fn, dict):
             return {q: functools.partial(f, stream=self._rec) if callable(f)
                     else tuple(functools.partial(g, stream=self._rec) for g in f) for q, f in fn.items()}
-        if not callable(fn):
-            return fn
         return functools.partial(fn, stream=self._rec)
 
 

@@ -191,6 +191,17 @@ def _step_kernel(new_kv, new_sc, t, ape, kv, sc, ratio, overlap, d, norm_w, eps,
             sc[i] = NEG_INF
 
 
+def _finish_args(op: str, finish: str, d: int, rope: Any) -> RopeArgs:
+    """Checks a row finish (``fp8`` or ``qat``) for rows of ``d`` values; the RoPE launch arguments."""
+    if finish not in ("fp8", "qat"):
+        raise ValueError(f"{op}: finish must be 'fp8' or 'qat', got {finish!r}")
+    if finish == "qat":
+        check_qat_width(d)
+        if d > MAX_ROW:
+            raise ValueError(f"{op}: qat rows wider than {MAX_ROW}")
+    return rope if isinstance(rope, RopeArgs) else rope_args(rope)
+
+
 @implementation("compressor.step", "block_pool", layout="state f32")
 def compressor_step(proj: CompressorProjection, t: int, ape: Any, norm_w: Any, *, out: Any,
                     state: CompressorStateDev, ratio: int, overlap: bool, rope: Any, eps: float, finish: str,
@@ -203,13 +214,7 @@ def compressor_step(proj: CompressorProjection, t: int, ape: Any, norm_w: Any, *
     ``"fp8"`` (attention rows) or ``"qat"`` (indexer rows).
     """
     d = norm_w.size
-    if finish not in ("fp8", "qat"):
-        raise ValueError(f"compressor.step: finish must be 'fp8' or 'qat', got {finish!r}")
-    if finish == "qat":
-        check_qat_width(d)
-        if d > MAX_ROW:
-            raise ValueError(f"compressor.step: qat rows wider than {MAX_ROW}")
-    ra = rope if isinstance(rope, RopeArgs) else rope_args(rope)
+    ra = _finish_args("compressor.step", finish, d, rope)
     L.launch(_step_kernel, 1, row_threads(d), stream,
              proj.kv, proj.score, int(t), L.flat(ape), L.flat(state.kv), L.flat(state.score), int(ratio),
              int(bool(overlap)), d, L.flat(norm_w), eps64(eps), L.flat(out),
@@ -335,13 +340,7 @@ def compressor_chunk(proj: CompressorProjection, n_tok: int, ape: Any, norm_w: A
     values as ``n_tok`` calls of ``compressor.step``, in 2 launches.
     """
     d = norm_w.size
-    if finish not in ("fp8", "qat"):
-        raise ValueError(f"compressor.chunk: finish must be 'fp8' or 'qat', got {finish!r}")
-    if finish == "qat":
-        check_qat_width(d)
-        if d > MAX_ROW:
-            raise ValueError(f"compressor.chunk: qat rows wider than {MAX_ROW}")
-    ra = rope if isinstance(rope, RopeArgs) else rope_args(rope)
+    ra = _finish_args("compressor.chunk", finish, d, rope)
     width = 2 * d if overlap else d
     common = (proj.kv, proj.score, L.flat(ape), L.flat(state.kv), L.flat(state.score), int(ratio),
               int(bool(overlap)), d)

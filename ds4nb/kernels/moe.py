@@ -433,6 +433,20 @@ def _make_matvec(qtype, lpr: int, nb: int, replicas: int):
     return kernel
 
 
+@device
+def clamped_swiglu(g32, u32, clamp, w_route):
+    """DS4's clamped SwiGLU of one expert row times its router weight (docs/model.md step 17):
+    ``silu(min(g, c)) * clip(u, -c, c) * w`` in float64 (the sigmoid through a float64 exp), rounded once;
+    no clamp when ``c <= 1e-6``."""
+    gd = float64(g32)
+    ud = float64(u32)
+    if clamp > _F_CLAMP_MIN:
+        cd = float64(clamp)
+        gd = min(gd, cd)
+        ud = min(max(ud, -cd), cd)
+    return float32(gd / (_D1 + math.exp(-gd)) * ud * float64(w_route))
+
+
 @L.kernel_factory
 def _make_gate_up(qtype, lpr: int, nb: int, replicas: int, min_blocks: int = 0):
     _, pair = _partial_pair(qtype, replicas)
@@ -450,14 +464,7 @@ def _make_gate_up(qtype, lpr: int, nb: int, replicas: int, min_blocks: int = 0):
         g32 = float32(warp_sum(g, lpr))   # gate_e and up_e are float32 values (docs/model.md step 17)
         u32 = float32(warp_sum(u, lpr))
         if lane == 0 and row < n_rows:
-            gd = float64(g32)
-            ud = float64(u32)
-            if clamp > _F_CLAMP_MIN:
-                cd = float64(clamp)
-                gd = min(gd, cd)
-                ud = min(max(ud, -cd), cd)
-            # silu(g) * u * w_route in float64 (sigmoid through a float64 exp), rounded once
-            mid[slot * n_rows + row] = float32(gd / (_D1 + math.exp(-gd)) * ud * float64(weights[slot]))
+            mid[slot * n_rows + row] = clamped_swiglu(g32, u32, clamp, weights[slot])
 
     @jit_kernel(launch_bounds=(THREADS, min_blocks) if min_blocks else None)
     def kernel(gqs, gsc, gdm, uqs, usc, udm, n_rows, ids, weights, clamp, x_per_slot,

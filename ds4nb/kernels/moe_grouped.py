@@ -81,7 +81,6 @@ differences).  Array indices are cast to uint64 at each access.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -91,7 +90,7 @@ from numba import cuda
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels import moe as M
 from ds4nb.kernels.activation import Q8KAct, q8_K_to_device
-from ds4nb.kernels.moe import (_D0, _D1, _D_EIGHTH, _F_CLAMP_MIN, _M2, _M4, _M4_32, _M6_32, _M30_32, _NEG, _POS,
+from ds4nb.kernels.moe import (_D0, _D_EIGHTH, _M2, _M4, _M4_32, _M6_32, _M30_32, _NEG, _POS,
                                _U1_32, _U2, _U4, _U16, _U28, _U32, _U32_7F, _U32_FF, _UFF, _ULO)
 from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, byte_perm, device, dot8, dp4a, float32, float64, hi_i32,
                                       int32, jit_kernel, uint32, uint64, warp_sum)
@@ -634,14 +633,7 @@ def _make_gate_up_grouped(qtype, lpr: int, nb: int, n: int, min_blocks: int = 0)
         u32 = float32(warp_sum(uacc[k] * _D_EIGHTH if iq2 else uacc[k], lpr))
         if lane == 0 and row < n_rows:
             s = order[uint64(p + k)]
-            gd = float64(g32)
-            ud = float64(u32)
-            if clamp > _F_CLAMP_MIN:
-                cd = float64(clamp)
-                gd = min(gd, cd)
-                ud = min(max(ud, -cd), cd)
-            # silu(g) * u * w_route in float64 (sigmoid through a float64 exp), rounded once
-            mid[uint64(s * n_rows + row)] = float32(gd / (_D1 + math.exp(-gd)) * ud * float64(weights[uint64(s)]))
+            mid[uint64(s * n_rows + row)] = M.clamped_swiglu(g32, u32, clamp, weights[uint64(s)])
 
     outs = _for_slots(out_step, n)
 
