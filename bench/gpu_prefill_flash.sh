@@ -11,6 +11,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 MODEL=/dev/shm/flash-43L.gguf
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 timeout 330 python3 bench/prefill_flash.py --model "$MODEL" --out "$OUT" 2>&1 | grep -v "Warning\|warn("
-timeout ${TEST_SECONDS:-120} python3 -m pytest -q -p no:cacheprovider -s tests/test_kernels_model_ops.py \
-  tests/test_engine_cublas.py tests/test_placement_engine.py tests/test_kernels_moe_grouped.py 2>&1 \
-  | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|Error|assert|cublas vs" | tail -8
+timeout ${TEST_SECONDS:-240} python3 -m pytest -q -p no:cacheprovider -s tests/test_engine.py tests/test_engine_graph.py \
+  tests/test_engine_cublas.py tests/test_placement_engine.py tests/test_kernels_moe_grouped.py \
+  "tests/test_kernels_parity.py::test_parity_model_shapes" -k "not parity or grouped" 2>&1 \
+  | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|Error|assert|cublas vs|oracle|T=|  gate_up|  down" | tail -40

@@ -4,9 +4,11 @@
 matvec must give the per-slot kernels' outputs bit for bit on the same inputs
 (only which thread computes which slot changes), skip the slots whose id is
 -1, and match the float64 twins under the "one rounding per value" contract.
-The ``gpu`` tests repeat the comparison at the flash model's shapes (256
-experts, n_embd 4096, n_ff_exp 2048, 6 slots a token, prefill chunks of 64
-and 512 tokens) and print the timings of both paths.
+The tensor-core tiles (ds4nb.kernels.moe_mma) must give the same bits again
+(in the simulator through their dp4a path).  The ``gpu`` tests repeat the
+comparisons at the flash model's shapes (256 experts, n_embd 4096, n_ff_exp
+2048, 6 slots a token, prefill chunks of 64 and 512 tokens), where the tiles
+run on the int8 MMA, and print the timings of every path.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from numba import cuda
 
 from ds4nb.kernels import moe as M
 from ds4nb.kernels import moe_grouped as G
+from ds4nb.kernels import moe_mma as T
 from ds4nb.kernels.activation import alloc_q8_K, q8_K_to_device
 from ds4nb.kernels.parity import CONTRACT_RATE, contract_error
 from ds4nb.plugins import get_registry
@@ -143,6 +146,45 @@ def test_matvec_grouped_equals_per_slot(qtype, x_per_slot: bool, lpr, kernel_rng
     assert contract_error(grouped.copy_to_host(), twin) <= CONTRACT_RATE
 
 
+# the tiles reproduce per-slot kernels of 1, 2 and 4 lanes a row: K = 512 has 2 super-blocks, so with 4 lanes two
+# of the pairwise tree's leaves are empty
+TILE_LANES = pytest.mark.parametrize("lpr", [None, 2, 4], ids=["lanes1", "lanes2", "lanes4"])
+
+
+@TILE_LANES
+@pytest.mark.parametrize("qtype", T.QTYPES, ids=lambda q: q.name)
+def test_gate_up_tiles_equal_per_slot(qtype, lpr, kernel_rng) -> None:
+    rng = kernel_rng
+    e, n, k, t, n_used = G._TINY["gate_up"]
+    sel = G.tiny_sel(rng, e, t * n_used)
+    _, gw = M._experts(rng, qtype, e, n, k)
+    _, uw = M._experts(rng, qtype, e, n, k)
+    weights = cuda.to_device(rng.uniform(0.05, 1.0, sel.size).astype(np.float32))
+    x = M._x(rng, t, k)
+    tiles, per_slot = _nan_out(sel.size * n), _nan_out(sel.size * n)
+    T._moe_gate_up_tiles(qtype, gw, uw, _device_groups(sel, e), weights, q8_K_to_device(x), 0.5, out=tiles, lpr=lpr)
+    M._moe_gate_up(qtype, gw, uw, cuda.to_device(sel), weights, q8_K_to_device(np.repeat(x, n_used, axis=0)), 0.5,
+                   out=per_slot, lpr=lpr)
+    assert np.array_equal(_bits(tiles), _bits(per_slot))
+    got = tiles.copy_to_host().reshape(sel.size, n)
+    assert np.isnan(got[sel < 0]).all() and np.isfinite(got[sel >= 0]).all()   # skipped slots untouched
+
+
+@TILE_LANES
+@pytest.mark.parametrize("qtype", T.QTYPES, ids=lambda q: q.name)
+def test_matvec_tiles_equal_per_slot(qtype, lpr, kernel_rng) -> None:
+    rng = kernel_rng
+    e, n, k, t, n_used = G._TINY["matvec"]
+    _, w = M._experts(rng, qtype, e, n, k)
+    sel = G.tiny_sel(rng, e, t * n_used)
+    x = M._x(rng, sel.size, k)                 # one row a slot, as the down projection's
+    tiles, per_slot = _nan_out(sel.size * n), _nan_out(sel.size * n)
+    T._moe_matvec_tiles(qtype, w, _device_groups(sel, e), q8_K_to_device(x), out=tiles, lpr=lpr)
+    M._moe_matvec(qtype, w, cuda.to_device(sel), q8_K_to_device(x), out=per_slot, lpr=lpr)
+    assert np.array_equal(_bits(tiles), _bits(per_slot))
+    assert np.isnan(tiles.copy_to_host().reshape(sel.size, n)[sel < 0]).all()
+
+
 @pytest.mark.parametrize("slots", [1, 3])
 def test_batch_size_does_not_change_the_bits(slots: int, kernel_rng) -> None:
     """Batches of fewer slots (a tuning knob): the same outputs as batches of 8."""
@@ -235,7 +277,9 @@ def test_routed_chain_grouped_equals_per_slot(kernel_rng) -> None:
 
 FLASH = {"n_expert": 256, "n_embd": 4096, "n_ff": 2048, "n_used": 6}
 #: (slots a batch, launch-bounds blocks per SM) of the grouped kernels timed at flash shapes
-VARIANTS = [(8, 0), (4, 0), (2, 0), (8, 2), (8, 3), (4, 3)]
+VARIANTS = [(8, 0), (8, 3)]
+#: launch-bounds blocks per SM of the tensor-core tiles timed at flash shapes
+TILE_VARIANTS = [0, 4]
 
 
 @pytest.fixture(scope="module")
@@ -300,16 +344,19 @@ def test_flash_shapes_grouped_equals_per_slot(flash_experts, n_tok: int, kernel_
 
     group_us = _time_us(lambda: G.group_slots(sel_d, out=groups))
     t = {"gate_up per-slot": _time_us(gate_up_s), "down per-slot": _time_us(down_s)}
-    for slots, min_blocks in VARIANTS:       # the tuning knobs: each variant bit-identical, then timed
-        kw = {"slots": slots, "min_blocks": min_blocks}
+    variants = {f"grouped slots={slots} min_blocks={mb}": (G._moe_gate_up_grouped, G._moe_matvec_grouped,
+                                                            {"slots": slots, "min_blocks": mb})
+                for slots, mb in VARIANTS}
+    variants.update({f"mma tiles min_blocks={mb}": (T._moe_gate_up_tiles, T._moe_matvec_tiles, {"min_blocks": mb})
+                     for mb in TILE_VARIANTS})
+    for name, (gate_up, matvec, kw) in variants.items():   # the tuning knobs: each variant bit-identical, then timed
         mid_v, out_v = _nan_out(n_slots * f), _nan_out(n_slots * d)
-        gu = functools.partial(G._moe_gate_up_grouped, Q.IQ2_XXS, gate, up, groups, weights, xk, clamp, out=mid_v,
-                               **kw)
-        dn = functools.partial(G._moe_matvec_grouped, Q.Q2_K, down, groups, mk, out=out_v, **kw)
+        gu = functools.partial(gate_up, Q.IQ2_XXS, gate, up, groups, weights, xk, clamp, out=mid_v, **kw)
+        dn = functools.partial(matvec, Q.Q2_K, down, groups, mk, out=out_v, **kw)
         gu()
         dn()
-        assert np.array_equal(_bits(mid_v), _bits(mid_s)) and np.array_equal(_bits(out_v), _bits(out_s)), kw
-        t[f"gate_up grouped slots={slots} min_blocks={min_blocks}"] = _time_us(gu)
-        t[f"down grouped slots={slots} min_blocks={min_blocks}"] = _time_us(dn)
+        assert np.array_equal(_bits(mid_v), _bits(mid_s)) and np.array_equal(_bits(out_v), _bits(out_s)), name
+        t[f"gate_up {name}"] = _time_us(gu)
+        t[f"down {name}"] = _time_us(dn)
     print(f"\nT={n_tok} ({n_slots} slots, {int((np.diff(offsets) > 0).sum())} experts used): group_slots "
           f"{group_us:.1f} us\n" + "\n".join(f"  {k:45s} {v:8.1f} us" for k, v in t.items()))

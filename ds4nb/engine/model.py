@@ -114,6 +114,7 @@ class Kernels:
                         pick(f"{q.name.lower()}.moe_matvec")) for q in expert_types}
         self.group_slots = pick("moe.group_slots")
         self.moe_gate_up_grouped = {q: pick(f"{q.name.lower()}.moe_gate_up_grouped") for q in expert_types}
+        self.moe_matvec_grouped = {q: pick(f"{q.name.lower()}.moe_matvec_grouped") for q in expert_types}
 
 
 def _empty(n: int, dtype: Any = np.float32) -> Any:
@@ -570,10 +571,11 @@ class _Builder:
     def routed_experts(self, il: int, lw: LayerWeights, x_norm: Any, sel: Any, weights: Any) -> Any:
         """Step 17: the selected experts' clamped SwiGLU (gate, up), then their down projections summed.
 
-        A prefill step groups its slots by expert (``moe.group_slots``) for
-        gate and up, so that each expert's weights are read once per 8 of its
-        slots, from one Q8_K row per token; the same integer dots and float64
-        sums as the per-slot kernels, so the same values.  An expert tensor the placement split between GPU and host-mapped
+        A prefill step groups its slots by expert (``moe.group_slots``), so
+        that gate, up and down read each expert's weights once per tile of its
+        slots (int8 tensor-core tiles where the GPU has them), gate and up from
+        one Q8_K row per token; the same integer dots and float64 sums as the
+        per-slot kernels, so the same values.  An expert tensor the placement split between GPU and host-mapped
         memory (``SplitExperts``) runs as two launches, one per copy, each
         skipping the other's slots; the split down projection writes per-slot
         outputs that ``moe.slot_sum`` adds in slot order, as the fused
@@ -587,7 +589,7 @@ class _Builder:
         routed = s.routed[:T * e]
         split = any(isinstance(t, SplitExperts) for t in (gate, up, down))
         if T > 1 and not split:
-            # a prefill step: slots grouped by expert, each expert's weights read once per 8 of its slots
+            # a prefill step: slots grouped by expert, each expert's weights read once per tile of its slots
             groups = SlotGroups(s.slot_groups.order[:T * n_used], s.slot_groups.offsets)
             k.group_slots(sel, out=groups)
             xk = _q8_K_rows(s.act_k, e // 256, 0, T)                              # one Q8_K row per token
@@ -596,9 +598,7 @@ class _Builder:
             mk = _q8_K_rows(s.act_k, ff // 256, 0, T * n_used)
             k.quant_q8_K(mid.reshape(T * n_used, ff), out=mk)
             slot_out = s.slot_out[:T * n_used * e]
-            # the down projection stays per slot: measured faster than grouped on an H200 (prefill chunks of
-            # 512: 40.3 us grouped, 24.4 us per slot, per token over 4 flash layers; bench/results)
-            k.moe[lw.ffn_down_exps.qtype][2](down, sel, mk, out=slot_out)
+            k.moe_matvec_grouped[lw.ffn_down_exps.qtype](down, groups, mk, out=slot_out)   # one Q8_K row a slot
             k.slot_sum(slot_out, T, n_used, out=routed)
             return routed
         gate_up = k.moe[lw.ffn_gate_exps.qtype][0]

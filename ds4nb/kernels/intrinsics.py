@@ -47,6 +47,7 @@ never appear by accident in float32 arithmetic.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import sys
@@ -327,6 +328,15 @@ else:
         return dp4a(hi_i32(w), hi_i32(y), acc)
 
 
+@functools.cache
+def has_int8_mma() -> bool:
+    """Whether kernels can use ``mma_s8_lo/hi``: integer MMA m16n8k32 needs sm_80, and the simulator has no
+    warp-collective MMA (kernels that use it take their dp4a path there)."""
+    if SIMULATOR:
+        return False
+    return tuple(cuda.get_current_device().compute_capability) >= (8, 0)
+
+
 __all__ = [
     "CU_PATH",
     "SIMULATOR",
@@ -343,6 +353,7 @@ __all__ = [
     "dp4a",
     "mma_s8_hi",
     "mma_s8_lo",
+    "has_int8_mma",
     "hi_i32",
     "jit_kernel",
     "rint",

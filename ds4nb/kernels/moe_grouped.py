@@ -81,6 +81,7 @@ differences).  Array indices are cast to uint64 at each access.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -749,39 +750,44 @@ def _moe_gate_up_grouped(qtype: GGMLQuantizationType, gate: PackedWeight, up: Pa
 # ---------------------------------------------------------------------------
 
 
-def _register_launchers(qtype: GGMLQuantizationType) -> dict[str, Any]:
+def register_launchers(qtype: GGMLQuantizationType, name: str, priority: int, gate_up: Any, matvec: Any,
+                       gate_up_doc: str, matvec_doc: str) -> dict[str, Any]:
+    """Register ``gate_up(qtype, gate, up, groups, weights, x, clamp, out=, stream=)`` and ``matvec(qtype, w,
+    groups, x, out=, stream=)`` as implementation ``name`` of ``<q>.moe_gate_up_grouped`` and
+    ``<q>.moe_matvec_grouped``; returns the launchers by module-global name."""
     q = qtype.name.lower()
     layout = layout_name(qtype)
 
-    @implementation(f"{q}.moe_gate_up_grouped", "expert_blocks", layout=layout, priority=10)
+    @implementation(f"{q}.moe_gate_up_grouped", name, layout=layout, priority=priority)
     def moe_gate_up_grouped(gate: PackedWeight, up: PackedWeight, groups: SlotGroups, weights: Any, x: Q8KAct,
                             clamp: float, *, out: Any, stream: Any = 0) -> Any:
-        # 3 blocks an SM (launch bounds): 4.09 ms against 5.21 ms without, T=512 at flash shapes on an H200
-        return _moe_gate_up_grouped(qtype, gate, up, groups, weights, x, clamp, out=out, stream=stream,
-                                    min_blocks=GATE_UP_MIN_BLOCKS)
+        return gate_up(qtype, gate, up, groups, weights, x, clamp, out=out, stream=stream)
 
-    @implementation(f"{q}.moe_matvec_grouped", "expert_blocks", layout=layout, priority=10)
+    @implementation(f"{q}.moe_matvec_grouped", name, layout=layout, priority=priority)
     def moe_matvec_grouped(w: PackedWeight, groups: SlotGroups, x: Q8KAct, *, out: Any, stream: Any = 0) -> Any:
-        return _moe_matvec_grouped(qtype, w, groups, x, out=out, stream=stream)
+        return matvec(qtype, w, groups, x, out=out, stream=stream)
 
-    moe_gate_up_grouped.__doc__ = (
-        f"{qtype.name} gate+up (clamped SwiGLU x router weight) for slots grouped by expert (prefill).\n\n"
+    moe_gate_up_grouped.__doc__ = f"{qtype.name} {gate_up_doc}"
+    moe_matvec_grouped.__doc__ = f"{qtype.name} {matvec_doc}"
+    return {f"{q}_moe_gate_up_grouped_{name}": moe_gate_up_grouped, f"{q}_moe_matvec_grouped_{name}": moe_matvec_grouped}
+
+
+# 3 blocks an SM (launch bounds) for gate/up: 4.09 ms against 5.21 ms without, T=512 at flash shapes on an H200
+for _qt in QTYPES:
+    globals().update(register_launchers(
+        _qt, "expert_blocks", 10, functools.partial(_moe_gate_up_grouped, min_blocks=GATE_UP_MIN_BLOCKS),
+        _moe_matvec_grouped,
+        "gate+up (clamped SwiGLU x router weight) for slots grouped by expert (prefill).\n\n"
         "Grid (n_expert, row tiles), 256-thread blocks of 256 / lpr rows (lpr = moe.default_lanes_per_row); a "
         "block leaves at once when its expert has no slots, else walks them 8 at a time, each weight "
         "super-block read (and decoded) once per 8 slots.  x: one Q8_K row per token (slot s reads row "
         "s // n_used).  Bit-identical to moe_gate_up (same integer dots, float64 sums, one rounding each for "
-        "gate, up and mid); see the module doc.")
-    moe_matvec_grouped.__doc__ = (
-        f"{qtype.name} experts x Q8_K for slots grouped by expert (the prefill down projection).\n\n"
+        "gate, up and mid); see the module doc.",
+        "experts x Q8_K for slots grouped by expert (the prefill down projection).\n\n"
         "Grid (n_expert, row tiles), 256-thread blocks of 256 / lpr rows; a block leaves at once when its "
         "expert has no slots, else walks them 8 at a time, each weight super-block read once per 8 slots.  "
         "x: one Q8_K row per slot (or per token).  Bit-identical to moe_matvec (one rounding per product); see "
-        "the module doc.")
-    return {f"{q}_moe_gate_up_grouped": moe_gate_up_grouped, f"{q}_moe_matvec_grouped": moe_matvec_grouped}
-
-
-for _qt in QTYPES:
-    globals().update(_register_launchers(_qt))
+        "the module doc."))
 del _qt
 
 

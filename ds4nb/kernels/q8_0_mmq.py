@@ -30,7 +30,6 @@ integers, so the same results.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
@@ -39,7 +38,7 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.activation import Q8_0Act
-from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, device, dp4a, float32, float64, hi_i32, int32, mma_s8_hi,
+from ds4nb.kernels.intrinsics import (as_i32, device, dp4a, float32, float64, has_int8_mma, hi_i32, int32, mma_s8_hi,
                                       mma_s8_lo, uint64)
 from ds4nb.kernels.q8_0 import _check
 from ds4nb.kernels.registry import Requirements, implementation
@@ -60,14 +59,6 @@ A_WORD_ITS, A_SCALE_ITS = BM * 4 * KB // THREADS, -(-BM * KB // THREADS)
 B_WORD_ITS, B_SCALE_ITS = BN * 4 * KB // THREADS, -(-BN * KB // THREADS)
 
 _D0 = np.float64(0.0)
-
-
-@functools.cache
-def _has_int8_mma() -> bool:
-    """Integer MMA m16n8k32 needs sm_80; the simulator has no warp-collective MMA."""
-    if SIMULATOR:
-        return False
-    return tuple(cuda.get_current_device().compute_capability) >= (8, 0)
 
 
 @L.kernel_factory
@@ -212,6 +203,6 @@ def q8_0_matmul_mmq(w: PackedWeight, x: Q8_0Act, *, out: Any, stream: Any = 0) -
     """Y = X W^T for n tokens: 64 x 32 tiles, int8 tensor-core MMA per Q8_0 block (dp4a without MMA)."""
     n_rows, nb, n_tok = _check(w, x)
     grid = (L.cdiv(n_rows, BM), L.cdiv(n_tok, BN))
-    L.launch(_make_mmq(nb, _has_int8_mma()), grid, THREADS, stream, w.qs, w.dm, n_rows, n_tok, x.qs, x.d,
+    L.launch(_make_mmq(nb, has_int8_mma()), grid, THREADS, stream, w.qs, w.dm, n_rows, n_tok, x.qs, x.d,
              L.flat(out))
     return out

@@ -1,0 +1,438 @@
+"""Routed experts grouped by expert on the integer tensor cores (prefill; IQ2_XXS, Q2_K x Q8_K).
+
+The same two ops as ``moe_grouped``'s ``expert_blocks`` implementations, with
+the same outputs bit for bit: ``<q>.moe_gate_up_grouped`` (the clamped SwiGLU
+of gate and up, times the router weight) and ``<q>.moe_matvec_grouped`` (the
+down projection), for slots grouped by expert (``moe.group_slots``).  Those
+kernels decode every weight word and then spend one ``dp4a`` per 4 values per
+slot (~16 TOPS at flash shapes); here one ``m16n8k32`` int8 MMA multiplies
+16 weight rows by 8 slots over 32 values, and a decoded weight word serves
+every 8-slot tile of the pass.
+
+Tiling.  A block (4 warps) owns one expert (``blockIdx.x``; it leaves at once
+when the expert has no slots) and a tile of rows (``blockIdx.y``).  A warp
+owns 16 MMA rows: for ``gate_up`` 8 gate rows (MMA rows 0-7) and the same 8
+up rows (rows 8-15), so a lane's accumulators hold one output row's gate and
+up for the same slots and the SwiGLU needs no exchange; for a matvec 16 rows.
+The warp walks its expert's slots 16 at a time (two 8-slot tiles).  Per
+super-block a lane loads every weight word its two rows need together (16
+loads in flight), then per 32-value group decodes its A fragment into int8
+quads (the MMA's ``g = lane / 4``
+row and its ``g + 8`` row, k quarters ``t = lane % 4`` and ``t + 4``):
+
+* IQ2_XXS: one grid point per quad, from the grid / sign selector tables in
+  shared memory and one PRMT (``moe.py``'s decoding); the group multiplier is
+  ``2 * scale + 1``;
+* Q2_K: 4 two-bit quants from one 32-bit half word, times their 16-value
+  sub-block's 4-bit scale (at most 3 * 15 = 45: still an int8, so the
+  scales are inside the MMA and the group multiplier is 1).
+
+The B fragment (slot ``g`` of the tile, the same k quarters) is read from the
+Q8_K activation words.  Each MMA gives exact int32 group dots, which the lanes
+multiply by the group multiplier and add into the super-block's exact
+``isum``.  Without integer MMA (the simulator, GPUs before sm_80) a lane
+computes its own four dots of each group with ``dp4a`` from all eight quarters
+of its two rows and two slots: the same integers.
+
+Numerics (docs/model.md, "Numerics: one rounding per value").  The per-slot
+kernels (``moe.py``), whose bits the grouped ones reproduce, give super-block
+``b`` of a row to lane ``b % lpr``, add each lane's float64 terms from 0.0 in
+super-block order, and reduce the lanes with xor shuffles at offsets
+``lpr / 2, ..., 2, 1``.  That reduction is a pairwise sum over the lanes taken
+in bit-reversed order (lanes ``l`` and ``l ^ lpr/2`` first).  So here a lane
+walks the per-slot kernel's lanes ("leaves") in bit-reversed order, sums each
+leaf's super-block terms from 0.0 exactly as that lane did (the same float64
+expressions of the same exact integers, ``x 1/8`` for IQ2_XXS), and combines
+the leaves with a pairwise stack of partial sums (one per tree level and
+accumulator, in shared memory: private to the thread, no barrier): the same
+additions of the same values, hence the same bits as ``moe_gate_up`` /
+``moe_matvec`` with the same ``lpr`` (which the tests check on the GPU at
+flash shapes and in the simulator).  Gate and up are rounded to float32 and
+passed to ``moe.clamped_swiglu``; a matvec product is rounded once.
+
+A lane's 8 accumulators (2 rows x 2 slots x 2 tiles) are tuples in
+straight-line code, never arrays, so that they stay in registers.  Knob (a
+launcher argument, never changing the outputs): ``min_blocks`` (launch
+bounds; measured without effect on an H200).  Loading the next super-block's
+words while one computes (178 registers instead of 142) was measured slower.
+
+Measured on an H200 at flash shapes, a prefill chunk of 512 tokens (3072
+slots; ``bench/moe_tiles.py``, per launch, router-like picks, uniform / Zipf
+popularity): Q2_K down 1.29 / 1.82 ms here against 3.16 / 3.00 per slot
+(``moe.py``) and 5.13 / 5.60 grouped with dp4a; IQ2_XXS gate/up 4.03 / 5.47
+here against 3.40 / 4.10 grouped with dp4a.  IQ2_XXS's decoding (four
+table reads at random shared-memory addresses per quad) costs more than the
+MMA saves while an expert has only ~12 slots to reuse a decoded word for, so
+the IQ2_XXS tiles register below ``expert_blocks`` and the Q2_K ones above.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType
+from numba import cuda
+
+from ds4nb.kernels import _launch as L
+from ds4nb.kernels import moe as M
+from ds4nb.kernels.activation import Q8KAct
+from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, byte_perm, device, dp4a, float32, float64, has_int8_mma,
+                                      int32, jit_kernel, mma_s8_hi, mma_s8_lo, uint32, uint64)
+from ds4nb.kernels.moe import _D0, _D_EIGHTH, _NEG, _POS, _U32, _ULO, clamped_swiglu
+from ds4nb.kernels.moe_grouped import SlotGroups, _geometry, register_launchers
+from ds4nb.quants.repack import PackedWeight
+
+Q = GGMLQuantizationType
+QTYPES = (Q.IQ2_XXS, Q.Q2_K)
+WARPS = 1 if SIMULATOR else 4    # the simulator pays for every thread: one warp a block
+THREADS = 32 * WARPS
+NE = 8                           # accumulators a lane holds: 2 rows x 2 slots x 2 tiles of 8 slots
+MIN_BLOCKS = 0                   # launch bounds of the registered launchers (0: none)
+
+_M2_32 = np.uint64(0x03030303)   # the low two bits of each of 4 bytes
+_U4BIT = np.uint32(0xF)
+
+
+def _tree_levels(lpr: int) -> int:
+    if lpr < 1 or lpr & (lpr - 1):
+        raise ValueError(f"lanes per row must be a power of two, not {lpr}")
+    return lpr.bit_length() - 1
+
+
+@L.kernel_factory
+def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_mma: bool, min_blocks: int):
+    """The kernel for ``kind`` ("gate_up" or "matvec") on ``qtype`` rows of ``nb`` super-blocks, summing like the
+    per-slot kernels with ``lpr`` lanes per row.
+
+    A lane's 8 accumulators (2 rows x 2 slots x 2 tiles, the MMA's D layout:
+    ``4 * tile + 2 * (hi row) + slot``) are 8-tuples in straight-line code, so
+    they stay in registers."""
+    iq2 = qtype == Q.IQ2_XXS
+    gate_up = kind == "gate_up"
+    levels = _tree_levels(lpr)
+    per = L.cdiv(nb, lpr)                         # super-blocks a leaf (per-slot lane) holds, at most
+    n_steps = lpr * per
+    stack_words = max(levels, 1) * NE * THREADS   # the pairwise stack: (level, accumulator, thread)
+    rows_per_warp = 8 if gate_up else 16
+    rows_per_block = rows_per_warp * WARPS
+    grid_words, sign_words = (256, 128) if iq2 else (1, 1)
+
+    @device
+    def bitrev(i):
+        r = 0
+        for _ in range(levels):
+            r = (r << 1) | (i & 1)
+            i >>= 1
+        return r
+
+    @device
+    def decode(w0, w1, scw, grp, kq, grid_s, sign_s):
+        """Values ``32 grp ..`` of a weight row: the int8 quads of k quarters ``kq`` and ``kq + 4`` (as int32) and
+        the group multiplier, from the row's words (see :func:`load_words`)."""
+        if iq2:   # w0: the group word: 4 grid indices, then 4 x 7 sign bits and the 4-bit scale
+            gw = uint32(w0 & _ULO)
+            sw = uint32(w0 >> _U32)
+            p = uint32(kq >> 1)                             # grid points p and p + 2 hold quarters kq, kq + 4
+            half = uint32(16 * (kq & 1))                    # their values 0..3 or 4..7
+            sel0 = grid_s[(gw >> (uint32(8) * p)) & uint32(0xFF)] | sign_s[(sw >> (uint32(7) * p)) & uint32(0x7F)]
+            sel1 = (grid_s[(gw >> (uint32(8) * p + uint32(16))) & uint32(0xFF)]
+                    | sign_s[(sw >> (uint32(7) * p + uint32(14))) & uint32(0x7F)])
+            mult = as_i32(((sw >> uint32(28)) << uint32(1)) | uint32(1))   # 2 * scale + 1, in eighths of d
+            return as_i32(byte_perm(_POS, _NEG, sel0 >> half)), as_i32(byte_perm(_POS, _NEG, sel1 >> half)), mult
+        # Q2_K: w0, w1 hold quarters kq and kq + 4 (bit pair grp % 4 of their 32-bit half kq % 2); scw the scale
+        # word of sub-blocks 2 grp (quarters 0..3) and 2 grp + 1 (quarters 4..7), low nibbles
+        sh = uint64(32 * (kq & 1) + 2 * (grp & 3))
+        bsh = uint64(16 * (grp & 1))
+        s0 = (scw >> bsh) & _U4BIT
+        s1 = (scw >> (bsh + uint64(8))) & _U4BIT
+        return as_i32(((w0 >> sh) & _M2_32) * s0), as_i32(((w1 >> sh) & _M2_32) * s1), int32(1)   # <= 45: no carry
+
+    @device
+    def load_words(qs, sc, wrow, b, kq):
+        """The 8 words of super-block ``b`` of row ``wrow`` that quarters ``kq``, ``kq + 4`` of its groups need,
+        loaded together.  IQ2_XXS: the 8 group words.  Q2_K: quant words 4h + kq // 2 and 4h + 2 + kq // 2 of
+        each half h (group grp: words 2h, 2h + 1 here, h = grp // 4), then the 4 scale words."""
+        if iq2:
+            qb = wrow * 8 * nb + b
+            return (qs[uint64(qb)], qs[uint64(qb + nb)], qs[uint64(qb + 2 * nb)], qs[uint64(qb + 3 * nb)],
+                    qs[uint64(qb + 4 * nb)], qs[uint64(qb + 5 * nb)], qs[uint64(qb + 6 * nb)],
+                    qs[uint64(qb + 7 * nb)])
+        qb = wrow * 8 * nb + b + (kq >> 1) * nb
+        sb = wrow * 4 * nb + b
+        return (qs[uint64(qb)], qs[uint64(qb + 2 * nb)], qs[uint64(qb + 4 * nb)], qs[uint64(qb + 6 * nb)],
+                uint64(sc[uint64(sb)]), uint64(sc[uint64(sb + nb)]), uint64(sc[uint64(sb + 2 * nb)]),
+                uint64(sc[uint64(sb + 3 * nb)]))
+
+    @device
+    def decode_group(w, grp, kq, grid_s, sign_s):
+        """:func:`decode` of group ``grp`` from :func:`load_words`' 8 words (``grp`` a constant at each call)."""
+        if iq2:
+            return decode(w[grp], w[grp], w[4], grp, kq, grid_s, sign_s)
+        h = grp >> 2
+        return decode(w[2 * h], w[2 * h + 1], w[4 + (grp >> 1)], grp, kq, grid_s, sign_s)
+
+    @device
+    def y_quads(yq, yrow, b, grp, kq):
+        """Activation row ``yrow``'s int8 quads of k quarters ``kq`` and ``kq + 4`` of values ``32 grp ..``."""
+        at = yrow * 32 * nb + (4 * grp + (kq >> 1)) * nb + b
+        sh = uint64(32 * (kq & 1))
+        return as_i32(yq[uint64(at)] >> sh), as_i32(yq[uint64(at + 2 * nb)] >> sh)
+
+    @device
+    def mma_group(grp, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s):
+        """Group ``grp`` of the step on the tensor cores: one m16n8k32 per 8-slot tile, ``s`` + its dots x the
+        multipliers."""
+        a0, a2, m_lo = decode_group(wl, grp, t, grid_s, sign_s)
+        a1, a3, m_hi = decode_group(wh, grp, t, grid_s, sign_s)
+        b0, b1 = y_quads(yq, yr0, b, grp, t)
+        lo0 = mma_s8_lo(a0, a1, a2, a3, b0, b1)
+        hi0 = mma_s8_hi(a0, a1, a2, a3, b0, b1)
+        b0, b1 = y_quads(yq, yr1, b, grp, t)
+        lo1 = mma_s8_lo(a0, a1, a2, a3, b0, b1)
+        hi1 = mma_s8_hi(a0, a1, a2, a3, b0, b1)
+        return (int32(s[0] + as_i32(lo0) * m_lo), int32(s[1] + as_i32(lo0 >> 32) * m_lo),
+                int32(s[2] + as_i32(hi0) * m_hi), int32(s[3] + as_i32(hi0 >> 32) * m_hi),
+                int32(s[4] + as_i32(lo1) * m_lo), int32(s[5] + as_i32(lo1 >> 32) * m_lo),
+                int32(s[6] + as_i32(hi1) * m_hi), int32(s[7] + as_i32(hi1 >> 32) * m_hi))
+
+    @device
+    def step_mma(wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s):
+        """Super-block ``b``'s exact isums from its weight words ``wl``, ``wh`` (:func:`load_words` of the lo and
+        hi rows, loaded together: 16 loads in flight a lane)."""
+        s = (int32(0), int32(0), int32(0), int32(0), int32(0), int32(0), int32(0), int32(0))
+        s = mma_group(0, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
+        s = mma_group(1, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
+        s = mma_group(2, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
+        s = mma_group(3, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
+        s = mma_group(4, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
+        s = mma_group(5, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
+        s = mma_group(6, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
+        return mma_group(7, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
+
+    @device
+    def dots_dp4a(qs, sc, wrow, yq, yrow, b, grid_s, sign_s):
+        """Without MMA: super-block ``b``'s exact isum of one row and one slot, all 8 quarters with dp4a."""
+        isum = int32(0)
+        for grp in range(8):
+            d = int32(0)
+            m = int32(1)
+            for kq in range(4):
+                w = load_words(qs, sc, wrow, b, kq)
+                a0, a1, m = decode_group(w, grp, kq, grid_s, sign_s)
+                x0, x1 = y_quads(yq, yrow, b, grp, kq)
+                d = dp4a(a1, x1, dp4a(a0, x0, d))
+            isum = int32(isum + d * m)
+        return isum
+
+    @device
+    def step_dp4a(qs_lo, sc_lo, qs_hi, sc_hi, wrow_lo, wrow_hi, yq, d0, d1, d2, d3, b, grid_s, sign_s):
+        """The same 8 isums as :func:`step_mma`, a lane computing its own (``d0..d3``: its D columns' rows)."""
+        return (dots_dp4a(qs_lo, sc_lo, wrow_lo, yq, d0, b, grid_s, sign_s),
+                dots_dp4a(qs_lo, sc_lo, wrow_lo, yq, d1, b, grid_s, sign_s),
+                dots_dp4a(qs_hi, sc_hi, wrow_hi, yq, d0, b, grid_s, sign_s),
+                dots_dp4a(qs_hi, sc_hi, wrow_hi, yq, d1, b, grid_s, sign_s),
+                dots_dp4a(qs_lo, sc_lo, wrow_lo, yq, d2, b, grid_s, sign_s),
+                dots_dp4a(qs_lo, sc_lo, wrow_lo, yq, d3, b, grid_s, sign_s),
+                dots_dp4a(qs_hi, sc_hi, wrow_hi, yq, d2, b, grid_s, sign_s),
+                dots_dp4a(qs_hi, sc_hi, wrow_hi, yq, d3, b, grid_s, sign_s))
+
+    @device
+    def summs(sc, wrow, b, ybs, yrow):
+        """Q2_K: sum over the 16 sub-blocks of min * bsum (an exact integer, as moe.py's)."""
+        s = int32(0)
+        for p in range(8):   # bsum pair p: sub-blocks 2p, 2p + 1; the mins are the high nibbles
+            scw = sc[uint64(wrow * 4 * nb + (p // 2) * nb + b)]
+            bsh = uint32(16 * (p % 2))
+            bw = ybs[uint64(yrow * 8 * nb + p * nb + b)]
+            s = int32(s + as_i32((scw >> (bsh + uint32(4))) & uint32(0xF)) * M._lo16(bw)
+                      + as_i32((scw >> (bsh + uint32(12))) & uint32(0xF)) * (bw >> 16))
+        return s
+
+    @device
+    def term(isum, sc, dm, wrow, b, ybs, yd, yrow):
+        """Super-block ``b``'s float64 term, moe.py's expression (IQ2_XXS: before the leaf's 1/8)."""
+        ys = float64(yd[uint64(yrow * nb + b)])
+        if iq2:
+            return float64(int32(isum)) * (float64(float32(dm[uint64(wrow * nb + b)])) * ys)
+        d = float64(float32(dm[uint64(2 * wrow * nb + b)]))
+        dmin = float64(float32(dm[uint64((2 * wrow + 1) * nb + b)]))
+        return ys * (d * float64(isum) - dmin * float64(summs(sc, wrow, b, ybs, yrow)))
+
+    @device
+    def add_terms(acc, s, sc_lo, dm_lo, sc_hi, dm_hi, wrow_lo, wrow_hi, b, ybs, yd, d0, d1, d2, d3):
+        return (acc[0] + term(s[0], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d0),
+                acc[1] + term(s[1], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d1),
+                acc[2] + term(s[2], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d0),
+                acc[3] + term(s[3], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d1),
+                acc[4] + term(s[4], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d2),
+                acc[5] + term(s[5], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d3),
+                acc[6] + term(s[6], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d2),
+                acc[7] + term(s[7], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d3))
+
+    @device
+    def stacked(stack, lvl, tid, q):
+        return (lvl * NE + q) * THREADS + tid
+
+    @device
+    def pop_add(stack, lvl, tid, v):
+        """The left partial sum of level ``lvl`` + ``v`` (float addition commutes: the shuffle's order too)."""
+        return (stack[stacked(stack, lvl, tid, 0)] + v[0], stack[stacked(stack, lvl, tid, 1)] + v[1],
+                stack[stacked(stack, lvl, tid, 2)] + v[2], stack[stacked(stack, lvl, tid, 3)] + v[3],
+                stack[stacked(stack, lvl, tid, 4)] + v[4], stack[stacked(stack, lvl, tid, 5)] + v[5],
+                stack[stacked(stack, lvl, tid, 6)] + v[6], stack[stacked(stack, lvl, tid, 7)] + v[7])
+
+    @device
+    def push(stack, lvl, tid, v):
+        stack[stacked(stack, lvl, tid, 0)] = v[0]
+        stack[stacked(stack, lvl, tid, 1)] = v[1]
+        stack[stacked(stack, lvl, tid, 2)] = v[2]
+        stack[stacked(stack, lvl, tid, 3)] = v[3]
+        stack[stacked(stack, lvl, tid, 4)] = v[4]
+        stack[stacked(stack, lvl, tid, 5)] = v[5]
+        stack[stacked(stack, lvl, tid, 6)] = v[6]
+        stack[stacked(stack, lvl, tid, 7)] = v[7]
+
+    @device
+    def write(out, n_rows, row, slot, lo, hi, weights, clamp):
+        """One slot's outputs of this lane: gate_up the SwiGLU of (lo, hi) = (gate, up) at ``row``; a matvec rows
+        ``row`` and ``row + 8``."""
+        if slot < 0:
+            return
+        if gate_up:
+            if row < n_rows:     # gate_e, up_e: float32 values (docs/model.md step 17)
+                out[uint64(slot * n_rows + row)] = clamped_swiglu(float32(lo), float32(hi), clamp, weights[slot])
+        else:
+            if row < n_rows:
+                out[uint64(slot * n_rows + row)] = float32(lo)   # the one rounding
+            if row + 8 < n_rows:
+                out[uint64(slot * n_rows + row + 8)] = float32(hi)
+
+    @device
+    def slot_at(order, i, end):
+        return order[min(i, end - 1)]
+
+    @jit_kernel(launch_bounds=(THREADS, min_blocks) if min_blocks else None)
+    def kernel(qs_lo, sc_lo, dm_lo, qs_hi, sc_hi, dm_hi, n_rows, order, offsets, div, weights, clamp, yq, yd,
+               ybs, grid_g, sign_g, out):
+        e = cuda.blockIdx.x
+        start = offsets[e]
+        end = offsets[e + 1]
+        if start >= end:      # an expert without slots
+            return
+        grid_s = cuda.shared.array(grid_words, uint32)
+        sign_s = cuda.shared.array(sign_words, uint32)
+        stack = cuda.shared.array(stack_words, float64)
+        if iq2:
+            M._load_luts(grid_g, sign_g, grid_s, sign_s, 1)
+            cuda.syncthreads()
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        g = lane // 4        # the MMA fragments' group: A row (and row + 8), B column
+        t = lane % 4         # k quarters t and t + 4 of A and B; D columns 2t, 2t + 1
+        row = cuda.blockIdx.y * rows_per_block + (tid // 32) * rows_per_warp + g
+        row_hi = row if gate_up else row + 8       # gate_up: the up row of the same output row
+        wrow_lo = e * n_rows + min(row, n_rows - 1)   # tail rows compute a real row and drop it: MMAs stay whole
+        wrow_hi = e * n_rows + min(row_hi, n_rows - 1)
+        for s0 in range(start, end, 16):        # passes of two 8-slot tiles
+            yr0 = slot_at(order, s0 + g, end) // div        # this lane's B columns' activation rows
+            yr1 = slot_at(order, s0 + 8 + g, end) // div
+            i0 = s0 + 2 * t                                  # its D columns: slots i0, i0 + 1, i0 + 8, i0 + 9
+            s_0 = slot_at(order, i0, end)
+            s_1 = slot_at(order, i0 + 1, end)
+            s_2 = slot_at(order, i0 + 8, end)
+            s_3 = slot_at(order, i0 + 9, end)
+            d0, d1, d2, d3 = s_0 // div, s_1 // div, s_2 // div, s_3 // div
+            acc = (_D0, _D0, _D0, _D0, _D0, _D0, _D0, _D0)
+            for j in range(n_steps):   # step j: super-block m of leaf bitrev(i), i.e. the per-slot kernel's lane
+                i = j // per
+                m = j - i * per
+                b = bitrev(i) + m * lpr
+                if m == 0:
+                    acc = (_D0, _D0, _D0, _D0, _D0, _D0, _D0, _D0)
+                if b < nb:              # (a leaf without super-blocks adds nothing: a 0.0 leaf)
+                    if use_mma:
+                        s = step_mma(load_words(qs_lo, sc_lo, wrow_lo, b, t), load_words(qs_hi, sc_hi, wrow_hi, b, t),
+                                     yq, yr0, yr1, b, t, grid_s, sign_s)
+                    else:
+                        s = step_dp4a(qs_lo, sc_lo, qs_hi, sc_hi, wrow_lo, wrow_hi, yq, d0, d1, d2, d3, b, grid_s,
+                                      sign_s)
+                    acc = add_terms(acc, s, sc_lo, dm_lo, sc_hi, dm_hi, wrow_lo, wrow_hi, b, ybs, yd, d0, d1, d2, d3)
+                if m == per - 1:        # the leaf is complete
+                    if iq2:
+                        acc = (acc[0] * _D_EIGHTH, acc[1] * _D_EIGHTH, acc[2] * _D_EIGHTH, acc[3] * _D_EIGHTH,
+                               acc[4] * _D_EIGHTH, acc[5] * _D_EIGHTH, acc[6] * _D_EIGHTH, acc[7] * _D_EIGHTH)
+                    # the pairwise tree: leaf i closes the subtrees its trailing one bits end
+                    lvl = 0
+                    ii = i
+                    while ii & 1:
+                        acc = pop_add(stack, lvl, tid, acc)
+                        ii >>= 1
+                        lvl += 1
+                    if lvl < levels:
+                        push(stack, lvl, tid, acc)
+            # acc: after the last leaf, the root of the tree
+            write(out, n_rows, row, s_0 if i0 < end else -1, acc[0], acc[2], weights, clamp)
+            write(out, n_rows, row, s_1 if i0 + 1 < end else -1, acc[1], acc[3], weights, clamp)
+            write(out, n_rows, row, s_2 if i0 + 8 < end else -1, acc[4], acc[6], weights, clamp)
+            write(out, n_rows, row, s_3 if i0 + 9 < end else -1, acc[5], acc[7], weights, clamp)
+
+    return kernel
+
+
+def _grid(kind: str, n_expert: int, n_rows: int) -> tuple[int, int]:
+    return n_expert, L.cdiv(n_rows, (8 if kind == "gate_up" else 16) * WARPS)
+
+
+def _moe_matvec_tiles(qtype: GGMLQuantizationType, w: PackedWeight, groups: SlotGroups, x: Q8KAct, *, out: Any,
+                      stream: Any = 0, lpr: int | None = None, min_blocks: int = MIN_BLOCKS) -> Any:
+    """``out[s, r] = W[e][r] . x[s // div]`` for every slot ``s`` of every expert ``e`` in ``groups``.
+
+    Grid ``(n_expert, cdiv(N, 64))`` of 4 warps (simulator: one warp, 16 rows); ``lpr`` (default
+    ``moe.default_lanes_per_row("matvec", nb)``) is the per-slot kernel whose sums are reproduced.
+    """
+    n_rows, nb, lpr, n_expert, div = _geometry(w, qtype, groups, x, "matvec", lpr)
+    c = M._consts()
+    sc = M._sc(w, c)
+    L.launch(_make_tiles(qtype, "matvec", lpr, nb, has_int8_mma(), min_blocks),
+             _grid("matvec", n_expert, n_rows), THREADS, stream,
+             w.qs, sc, w.dm, w.qs, sc, w.dm, n_rows, L.flat(groups.order), L.flat(groups.offsets), div,
+             L.placeholder(), np.float32(0.0), x.qs, x.d, x.bsums, c["grid"], c["sign"], L.flat(out))
+    return out
+
+
+def _moe_gate_up_tiles(qtype: GGMLQuantizationType, gate: PackedWeight, up: PackedWeight, groups: SlotGroups,
+                       weights: Any, x: Q8KAct, clamp: float, *, out: Any, stream: Any = 0, lpr: int | None = None,
+                       min_blocks: int = MIN_BLOCKS) -> Any:
+    """``out[s, r] = silu(min(g, c)) * clip(u, -c, c) * weights[s]``, ``g, u = gate[e][r], up[e][r] . x[s //
+    div]``, for every slot ``s`` of every expert ``e`` in ``groups``.
+
+    Grid ``(n_expert, cdiv(N, 32))`` of 4 warps (simulator: one warp, 8 rows); knobs as
+    :func:`_moe_matvec_tiles` (``lpr`` default: ``moe_gate_up``'s).
+    """
+    n_rows, nb, lpr, n_expert, div = _geometry(gate, qtype, groups, x, "gate_up", lpr)
+    if up.shape != gate.shape or up.qtype != gate.qtype:
+        raise ValueError(f"gate {gate.shape} and up {up.shape} differ")
+    c = M._consts()
+    L.launch(_make_tiles(qtype, "gate_up", lpr, nb, has_int8_mma(), min_blocks),
+             _grid("gate_up", n_expert, n_rows), THREADS, stream,
+             gate.qs, M._sc(gate, c), gate.dm, up.qs, M._sc(up, c), up.dm, n_rows, L.flat(groups.order),
+             L.flat(groups.offsets), div, L.flat(weights), np.float32(clamp), x.qs, x.d, x.bsums, c["grid"],
+             c["sign"], L.flat(out))
+    return out
+
+
+#: registry priority per type (moe_grouped's expert_blocks: 10): above it where measured faster (module doc)
+PRIORITY = {Q.IQ2_XXS: 5, Q.Q2_K: 20}
+
+
+for _qt in QTYPES:
+    globals().update(register_launchers(
+        _qt, "mma_tiles", PRIORITY[_qt], _moe_gate_up_tiles, _moe_matvec_tiles,
+        "gate+up (clamped SwiGLU x router weight) for slots grouped by expert, on int8 MMA.\n\n"
+        "Grid (n_expert, row tiles of 32), 4 warps of 8 gate rows + the same 8 up rows (one m16n8k32 per 32 "
+        "values and 8 slots; dp4a without MMA); bit-identical to moe_gate_up (see the module doc).",
+        "experts x Q8_K for slots grouped by expert (the prefill down projection), on int8 MMA.\n\n"
+        "Grid (n_expert, row tiles of 64), 4 warps of 16 rows (one m16n8k32 per 32 values and 8 slots; dp4a "
+        "without MMA); bit-identical to moe_matvec (see the module doc)."))
+del _qt
