@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="/dev/shm/flash-43L.gguf")
     p.add_argument("--strategies", type=lambda s: s.split(","), default=["cublas", "mmq", "warp8"])
     p.add_argument("--out", default="/tmp/out")
+    p.add_argument("--no-tables", action="store_true", help="skip the dispatcher's table and the matmul kernels")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()                                  # the engine's GPU memory back before the next one loads
         cuda.current_context().deallocations.clear()
     os.environ.pop("DS4_CUDA_PREFILL_PATH", None)
+    if args.no_tables:
+        return 0
     ds4nb(["dispatch", "-m", str(model)])
     sys.path.insert(0, str(Path(__file__).parent))
     import prefill

@@ -53,6 +53,19 @@ def _shfl_kernel(x, out_sum, out_max, out_xor):
 
 
 @cuda.jit
+def _pairwise_kernel(x, out, width):
+    i = cuda.threadIdx.x
+    out[i] = K.warp_sum_pairwise(x[i], width)
+
+
+def _pairwise_ref(v: np.ndarray) -> np.float32:
+    """((v0 + v1) + (v2 + v3)) + ... in float32, the order moe_mma's sequential walk reproduces."""
+    while v.size > 1:
+        v = (v[0::2] + v[1::2]).astype(np.float32)
+    return v[0]
+
+
+@cuda.jit
 def _bits_kernel(w, lo, hi, f, r):
     i = cuda.grid(1)
     if i < w.size:
@@ -100,6 +113,16 @@ def test_warp_shuffles(kernel_rng: np.random.Generator) -> None:
         np.testing.assert_allclose(s[32 * w:32 * w + 32], lane.astype(np.float64).sum(), rtol=0, atol=bound)
     np.testing.assert_array_equal(m, np.repeat(x.reshape(8, 8).max(axis=1), 8))
     np.testing.assert_array_equal(xo, x[np.arange(64) ^ 5])
+
+
+@pytest.mark.parametrize("width", [2, 8, 32])
+def test_warp_sum_pairwise_is_pairwise_in_lane_order(width: int, kernel_rng: np.random.Generator) -> None:
+    # magnitudes spread over 12 binades: float32 sums in another order give other bits
+    x = (kernel_rng.standard_normal(64) * 2.0 ** kernel_rng.integers(-6, 6, 64)).astype(np.float32)
+    out = cuda.to_device(np.full(64, np.nan, np.float32))
+    _pairwise_kernel[1, 64](cuda.to_device(x), out, width)
+    want = np.repeat([_pairwise_ref(x[g:g + width]) for g in range(0, 64, width)], width)
+    np.testing.assert_array_equal(out.copy_to_host().view(np.uint32), want.view(np.uint32))
 
 
 def test_reinterpret_and_rint(kernel_rng: np.random.Generator) -> None:

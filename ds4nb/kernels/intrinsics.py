@@ -175,9 +175,10 @@ def _sim_shfl_idx(value, src_lane):
         raise RuntimeError(f"shfl_idx: source lane {src} of thread {tid} is not in the shuffle") from None
 
 
-def _sim_group(value, width, is_max):
-    """``warp_sum`` / ``warp_max`` over aligned groups of ``width`` lanes: one exchange, then the
-    GPU's xor-butterfly on the group's values (same operand order, so the same float result)."""
+def _sim_group(value, width, is_max, ascending=False):
+    """``warp_sum`` / ``warp_max`` (``warp_sum_pairwise``: ``ascending``) over aligned groups of ``width``
+    lanes: one exchange, then the GPU's xor-butterfly on the group's values (same offsets in the same order,
+    same operand order, so the same float result)."""
     width = int(width)
     if width == 1:
         return value
@@ -187,13 +188,16 @@ def _sim_group(value, width, is_max):
         vals = [table[g0 + j] for j in range(width)]
     except KeyError:
         raise RuntimeError(f"group reduction: a lane of thread {tid}'s group is not in it") from None
+    offsets = []
     off = width >> 1
     while off > 0:
+        offsets.append(off)
+        off >>= 1
+    for off in reversed(offsets) if ascending else offsets:
         if is_max:
             vals = [vals[j ^ off] if vals[j ^ off] > vals[j] else vals[j] for j in range(width)]
         else:
             vals = [vals[j] + vals[j ^ off] for j in range(width)]
-        off >>= 1
     return vals[tid - g0]
 
 
@@ -257,6 +261,10 @@ if SIMULATOR:
     def warp_max(v, width):
         """Max of ``v`` over aligned groups of ``width`` lanes; every lane gets it."""
         return _sim_group(v, width, True)
+
+    def warp_sum_pairwise(v, width):
+        """Pairwise sum of ``v`` over aligned groups of ``width`` lanes in lane order; every lane gets it."""
+        return _sim_group(v, width, False, True)
 else:
     from numba.cuda import libdevice
 
@@ -311,6 +319,17 @@ else:
         return v
 
     @device
+    def warp_sum_pairwise(v, width):
+        """Sum of ``v`` over aligned groups of ``width`` lanes, pairwise in lane order: ``((v0 + v1) + (v2 +
+        v3)) + ...`` (xor offsets 1, 2, 4, ...; ``warp_sum`` pairs lanes ``width / 2`` apart first).  A float sum
+        whose order a sequential walk over the lanes can reproduce (``moe_mma``); every lane gets it."""
+        off = 1
+        while off < width:
+            v += shfl_xor(v, off)
+            off <<= 1
+        return v
+
+    @device
     def warp_max(v, width):
         """Max of ``v`` over aligned groups of ``width`` lanes; every lane gets it."""
         off = width >> 1
@@ -361,4 +380,5 @@ __all__ = [
     "shfl_xor",
     "warp_max",
     "warp_sum",
+    "warp_sum_pairwise",
 ]

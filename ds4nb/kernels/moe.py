@@ -19,7 +19,9 @@ one per 256-value block, 16 for K=4096, or one per two blocks for
 ``moe_down_sum``, see ``default_lanes_per_row``), each lane owning whole
 super-blocks ``b = lane, lane+lpr, ...``, so
 the per-block scale arithmetic stays in one lane and a row costs one
-``log2(lpr)``-step shuffle reduction.  Lanes owning consecutive blocks read
+``log2(lpr)``-step shuffle reduction, pairwise in lane order
+(``warp_sum_pairwise``: so ``moe_mma`` can walk the super-blocks in order and
+add them the same way).  Lanes owning consecutive blocks read
 consecutive words of every block-minor field (coalesced).  ``moe_matvec``
 and ``moe_gate_up`` use 256-thread blocks of ``256 / lpr`` rows with the slot
 in ``blockIdx.y``.  ``moe_down_sum`` puts the slots in the block instead (warp
@@ -68,7 +70,7 @@ from numba import cuda
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.activation import Q8KAct, q8_K_to_device
 from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, byte_perm, device, dot8, dp4a, float32, float64, hi_i32,
-                                      int32, jit_kernel, uint32, uint64, warp_sum)
+                                      int32, jit_kernel, uint32, uint64, warp_sum_pairwise)
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.quants import dequantize, dequantize_q8_K_activation, quantize_q8_K, random_blocks
@@ -406,7 +408,7 @@ def _make_matvec(qtype, lpr: int, nb: int, replicas: int):
         r = min(row, n_rows - 1)  # tail lanes compute a real row and drop it: shuffles stay full-warp
         yrow = slot if x_per_slot else 0
         acc = partial(qs, sc, dm, ids[slot] * n_rows + r, nb, yq, yd, ybs, yrow, lane, lpr, grid_s, sign_s)
-        acc = warp_sum(acc, lpr)
+        acc = warp_sum_pairwise(acc, lpr)
         if lane == 0 and row < n_rows:
             out[slot * n_rows + row] = float32(acc)   # the one rounding
 
@@ -461,8 +463,8 @@ def _make_gate_up(qtype, lpr: int, nb: int, replicas: int, min_blocks: int = 0):
         yrow = slot if x_per_slot else 0
         g, u = pair(gqs, gsc, gdm, uqs, usc, udm, ids[slot] * n_rows + r, nb, yq, yd, ybs, yrow, lane, lpr,
                     grid_s, sign_s)
-        g32 = float32(warp_sum(g, lpr))   # gate_e and up_e are float32 values (docs/model.md step 17)
-        u32 = float32(warp_sum(u, lpr))
+        g32 = float32(warp_sum_pairwise(g, lpr))   # gate_e, up_e: float32 values (docs/model.md step 17)
+        u32 = float32(warp_sum_pairwise(u, lpr))
         if lane == 0 and row < n_rows:
             mid[slot * n_rows + row] = clamped_swiglu(g32, u32, clamp, weights[slot])
 
@@ -504,7 +506,7 @@ def _make_down_sum(qtype, lpr: int, nb: int, replicas: int):
     def slot_row(qs, sc, dm, n_rows, ids, yq, yd, ybs, grid_s, sign_s, part, slot, row, col, lane):
         r = min(row, n_rows - 1)
         acc = partial(qs, sc, dm, ids[slot] * n_rows + r, nb, yq, yd, ybs, slot, lane, lpr, grid_s, sign_s)
-        acc = warp_sum(acc, lpr)
+        acc = warp_sum_pairwise(acc, lpr)
         if lane == 0:
             part[slot, col] = float32(acc)   # down_e: a float32 value (docs/model.md step 17)
 

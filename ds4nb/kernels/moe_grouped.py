@@ -55,7 +55,7 @@ each super-block a lane owns, it loads the weight words once and
   evaluates ``moe.py``'s per-super-block integer dot for each of the 8 slots.
 
 Each slot then gets the lane's float64 sum and ``moe.py``'s ``log2(lpr)``-step
-shuffle reduction (``warp_sum``).
+shuffle reduction (``warp_sum_pairwise``).
 
 Knobs (launcher arguments, never changing the outputs): ``slots`` (1..8)
 and ``min_blocks`` (launch bounds).  Registers at the flash shapes, from
@@ -94,7 +94,7 @@ from ds4nb.kernels.activation import Q8KAct, q8_K_to_device
 from ds4nb.kernels.moe import (_D0, _D_EIGHTH, _M2, _M4, _M4_32, _M6_32, _M30_32, _NEG, _POS,
                                _U1_32, _U2, _U4, _U16, _U28, _U32, _U32_7F, _U32_FF, _UFF, _ULO)
 from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, byte_perm, device, dot8, dp4a, float32, float64, hi_i32,
-                                      int32, jit_kernel, uint32, uint64, warp_sum)
+                                      int32, jit_kernel, uint32, uint64, warp_sum_pairwise)
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.quants import dequantize, dequantize_q8_K_activation, quantize_q8_K
@@ -567,7 +567,7 @@ def _make_matvec_grouped(qtype, lpr: int, nb: int, n: int, min_blocks: int = 0):
     @device
     def out_step(k, a):
         acc, order, p, n_rows, row, lane, out = a
-        v = warp_sum(acc[k] * _D_EIGHTH if iq2 else acc[k], lpr)
+        v = warp_sum_pairwise(acc[k] * _D_EIGHTH if iq2 else acc[k], lpr)
         if lane == 0 and row < n_rows:
             out[uint64(order[uint64(p + k)] * n_rows + row)] = float32(v)   # the one rounding
 
@@ -630,8 +630,8 @@ def _make_gate_up_grouped(qtype, lpr: int, nb: int, n: int, min_blocks: int = 0)
     def out_step(k, a):
         gacc, uacc, order, p, weights, clamp, n_rows, row, lane, mid = a
         # gate_e and up_e are float32 values (docs/model.md step 17)
-        g32 = float32(warp_sum(gacc[k] * _D_EIGHTH if iq2 else gacc[k], lpr))
-        u32 = float32(warp_sum(uacc[k] * _D_EIGHTH if iq2 else uacc[k], lpr))
+        g32 = float32(warp_sum_pairwise(gacc[k] * _D_EIGHTH if iq2 else gacc[k], lpr))
+        u32 = float32(warp_sum_pairwise(uacc[k] * _D_EIGHTH if iq2 else uacc[k], lpr))
         if lane == 0 and row < n_rows:
             s = order[uint64(p + k)]
             mid[uint64(s * n_rows + row)] = M.clamped_swiglu(g32, u32, clamp, weights[uint64(s)])

@@ -37,17 +37,18 @@ of its two rows and two slots: the same integers.
 Numerics (docs/model.md, "Numerics: one rounding per value").  The per-slot
 kernels (``moe.py``), whose bits the grouped ones reproduce, give super-block
 ``b`` of a row to lane ``b % lpr``, add each lane's float64 terms from 0.0 in
-super-block order, and reduce the lanes with xor shuffles at offsets
-``lpr / 2, ..., 2, 1``.  That reduction is a pairwise sum over the lanes taken
-in bit-reversed order (lanes ``l`` and ``l ^ lpr/2`` first).  So here a lane
-walks the per-slot kernel's lanes ("leaves") in bit-reversed order, sums each
-leaf's super-block terms from 0.0 exactly as that lane did (the same float64
+super-block order, and reduce the lanes pairwise in lane order
+(``warp_sum_pairwise``: ``((l0 + l1) + (l2 + l3)) + ...``).  So here a lane
+walks the per-slot kernel's lanes ("leaves") in order, sums each leaf's
+super-block terms from 0.0 exactly as that lane did (the same float64
 expressions of the same exact integers, ``x 1/8`` for IQ2_XXS), and combines
 the leaves with a pairwise stack of partial sums (one per tree level and
 accumulator, in shared memory: private to the thread, no barrier): the same
 additions of the same values, hence the same bits as ``moe_gate_up`` /
 ``moe_matvec`` with the same ``lpr`` (which the tests check on the GPU at
-flash shapes and in the simulator).  Gate and up are rounded to float32 and
+flash shapes and in the simulator).  With one super-block a leaf (flash:
+``lpr = nb``) the walk is in memory order, so each 32-byte sector of a
+row's weight words serves four consecutive steps.  Gate and up are rounded to float32 and
 passed to ``moe.clamped_swiglu``; a matvec product is rounded once.
 
 A lane's 8 accumulators (2 rows x 2 slots x 2 tiles) are tuples in
@@ -117,14 +118,6 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
     rows_per_warp = 8 if gate_up else 16
     rows_per_block = rows_per_warp * WARPS
     grid_words, sign_words = (256, 128) if iq2 else (1, 1)
-
-    @device
-    def bitrev(i):
-        r = 0
-        for _ in range(levels):
-            r = (r << 1) | (i & 1)
-            i >>= 1
-        return r
 
     @device
     def decode(w0, w1, scw, grp, kq, grid_s, sign_s):
@@ -344,10 +337,10 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
             s_3 = slot_at(order, i0 + 9, end)
             d0, d1, d2, d3 = s_0 // div, s_1 // div, s_2 // div, s_3 // div
             acc = (_D0, _D0, _D0, _D0, _D0, _D0, _D0, _D0)
-            for j in range(n_steps):   # step j: super-block m of leaf bitrev(i), i.e. the per-slot kernel's lane
+            for j in range(n_steps):   # step j: super-block m of leaf i, i.e. of the per-slot kernel's lane i
                 i = j // per
                 m = j - i * per
-                b = bitrev(i) + m * lpr
+                b = i + m * lpr
                 if m == 0:
                     acc = (_D0, _D0, _D0, _D0, _D0, _D0, _D0, _D0)
                 if b < nb:              # (a leaf without super-blocks adds nothing: a 0.0 leaf)
