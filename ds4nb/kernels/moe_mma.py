@@ -204,31 +204,49 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
         return mma_group(7, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
 
     @device
-    def dots_dp4a(qs, sc, wrow, yq, yrow, b, grid_s, sign_s):
-        """Without MMA: super-block ``b``'s exact isum of one row and one slot, all 8 quarters with dp4a."""
-        isum = int32(0)
-        for grp in range(8):
-            d = int32(0)
-            m = int32(1)
-            for kq in range(4):
-                w = load_words(qs, sc, wrow, b, kq)
-                a0, a1, m = decode_group(w, grp, kq, grid_s, sign_s)
-                x0, x1 = y_quads(yq, yrow, b, grp, kq)
-                d = dp4a(a1, x1, dp4a(a0, x0, d))
-            isum = int32(isum + d * m)
-        return isum
+    def group_dp4a(grp, wl0, wl1, wh0, wh1, yq, d0, d1, d2, d3, b, grid_s, sign_s, s):
+        """Without MMA: group ``grp``'s dots of this lane's 8 accumulators with dp4a, all 8 k quarters (each
+        quad decoded once for the 4 slots), ``s`` + dots x multipliers.  ``wl0``/``wl1``: the lo row's words
+        of quarters 0, 1 / 2, 3 (:func:`load_words`), ``wh0``/``wh1`` the hi row's."""
+        c0 = int32(0)
+        c1 = int32(0)
+        c2 = int32(0)
+        c3 = int32(0)
+        c4 = int32(0)
+        c5 = int32(0)
+        c6 = int32(0)
+        c7 = int32(0)
+        m_lo = int32(1)
+        m_hi = int32(1)
+        for kq in range(4):
+            a0, a2, m_lo = decode_group(wl0 if kq < 2 else wl1, grp, kq, grid_s, sign_s)
+            a1, a3, m_hi = decode_group(wh0 if kq < 2 else wh1, grp, kq, grid_s, sign_s)
+            x0, x1 = y_quads(yq, d0, b, grp, kq)
+            c0 = dp4a(a2, x1, dp4a(a0, x0, c0))
+            c2 = dp4a(a3, x1, dp4a(a1, x0, c2))
+            x0, x1 = y_quads(yq, d1, b, grp, kq)
+            c1 = dp4a(a2, x1, dp4a(a0, x0, c1))
+            c3 = dp4a(a3, x1, dp4a(a1, x0, c3))
+            x0, x1 = y_quads(yq, d2, b, grp, kq)
+            c4 = dp4a(a2, x1, dp4a(a0, x0, c4))
+            c6 = dp4a(a3, x1, dp4a(a1, x0, c6))
+            x0, x1 = y_quads(yq, d3, b, grp, kq)
+            c5 = dp4a(a2, x1, dp4a(a0, x0, c5))
+            c7 = dp4a(a3, x1, dp4a(a1, x0, c7))
+        return (int32(s[0] + c0 * m_lo), int32(s[1] + c1 * m_lo), int32(s[2] + c2 * m_hi), int32(s[3] + c3 * m_hi),
+                int32(s[4] + c4 * m_lo), int32(s[5] + c5 * m_lo), int32(s[6] + c6 * m_hi), int32(s[7] + c7 * m_hi))
 
     @device
     def step_dp4a(qs_lo, sc_lo, qs_hi, sc_hi, wrow_lo, wrow_hi, yq, d0, d1, d2, d3, b, grid_s, sign_s):
         """The same 8 isums as :func:`step_mma`, a lane computing its own (``d0..d3``: its D columns' rows)."""
-        return (dots_dp4a(qs_lo, sc_lo, wrow_lo, yq, d0, b, grid_s, sign_s),
-                dots_dp4a(qs_lo, sc_lo, wrow_lo, yq, d1, b, grid_s, sign_s),
-                dots_dp4a(qs_hi, sc_hi, wrow_hi, yq, d0, b, grid_s, sign_s),
-                dots_dp4a(qs_hi, sc_hi, wrow_hi, yq, d1, b, grid_s, sign_s),
-                dots_dp4a(qs_lo, sc_lo, wrow_lo, yq, d2, b, grid_s, sign_s),
-                dots_dp4a(qs_lo, sc_lo, wrow_lo, yq, d3, b, grid_s, sign_s),
-                dots_dp4a(qs_hi, sc_hi, wrow_hi, yq, d2, b, grid_s, sign_s),
-                dots_dp4a(qs_hi, sc_hi, wrow_hi, yq, d3, b, grid_s, sign_s))
+        wl0 = load_words(qs_lo, sc_lo, wrow_lo, b, 0)
+        wl1 = load_words(qs_lo, sc_lo, wrow_lo, b, 2)
+        wh0 = load_words(qs_hi, sc_hi, wrow_hi, b, 0)
+        wh1 = load_words(qs_hi, sc_hi, wrow_hi, b, 2)
+        s = (int32(0), int32(0), int32(0), int32(0), int32(0), int32(0), int32(0), int32(0))
+        for grp in range(8):
+            s = group_dp4a(grp, wl0, wl1, wh0, wh1, yq, d0, d1, d2, d3, b, grid_s, sign_s, s)
+        return s
 
     @device
     def summs(sc, wrow, b, ybs, yrow):
