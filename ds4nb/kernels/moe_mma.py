@@ -218,21 +218,25 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
         c7 = int32(0)
         m_lo = int32(1)
         m_hi = int32(1)
-        for kq in range(4):
+        for kq in range(4):   # columns past the expert's last slot (d < 0) are skipped
             a0, a2, m_lo = decode_group(wl0 if kq < 2 else wl1, grp, kq, grid_s, sign_s)
             a1, a3, m_hi = decode_group(wh0 if kq < 2 else wh1, grp, kq, grid_s, sign_s)
-            x0, x1 = y_quads(yq, d0, b, grp, kq)
-            c0 = dp4a(a2, x1, dp4a(a0, x0, c0))
-            c2 = dp4a(a3, x1, dp4a(a1, x0, c2))
-            x0, x1 = y_quads(yq, d1, b, grp, kq)
-            c1 = dp4a(a2, x1, dp4a(a0, x0, c1))
-            c3 = dp4a(a3, x1, dp4a(a1, x0, c3))
-            x0, x1 = y_quads(yq, d2, b, grp, kq)
-            c4 = dp4a(a2, x1, dp4a(a0, x0, c4))
-            c6 = dp4a(a3, x1, dp4a(a1, x0, c6))
-            x0, x1 = y_quads(yq, d3, b, grp, kq)
-            c5 = dp4a(a2, x1, dp4a(a0, x0, c5))
-            c7 = dp4a(a3, x1, dp4a(a1, x0, c7))
+            if d0 >= 0:
+                x0, x1 = y_quads(yq, d0, b, grp, kq)
+                c0 = dp4a(a2, x1, dp4a(a0, x0, c0))
+                c2 = dp4a(a3, x1, dp4a(a1, x0, c2))
+            if d1 >= 0:
+                x0, x1 = y_quads(yq, d1, b, grp, kq)
+                c1 = dp4a(a2, x1, dp4a(a0, x0, c1))
+                c3 = dp4a(a3, x1, dp4a(a1, x0, c3))
+            if d2 >= 0:
+                x0, x1 = y_quads(yq, d2, b, grp, kq)
+                c4 = dp4a(a2, x1, dp4a(a0, x0, c4))
+                c6 = dp4a(a3, x1, dp4a(a1, x0, c6))
+            if d3 >= 0:
+                x0, x1 = y_quads(yq, d3, b, grp, kq)
+                c5 = dp4a(a2, x1, dp4a(a0, x0, c5))
+                c7 = dp4a(a3, x1, dp4a(a1, x0, c7))
         return (int32(s[0] + c0 * m_lo), int32(s[1] + c1 * m_lo), int32(s[2] + c2 * m_hi), int32(s[3] + c3 * m_hi),
                 int32(s[4] + c4 * m_lo), int32(s[5] + c5 * m_lo), int32(s[6] + c6 * m_hi), int32(s[7] + c7 * m_hi))
 
@@ -272,14 +276,15 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
 
     @device
     def add_terms(acc, s, sc_lo, dm_lo, sc_hi, dm_hi, wrow_lo, wrow_hi, b, ybs, yd, d0, d1, d2, d3):
-        return (acc[0] + term(s[0], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d0),
-                acc[1] + term(s[1], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d1),
-                acc[2] + term(s[2], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d0),
-                acc[3] + term(s[3], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d1),
-                acc[4] + term(s[4], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d2),
-                acc[5] + term(s[5], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d3),
-                acc[6] + term(s[6], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d2),
-                acc[7] + term(s[7], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d3))
+        """``acc`` + the step's terms; a skipped column (``d < 0``, dp4a path) keeps its 0.0s (never written)."""
+        return (acc[0] + term(s[0], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d0) if d0 >= 0 else acc[0],
+                acc[1] + term(s[1], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d1) if d1 >= 0 else acc[1],
+                acc[2] + term(s[2], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d0) if d0 >= 0 else acc[2],
+                acc[3] + term(s[3], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d1) if d1 >= 0 else acc[3],
+                acc[4] + term(s[4], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d2) if d2 >= 0 else acc[4],
+                acc[5] + term(s[5], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d3) if d3 >= 0 else acc[5],
+                acc[6] + term(s[6], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d2) if d2 >= 0 else acc[6],
+                acc[7] + term(s[7], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d3) if d3 >= 0 else acc[7])
 
     @device
     def stacked(stack, lvl, tid, q):
@@ -353,7 +358,12 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
             s_1 = slot_at(order, i0 + 1, end)
             s_2 = slot_at(order, i0 + 8, end)
             s_3 = slot_at(order, i0 + 9, end)
-            d0, d1, d2, d3 = s_0 // div, s_1 // div, s_2 // div, s_3 // div
+            # without MMA a column past the expert's last slot gets row -1 and is skipped; with MMA it computes the
+            # last slot again (every lane takes part) and is dropped at the write
+            d0 = s_0 // div if use_mma or i0 < end else -1
+            d1 = s_1 // div if use_mma or i0 + 1 < end else -1
+            d2 = s_2 // div if use_mma or i0 + 8 < end else -1
+            d3 = s_3 // div if use_mma or i0 + 9 < end else -1
             acc = (_D0, _D0, _D0, _D0, _D0, _D0, _D0, _D0)
             for j in range(n_steps):   # step j: super-block m of leaf i, i.e. of the per-slot kernel's lane i
                 i = j // per
@@ -361,7 +371,9 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
                 b = i + m * lpr
                 if m == 0:
                     acc = (_D0, _D0, _D0, _D0, _D0, _D0, _D0, _D0)
-                if b < nb:              # (a leaf without super-blocks adds nothing: a 0.0 leaf)
+                # a leaf without super-blocks adds nothing (a 0.0 leaf); without MMA a lane whose columns are all
+                # past the expert's last slot has nothing to compute (with MMA every lane takes part)
+                if b < nb and (use_mma or d0 >= 0):
                     if use_mma:
                         s = step_mma(load_words(qs_lo, sc_lo, wrow_lo, b, t), load_words(qs_hi, sc_hi, wrow_hi, b, t),
                                      yq, yr0, yr1, b, t, grid_s, sign_s)
