@@ -3,13 +3,8 @@
 # DS4 shapes), then the flash benchmark (bench/engine.py flash).  Usage (device tool, carry .whl):
 #   bash bench/gpu_decode.sh [LAYERS] [TESTS]     LAYERS: flash layers (default 43); TESTS: a pytest -k expression
 #   selecting the GPU tests to run first (default: all of them), 0 to skip them
-set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+. bench/device_env.sh || exit 1
 layers=${1:-43}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import numba_cuda, cuda.core, numpy; print('numba-cuda', numba_cuda.__version__, 'cuda.core', cuda.core.__version__, 'numpy', numpy.__version__)"
 tests=${2:-}
 if [ "$tests" != 0 ]; then

@@ -3,12 +3,7 @@
 # full flash preset with cublas (bench/prefill_flash.py), then the GPU tests of the expert kernels and of the
 # engine against the oracle.
 # Usage (device tool, carry .whl): bash bench/gpu_moe_tiles.sh
-set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+. bench/device_env.sh || exit 1
 timeout 120 python3 bench/moe_tiles.py --tokens 512 --skew 0 2>&1 | grep -v Warn | tee "$OUT/moe_tiles_uniform.txt"
 timeout 200 python3 bench/prefill_flash.py --strategies cublas --no-tables --out "$OUT" 2>&1 \
   | grep -E "synth|ctx 2048|rc |^2048"

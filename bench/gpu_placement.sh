@@ -2,12 +2,8 @@
 # One device call for placement: GPU tests (identical logits across full / partial / direct on `small`, split
 # experts, mapped loading), then bench/placement.py.  Usage (device tool, carry .whl):
 #   bash bench/gpu_placement.sh [LAYERS]
-set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; free -g | head -2
+. bench/device_env.sh || exit 1
+free -g | head -2
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_placement_engine.py tests/test_residency.py \
   tests/test_kernels_moe.py -k "placements or split or load or repack" 2>&1 | tee "$OUT/gpu_tests.log" | tail -3
 timeout 480 python3 bench/placement.py --layers "${1:-20}" --out "$OUT" 2>&1 | grep -v "Warning\|warn("

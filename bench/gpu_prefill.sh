@@ -2,12 +2,7 @@
 # One device call for the prefill issue: GPU tests of the Q8_0 matmul strategies, the kernels at the model's
 # shapes against cuBLAS's measured peak, then prefill through the engine per strategy and chunk size.
 # Usage (device tool, carry .whl): bash bench/gpu_prefill.sh [LAYERS] [STRATEGIES] [TESTS]
-set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+. bench/device_env.sh || exit 1
 tests=${3:-}
 if [ "$tests" != 0 ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_q8_0.py tests/test_kernels_parity.py \

@@ -3,13 +3,8 @@
 # strategy (DS4_CUDA_PREFILL_PATH), the dispatcher's measured table, the matmul kernels against cuBLAS's
 # measured tensor-core peak (bench/prefill_flash.py), then the GPU tests not yet run on this version.
 # Usage (device tool, carry .whl): bash bench/gpu_prefill_flash.sh
-set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+. bench/device_env.sh || exit 1
 MODEL=/dev/shm/flash-43L.gguf
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 timeout 330 python3 bench/prefill_flash.py --model "$MODEL" --out "$OUT" 2>&1 | grep -v "Warning\|warn("
 timeout ${TEST_SECONDS:-240} python3 -m pytest -q -p no:cacheprovider -s tests/test_engine.py tests/test_engine_graph.py \
   tests/test_engine_cublas.py tests/test_placement_engine.py tests/test_kernels_moe_grouped.py \

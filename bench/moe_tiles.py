@@ -1,10 +1,11 @@
 """Routed-expert kernels of a prefill chunk at flash shapes: per slot, grouped (dp4a) and tensor-core tiles.
 
-``python bench/moe_tiles.py [--tokens 512] [--once NAME]``: random IQ2_XXS gate/up and Q2_K down experts
-(256 x 2048 x 4096 / 256 x 4096 x 2048), router-like skewed picks of 6 experts a token; every variant is
-checked bit for bit against the per-slot kernels, then timed (CUDA events, 20 launches).  Prints us per
-launch, TOPS (2 x the slots' multiply-adds), the kernels' registers and local memory.  ``--once NAME``
-launches one variant once after a warm-up (for a profiler).
+``python bench/moe_tiles.py [--tokens 512] [--skew 1] [--once NAME]``: random IQ2_XXS gate/up and Q2_K down
+experts (256 x 2048 x 4096 / 256 x 4096 x 2048), router-like skewed picks of 6 experts a token (``--skew 0``:
+uniform popularity); every variant is checked bit for bit against the per-slot kernels, then timed (CUDA events,
+20 launches).  Prints us per launch, TOPS (2 x the slots' multiply-adds), the tiles' registers and local memory,
+and which IQ2_XXS gate/up kernel the registry should prefer (``moe_mma.PRIORITY``, ``IQ2_SIGNS``,
+``MIN_BLOCKS``).  ``--once NAME`` launches one variant once after a warm-up (for a profiler).
 """
 
 from __future__ import annotations
@@ -15,8 +16,15 @@ import functools
 import numpy as np
 
 
-#: knobs of the tensor-core tiles to time
-VARIANTS = [{"min_blocks": 0}, {"min_blocks": 4}]
+#: knobs of the tensor-core tiles to time: IQ2_XXS gate/up with both sign selectors, Q2_K down
+GATE_UP_TILES = [{"min_blocks": mb, "iq2_signs": signs} for signs in ("table", "alu") for mb in (0, 4)]
+DOWN_TILES = [{"min_blocks": 0}, {"min_blocks": 4}]
+#: the grouped dp4a gate/up (``expert_blocks``) at its measured best: 3 blocks an SM
+GROUPED_GATE_UP = {"min_blocks": 3}
+
+
+def _tag(kw: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in kw.items())
 
 
 def main() -> None:
@@ -62,20 +70,20 @@ def main() -> None:
     M._moe_matvec(Q.Q2_K, down, sel_d, mk, out=down_ref)
     ref = {"gate_up": mid_ref.copy_to_host().view(np.uint32), "down": down_ref.copy_to_host().view(np.uint32)}
 
+    grouped_gate_up = f"gate_up grouped {_tag(GROUPED_GATE_UP)}"
     variants = {
         "gate_up per-slot": ("gate_up", lambda o: M._moe_gate_up(Q.IQ2_XXS, gate, up, sel_d, weights, x_slots, 1.0,
                                                                   out=o)),
-        "gate_up grouped": ("gate_up", lambda o: G._moe_gate_up_grouped(Q.IQ2_XXS, gate, up, groups, weights, xk,
-                                                                         1.0, out=o, min_blocks=3)),
+        grouped_gate_up: ("gate_up", lambda o: G._moe_gate_up_grouped(Q.IQ2_XXS, gate, up, groups, weights, xk,
+                                                                       1.0, out=o, **GROUPED_GATE_UP)),
         "down per-slot": ("down", lambda o: M._moe_matvec(Q.Q2_K, down, sel_d, mk, out=o)),
         "down grouped": ("down", lambda o: G._moe_matvec_grouped(Q.Q2_K, down, groups, mk, out=o)),
     }
-    for knobs in VARIANTS:
-        kw = dict(knobs)
-        tag = " ".join(f"{k}={v}" for k, v in kw.items())
-        variants[f"gate_up tiles {tag}"] = ("gate_up", functools.partial(
+    for kw in GATE_UP_TILES:
+        variants[f"gate_up tiles {_tag(kw)}"] = ("gate_up", functools.partial(
             lambda o, kw: T._moe_gate_up_tiles(Q.IQ2_XXS, gate, up, groups, weights, xk, 1.0, out=o, **kw), kw=kw))
-        variants[f"down tiles {tag}"] = ("down", functools.partial(
+    for kw in DOWN_TILES:
+        variants[f"down tiles {_tag(kw)}"] = ("down", functools.partial(
             lambda o, kw: T._moe_matvec_tiles(Q.Q2_K, down, groups, mk, out=o, **kw), kw=kw))
 
     if args.once:
@@ -91,31 +99,46 @@ def main() -> None:
     print(f"T={n_tok}: {n} slots, {len(np.unique(sel))} experts used, most slots on one expert "
           f"{np.bincount(sel).max()}")
     print(f"{'variant':48s} {'us':>9s} {'TOPS':>7s}  bits")
+    times, same = {}, {}
     for name, (kind, fn) in variants.items():
         o = out(f if kind == "gate_up" else d)
         fn(o)
-        same = np.array_equal(o.copy_to_host().view(np.uint32), ref[kind])
+        same[name] = np.array_equal(o.copy_to_host().view(np.uint32), ref[kind])
         start, stop = cuda.event(), cuda.event()
         start.record()
         for _ in range(20):
             fn(o)
         stop.record()
         stop.synchronize()
-        us = start.elapsed_time(stop) * 1e3 / 20
-        print(f"{name:48s} {us:9.1f} {flops[kind] / us / 1e6:7.1f}  {'same' if same else 'DIFFERENT'}")
-    for knobs in VARIANTS:
-        kw = dict(knobs)
-        for qtype, kind, nb in ((Q.IQ2_XXS, "gate_up", d // 256), (Q.Q2_K, "matvec", f // 256)):
-            kern = T._make_tiles(qtype, kind, M.default_lanes_per_row(kind, nb), nb, True, kw["min_blocks"])
-            regs, local = kern.get_regs_per_thread(), kern.get_local_mem_per_thread()
-            shared = kern.get_shared_mem_per_block()
-            try:
-                sass = "\n".join(kern.inspect_sass().values())
-            except Exception as exc:        # noqa: BLE001 - nvdisasm may be missing
-                sass = f"no SASS: {exc}"
-            print(f"tiles {kind} {kw}: regs {list(regs.values())}, local {list(local.values())} B, shared "
-                  f"{list(shared.values())} B; SASS lines {sass.count(chr(10))}, IMMA {sass.count('IMMA')}, "
-                  f"LDL {sass.count('LDL')}, STL {sass.count('STL')}")
+        times[name] = us = start.elapsed_time(stop) * 1e3 / 20
+        print(f"{name:48s} {us:9.1f} {flops[kind] / us / 1e6:7.1f}  {'same' if same[name] else 'DIFFERENT'}")
+
+    kernels = [(Q.IQ2_XXS, "gate_up", d // 256, kw) for kw in GATE_UP_TILES]
+    kernels += [(Q.Q2_K, "matvec", f // 256, kw) for kw in DOWN_TILES]
+    for qtype, kind, nb, kw in kernels:
+        kern = T._make_tiles(qtype, kind, M.default_lanes_per_row(kind, nb), nb, True, kw["min_blocks"],
+                             kw.get("iq2_signs", "table"))
+        regs, local = kern.get_regs_per_thread(), kern.get_local_mem_per_thread()
+        shared = kern.get_shared_mem_per_block()
+        try:
+            sass = "\n".join(kern.inspect_sass().values())
+        except Exception as exc:        # noqa: BLE001 - nvdisasm may be missing
+            sass = f"no SASS: {exc}"
+        print(f"tiles {qtype.name} {kind} {_tag(kw)}: regs {list(regs.values())}, local {list(local.values())} B, "
+              f"shared {list(shared.values())} B; SASS lines {sass.count(chr(10))}, IMMA {sass.count('IMMA')}, "
+              f"LDS {sass.count('LDS')}, POPC {sass.count('POPC')}, LDL {sass.count('LDL')}, STL {sass.count('STL')}")
+
+    # what the registry should prefer for IQ2_XXS gate/up (moe_mma.PRIORITY against expert_blocks' 10)
+    tiles = [(times[f"gate_up tiles {_tag(kw)}"], kw) for kw in GATE_UP_TILES if same[f"gate_up tiles {_tag(kw)}"]]
+    if not tiles or not same[grouped_gate_up]:
+        print("IQ2_XXS gate/up: a variant gave DIFFERENT bits: no verdict")
+        return
+    best_us, best = min(tiles, key=lambda t: t[0])
+    grouped_us = times[grouped_gate_up]
+    print(f"IQ2_XXS gate/up: fastest tiles {_tag(best)} {best_us:.1f} us, expert_blocks {grouped_us:.1f} us: "
+          + (f"tiles first: moe_mma.PRIORITY[IQ2_XXS] = 20, IQ2_SIGNS = {best['iq2_signs']!r}, "
+             f"MIN_BLOCKS[IQ2_XXS] = {best['min_blocks']}" if best_us < grouped_us
+             else "expert_blocks first: moe_mma.PRIORITY[IQ2_XXS] stays below 10"))
 
 
 if __name__ == "__main__":

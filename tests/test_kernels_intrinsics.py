@@ -136,6 +136,89 @@ def test_reinterpret_and_rint(kernel_rng: np.random.Generator) -> None:
     np.testing.assert_array_equal(r.copy_to_host(), np.rint(f))  # ties to even
 
 
+@cuda.jit
+def _mma_f64_kernel(a, b, c, d):
+    """Two warps, each D = A B + C on its own 8x4, 4x8 and 8x8 matrices (the MMA's fragment layout)."""
+    tid = cuda.threadIdx.x
+    w, lane = tid // 32, tid % 32
+    g, t = lane // 4, lane % 4
+    d0, d1 = K.mma_f64(a[w, g, t], b[w, t, g], c[w, g, 2 * t], c[w, g, 2 * t + 1])
+    d[w, g, 2 * t] = d0
+    d[w, g, 2 * t + 1] = d1
+
+
+def test_mma_f64_is_a_float64_matmul(kernel_rng: np.random.Generator) -> None:
+    # integers below 2^20: every product and sum is exact, so any order gives numpy's bits
+    a, b = (kernel_rng.integers(-2**20, 2**20, (2, *s)).astype(np.float64) for s in ((8, 4), (4, 8)))
+    c = kernel_rng.integers(-2**40, 2**40, (2, 8, 8)).astype(np.float64)
+    d = cuda.to_device(np.full((2, 8, 8), np.nan))
+    _mma_f64_kernel[1, 64](cuda.to_device(a), cuda.to_device(b), cuda.to_device(c), d)
+    np.testing.assert_array_equal(d.copy_to_host(), a @ b + c)
+    # random reals: a float64 evaluation in some order (a few ulps of the terms' magnitude)
+    a, b, c = kernel_rng.standard_normal((2, 8, 4)), kernel_rng.standard_normal((2, 4, 8)), \
+        kernel_rng.standard_normal((2, 8, 8))
+    _mma_f64_kernel[1, 64](cuda.to_device(a), cuda.to_device(b), cuda.to_device(c), d)
+    bound = 8 * np.finfo(np.float64).eps * (np.abs(a) @ np.abs(b) + np.abs(c))
+    err = np.abs(d.copy_to_host() - (a @ b + c))
+    assert (err <= bound).all(), f"max error {err.max():.3g}, its bound {bound[err > bound].min():.3g}"
+
+
+@cuda.jit
+def _mma_s8_kernel(aw, bw, d):
+    """Two warps, each D = A B on its own 16x32 and 32x8 int8 matrices: ``aw[w, row, q]`` / ``bw[w, col, q]``
+    the int32 of A's row / B's column bytes 4q..4q+3 (the MMA's fragment layout, intrinsics.cu)."""
+    tid = cuda.threadIdx.x
+    w, lane = tid // 32, tid % 32
+    g, t = lane // 4, lane % 4
+    a0, a1, a2, a3 = aw[w, g, t], aw[w, g + 8, t], aw[w, g, t + 4], aw[w, g + 8, t + 4]
+    b0, b1 = bw[w, g, t], bw[w, g, t + 4]
+    lo = K.mma_s8_lo(a0, a1, a2, a3, b0, b1)
+    hi = K.mma_s8_hi(a0, a1, a2, a3, b0, b1)
+    d[w, g, 2 * t] = K.as_i32(lo)
+    d[w, g, 2 * t + 1] = K.as_i32(lo >> 32)
+    d[w, g + 8, 2 * t] = K.as_i32(hi)
+    d[w, g + 8, 2 * t + 1] = K.as_i32(hi >> 32)
+
+
+def test_mma_s8_is_an_int8_matmul(kernel_rng: np.random.Generator) -> None:
+    """The int8 MMA (the simulator's twin, or the tensor cores on a GPU) against numpy on random fragments."""
+    a = kernel_rng.integers(-128, 128, (2, 16, 32)).astype(np.int8)
+    b = kernel_rng.integers(-128, 128, (2, 32, 8)).astype(np.int8)
+    a[0, 0], b[0, :, 0] = -128, -128                        # the largest dot: 32 x 2^14, no overflow
+    aw = np.ascontiguousarray(a).view("<i4")                                    # (2, 16, 8): quads of a row
+    bw = np.ascontiguousarray(b.transpose(0, 2, 1)).view("<i4")                 # (2, 8, 8): quads of a column
+    d = cuda.to_device(np.full((2, 16, 8), -1, np.int32))
+    _mma_s8_kernel[1, 64](cuda.to_device(aw), cuda.to_device(bw), d)
+    np.testing.assert_array_equal(d.copy_to_host(), a.astype(np.int64) @ b.astype(np.int64))
+
+
+@cuda.jit
+def _mma_f64_k16_kernel(a, b, c, d):
+    """One warp: D = A B + C with A 16 x 16, B 16 x 8 in the m16n8k16 fragment layout (intrinsics)."""
+    lane = cuda.threadIdx.x
+    g, t = lane // 4, lane % 4
+    fa = (a[g, t], a[g + 8, t], a[g, t + 4], a[g + 8, t + 4], a[g, t + 8], a[g + 8, t + 8], a[g, t + 12],
+          a[g + 8, t + 12])
+    fb = (b[t, g], b[t + 4, g], b[t + 8, g], b[t + 12, g])
+    r = K.mma_f64_k16(fa, fb, (c[g, 2 * t], c[g, 2 * t + 1], c[g + 8, 2 * t], c[g + 8, 2 * t + 1]))
+    d[g, 2 * t] = r[0]
+    d[g, 2 * t + 1] = r[1]
+    d[g + 8, 2 * t] = r[2]
+    d[g + 8, 2 * t + 1] = r[3]
+
+
+def test_mma_f64_k16_is_a_float64_matmul(kernel_rng: np.random.Generator) -> None:
+    if not K.SIMULATOR and tuple(cuda.get_current_device().compute_capability) < (9, 0):
+        pytest.skip("m16n8k16 float64 MMA needs sm_90")
+    # integers below 2^20: every product and sum is exact, so any order gives numpy's bits
+    a = kernel_rng.integers(-2**20, 2**20, (16, 16)).astype(np.float64)
+    b = kernel_rng.integers(-2**20, 2**20, (16, 8)).astype(np.float64)
+    c = kernel_rng.integers(-2**40, 2**40, (16, 8)).astype(np.float64)
+    d = cuda.to_device(np.full((16, 8), np.nan))
+    _mma_f64_k16_kernel[1, 32](cuda.to_device(a), cuda.to_device(b), cuda.to_device(c), d)
+    np.testing.assert_array_equal(d.copy_to_host(), a @ b + c)
+
+
 @pytest.mark.gpu
 def test_dp4a_is_linked_from_cuda_cpp() -> None:
     """On a GPU the intrinsic is the linked CUDA C++ __dp4a (one IDP.4A in the SASS, no call)."""

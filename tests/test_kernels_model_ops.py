@@ -79,13 +79,31 @@ def test_f16_matvec_pair_bias_and_split(kernel_rng, wpr):
         assert err <= CONTRACT_RATE, f"f16.matvec {what} wpr={wpr}: {err:.3g} differ (> {CONTRACT_RATE:g} or > 1 ulp)"
 
 
+def test_gemm_f64_float64_outputs(kernel_rng) -> None:
+    """The FP64 tensor-core GEMM over several block tiles, rows and tokens past the last tile and a partial
+    last k tile; F32 weights, a bias, float64 outputs (the sums themselves, within float64 rounding)."""
+    from ds4nb.kernels import gemm_f64
+
+    n_tok, n_out, n_in = 37, 45, 72
+    w = kernel_rng.standard_normal((n_out, n_in)).astype(np.float32)
+    b = kernel_rng.standard_normal(n_out).astype(np.float32)
+    x = kernel_rng.standard_normal((n_tok, n_in)).astype(np.float32)
+    out = cuda.to_device(np.full(n_tok * n_out, np.nan))
+    gemm_f64.matmul(cuda.to_device(w), cuda.to_device(x), n_tok, out=out, bias=cuda.to_device(b))
+    want = x.astype(np.float64) @ w.astype(np.float64).T + b
+    err = np.abs(out.copy_to_host().reshape(n_tok, n_out) - want)
+    bound = 4 * n_in * np.finfo(np.float64).eps * (np.abs(x) @ np.abs(w).T + np.abs(b))
+    assert (err <= bound).all(), f"max error {err.max():.3g}"
+
+
 # ---------------------------------------------------------------------------
 # hc
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n_split", [None, 3])   # None: the geometry's own; 3: the GPU's multi-split path
-def test_hc_pre_without_norm_and_sinkhorn_order(kernel_rng, monkeypatch, n_split):
+# None: the geometry's own splits; 3: the GPU's multi-split path; mma: the mix on the FP64 tensor cores (3 K splits)
+@pytest.mark.parametrize(("n_split", "mma"), [(None, False), (3, False), (3, True)], ids=["own", "split3", "mma"])
+def test_hc_pre_without_norm_and_sinkhorn_order(kernel_rng, monkeypatch, n_split, mma):
     rng = kernel_rng
     if n_split is not None:
         monkeypatch.setattr(H, "n_splits", lambda hc_dim: n_split)
@@ -99,7 +117,7 @@ def test_hc_pre_without_norm_and_sinkhorn_order(kernel_rng, monkeypatch, n_split
     split = ops.hc_split_sinkhorn(H.mix_reference(hc, fn, 1e-6), sc, bs, n_hc, 20, 1e-6)
     out = H.HcPreOut(poisoned(n_tok * n_embd), poisoned(n_tok * n_hc), poisoned(n_tok * n_hc * n_hc))
     H.hc_pre(cuda.to_device(hc), cuda.to_device(fn), cuda.to_device(sc), cuda.to_device(bs), None, out=out,
-             n_hc=n_hc, iters=20, hc_eps=1e-6, rms_eps=1e-6)
+             n_hc=n_hc, iters=20, hc_eps=1e-6, rms_eps=1e-6, mma=mma)
     check_bits(out.x.copy_to_host(), ops.hc_weighted_sum(hc, split.pre), "hc.pre", "x")
     check_bits(out.post.copy_to_host(), split.post, "hc.pre", "post")
     check_bits(out.comb.copy_to_host(), split.comb, "hc.pre", "comb")
@@ -491,10 +509,12 @@ def test_compressor_chunk_equals_token_by_token(ratio, d, overlap, finish, n_tok
     np.testing.assert_array_equal(state.score.copy_to_host(), sc_end)
 
 
+@pytest.mark.parametrize("mma", [False, True], ids=["dfma", "mma"])
 @pytest.mark.parametrize(("n_tok", "n_out", "n_out2", "n_in"), [(11, 37, 16, 300), (17, 5, 0, 544)])
-def test_f16_matvec_prefill_tiles(n_tok, n_out, n_out2, n_in, kernel_rng) -> None:
-    """The prefill kernel where nothing divides: rows past a block's 32, tokens past a pass of 8, columns past
-    a 256-column tile; a second matrix with a bias: the float64 numpy twin rounded once, bit for bit."""
+def test_f16_matvec_prefill_tiles(n_tok, n_out, n_out2, n_in, mma, kernel_rng) -> None:
+    """The prefill kernels where nothing divides: rows past a block's 32, tokens past a pass of 8 (or a 32 x 32
+    MMA tile), columns past a 256-column tile (or a 32-value k tile); a second matrix with a bias: the float64
+    numpy twin rounded once, bit for bit (``mma``: the FP64 tensor-core GEMM, through the simulator's MMA)."""
     w = (kernel_rng.standard_normal((n_out, n_in)) / 16).astype(np.float16)
     x = kernel_rng.standard_normal((n_tok, n_in)).astype(np.float32)
     out = cuda.device_array(n_tok * n_out, np.float32)
@@ -504,7 +524,7 @@ def test_f16_matvec_prefill_tiles(n_tok, n_out, n_out2, n_in, kernel_rng) -> Non
         b2 = kernel_rng.standard_normal(n_out2).astype(np.float16)
         out2 = cuda.device_array(n_tok * n_out2, np.float32)
         kw = dict(w2=cuda.to_device(w2), bias2=cuda.to_device(b2), out2=out2)
-    F.f16_matvec(cuda.to_device(w), cuda.to_device(x), out=out, **kw)
+    F.f16_matvec(cuda.to_device(w), cuda.to_device(x), out=out, mma=mma, **kw)
     x64 = x.astype(np.float64)
     np.testing.assert_array_equal(out.copy_to_host().reshape(n_tok, n_out), (x64 @ w.astype(np.float64).T).astype(np.float32))
     if n_out2:

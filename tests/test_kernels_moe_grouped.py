@@ -4,8 +4,9 @@
 matvec must give the per-slot kernels' outputs bit for bit on the same inputs
 (only which thread computes which slot changes), skip the slots whose id is
 -1, and match the float64 twins under the "one rounding per value" contract.
-The tensor-core tiles (ds4nb.kernels.moe_mma) must give the same bits again
-(in the simulator through their dp4a path).  The ``gpu`` tests repeat the
+The tensor-core tiles (ds4nb.kernels.moe_mma) must give the same bits again,
+through their dp4a path and the int8 MMA (in the simulator its twin, so the
+kernels' fragments and k order are checked there too).  The ``gpu`` tests repeat the
 comparisons at the flash model's shapes (256 experts, n_embd 4096, n_ff_exp
 2048, 6 slots a token, prefill chunks of 64 and 512 tokens), where the tiles
 run on the int8 MMA, and print the timings of every path.
@@ -146,6 +147,35 @@ def test_matvec_grouped_equals_per_slot(qtype, x_per_slot: bool, lpr, kernel_rng
     assert contract_error(grouped.copy_to_host(), twin) <= CONTRACT_RATE
 
 
+def _gate_up_tiles_vs_per_slot(rng, qtype, lpr=None, **knobs) -> None:
+    e, n, k, t, n_used = G._TINY["gate_up"]
+    sel = G.tiny_sel(rng, e, t * n_used)
+    _, gw = M._experts(rng, qtype, e, n, k)
+    _, uw = M._experts(rng, qtype, e, n, k)
+    weights = cuda.to_device(rng.uniform(0.05, 1.0, sel.size).astype(np.float32))
+    x = M._x(rng, t, k)
+    tiles, per_slot = _nan_out(sel.size * n), _nan_out(sel.size * n)
+    T._moe_gate_up_tiles(qtype, gw, uw, _device_groups(sel, e), weights, q8_K_to_device(x), 0.5, out=tiles, lpr=lpr,
+                         **knobs)
+    M._moe_gate_up(qtype, gw, uw, cuda.to_device(sel), weights, q8_K_to_device(np.repeat(x, n_used, axis=0)), 0.5,
+                   out=per_slot, lpr=lpr)
+    assert np.array_equal(_bits(tiles), _bits(per_slot))
+    got = tiles.copy_to_host().reshape(sel.size, n)
+    assert np.isnan(got[sel < 0]).all() and np.isfinite(got[sel >= 0]).all()   # skipped slots untouched
+
+
+def _matvec_tiles_vs_per_slot(rng, qtype, lpr=None, **knobs) -> None:
+    e, n, k, t, n_used = G._TINY["matvec"]
+    _, w = M._experts(rng, qtype, e, n, k)
+    sel = G.tiny_sel(rng, e, t * n_used)
+    x = M._x(rng, sel.size, k)                 # one row a slot, as the down projection's
+    tiles, per_slot = _nan_out(sel.size * n), _nan_out(sel.size * n)
+    T._moe_matvec_tiles(qtype, w, _device_groups(sel, e), q8_K_to_device(x), out=tiles, lpr=lpr, **knobs)
+    M._moe_matvec(qtype, w, cuda.to_device(sel), q8_K_to_device(x), out=per_slot, lpr=lpr)
+    assert np.array_equal(_bits(tiles), _bits(per_slot))
+    assert np.isnan(tiles.copy_to_host().reshape(sel.size, n)[sel < 0]).all()
+
+
 # the tiles reproduce per-slot kernels of 1, 2 and 4 lanes a row: K = 512 has 2 super-blocks, so with 4 lanes two
 # of the pairwise tree's leaves are empty
 TILE_LANES = pytest.mark.parametrize("lpr", [None, 2, 4], ids=["lanes1", "lanes2", "lanes4"])
@@ -154,35 +184,47 @@ TILE_LANES = pytest.mark.parametrize("lpr", [None, 2, 4], ids=["lanes1", "lanes2
 @TILE_LANES
 @pytest.mark.parametrize("qtype", T.QTYPES, ids=lambda q: q.name)
 def test_gate_up_tiles_equal_per_slot(qtype, lpr, kernel_rng) -> None:
-    rng = kernel_rng
-    e, n, k, t, n_used = G._TINY["gate_up"]
-    sel = G.tiny_sel(rng, e, t * n_used)
-    _, gw = M._experts(rng, qtype, e, n, k)
-    _, uw = M._experts(rng, qtype, e, n, k)
-    weights = cuda.to_device(rng.uniform(0.05, 1.0, sel.size).astype(np.float32))
-    x = M._x(rng, t, k)
-    tiles, per_slot = _nan_out(sel.size * n), _nan_out(sel.size * n)
-    T._moe_gate_up_tiles(qtype, gw, uw, _device_groups(sel, e), weights, q8_K_to_device(x), 0.5, out=tiles, lpr=lpr)
-    M._moe_gate_up(qtype, gw, uw, cuda.to_device(sel), weights, q8_K_to_device(np.repeat(x, n_used, axis=0)), 0.5,
-                   out=per_slot, lpr=lpr)
-    assert np.array_equal(_bits(tiles), _bits(per_slot))
-    got = tiles.copy_to_host().reshape(sel.size, n)
-    assert np.isnan(got[sel < 0]).all() and np.isfinite(got[sel >= 0]).all()   # skipped slots untouched
+    _gate_up_tiles_vs_per_slot(kernel_rng, qtype, lpr)
 
 
 @TILE_LANES
 @pytest.mark.parametrize("qtype", T.QTYPES, ids=lambda q: q.name)
 def test_matvec_tiles_equal_per_slot(qtype, lpr, kernel_rng) -> None:
-    rng = kernel_rng
-    e, n, k, t, n_used = G._TINY["matvec"]
-    _, w = M._experts(rng, qtype, e, n, k)
-    sel = G.tiny_sel(rng, e, t * n_used)
-    x = M._x(rng, sel.size, k)                 # one row a slot, as the down projection's
-    tiles, per_slot = _nan_out(sel.size * n), _nan_out(sel.size * n)
-    T._moe_matvec_tiles(qtype, w, _device_groups(sel, e), q8_K_to_device(x), out=tiles, lpr=lpr)
-    M._moe_matvec(qtype, w, cuda.to_device(sel), q8_K_to_device(x), out=per_slot, lpr=lpr)
-    assert np.array_equal(_bits(tiles), _bits(per_slot))
-    assert np.isnan(tiles.copy_to_host().reshape(sel.size, n)[sel < 0]).all()
+    _matvec_tiles_vs_per_slot(kernel_rng, qtype, lpr)
+
+
+# The tiles' other paths: the int8 MMA (through the simulator's twin: a block barrier a call, so the tiny shapes
+# with few slots and one or two lanes a row) with each type's k order and IQ2_XXS's two sign selectors, and the
+# arithmetic signs on the dp4a path.  The launchers' default (has_int8_mma) is the dp4a path in the simulator.
+TILE_PATHS = pytest.mark.parametrize(("qtype", "lpr", "knobs"), [
+    (Q.IQ2_XXS, None, {"mma": True, "iq2_signs": "table"}),
+    (Q.IQ2_XXS, 2, {"mma": True, "iq2_signs": "alu"}),
+    (Q.Q2_K, 2, {"mma": True}),
+    (Q.IQ2_XXS, None, {"mma": False, "iq2_signs": "alu"}),
+], ids=["IQ2_XXS-mma-table", "IQ2_XXS-mma-alu-lanes2", "Q2_K-mma-lanes2", "IQ2_XXS-dp4a-alu"])
+
+
+@TILE_PATHS
+def test_gate_up_tile_paths_equal_per_slot(qtype, lpr, knobs, kernel_rng) -> None:
+    _gate_up_tiles_vs_per_slot(kernel_rng, qtype, lpr, **knobs)
+
+
+@TILE_PATHS
+def test_matvec_tile_paths_equal_per_slot(qtype, lpr, knobs, kernel_rng) -> None:
+    _matvec_tiles_vs_per_slot(kernel_rng, qtype, lpr, **knobs)
+
+
+@cuda.jit
+def _sign_nibbles_kernel(out):
+    s = cuda.threadIdx.x
+    out[s] = T.iq2_sign_nibbles(np.uint32(s))
+
+
+def test_iq2_sign_nibbles_equal_the_sign_table() -> None:
+    """The arithmetic sign selectors against the sign table (built with numpy from GGUF's sign bytes)."""
+    out = cuda.to_device(np.zeros(128, np.uint32))
+    _sign_nibbles_kernel[1, 128](out)
+    np.testing.assert_array_equal(out.copy_to_host(), M.iq2_xxs_tables()[1])
 
 
 @pytest.mark.parametrize("slots", [1, 3])
@@ -278,8 +320,9 @@ def test_routed_chain_grouped_equals_per_slot(kernel_rng) -> None:
 FLASH = {"n_expert": 256, "n_embd": 4096, "n_ff": 2048, "n_used": 6}
 #: (slots a batch, launch-bounds blocks per SM) of the grouped kernels timed at flash shapes
 VARIANTS = [(8, 0), (8, 3)]
-#: launch-bounds blocks per SM of the tensor-core tiles timed at flash shapes
-TILE_VARIANTS = [0, 4]
+#: knobs of the tensor-core tiles timed at flash shapes (IQ2_XXS gate/up and Q2_K down; Q2_K has no sign knob)
+TILE_VARIANTS = [{"min_blocks": 0}, {"min_blocks": 4}, {"min_blocks": 0, "iq2_signs": "alu"},
+                 {"min_blocks": 4, "iq2_signs": "alu"}]
 
 
 @pytest.fixture(scope="module")
@@ -347,8 +390,8 @@ def test_flash_shapes_grouped_equals_per_slot(flash_experts, n_tok: int, kernel_
     variants = {f"grouped slots={slots} min_blocks={mb}": (G._moe_gate_up_grouped, G._moe_matvec_grouped,
                                                             {"slots": slots, "min_blocks": mb})
                 for slots, mb in VARIANTS}
-    variants.update({f"mma tiles min_blocks={mb}": (T._moe_gate_up_tiles, T._moe_matvec_tiles, {"min_blocks": mb})
-                     for mb in TILE_VARIANTS})
+    variants.update({"mma tiles " + " ".join(f"{k}={v}" for k, v in kw.items()):
+                     (T._moe_gate_up_tiles, T._moe_matvec_tiles, kw) for kw in TILE_VARIANTS})
     for name, (gate_up, matvec, kw) in variants.items():   # the tuning knobs: each variant bit-identical, then timed
         mid_v, out_v = _nan_out(n_slots * f), _nan_out(n_slots * d)
         gu = functools.partial(gate_up, Q.IQ2_XXS, gate, up, groups, weights, xk, clamp, out=mid_v, **kw)

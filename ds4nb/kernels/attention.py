@@ -318,12 +318,26 @@ def kv_store(kv: Any, weight: Any, *, out: Any, rope: Any, eps: float, steps: An
 # attn.decode
 # ---------------------------------------------------------------------------
 
+@device
+def step_token(t, q, sel, sel_stride, part_m, part_l, part_acc, n_split, n_head, head_dim, steps, rec, grp, ring):
+    """Token ``t`` of an ``attn.decode`` step: its query, selection and partials (slices of the step's arrays),
+    and from its step record (``ds4nb.kernels.step``) its window rows, the ring row of the window's oldest
+    position (+ ``ring``), all its rows (window + visible compressed) and whether the indexer's selection
+    applies."""
+    rec += t * NF
+    n_raw = steps[rec + N_RAW]
+    return (q[t * n_head * head_dim:], sel[t * sel_stride:], part_m[t * n_split * n_head:],
+            part_l[t * n_split * n_head:], part_acc[t * n_split * n_head * head_dim:], n_raw,
+            steps[rec + RAW_ROW] + ring - n_raw + 1, n_raw + steps[rec + grp + VISIBLE],
+            steps[rec + grp + SELECT] != 0)
+
+
 ATTN_THREADS = 256
 SHARED_BYTES = 48 * 1024            # static shared memory of a block
 MAX_SPLITS = 32
 TARGET_BLOCKS = 160
 @L.kernel_factory
-def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
+def _partial_kernel(hpb: int, head_dim: int, ch: int, nt: int) -> Any:
     HPB, HD, CH, NT = hpb, head_dim, ch, nt
     NW = NT // LANES
     DPL = HD // LANES               # dims per lane when a warp scores one row
@@ -342,22 +356,13 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
         g = cuda.blockIdx.x
         sp = cuda.blockIdx.y
         n_split = cuda.gridDim.y
-        t = cuda.blockIdx.z                 # the step's token t: its record, query, selection and partials
-        rec += t * NF
-        q = q[t * n_head * HD:]
-        sel = sel[t * sel_stride:]
-        part_m = part_m[t * n_split * n_head:]
-        part_l = part_l[t * n_split * n_head:]
-        part_acc = part_acc[t * n_split * n_head * HD:]
-        n_raw = steps[rec + N_RAW]
-        first = steps[rec + RAW_ROW] + ring - n_raw + 1      # ring row of the window's oldest position (+ ring)
-        n_vis = steps[rec + grp + VISIBLE]
-        use_sel = steps[rec + grp + SELECT] != 0
+        q, sel, part_m, part_l, part_acc, n_raw, first, n_total, use_sel = step_token(
+            cuda.blockIdx.z, q, sel, sel_stride, part_m, part_l, part_acc, n_split, n_head, HD, steps, rec, grp,
+            ring)
         tid = cuda.threadIdx.x
         lane = tid % LANES
         warp = tid // LANES
         h0 = g * HPB
-        n_total = n_raw + n_vis
         n_chunks = (n_total + CH - 1) // CH
         q_s = cuda.shared.array(QS, QT)
         sc = cuda.shared.array(SCN, float64)
@@ -462,6 +467,14 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
             part_m[sp * n_head + h0 + tid] = run_m[tid]
             part_l[sp * n_head + h0 + tid] = run_l[tid]
 
+    return partial_kernel
+
+
+@L.kernel_factory
+def _combine_kernel(head_dim: int) -> Any:
+    """The merge of ``attn.decode``'s per-split partials (one block per (head, token)), for ``head_dim``."""
+    HD = head_dim
+
     @device
     def split_factors(part_m, part_l, n_split, n_head, h, sink, fs):
         """``fs[s] = e^(m_s - M)`` with ``M = max(sink, m_s)``; returns ``den = e^(sink - M) + sum_s l_s fs[s]``
@@ -555,7 +568,7 @@ def _attn_kernels(hpb: int, head_dim: int, ch: int, nt: int) -> tuple[Any, Any]:
                 combine_pair(part_acc, n_split, n_head, fs, den, out, do_rope, pos, n_rot, ts, fscale, ext, low,
                              denom, msc, p + e * cuda.blockDim.x)
 
-    return partial_kernel, combine_kernel
+    return combine_kernel
 
 
 class AttnScratch(NamedTuple):
@@ -634,22 +647,35 @@ def attention_decode(q: Any, raw: Any, comp: Any | None, sinks: Any, sel: Any | 
     hpb, ch, nt, n_split = attn_geometry(n_head, head_dim, max_rows, hpb, chunk, splits, n_tok)
     if scratch is None:
         scratch = alloc_attn_scratch(n_head, head_dim, stream, n_tok)
+    n_split = scratch_splits(scratch, n_head, n_tok, n_split)
+    kq = np.float64(1.0 / math.sqrt(head_dim))    # 1/sqrt(d) in float64 (the contract's score scale)
+    sel_arr = sel if sel is not None else L.placeholder(np.int32)
+    sel_stride = sel.size // n_tok if sel is not None else 0
+    L.launch(_partial_kernel(hpb, head_dim, ch, nt), (n_head // hpb, n_split, n_tok), nt, stream,
+             L.flat(q), L.flat(raw), raw.shape[0], L.flat(comp), L.flat(sel_arr), sel_stride, steps, int(rec),
+             int(grp), kq, n_head, scratch.part_m, scratch.part_l, scratch.part_acc)
+    combine_splits(scratch, n_split, sinks, out=out, n_tok=n_tok, head_dim=head_dim, rope=rope, steps=steps,
+                   rec=rec, stream=stream)
+    return out
+
+
+def scratch_splits(scratch: AttnScratch, n_head: int, n_tok: int, n_split: int) -> int:
+    """``n_split`` capped by the (token, split) partials ``scratch`` holds for ``n_tok`` tokens."""
     n_split = min(n_split, scratch.part_m.size // (n_head * n_tok))
     if n_split < 1:
         raise ValueError(f"attn.decode: the scratch holds partials for {scratch.part_m.size // n_head} "
                          f"(token, split) pairs, not {n_tok} tokens")
-    part_k, comb_k = _attn_kernels(hpb, head_dim, ch, nt)
-    kq = np.float64(1.0 / math.sqrt(head_dim))    # 1/sqrt(d) in float64 (the contract's score scale)
-    sel_arr = sel if sel is not None else L.placeholder(np.int32)
-    sel_stride = sel.size // n_tok if sel is not None else 0
-    L.launch(part_k, (n_head // hpb, n_split, n_tok), nt, stream,
-             L.flat(q), L.flat(raw), raw.shape[0], L.flat(comp), L.flat(sel_arr), sel_stride, steps, int(rec),
-             int(grp), kq, n_head, scratch.part_m, scratch.part_l, scratch.part_acc)
-    ra = _rope(rope, head_dim)
-    L.launch(comb_k, (n_head, n_tok), pair_threads(head_dim), stream,
+    return n_split
+
+
+def combine_splits(scratch: AttnScratch, n_split: int, sinks: Any, *, out: Any, n_tok: int, head_dim: int,
+                   rope: Any | None, steps: Any, rec: int = 0, stream: Any = 0) -> None:
+    """The second kernel of ``attn.decode``: each (head, token)'s ``n_split`` partials merged with the sink,
+    divided and rounded once into ``out``, then the inverse RoPE of the tail when ``rope`` is given."""
+    n_head = sinks.size
+    L.launch(_combine_kernel(head_dim), (n_head, n_tok), pair_threads(head_dim), stream,
              scratch.part_m, scratch.part_l, scratch.part_acc, n_split, n_head, L.flat(sinks), L.flat(out),
-             int(rope is not None), steps, int(rec), *ra)
-    return out
+             int(rope is not None), steps, int(rec), *_rope(rope, head_dim))
 
 
 # ---------------------------------------------------------------------------

@@ -14,7 +14,9 @@ state rows, the gate row plus its ``ape`` bias.
 Layout: weights row-major ``(n_out, n_in)`` exactly as in the GGUF file
 (F16 or F32), activations float32 ``(T, n_in)``.
 
-A step of several tokens (prefill) runs ``_matmul_kernel``: a warp owns 4
+A step of at least ``gemm_f64.MIN_TOKENS`` tokens (prefill) on a GPU with float64
+MMA (sm_80+) is a GEMM on the FP64 tensor cores (``ds4nb.kernels.gemm_f64``).
+Other steps of several tokens run ``_matmul_kernel``: a warp owns 4
 rows for a pass of up to 8 tokens (``blockIdx.y``); the block widens the
 pass's activations to float64 in shared memory once for its 8 warps (256
 columns at a time), and a lane loads each of its weight values once for the
@@ -47,7 +49,8 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, warp_max, warp_sum
+from ds4nb.kernels import gemm_f64
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, has_f64_mma, warp_max, warp_sum
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -265,14 +268,16 @@ def warps_per_row(n_rows: int, n_tok: int = 1) -> int:
 @implementation("f16.matvec", "warp_rows", layout="f16|f32/row-major")
 def f16_matvec(w: Any, x: Any, bias: Any | None = None, *, out: Any, w2: Any | None = None,
                bias2: Any | None = None, out2: Any | None = None, wpr: int | None = None,
-               gate: tuple[Any, int] | None = None, stream: Any = 0) -> Any:
+               gate: tuple[Any, int] | None = None, mma: bool | None = None, stream: Any = 0) -> Any:
     """out (T, n_out) = x (T, n_in) @ w.T (+ bias); optionally out2 = x @ w2.T (+ bias2) in the same launch.
 
     ``w``/``w2`` are F16 or F32 ``(n_out, n_in)``; ``bias`` F16/F32 ``(n_out,)``.
     ``out``/``out2`` may be any contiguous device buffer of ``T * n_out``
     float32 (the sum rounded once) or float64 (the sum itself) values.
     ``gate = (array, i)``: the launch does nothing when ``array[i] == 0`` (a
-    step-record flag, e.g. the indexer's ``SELECT``).
+    step-record flag, e.g. the indexer's ``SELECT``).  ``mma``: a step of
+    several tokens on the FP64 tensor cores (default: from ``gemm_f64.MIN_TOKENS``
+    tokens where the GPU has them; tests ask for it in the simulator).
     """
     n_out, n_in = w.shape
     n_tok = x.size // n_in
@@ -288,6 +293,11 @@ def f16_matvec(w: Any, x: Any, bias: Any | None = None, *, out: Any, w2: Any | N
         raise ValueError(f"f16.matvec: wpr must be 1, 2, 4 or 8, got {wpr}")
     d = L.placeholder(np.float32)
     gate_arr, gate_at = gate if gate is not None else (L.placeholder(np.int32), -1)
+    if mma is None:
+        mma = n_tok >= gemm_f64.MIN_TOKENS and has_f64_mma() and (w2 is None or w2.dtype == w.dtype)
+    if n_tok > 1 and mma:                  # a prefill step: a GEMM on the FP64 tensor cores
+        gemm_f64.matmul(w, x, n_tok, out=out, bias=bias, w2=w2, bias2=bias2, out2=out2, gate=gate, stream=stream)
+        return out
     if n_tok > 1:                          # a prefill step: each weight value read once per 8 tokens
         grid = (L.cdiv(n_out + n_out2, WARPS * ROWS_PER_WARP_T), L.cdiv(n_tok, TOKENS_PER_PASS))
         L.launch(_matmul_kernel, grid, THREADS, stream,

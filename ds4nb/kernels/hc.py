@@ -39,6 +39,12 @@ streams ``hc (T, n_hc, n_embd)`` into a sublayer input in three launches:
    ``x_norm = float32(x / rms(x) * norm_w)`` (the sublayer's attn_norm /
    ffn_norm, from the rounded ``x``).
 
+A prefill step (from ``gemm_f64.MIN_TOKENS`` tokens, sm_80+) replaces ``_mix``
+by ``gemm_f64.hc_mix``: the mix of all the step's tokens as one GEMM on the
+FP64 tensor cores (``flat`` formed the same way while widening hc into its
+tiles), K split into ~8 parts whose partials ``_finish`` adds as it adds the
+mix kernel's.
+
 ``hc.head`` (step 20) is the same kernels with ``n_mix = n_hc`` and
 ``w_h = sigmoid(mix_h * scale[0] + base[h]) + eps`` instead of Sinkhorn.
 
@@ -61,8 +67,9 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
+from ds4nb.kernels import gemm_f64
 from ds4nb.kernels.f16_matvec import group_sum
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, shfl_idx
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, has_f64_mma, shfl_idx
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -368,7 +375,7 @@ def eps64(eps: float) -> np.float64:
 
 
 def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, post, comb, norm_w, norm_out,
-            scratch, stream):
+            scratch, stream, mma=None):
     hc_dim = fn.shape[1]
     n_tok = hc.size // hc_dim
     n_embd = hc_dim // n_hc
@@ -384,11 +391,19 @@ def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, pos
     mix_k, fin_k = _kernels(n_hc, n_mix)
     cols = L.cdiv(hc_dim, ns)
     L.launch(_ss_kernel, (ns, n_tok), MIX_THREADS, stream, L.flat(hc), hc_dim, cols, scratch.part_ss)
-    L.launch(mix_k, (ns, n_tok), MIX_THREADS, stream, L.flat(hc), L.flat(fn), hc_dim, cols, eps64(rms_eps), scratch.part_ss,
-                                           scratch.part_dot)
+    if mma is None:
+        mma = n_tok >= gemm_f64.MIN_TOKENS and has_f64_mma()
+    if mma:    # a prefill step: the mix as a GEMM on the FP64 tensor cores, K split to fill the GPU
+        splits = gemm_f64.hc_mix_splits(hc_dim, n_tok, scratch.part_dot.size // (n_tok * n_mix))
+        n_mix_split = gemm_f64.hc_mix(hc, fn, n_tok, scratch.part_ss, ns, eps64(rms_eps), part=scratch.part_dot,
+                                      splits=splits, stream=stream)
+    else:
+        L.launch(mix_k, (ns, n_tok), MIX_THREADS, stream, L.flat(hc), L.flat(fn), hc_dim, cols, eps64(rms_eps),
+                 scratch.part_ss, scratch.part_dot)
+        n_mix_split = ns
     d = L.placeholder(np.float32)
     L.launch(fin_k, n_tok, FINISH_THREADS, stream,
-        L.flat(hc), scratch.part_dot, ns, n_embd, L.flat(scale), L.flat(base), int(iters),
+        L.flat(hc), scratch.part_dot, n_mix_split, n_embd, L.flat(scale), L.flat(base), int(iters),
         eps64(hc_eps), eps64(rms_eps), L.flat(out_x), d if post is None else L.flat(post),
         d if comb is None else L.flat(comb), d if norm_w is None else L.flat(norm_w), int(norm_w is not None),
         d if norm_out is None else L.flat(norm_out))
@@ -397,13 +412,16 @@ def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, pos
 @implementation("hc.pre", "split_mix", layout="f16|f32 fn/row-major")
 def hc_pre(hc: Any, fn: Any, scale: Any, base: Any, norm_w: Any | None = None, *, out: HcPreOut,
            n_hc: int, iters: int, hc_eps: float, rms_eps: float, scratch: HcScratch | None = None,
-           stream: Any = 0) -> HcPreOut:
-    """Steps 2-3 (+4/15): hc (T, n_hc, n_embd) -> x, post, comb (and x_norm = rms(x; norm_w))."""
+           mma: bool | None = None, stream: Any = 0) -> HcPreOut:
+    """Steps 2-3 (+4/15): hc (T, n_hc, n_embd) -> x, post, comb (and x_norm = rms(x; norm_w)).
+
+    ``mma``: the mix of a step of several tokens as a GEMM on the FP64 tensor
+    cores (default: from ``gemm_f64.MIN_TOKENS`` tokens where the GPU has them)."""
     n_mix = 2 * n_hc + n_hc * n_hc
     if (norm_w is None) != (out.x_norm is None):
         raise ValueError("hc.pre: give norm_w and out.x_norm together")
     _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out.x, out.post, out.comb, norm_w,
-            out.x_norm, scratch, stream)
+            out.x_norm, scratch, stream, mma)
     return out
 
 

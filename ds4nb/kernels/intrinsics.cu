@@ -46,3 +46,4 @@ extern "C" __device__ long long ds4nb_mma_s8_hi(int a0, int a1, int a2, int a3, 
     DS4NB_MMA_S8(d0, d1, d2, d3);
     return (long long)(unsigned int)d2 | ((long long)d3 << 32);
 }
+

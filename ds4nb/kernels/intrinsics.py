@@ -1,9 +1,12 @@
 """Device intrinsics shared by every ds4nb kernel, in two worlds.
 
-On a real GPU, ``dp4a`` and ``byte_perm`` are the one-instruction ``__dp4a``
-and ``prmt.b32`` from the tiny CUDA C++ file ``intrinsics.cu`` (declared
-with ``cuda.declare_device`` and linked by LTO, so they inline), warp shuffles are numba's ``shfl_xor_sync`` and the
-integer reinterpretations are plain truncating casts.
+On a real GPU, ``dp4a``, ``byte_perm`` and the int8 MMA are the
+one-instruction ``__dp4a``, ``prmt.b32`` and ``mma.sync`` wrappers of the tiny
+CUDA C++ file ``intrinsics.cu`` (declared with ``cuda.declare_device`` and
+linked by LTO, so they inline); the float64 MMAs, whose results are several
+doubles, are numba intrinsics emitting one inline-asm ``mma.sync`` each.  Warp
+shuffles are numba's ``shfl_xor_sync`` and the integer reinterpretations are
+plain truncating casts.
 
 Under ``NUMBA_ENABLE_CUDASIM=1`` the same names are bound to pure-Python
 equivalents, so every kernel in ``ds4nb.kernels`` runs unchanged in the
@@ -239,12 +242,92 @@ def _sim_rint(x):
     return np.float32(np.rint(np.float32(x)))
 
 
+def _sim_mma_f64(a, b, c0, c1):
+    """The warp's m8n8k4 float64 MMA from every lane's (a, b) after one exchange: this lane's ``D[g][2t]``,
+    ``D[g][2t+1]`` (``g = lane / 4``, ``t = lane % 4``; A[g][t] and B[t][g] are lane ``4 g + t``'s)."""
+    table, tid = _sim_exchange((np.float64(a), np.float64(b)))
+    w0 = tid & ~31
+    try:
+        ops = [table[w0 + j] for j in range(32)]
+    except KeyError:
+        raise RuntimeError(f"mma_f64: a lane of thread {tid}'s warp is not in it") from None
+    g, t = (tid & 31) >> 2, tid & 3
+    d0, d1 = np.float64(c0), np.float64(c1)
+    for k in range(4):
+        d0 += ops[4 * g + k][0] * ops[4 * (2 * t) + k][1]
+        d1 += ops[4 * g + k][0] * ops[4 * (2 * t + 1) + k][1]
+    return d0, d1
+
+
+def _sim_mma_f64_k16(a, b, c):
+    """The warp's m16n8k16 float64 MMA (``mma_f64_k16``'s fragment layout) after one exchange: this lane's
+    4 values of D = A B + C."""
+    table, tid = _sim_exchange((tuple(np.float64(v) for v in a), tuple(np.float64(v) for v in b)))
+    w0 = tid & ~31
+    try:
+        ops = [table[w0 + j] for j in range(32)]
+    except KeyError:
+        raise RuntimeError(f"mma_f64_k16: a lane of thread {tid}'s warp is not in it") from None
+    A = np.zeros((16, 16))
+    B = np.zeros((16, 8))
+    for lane, (fa, fb) in enumerate(ops):
+        gl, tl = lane >> 2, lane & 3
+        for i in range(8):
+            A[gl + 8 * (i & 1), tl + 4 * (i >> 1)] = fa[i]
+        for i in range(4):
+            B[tl + 4 * i, gl] = fb[i]
+    g, t = (tid & 31) >> 2, tid & 3
+    out = []
+    for i in range(4):
+        r, n = g + 8 * (i >> 1), 2 * t + (i & 1)
+        d = np.float64(c[i])
+        for k in range(16):
+            d += A[r, k] * B[k, n]
+        out.append(d)
+    return tuple(out)
+
+
+def _sim_mma_s8(a0, a1, a2, a3, b0, b1, hi):
+    """The warp's m16n8k32 int8 MMA (zero accumulator) from every lane's fragments after one exchange: this
+    lane's ``D[r][2t]`` (low word) and ``D[r][2t+1]`` (high word) packed in an int64 as intrinsics.cu does,
+    ``r = g`` (lo) or ``g + 8`` (hi), ``g = lane / 4``, ``t = lane % 4``.  Lane ``4 g + t`` holds A's rows g
+    (a0, a2) and g + 8 (a1, a3) at k quads t (a0, a1) and t + 4 (a2, a3), and B's column g at k quads t (b0)
+    and t + 4 (b1); a quad is 4 int8, k ascending from the low byte."""
+    def i8x8(lo, hi):   # quads t and t + 4 as 8 int8
+        return _S8.unpack(((int(lo) & 0xFFFFFFFF) | ((int(hi) & 0xFFFFFFFF) << 32)).to_bytes(8, "little"))
+
+    table, tid = _sim_exchange((i8x8(a0, a2), i8x8(a1, a3), i8x8(b0, b1)))
+    w0 = tid & ~31
+    try:
+        ops = [table[w0 + j] for j in range(32)]
+    except KeyError:
+        raise RuntimeError(f"mma_s8: a lane of thread {tid}'s warp is not in it") from None
+    g, t = (tid & 31) >> 2, tid & 3
+    r = 1 if hi else 0                                  # A row g + 8 rather than g
+    d = [0, 0]
+    for c in range(2):                                  # D column (B column) 2t + c
+        for j in range(4):                              # lanes 4 g + j hold the A row's k quads j, j + 4
+            d[c] += sum(x * y for x, y in zip(ops[4 * g + j][r], ops[4 * (2 * t + c) + j][2]))
+    return np.int64((d[0] & 0xFFFFFFFF) | (_wrap_i32(d[1]) << 32))
+
+
+def _sim_mma_s8_lo(a0, a1, a2, a3, b0, b1):
+    return _sim_mma_s8(a0, a1, a2, a3, b0, b1, False)
+
+
+def _sim_mma_s8_hi(a0, a1, a2, a3, b0, b1):
+    return _sim_mma_s8(a0, a1, a2, a3, b0, b1, True)
+
+
 # ---------------------------------------------------------------------------
 # Bindings
 # ---------------------------------------------------------------------------
 
 if SIMULATOR:
-    mma_s8_lo = mma_s8_hi = None  # warp-collective: kernels take their dp4a path in the simulator
+    mma_s8_lo = _sim_mma_s8_lo    # warp-collective, emulated with one exchange a call; launchers keep
+    mma_s8_hi = _sim_mma_s8_hi    # their dp4a path here (has_int8_mma), tests ask for the MMA path
+    mma_f64 = _sim_mma_f64        # warp-collective too, emulated with one exchange (tests ask for it)
+    mma_f64_k16 = _sim_mma_f64_k16
     dp4a = _sim_dp4a
     byte_perm = _sim_byte_perm
     shfl_xor = _sim_shfl_xor
@@ -276,12 +359,62 @@ else:
                                     abi="c")
 
     #: Integer tensor-core MMA 16x8x32 (sm_80+; see intrinsics.cu): a lane's D[g][2t], D[g][2t+1] packed in an
-    #: int64 (low word first), and D[g+8][2t], D[g+8][2t+1].  Warp-collective; no simulator twin (kernels that
-    #: use it have a dp4a path, taken in the simulator and on older GPUs).
+    #: int64 (low word first), and D[g+8][2t], D[g+8][2t+1].  Warp-collective; its simulator twin costs a
+    #: block barrier a call, so the launchers of the kernels that use it take their dp4a path there (and on
+    #: GPUs before sm_80) unless asked (``has_int8_mma``).
     mma_s8_lo = cuda.declare_device("ds4nb_mma_s8_lo", "int64(int32, int32, int32, int32, int32, int32)",
                                     link=[str(CU_PATH)], abi="c")
     mma_s8_hi = cuda.declare_device("ds4nb_mma_s8_hi", "int64(int32, int32, int32, int32, int32, int32)",
                                     link=[str(CU_PATH)], abi="c")
+
+    from llvmlite import ir
+    from numba import types
+    from numba.core.extending import intrinsic
+
+    @intrinsic
+    def mma_f64(typingctx, a, b, c0, c1):
+        """Float64 tensor-core MMA m8n8k4 (sm_80+): this lane's ``(D[g][2t], D[g][2t+1])`` of ``D = A B + C``,
+        where A[g][t] = lane ``4 g + t``'s ``a`` and B[t][g] its ``b`` (``g = lane / 4``, ``t = lane % 4``).
+        One inline-asm ``mma.sync`` with both halves of D as outputs; every product and sum an IEEE float64
+        operation (a float64 dot product in some order: the contract of docs/model.md).  Warp-collective."""
+        sig = types.UniTuple(types.float64, 2)(types.float64, types.float64, types.float64, types.float64)
+
+        def codegen(context, builder, signature, args):
+            f64 = ir.DoubleType()
+            fnty = ir.FunctionType(ir.LiteralStructType([f64, f64]), [f64] * 4)
+            asm = ir.InlineAsm(fnty, "mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 "
+                                     "{$0, $1}, {$2}, {$3}, {$4, $5};", "=d,=d,d,d,d,d")
+            d = builder.call(asm, [context.cast(builder, v, t, types.float64)
+                                   for v, t in zip(args, signature.args)])
+            return context.make_tuple(builder, signature.return_type,
+                                      [builder.extract_value(d, 0), builder.extract_value(d, 1)])
+
+        return sig, codegen
+
+    @intrinsic
+    def mma_f64_k16(typingctx, a, b, c):
+        """Float64 tensor-core MMA m16n8k16 (sm_90+; Hopper's FP64 rate, 8x the work of ``mma_f64``'s
+        m8n8k4 in one instruction): ``D = A (16 x 16) B (16 x 8) + C``.  With ``g = lane / 4``, ``t = lane %
+        4``, a lane holds ``a`` = 8 values A[g + 8 (i % 2)][t + 4 (i // 2)], ``b`` = 4 values B[t + 4 i][g],
+        ``c`` = 4 values C[g + 8 (i // 2)][2 t + i % 2], and gets D in ``c``'s layout (tuples).  IEEE float64
+        products and sums (a float64 dot in some order: docs/model.md's contract).  Warp-collective."""
+        f64 = types.float64
+        sig = types.UniTuple(f64, 4)(types.UniTuple(f64, 8), types.UniTuple(f64, 4), types.UniTuple(f64, 4))
+
+        def codegen(context, builder, signature, args):
+            d = ir.DoubleType()
+            vals = [builder.extract_value(args[0], i) for i in range(8)]
+            vals += [builder.extract_value(args[1], i) for i in range(4)]
+            vals += [builder.extract_value(args[2], i) for i in range(4)]
+            fnty = ir.FunctionType(ir.LiteralStructType([d] * 4), [d] * 16)
+            asm = ir.InlineAsm(fnty, "mma.sync.aligned.m16n8k16.row.col.f64.f64.f64.f64 {$0, $1, $2, $3}, "
+                                     "{$4, $5, $6, $7, $8, $9, $10, $11}, {$12, $13, $14, $15}, "
+                                     "{$16, $17, $18, $19};", ",".join(["=d"] * 4 + ["d"] * 16))
+            res = builder.call(asm, vals)
+            return context.make_tuple(builder, signature.return_type,
+                                      [builder.extract_value(res, i) for i in range(4)])
+
+        return sig, codegen
 
     @device
     def shfl_xor(value, lane_mask):
@@ -348,9 +481,22 @@ else:
 
 
 @functools.cache
+def has_f64_mma() -> bool:
+    """Whether launchers should use the FP64 tensor-core kernels (``gemm_f64``, ``attention_mma``): sm_90+,
+    whose m16n8k16 (``mma_f64_k16``) the GEMM needs; earlier GPUs keep the scalar float64 kernels (sm_80's
+    FP64 MMA is m8n8k4 only, and consumer GPUs run float64 at 1/64 rate).  False in the simulator, where an
+    MMA costs a block barrier: launchers take their scalar path there, and tests run the MMA kernels through
+    the simulator's twins by asking for them explicitly."""
+    if SIMULATOR:
+        return False
+    return tuple(cuda.get_current_device().compute_capability) >= (9, 0)
+
+
+@functools.cache
 def has_int8_mma() -> bool:
-    """Whether kernels can use ``mma_s8_lo/hi``: integer MMA m16n8k32 needs sm_80, and the simulator has no
-    warp-collective MMA (kernels that use it take their dp4a path there)."""
+    """Whether launchers should use ``mma_s8_lo/hi``: integer MMA m16n8k32 needs sm_80.  False in the
+    simulator, where its twin costs a block barrier a call: launchers take their dp4a path there and tests
+    ask for the MMA path explicitly."""
     if SIMULATOR:
         return False
     return tuple(cuda.get_current_device().compute_capability) >= (8, 0)
@@ -370,8 +516,11 @@ __all__ = [
     "dot8",
     "byte_perm",
     "dp4a",
+    "mma_f64",
+    "mma_f64_k16",
     "mma_s8_hi",
     "mma_s8_lo",
+    "has_f64_mma",
     "has_int8_mma",
     "hi_i32",
     "jit_kernel",

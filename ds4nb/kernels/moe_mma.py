@@ -17,22 +17,37 @@ up for the same slots and the SwiGLU needs no exchange; for a matvec 16 rows.
 The warp walks its expert's slots 16 at a time (two 8-slot tiles).  Per
 super-block a lane loads every weight word its two rows need together (16
 loads in flight), then per 32-value group decodes its A fragment into int8
-quads (the MMA's ``g = lane / 4``
-row and its ``g + 8`` row, k quarters ``t = lane % 4`` and ``t + 4``):
+quads.
 
-* IQ2_XXS: one grid point per quad, from the grid / sign selector tables in
-  shared memory and one PRMT (``moe.py``'s decoding); the group multiplier is
-  ``2 * scale + 1``;
-* Q2_K: 4 two-bit quants from one 32-bit half word, times their 16-value
-  sub-block's 4-bit scale (at most 3 * 15 = 45: still an int8, so the
-  scales are inside the MMA and the group multiplier is 1).
+k order.  The MMA gives lane ``(g, t) = (lane / 4, lane % 4)`` rows ``g``
+and ``g + 8`` of A and column ``g`` of B at two quarters of k (4 values
+each), "logical" quarters ``t`` and ``t + 4``.  A dot over k does not depend
+on which of the group's 32 values each k is, as long as A and B agree, so
+each type maps logical quarters to values in the order cheapest to decode:
 
-The B fragment (slot ``g`` of the tile, the same k quarters) is read from the
-Q8_K activation words.  Each MMA gives exact int32 group dots, which the lanes
-multiply by the group multiplier and add into the super-block's exact
-``isum``.  Without integer MMA (the simulator, GPUs before sm_80) a lane
-computes its own four dots of each group with ``dp4a`` from all eight quarters
-of its two rows and two slots: the same integers.
+* IQ2_XXS: logical quarters ``t``, ``t + 4`` are values ``8t .. 8t + 7``,
+  grid point ``t`` of the group.  Per row and group a lane decodes ONE whole
+  point (``moe.py``'s decoding: one grid-table read in shared memory, its
+  sign selector, two PRMTs for values ``8t..8t+3`` and ``8t+4..8t+7``), and
+  its B quads are the two halves of ONE Q8_K word (word ``4 grp + t``).  (In
+  the natural order a lane needs half of points ``t / 2`` and ``t / 2 + 2``:
+  two grid and two sign reads and two activation loads per row and group.)
+  The sign selector is ``sign_s[s]`` or, with ``iq2_signs="alu"``
+  (:func:`iq2_sign_nibbles`), arithmetic on the 7 sign bits: the 8th bit is
+  their parity (``popc``), spread to nibbles in three multiply-mask steps
+  (8 instructions instead of an address and a read at a random shared-memory
+  address; the sign table is then not loaded).  The group multiplier is ``2 * scale + 1``.
+* Q2_K, the natural order: 4 two-bit quants of quarter ``t`` (``t + 4``) from
+  one 32-bit half of a quant word, times their 16-value sub-block's 4-bit
+  scale (at most 3 * 15 = 45: still an int8, so the scales are inside the
+  MMA and the group multiplier is 1); B: halves of two activation words.
+
+Each MMA gives exact int32 group dots, which the lanes multiply by the group
+multiplier and add into the super-block's exact ``isum``.  Without integer
+MMA (GPUs before sm_80, and by default the simulator, where the MMA's twin
+costs a block barrier a call: tests ask for the MMA path with ``mma=True``)
+a lane computes its own four dots of each group with ``dp4a`` from all four
+logical quarter pairs of its two rows and slots: the same integers.
 
 Numerics (docs/model.md, "Numerics: one rounding per value").  The per-slot
 kernels (``moe.py``), whose bits the grouped ones reproduce, give super-block
@@ -52,19 +67,28 @@ row's weight words serves four consecutive steps.  Gate and up are rounded to fl
 passed to ``moe.clamped_swiglu``; a matvec product is rounded once.
 
 A lane's 8 accumulators (2 rows x 2 slots x 2 tiles) are tuples in
-straight-line code, never arrays, so that they stay in registers.  Knob (a
-launcher argument, never changing the outputs): ``min_blocks`` (launch
-bounds; measured without effect on an H200).  Loading the next super-block's
-words while one computes (178 registers instead of 142) was measured slower.
+straight-line code, never arrays, so that they stay in registers.  Knobs
+(launcher arguments, never changing the outputs; the registered launchers'
+values are module constants): ``min_blocks`` (launch bounds,
+:data:`MIN_BLOCKS`; 4 blocks an SM took the natural-order IQ2_XXS gate/up
+from 4.03 to 3.65 ms on an H200 and left Q2_K down unchanged), ``mma`` and
+``iq2_signs`` (:data:`IQ2_SIGNS`).  Loading the next super-block's words
+while one computes (178 registers instead of 142) was measured slower.
 
 Measured on an H200 at flash shapes, a prefill chunk of 512 tokens (3072
 slots; ``bench/moe_tiles.py``, per launch, router-like picks, uniform / Zipf
 popularity): Q2_K down 1.29 / 1.82 ms here against 3.16 / 3.00 per slot
-(``moe.py``) and 5.13 / 5.60 grouped with dp4a; IQ2_XXS gate/up 4.03 / 5.47
-here against 3.40 / 4.10 grouped with dp4a.  IQ2_XXS's decoding (four
-table reads at random shared-memory addresses per quad) costs more than the
-MMA saves while an expert has only ~12 slots to reuse a decoded word for, so
-the IQ2_XXS tiles register below ``expert_blocks`` and the Q2_K ones above.
+(``moe.py``) and 5.13 / 5.60 grouped with dp4a, so the Q2_K tiles register
+above ``expert_blocks`` (:data:`PRIORITY`).  IQ2_XXS gate/up in the natural k
+order (four table reads at random shared-memory addresses per 8 weights):
+4.03 / 5.47 against 3.40 / 4.10 grouped with dp4a.  In the whole-point order
+(uniform popularity, a later run): 4.04 ms with the sign table, 3.99 with
+``iq2_signs="alu"``, 3.49 / 3.32 with 4 blocks an SM, against 3.40 for the
+dp4a kernel in the same run: the halved table reads and activation loads
+moved the tiles by ~1-9%, not past the dp4a kernel under skewed routing (not
+re-measured), so the IQ2_XXS tiles still register below ``expert_blocks``.
+What bounds both is not the MMA or the table reads: the weight stream runs at
+~0.3 TB/s (1.1 GB of gate/up words a layer-step in 3.4 ms).
 """
 
 from __future__ import annotations
@@ -79,8 +103,8 @@ from ds4nb.kernels import _launch as L
 from ds4nb.kernels import moe as M
 from ds4nb.kernels.activation import Q8KAct
 from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, byte_perm, device, dp4a, float32, float64, has_int8_mma,
-                                      int32, jit_kernel, mma_s8_hi, mma_s8_lo, uint32, uint64)
-from ds4nb.kernels.moe import _D0, _D_EIGHTH, _NEG, _POS, _U32, _ULO, clamped_swiglu
+                                      hi_i32, int32, jit_kernel, mma_s8_hi, mma_s8_lo, uint32, uint64)
+from ds4nb.kernels.moe import _D0, _D_EIGHTH, _NEG, _POS, _U16, _U32, _U32_7F, _U32_FF, _ULO, clamped_swiglu
 from ds4nb.kernels.moe_grouped import SlotGroups, _geometry, register_launchers
 from ds4nb.quants.repack import PackedWeight
 
@@ -89,10 +113,37 @@ QTYPES = (Q.IQ2_XXS, Q.Q2_K)
 WARPS = 1 if SIMULATOR else 4    # the simulator pays for every thread: one warp a block
 THREADS = 32 * WARPS
 NE = 8                           # accumulators a lane holds: 2 rows x 2 slots x 2 tiles of 8 slots
-MIN_BLOCKS = 0                   # launch bounds of the registered launchers (0: none)
+#: launch bounds (blocks an SM) of the registered launchers per type (0: none)
+MIN_BLOCKS = {Q.IQ2_XXS: 0, Q.Q2_K: 0}
+#: IQ2_XXS sign selectors of the registered launchers: "table" (``sign_s`` in shared memory, one read at a random
+#: address a grid point) or "alu" (by arithmetic from the 7 sign bits, :func:`iq2_sign_nibbles`)
+IQ2_SIGNS = "table"
+SIGNS = ("table", "alu")
 
 _M2_32 = np.uint64(0x03030303)   # the low two bits of each of 4 bytes
 _U4BIT = np.uint32(0xF)
+_U1 = np.uint32(1)
+_U7 = np.uint32(7)
+# iq2_sign_nibbles: x | x << k as x * (1 + 2^k) (disjoint bits: no carries), then a mask
+_X4097 = np.uint32(4097)            # x | x << 12
+_X65 = np.uint32(65)                # x | x << 6
+_X36 = np.uint32(36)                # x << 2 | x << 5
+_SPREAD_4 = np.uint32(0x000F000F)   # sign bits 0-3 stay, 4-7 at 16-19
+_SPREAD_2 = np.uint32(0x03030303)   # bit pairs at the bytes' bottoms: 0-1, 8-9, 16-17, 24-25
+_NIBBLE_4 = np.uint32(0x44444444)   # bit i at 4 i + 2: nibble i is 4
+
+
+@device
+def iq2_sign_nibbles(s):
+    """IQ2_XXS sign selector of a grid point by arithmetic (``moe.iq2_xxs_tables()[1][s]``): nibble ``i`` is 4
+    (the ``_NEG`` half of the PRMT's 8 bytes) where value ``i`` is negative.  ``s``: the point's 7 sign bits
+    (uint32 < 128); the 8th sign is their parity (an even count of minus signs, GGUF's ``ksigns_iq2xs``).
+    Spreads the 8 bits to nibbles in three steps of "x OR a shifted copy of x, masked"; the copies' bits are
+    disjoint, so each OR is a sum and each step one IMAD and one LOP3 (8 instructions with the POPC)."""
+    x = uint32(s + (uint32(cuda.popc(s)) << _U7))   # bit 7: popc's lowest bit (its higher ones are masked out)
+    x = uint32(x * _X4097) & _SPREAD_4              # x < 2^10, then < 2^20, < 2^26: no step overflows
+    x = uint32(x * _X65) & _SPREAD_2
+    return uint32(x * _X36) & _NIBBLE_4
 
 
 def _tree_levels(lpr: int) -> int:
@@ -102,14 +153,18 @@ def _tree_levels(lpr: int) -> int:
 
 
 @L.kernel_factory
-def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_mma: bool, min_blocks: int):
+def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_mma: bool, min_blocks: int,
+                signs: str):
     """The kernel for ``kind`` ("gate_up" or "matvec") on ``qtype`` rows of ``nb`` super-blocks, summing like the
-    per-slot kernels with ``lpr`` lanes per row.
+    per-slot kernels with ``lpr`` lanes per row; ``signs``: IQ2_XXS's sign selectors (:data:`SIGNS`).
 
     A lane's 8 accumulators (2 rows x 2 slots x 2 tiles, the MMA's D layout:
     ``4 * tile + 2 * (hi row) + slot``) are 8-tuples in straight-line code, so
     they stay in registers."""
+    if signs not in SIGNS:
+        raise ValueError(f"signs must be one of {SIGNS}, not {signs!r}")
     iq2 = qtype == Q.IQ2_XXS
+    sign_alu = iq2 and signs == "alu"
     gate_up = kind == "gate_up"
     levels = _tree_levels(lpr)
     per = L.cdiv(nb, lpr)                         # super-blocks a leaf (per-slot lane) holds, at most
@@ -117,24 +172,24 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
     stack_words = max(levels, 1) * NE * THREADS   # the pairwise stack: (level, accumulator, thread)
     rows_per_warp = 8 if gate_up else 16
     rows_per_block = rows_per_warp * WARPS
-    grid_words, sign_words = (256, 128) if iq2 else (1, 1)
+    grid_words, sign_words = (256, 1 if sign_alu else 128) if iq2 else (1, 1)
 
     @device
     def decode(w0, w1, scw, grp, kq, grid_s, sign_s):
-        """Values ``32 grp ..`` of a weight row: the int8 quads of k quarters ``kq`` and ``kq + 4`` (as int32) and
-        the group multiplier, from the row's words (see :func:`load_words`)."""
+        """Values ``32 grp ..`` of a weight row: the int8 quads of logical k quarters ``kq`` and ``kq + 4`` (as
+        int32; the type's k order, module doc) and the group multiplier, from the row's words (see
+        :func:`load_words`)."""
         if iq2:   # w0: the group word: 4 grid indices, then 4 x 7 sign bits and the 4-bit scale
             gw = uint32(w0 & _ULO)
             sw = uint32(w0 >> _U32)
-            p = uint32(kq >> 1)                             # grid points p and p + 2 hold quarters kq, kq + 4
-            half = uint32(16 * (kq & 1))                    # their values 0..3 or 4..7
-            sel0 = grid_s[(gw >> (uint32(8) * p)) & uint32(0xFF)] | sign_s[(sw >> (uint32(7) * p)) & uint32(0x7F)]
-            sel1 = (grid_s[(gw >> (uint32(8) * p + uint32(16))) & uint32(0xFF)]
-                    | sign_s[(sw >> (uint32(7) * p + uint32(14))) & uint32(0x7F)])
-            mult = as_i32(((sw >> uint32(28)) << uint32(1)) | uint32(1))   # 2 * scale + 1, in eighths of d
-            return as_i32(byte_perm(_POS, _NEG, sel0 >> half)), as_i32(byte_perm(_POS, _NEG, sel1 >> half)), mult
-        # Q2_K: w0, w1 hold quarters kq and kq + 4 (bit pair grp % 4 of their 32-bit half kq % 2); scw the scale
-        # word of sub-blocks 2 grp (quarters 0..3) and 2 grp + 1 (quarters 4..7), low nibbles
+            p = uint32(kq)                                  # logical quarters kq, kq + 4 = grid point kq
+            sbits = (sw >> (_U7 * p)) & _U32_7F
+            sel = grid_s[(gw >> (uint32(8) * p)) & _U32_FF] | (iq2_sign_nibbles(sbits) if sign_alu
+                                                               else sign_s[sbits])
+            mult = as_i32(((sw >> uint32(28)) << _U1) | _U1)   # 2 * scale + 1, in eighths of d
+            return as_i32(byte_perm(_POS, _NEG, sel)), as_i32(byte_perm(_POS, _NEG, sel >> _U16)), mult
+        # Q2_K, natural k order: w0, w1 hold quarters kq and kq + 4 (bit pair grp % 4 of their 32-bit half
+        # kq % 2); scw the scale word of sub-blocks 2 grp (quarters 0..3) and 2 grp + 1 (quarters 4..7), low nibbles
         sh = uint64(32 * (kq & 1) + 2 * (grp & 3))
         bsh = uint64(16 * (grp & 1))
         s0 = (scw >> bsh) & _U4BIT
@@ -167,8 +222,14 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
 
     @device
     def y_quads(yq, yrow, b, grp, kq):
-        """Activation row ``yrow``'s int8 quads of k quarters ``kq`` and ``kq + 4`` of values ``32 grp ..``."""
-        at = yrow * 32 * nb + (4 * grp + (kq >> 1)) * nb + b
+        """Activation row ``yrow``'s int8 quads of logical k quarters ``kq`` and ``kq + 4`` of values ``32 grp ..``
+        (:func:`decode`'s k order).  Word ``4 grp + q`` of a Q8_K row holds quarters ``2q`` (low half) and
+        ``2q + 1``."""
+        at = yrow * 32 * nb + 4 * grp * nb + b
+        if iq2:   # quarters 2 kq, 2 kq + 1: one word
+            y = yq[uint64(at + kq * nb)]
+            return as_i32(y), hi_i32(y)
+        at += (kq >> 1) * nb
         sh = uint64(32 * (kq & 1))
         return as_i32(yq[uint64(at)] >> sh), as_i32(yq[uint64(at + 2 * nb)] >> sh)
 
@@ -339,7 +400,13 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
         grid_s = cuda.shared.array(grid_words, uint32)
         sign_s = cuda.shared.array(sign_words, uint32)
         stack = cuda.shared.array(stack_words, float64)
-        if iq2:
+        if sign_alu:          # the grid table only
+            k = cuda.threadIdx.x
+            while k < 256:
+                grid_s[k] = grid_g[k]
+                k += THREADS
+            cuda.syncthreads()
+        elif iq2:
             M._load_luts(grid_g, sign_g, grid_s, sign_s, 1)
             cuda.syncthreads()
         tid = cuda.threadIdx.x
@@ -407,17 +474,35 @@ def _grid(kind: str, n_expert: int, n_rows: int) -> tuple[int, int]:
     return n_expert, L.cdiv(n_rows, (8 if kind == "gate_up" else 16) * WARPS)
 
 
+def _tiles_kernel(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, mma: bool | None,
+                  min_blocks: int | None, iq2_signs: str) -> Any:
+    """The launchers' kernel: ``mma`` None takes the int8 MMA where there is one (``has_int8_mma``: never in the
+    simulator, whose twin costs a block barrier a call, so there only when asked for); ``min_blocks`` None:
+    :data:`MIN_BLOCKS`; ``iq2_signs`` is ignored for Q2_K (one kernel)."""
+    if min_blocks is None:
+        min_blocks = MIN_BLOCKS[qtype]
+    if mma is None:
+        mma = has_int8_mma()
+    elif mma and not (SIMULATOR or has_int8_mma()):
+        raise ValueError("the int8 MMA needs compute capability 8.0")
+    return _make_tiles(qtype, kind, lpr, nb, bool(mma), min_blocks, iq2_signs if qtype == Q.IQ2_XXS else "table")
+
+
 def _moe_matvec_tiles(qtype: GGMLQuantizationType, w: PackedWeight, groups: SlotGroups, x: Q8KAct, *, out: Any,
-                      stream: Any = 0, lpr: int | None = None, min_blocks: int = MIN_BLOCKS) -> Any:
+                      stream: Any = 0, lpr: int | None = None, min_blocks: int | None = None,
+                      mma: bool | None = None, iq2_signs: str = IQ2_SIGNS) -> Any:
     """``out[s, r] = W[e][r] . x[s // div]`` for every slot ``s`` of every expert ``e`` in ``groups``.
 
     Grid ``(n_expert, cdiv(N, 64))`` of 4 warps (simulator: one warp, 16 rows); ``lpr`` (default
-    ``moe.default_lanes_per_row("matvec", nb)``) is the per-slot kernel whose sums are reproduced.
+    ``moe.default_lanes_per_row("matvec", nb)``) is the per-slot kernel whose sums are reproduced.  Knobs that
+    never change the outputs: ``min_blocks`` (launch bounds; None: :data:`MIN_BLOCKS`), ``mma`` (None: the int8
+    MMA where the GPU has it, False: dp4a, True: the MMA, in the simulator too) and ``iq2_signs``
+    (:data:`SIGNS`).
     """
     n_rows, nb, lpr, n_expert, div = _geometry(w, qtype, groups, x, "matvec", lpr)
     c = M._consts()
     sc = M._sc(w, c)
-    L.launch(_make_tiles(qtype, "matvec", lpr, nb, has_int8_mma(), min_blocks),
+    L.launch(_tiles_kernel(qtype, "matvec", lpr, nb, mma, min_blocks, iq2_signs),
              _grid("matvec", n_expert, n_rows), THREADS, stream,
              w.qs, sc, w.dm, w.qs, sc, w.dm, n_rows, L.flat(groups.order), L.flat(groups.offsets), div,
              L.placeholder(), np.float32(0.0), x.qs, x.d, x.bsums, c["grid"], c["sign"], L.flat(out))
@@ -426,7 +511,7 @@ def _moe_matvec_tiles(qtype: GGMLQuantizationType, w: PackedWeight, groups: Slot
 
 def _moe_gate_up_tiles(qtype: GGMLQuantizationType, gate: PackedWeight, up: PackedWeight, groups: SlotGroups,
                        weights: Any, x: Q8KAct, clamp: float, *, out: Any, stream: Any = 0, lpr: int | None = None,
-                       min_blocks: int = MIN_BLOCKS) -> Any:
+                       min_blocks: int | None = None, mma: bool | None = None, iq2_signs: str = IQ2_SIGNS) -> Any:
     """``out[s, r] = silu(min(g, c)) * clip(u, -c, c) * weights[s]``, ``g, u = gate[e][r], up[e][r] . x[s //
     div]``, for every slot ``s`` of every expert ``e`` in ``groups``.
 
@@ -437,7 +522,7 @@ def _moe_gate_up_tiles(qtype: GGMLQuantizationType, gate: PackedWeight, up: Pack
     if up.shape != gate.shape or up.qtype != gate.qtype:
         raise ValueError(f"gate {gate.shape} and up {up.shape} differ")
     c = M._consts()
-    L.launch(_make_tiles(qtype, "gate_up", lpr, nb, has_int8_mma(), min_blocks),
+    L.launch(_tiles_kernel(qtype, "gate_up", lpr, nb, mma, min_blocks, iq2_signs),
              _grid("gate_up", n_expert, n_rows), THREADS, stream,
              gate.qs, M._sc(gate, c), gate.dm, up.qs, M._sc(up, c), up.dm, n_rows, L.flat(groups.order),
              L.flat(groups.offsets), div, L.flat(weights), np.float32(clamp), x.qs, x.d, x.bsums, c["grid"],
@@ -445,7 +530,9 @@ def _moe_gate_up_tiles(qtype: GGMLQuantizationType, gate: PackedWeight, up: Pack
     return out
 
 
-#: registry priority per type (moe_grouped's expert_blocks: 10): above it where measured faster (module doc)
+#: registry priority per type, against moe_grouped's expert_blocks (10): above it where measured faster (module
+#: doc).  IQ2_XXS: 5 (below; 2% ahead in one uniform-routing run is not enough); 20 puts the tiles first
+#: (bench/moe_tiles.py prints which, with the IQ2_SIGNS and MIN_BLOCKS of its fastest variant).
 PRIORITY = {Q.IQ2_XXS: 5, Q.Q2_K: 20}
 
 
