@@ -332,6 +332,16 @@ def step_token(t, q, sel, sel_stride, part_m, part_l, part_acc, n_split, n_head,
             steps[rec + grp + SELECT] != 0)
 
 
+@device
+def running_softmax(run_m, run_l, alpha, h, m_old, m_new, l_chunk):
+    """Head ``h``'s running softmax after a chunk of rows whose ``e^(s - m_new)`` sum to ``l_chunk``: the
+    accumulators' rescale factor ``alpha[h] = e^(m_old - m_new)``, the running sum and max (float64)."""
+    a = float64(math.exp(m_old - m_new))
+    alpha[h] = a
+    run_l[h] = run_l[h] * a + l_chunk
+    run_m[h] = m_new
+
+
 ATTN_THREADS = 256
 SHARED_BYTES = 48 * 1024            # static shared memory of a block
 MAX_SPLITS = 32
@@ -429,10 +439,7 @@ def _partial_kernel(hpb: int, head_dim: int, ch: int, nt: int) -> Any:
                         lsum += e
                 lsum = group_sum(lsum, LANES)
                 if lane == 0 and hh < HPB:
-                    a = float64(math.exp(m_old - m_new))
-                    alpha[h] = a
-                    run_l[h] = run_l[h] * a + lsum
-                    run_m[h] = m_new
+                    running_softmax(run_m, run_l, alpha, h, m_old, m_new, lsum)
             cuda.syncthreads()
             # 3. weighted sum of the chunk's rows into the register accumulators
             for h in range(HPB):

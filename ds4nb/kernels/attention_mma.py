@@ -324,10 +324,7 @@ def _mma_kernel(hpb: int, head_dim: int, ch: int, warps: int, row_dtype: str, pr
                 if e < HPB * CH:
                     p_s[uint64(hh * CHP + rr)] = p
                     if rr == 0:
-                        f = float64(math.exp(m_old - m_new))
-                        alpha[hh] = f
-                        run_l[hh] = run_l[hh] * f + l_sum
-                        run_m[hh] = m_new
+                        A.running_softmax(run_m, run_l, alpha, hh, m_old, m_new, l_sum)
             cuda.syncthreads()
             # 4. weighted sum: O[head][d] = O[head][d] e^(m_old - m_new) + sum_row P[head][row] R[row][d]
             for ht in range(NHT):

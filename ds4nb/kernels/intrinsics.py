@@ -242,15 +242,20 @@ def _sim_rint(x):
     return np.float32(np.rint(np.float32(x)))
 
 
+def _sim_warp_exchange(value, name):
+    """Every lane's ``value`` of this thread's warp (a list of 32) after one exchange, and the thread id."""
+    table, tid = _sim_exchange(value)
+    w0 = tid & ~31
+    try:
+        return [table[w0 + j] for j in range(32)], tid
+    except KeyError:
+        raise RuntimeError(f"{name}: a lane of thread {tid}'s warp is not in it") from None
+
+
 def _sim_mma_f64(a, b, c0, c1):
     """The warp's m8n8k4 float64 MMA from every lane's (a, b) after one exchange: this lane's ``D[g][2t]``,
     ``D[g][2t+1]`` (``g = lane / 4``, ``t = lane % 4``; A[g][t] and B[t][g] are lane ``4 g + t``'s)."""
-    table, tid = _sim_exchange((np.float64(a), np.float64(b)))
-    w0 = tid & ~31
-    try:
-        ops = [table[w0 + j] for j in range(32)]
-    except KeyError:
-        raise RuntimeError(f"mma_f64: a lane of thread {tid}'s warp is not in it") from None
+    ops, tid = _sim_warp_exchange((np.float64(a), np.float64(b)), "mma_f64")
     g, t = (tid & 31) >> 2, tid & 3
     d0, d1 = np.float64(c0), np.float64(c1)
     for k in range(4):
@@ -262,12 +267,7 @@ def _sim_mma_f64(a, b, c0, c1):
 def _sim_mma_f64_k16(a, b, c):
     """The warp's m16n8k16 float64 MMA (``mma_f64_k16``'s fragment layout) after one exchange: this lane's
     4 values of D = A B + C."""
-    table, tid = _sim_exchange((tuple(np.float64(v) for v in a), tuple(np.float64(v) for v in b)))
-    w0 = tid & ~31
-    try:
-        ops = [table[w0 + j] for j in range(32)]
-    except KeyError:
-        raise RuntimeError(f"mma_f64_k16: a lane of thread {tid}'s warp is not in it") from None
+    ops, tid = _sim_warp_exchange((tuple(np.float64(v) for v in a), tuple(np.float64(v) for v in b)), "mma_f64_k16")
     A = np.zeros((16, 16))
     B = np.zeros((16, 8))
     for lane, (fa, fb) in enumerate(ops):
@@ -296,12 +296,7 @@ def _sim_mma_s8(a0, a1, a2, a3, b0, b1, hi):
     def i8x8(lo, hi):   # quads t and t + 4 as 8 int8
         return _S8.unpack(((int(lo) & 0xFFFFFFFF) | ((int(hi) & 0xFFFFFFFF) << 32)).to_bytes(8, "little"))
 
-    table, tid = _sim_exchange((i8x8(a0, a2), i8x8(a1, a3), i8x8(b0, b1)))
-    w0 = tid & ~31
-    try:
-        ops = [table[w0 + j] for j in range(32)]
-    except KeyError:
-        raise RuntimeError(f"mma_s8: a lane of thread {tid}'s warp is not in it") from None
+    ops, tid = _sim_warp_exchange((i8x8(a0, a2), i8x8(a1, a3), i8x8(b0, b1)), "mma_s8")
     g, t = (tid & 31) >> 2, tid & 3
     r = 1 if hi else 0                                  # A row g + 8 rather than g
     d = [0, 0]

@@ -36,7 +36,7 @@ each type maps logical quarters to values in the order cheapest to decode:
   (:func:`iq2_sign_nibbles`), arithmetic on the 7 sign bits: the 8th bit is
   their parity (``popc``), spread to nibbles in three multiply-mask steps
   (8 instructions instead of an address and a read at a random shared-memory
-  address; the sign table is then not loaded).  The group multiplier is ``2 * scale + 1``.
+  address).  The group multiplier is ``2 * scale + 1``.
 * Q2_K, the natural order: 4 two-bit quants of quarter ``t`` (``t + 4``) from
   one 32-bit half of a quant word, times their 16-value sub-block's 4-bit
   scale (at most 3 * 15 = 45: still an int8, so the scales are inside the
@@ -172,7 +172,7 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
     stack_words = max(levels, 1) * NE * THREADS   # the pairwise stack: (level, accumulator, thread)
     rows_per_warp = 8 if gate_up else 16
     rows_per_block = rows_per_warp * WARPS
-    grid_words, sign_words = (256, 1 if sign_alu else 128) if iq2 else (1, 1)
+    grid_words, sign_words = (256, 128) if iq2 else (1, 1)
 
     @device
     def decode(w0, w1, scw, grp, kq, grid_s, sign_s):
@@ -265,6 +265,15 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
         return mma_group(7, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
 
     @device
+    def slot_dots(yq, d, b, grp, kq, a0, a1, a2, a3, c_lo, c_hi):
+        """The lo and hi rows' dots ``c_lo``, ``c_hi`` + their quads ``(a0, a2)``, ``(a1, a3)`` . activation row
+        ``d``'s quads of quarters ``kq``, ``kq + 4`` (unchanged for a column past the expert's last slot, d < 0)."""
+        if d < 0:
+            return c_lo, c_hi
+        x0, x1 = y_quads(yq, d, b, grp, kq)
+        return dp4a(a2, x1, dp4a(a0, x0, c_lo)), dp4a(a3, x1, dp4a(a1, x0, c_hi))
+
+    @device
     def group_dp4a(grp, wl0, wl1, wh0, wh1, yq, d0, d1, d2, d3, b, grid_s, sign_s, s):
         """Without MMA: group ``grp``'s dots of this lane's 8 accumulators with dp4a, all 8 k quarters (each
         quad decoded once for the 4 slots), ``s`` + dots x multipliers.  ``wl0``/``wl1``: the lo row's words
@@ -282,22 +291,10 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
         for kq in range(4):   # columns past the expert's last slot (d < 0) are skipped
             a0, a2, m_lo = decode_group(wl0 if kq < 2 else wl1, grp, kq, grid_s, sign_s)
             a1, a3, m_hi = decode_group(wh0 if kq < 2 else wh1, grp, kq, grid_s, sign_s)
-            if d0 >= 0:
-                x0, x1 = y_quads(yq, d0, b, grp, kq)
-                c0 = dp4a(a2, x1, dp4a(a0, x0, c0))
-                c2 = dp4a(a3, x1, dp4a(a1, x0, c2))
-            if d1 >= 0:
-                x0, x1 = y_quads(yq, d1, b, grp, kq)
-                c1 = dp4a(a2, x1, dp4a(a0, x0, c1))
-                c3 = dp4a(a3, x1, dp4a(a1, x0, c3))
-            if d2 >= 0:
-                x0, x1 = y_quads(yq, d2, b, grp, kq)
-                c4 = dp4a(a2, x1, dp4a(a0, x0, c4))
-                c6 = dp4a(a3, x1, dp4a(a1, x0, c6))
-            if d3 >= 0:
-                x0, x1 = y_quads(yq, d3, b, grp, kq)
-                c5 = dp4a(a2, x1, dp4a(a0, x0, c5))
-                c7 = dp4a(a3, x1, dp4a(a1, x0, c7))
+            c0, c2 = slot_dots(yq, d0, b, grp, kq, a0, a1, a2, a3, c0, c2)
+            c1, c3 = slot_dots(yq, d1, b, grp, kq, a0, a1, a2, a3, c1, c3)
+            c4, c6 = slot_dots(yq, d2, b, grp, kq, a0, a1, a2, a3, c4, c6)
+            c5, c7 = slot_dots(yq, d3, b, grp, kq, a0, a1, a2, a3, c5, c7)
         return (int32(s[0] + c0 * m_lo), int32(s[1] + c1 * m_lo), int32(s[2] + c2 * m_hi), int32(s[3] + c3 * m_hi),
                 int32(s[4] + c4 * m_lo), int32(s[5] + c5 * m_lo), int32(s[6] + c6 * m_hi), int32(s[7] + c7 * m_hi))
 
@@ -400,13 +397,7 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
         grid_s = cuda.shared.array(grid_words, uint32)
         sign_s = cuda.shared.array(sign_words, uint32)
         stack = cuda.shared.array(stack_words, float64)
-        if sign_alu:          # the grid table only
-            k = cuda.threadIdx.x
-            while k < 256:
-                grid_s[k] = grid_g[k]
-                k += THREADS
-            cuda.syncthreads()
-        elif iq2:
+        if iq2:               # (the alu variant never reads sign_s: 512 bytes loaded for nothing)
             M._load_luts(grid_g, sign_g, grid_s, sign_s, 1)
             cuda.syncthreads()
         tid = cuda.threadIdx.x
