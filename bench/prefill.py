@@ -196,7 +196,8 @@ def engine(args: argparse.Namespace) -> int:
         for chunk in args.chunks:
             eng = CudaEngine(model, ctx=args.ctx + 1, chunk=chunk)
             eng.prefill(tokens[:chunk])                 # compile + capture the chunk step
-            eng.prefill(tokens[chunk:2 * chunk])
+            if len(tokens) > chunk:
+                eng.prefill(tokens[chunk:2 * chunk])
             eng.reset()
             t0 = time.perf_counter()
             eng.prefill(tokens)

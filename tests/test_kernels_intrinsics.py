@@ -164,20 +164,20 @@ def test_mma_f64_is_a_float64_matmul(kernel_rng: np.random.Generator) -> None:
 
 
 @cuda.jit
-def _mma_s8_kernel(aw, bw, d):
-    """Two warps, each D = A B on its own 16x32 and 32x8 int8 matrices: ``aw[w, row, q]`` / ``bw[w, col, q]``
-    the int32 of A's row / B's column bytes 4q..4q+3 (the MMA's fragment layout, intrinsics.cu)."""
+def _mma_s8_kernel(aw, bw, c0, d):
+    """Two warps, each D = A B + C on its own 16x32 and 32x8 int8 matrices: ``aw[w, row, q]`` / ``bw[w, col, q]``
+    the int32 of A's row / B's column bytes 4q..4q+3 (``mma_s8``'s fragment layout)."""
     tid = cuda.threadIdx.x
     w, lane = tid // 32, tid % 32
     g, t = lane // 4, lane % 4
     a0, a1, a2, a3 = aw[w, g, t], aw[w, g + 8, t], aw[w, g, t + 4], aw[w, g + 8, t + 4]
     b0, b1 = bw[w, g, t], bw[w, g, t + 4]
-    lo = K.mma_s8_lo(a0, a1, a2, a3, b0, b1)
-    hi = K.mma_s8_hi(a0, a1, a2, a3, b0, b1)
-    d[w, g, 2 * t] = K.as_i32(lo)
-    d[w, g, 2 * t + 1] = K.as_i32(lo >> 32)
-    d[w, g + 8, 2 * t] = K.as_i32(hi)
-    d[w, g + 8, 2 * t + 1] = K.as_i32(hi >> 32)
+    c = (c0[w, g, 2 * t], c0[w, g, 2 * t + 1], c0[w, g + 8, 2 * t], c0[w, g + 8, 2 * t + 1])
+    d0, d1, d2, d3 = K.mma_s8((a0, a1, a2, a3), (b0, b1), c)
+    d[w, g, 2 * t] = d0
+    d[w, g, 2 * t + 1] = d1
+    d[w, g + 8, 2 * t] = d2
+    d[w, g + 8, 2 * t + 1] = d3
 
 
 def test_mma_s8_is_an_int8_matmul(kernel_rng: np.random.Generator) -> None:
@@ -187,9 +187,10 @@ def test_mma_s8_is_an_int8_matmul(kernel_rng: np.random.Generator) -> None:
     a[0, 0], b[0, :, 0] = -128, -128                        # the largest dot: 32 x 2^14, no overflow
     aw = np.ascontiguousarray(a).view("<i4")                                    # (2, 16, 8): quads of a row
     bw = np.ascontiguousarray(b.transpose(0, 2, 1)).view("<i4")                 # (2, 8, 8): quads of a column
+    c = kernel_rng.integers(-2**24, 2**24, (2, 16, 8)).astype(np.int32)
     d = cuda.to_device(np.full((2, 16, 8), -1, np.int32))
-    _mma_s8_kernel[1, 64](cuda.to_device(aw), cuda.to_device(bw), d)
-    np.testing.assert_array_equal(d.copy_to_host(), a.astype(np.int64) @ b.astype(np.int64))
+    _mma_s8_kernel[1, 64](cuda.to_device(aw), cuda.to_device(bw), cuda.to_device(c), d)
+    np.testing.assert_array_equal(d.copy_to_host(), a.astype(np.int64) @ b.astype(np.int64) + c)
 
 
 @cuda.jit

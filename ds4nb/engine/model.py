@@ -47,7 +47,7 @@ from ds4nb.reference import ops
 
 #: tokens of a prefill step (the engine's ``chunk``): the largest of these whose scratch takes at most
 #: ``CHUNK_MEMORY_SHARE`` of the GPU's memory (a step's launches do not grow with its tokens, so larger is faster)
-CHUNK_SIZES = (512, 256, 128, 64)
+CHUNK_SIZES = (1024, 512, 256, 128, 64)
 CHUNK_MEMORY_SHARE = 0.02
 
 
@@ -243,7 +243,8 @@ class Scratch:
         self.route = RouteOut(cuda.device_array((c, cfg.n_expert_used), np.int32),
                               cuda.device_array((c, cfg.n_expert_used), np.float32))
         n_slot = c * cfg.n_expert_used
-        self.slot_groups = alloc_slot_groups(n_slot, cfg.n_expert)       # a prefill step's slots by expert
+        # a prefill step's slots by expert, with room to stage their activations (moe_mma's tiles)
+        self.slot_groups = alloc_slot_groups(n_slot, cfg.n_expert, k=max(e, cfg.n_ff_exp))
         self.x_slots = _empty(n_slot * e)
         self.act_k = alloc_q8_K(n_slot, max(e, cfg.n_ff_exp))
         self.mid = _empty(n_slot * cfg.n_ff_exp)
@@ -262,6 +263,7 @@ class Scratch:
         """An upper bound of the bytes ``Scratch(cfg, chunk, ctx)`` allocates (for placement budgets)."""
         c = chunk
         per_tok = 4 * (cfg.n_hc * cfg.n_embd * 3 + cfg.q_dim * 3 + cfg.n_expert_used * (cfg.n_ff_exp + cfg.n_embd) * 2)
+        per_tok += cfg.n_expert_used * max(cfg.n_embd, cfg.n_ff_exp) * 2      # Q8_K slot rows, staged copies
         per_tok += 8 * cfg.n_head * cfg.head_dim + 4 * (ctx + cfg.indexer_top_k)    # attention partials, indexer
         return c * per_tok + cfg.n_vocab * 4 + ctx + (256 << 20)
 
@@ -590,7 +592,7 @@ class _Builder:
         split = any(isinstance(t, SplitExperts) for t in (gate, up, down))
         if T > 1 and not split:
             # a prefill step: slots grouped by expert, each expert's weights read once per tile of its slots
-            groups = SlotGroups(s.slot_groups.order[:T * n_used], s.slot_groups.offsets)
+            groups = SlotGroups(s.slot_groups.order[:T * n_used], s.slot_groups.offsets, s.slot_groups.acts)
             k.group_slots(sel, out=groups)
             xk = _q8_K_rows(s.act_k, e // 256, 0, T)                              # one Q8_K row per token
             k.quant_q8_K(x_norm.reshape(T, e), out=xk)

@@ -1,10 +1,10 @@
 """Device intrinsics shared by every ds4nb kernel, in two worlds.
 
-On a real GPU, ``dp4a``, ``byte_perm`` and the int8 MMA are the
-one-instruction ``__dp4a``, ``prmt.b32`` and ``mma.sync`` wrappers of the tiny
-CUDA C++ file ``intrinsics.cu`` (declared with ``cuda.declare_device`` and
-linked by LTO, so they inline); the float64 MMAs, whose results are several
-doubles, are numba intrinsics emitting one inline-asm ``mma.sync`` each.  Warp
+On a real GPU, ``dp4a`` and ``byte_perm`` are the one-instruction ``__dp4a``
+and ``prmt.b32`` wrappers of the tiny CUDA C++ file ``intrinsics.cu``
+(declared with ``cuda.declare_device`` and linked by LTO, so they inline); the
+MMAs (int8 and float64), whose results are several values, are numba
+intrinsics emitting one inline-asm ``mma.sync`` each.  Warp
 shuffles are numba's ``shfl_xor_sync`` and the integer reinterpretations are
 plain truncating casts.
 
@@ -287,31 +287,25 @@ def _sim_mma_f64_k16(a, b, c):
     return tuple(out)
 
 
-def _sim_mma_s8(a0, a1, a2, a3, b0, b1, hi):
-    """The warp's m16n8k32 int8 MMA (zero accumulator) from every lane's fragments after one exchange: this
-    lane's ``D[r][2t]`` (low word) and ``D[r][2t+1]`` (high word) packed in an int64 as intrinsics.cu does,
-    ``r = g`` (lo) or ``g + 8`` (hi), ``g = lane / 4``, ``t = lane % 4``.  Lane ``4 g + t`` holds A's rows g
-    (a0, a2) and g + 8 (a1, a3) at k quads t (a0, a1) and t + 4 (a2, a3), and B's column g at k quads t (b0)
-    and t + 4 (b1); a quad is 4 int8, k ascending from the low byte."""
+def _sim_mma_s8(a, b, c):
+    """The warp's m16n8k32 int8 MMA (``mma_s8``'s fragment layout) from every lane's fragments after one
+    exchange: this lane's ``(D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1])`` of ``D = A B + C`` (int32,
+    wrapping as the tensor cores do).  Lane ``4 g + t`` holds A's rows g (a[0], a[2]) and g + 8 (a[1], a[3]) at k
+    quads t (a[0], a[1]) and t + 4 (a[2], a[3]), and B's column g at k quads t (b[0]) and t + 4 (b[1]); a quad is
+    4 int8, k ascending from the low byte."""
     def i8x8(lo, hi):   # quads t and t + 4 as 8 int8
         return _S8.unpack(((int(lo) & 0xFFFFFFFF) | ((int(hi) & 0xFFFFFFFF) << 32)).to_bytes(8, "little"))
 
-    ops, tid = _sim_warp_exchange((i8x8(a0, a2), i8x8(a1, a3), i8x8(b0, b1)), "mma_s8")
+    ops, tid = _sim_warp_exchange((i8x8(a[0], a[2]), i8x8(a[1], a[3]), i8x8(b[0], b[1])), "mma_s8")
     g, t = (tid & 31) >> 2, tid & 3
-    r = 1 if hi else 0                                  # A row g + 8 rather than g
-    d = [0, 0]
-    for c in range(2):                                  # D column (B column) 2t + c
+    out = []
+    for i in range(4):                                  # D[g + 8 (i // 2)][2t + i % 2]
+        r, col = i >> 1, 2 * t + (i & 1)
+        d = int(c[i])
         for j in range(4):                              # lanes 4 g + j hold the A row's k quads j, j + 4
-            d[c] += sum(x * y for x, y in zip(ops[4 * g + j][r], ops[4 * (2 * t + c) + j][2]))
-    return np.int64((d[0] & 0xFFFFFFFF) | (_wrap_i32(d[1]) << 32))
-
-
-def _sim_mma_s8_lo(a0, a1, a2, a3, b0, b1):
-    return _sim_mma_s8(a0, a1, a2, a3, b0, b1, False)
-
-
-def _sim_mma_s8_hi(a0, a1, a2, a3, b0, b1):
-    return _sim_mma_s8(a0, a1, a2, a3, b0, b1, True)
+            d += sum(x * y for x, y in zip(ops[4 * g + j][r], ops[4 * col + j][2]))
+        out.append(_wrap_i32(d))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------
@@ -319,8 +313,8 @@ def _sim_mma_s8_hi(a0, a1, a2, a3, b0, b1):
 # ---------------------------------------------------------------------------
 
 if SIMULATOR:
-    mma_s8_lo = _sim_mma_s8_lo    # warp-collective, emulated with one exchange a call; launchers keep
-    mma_s8_hi = _sim_mma_s8_hi    # their dp4a path here (has_int8_mma), tests ask for the MMA path
+    mma_s8 = _sim_mma_s8          # warp-collective, emulated with one exchange a call; launchers keep
+    #                               their dp4a path here (has_int8_mma), tests ask for the MMA path
     mma_f64 = _sim_mma_f64        # warp-collective too, emulated with one exchange (tests ask for it)
     mma_f64_k16 = _sim_mma_f64_k16
     dp4a = _sim_dp4a
@@ -353,15 +347,6 @@ else:
     byte_perm = cuda.declare_device("ds4nb_byte_perm", "uint32(uint32, uint32, uint32)", link=[str(CU_PATH)],
                                     abi="c")
 
-    #: Integer tensor-core MMA 16x8x32 (sm_80+; see intrinsics.cu): a lane's D[g][2t], D[g][2t+1] packed in an
-    #: int64 (low word first), and D[g+8][2t], D[g+8][2t+1].  Warp-collective; its simulator twin costs a
-    #: block barrier a call, so the launchers of the kernels that use it take their dp4a path there (and on
-    #: GPUs before sm_80) unless asked (``has_int8_mma``).
-    mma_s8_lo = cuda.declare_device("ds4nb_mma_s8_lo", "int64(int32, int32, int32, int32, int32, int32)",
-                                    link=[str(CU_PATH)], abi="c")
-    mma_s8_hi = cuda.declare_device("ds4nb_mma_s8_hi", "int64(int32, int32, int32, int32, int32, int32)",
-                                    link=[str(CU_PATH)], abi="c")
-
     from llvmlite import ir
     from numba import types
     from numba.core.extending import intrinsic
@@ -383,6 +368,32 @@ else:
                                    for v, t in zip(args, signature.args)])
             return context.make_tuple(builder, signature.return_type,
                                       [builder.extract_value(d, 0), builder.extract_value(d, 1)])
+
+        return sig, codegen
+
+    @intrinsic
+    def mma_s8(typingctx, a, b, c):
+        """Integer tensor-core MMA m16n8k32 (sm_80+): ``D = A (16 x 32 int8) B (32 x 8 int8) + C`` in int32.
+        With ``g = lane / 4``, ``t = lane % 4``, a lane holds ``a`` = 4 int32 of 4 int8 each: A's row g at k
+        4t..4t+3 (a[0]), row g + 8 there (a[1]), the same rows at k + 16 (a[2], a[3]); ``b`` = 2 int32: B's
+        column g at k 4t.. (b[0]) and k + 16 (b[1]); ``c`` = C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1], and
+        gets D in ``c``'s layout (tuples).  One inline-asm ``mma.sync``.  Warp-collective; its simulator twin
+        costs a block barrier a call, so launchers take their dp4a path there unless asked (``has_int8_mma``)."""
+        i32 = types.int32
+        sig = types.UniTuple(i32, 4)(types.UniTuple(i32, 4), types.UniTuple(i32, 2), types.UniTuple(i32, 4))
+
+        def codegen(context, builder, signature, args):
+            r = ir.IntType(32)
+            vals = [builder.extract_value(args[0], i) for i in range(4)]
+            vals += [builder.extract_value(args[1], i) for i in range(2)]
+            vals += [builder.extract_value(args[2], i) for i in range(4)]
+            fnty = ir.FunctionType(ir.LiteralStructType([r] * 4), [r] * 10)
+            asm = ir.InlineAsm(fnty, "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {$0, $1, $2, $3}, "
+                                     "{$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};",
+                               ",".join(["=r"] * 4 + ["r"] * 10))
+            res = builder.call(asm, vals)
+            return context.make_tuple(builder, signature.return_type,
+                                      [builder.extract_value(res, i) for i in range(4)])
 
         return sig, codegen
 
@@ -489,7 +500,7 @@ def has_f64_mma() -> bool:
 
 @functools.cache
 def has_int8_mma() -> bool:
-    """Whether launchers should use ``mma_s8_lo/hi``: integer MMA m16n8k32 needs sm_80.  False in the
+    """Whether launchers should use ``mma_s8``: integer MMA m16n8k32 needs sm_80.  False in the
     simulator, where its twin costs a block barrier a call: launchers take their dp4a path there and tests
     ask for the MMA path explicitly."""
     if SIMULATOR:
@@ -513,8 +524,7 @@ __all__ = [
     "dp4a",
     "mma_f64",
     "mma_f64_k16",
-    "mma_s8_hi",
-    "mma_s8_lo",
+    "mma_s8",
     "has_f64_mma",
     "has_int8_mma",
     "hi_i32",

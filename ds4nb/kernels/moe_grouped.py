@@ -113,15 +113,35 @@ GS_GROUP = 4 if SIMULATOR else 32
 GS_SHARED_BYTES = 48 * 1024
 
 
+class StagedActs(NamedTuple):
+    """Q8_K activations of grouped slots in the int8 MMA's fragment order (``moe_mma.stage_slot_acts``), for
+    ``n`` grouped positions (``order.size``) and ``nb`` super-blocks: ``qs`` uint64, word ``q`` of 32-value group
+    ``grp`` of super-block ``b`` of the slot at position ``p`` at ``((8 b + grp) n + p) 4 + q`` (a Q8_K row's
+    word ``4 grp + q``: eight slots' words of one group are 256 contiguous bytes); ``d`` float32, ``b n + p``."""
+
+    qs: Any
+    d: Any
+
+
+def alloc_staged_acts(n_slots: int, k: int, stream: Any = 0) -> StagedActs:
+    """Room to stage ``n_slots`` activation rows of ``k`` values (``k / 8`` words and ``k / 256`` scales each)."""
+    return StagedActs(L.device_array(n_slots * (k // 8), np.uint64, stream),
+                      L.device_array(n_slots * (k // 256), np.float32, stream))
+
+
 class SlotGroups(NamedTuple):
-    """Slots grouped by expert (``moe.group_slots``): ``order`` int32 (n,), ``offsets`` int32 (n_expert + 1,)."""
+    """Slots grouped by expert (``moe.group_slots``): ``order`` int32 (n,), ``offsets`` int32 (n_expert + 1,);
+    ``acts``: room for the tensor-core kernels to stage the grouped slots' activations (None: they allocate it)."""
 
     order: Any
     offsets: Any
+    acts: StagedActs | None = None
 
 
-def alloc_slot_groups(n_slots: int, n_expert: int, stream: Any = 0) -> SlotGroups:
-    return SlotGroups(L.device_array(n_slots, np.int32, stream), L.device_array(n_expert + 1, np.int32, stream))
+def alloc_slot_groups(n_slots: int, n_expert: int, stream: Any = 0, k: int = 0) -> SlotGroups:
+    """Groups of ``n_slots`` slots over ``n_expert`` experts; with ``k``, room to stage rows of ``k`` values."""
+    return SlotGroups(L.device_array(n_slots, np.int32, stream), L.device_array(n_expert + 1, np.int32, stream),
+                      alloc_staged_acts(n_slots, k, stream) if k else None)
 
 
 # ---------------------------------------------------------------------------
@@ -244,7 +264,7 @@ def group_slots(sel: Any, *, out: SlotGroups, stream: Any = 0) -> SlotGroups:
     prefix sum, then chunks of 512 slots placed by a per-32-thread-group count
     table; deterministic (integer counts only, no order-dependent atomics).
     """
-    order, offsets = out
+    order, offsets = out[0], out[1]
     n = sel.size
     n_expert = offsets.size - 1
     if order.size != n:

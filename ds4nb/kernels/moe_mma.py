@@ -103,9 +103,9 @@ from ds4nb.kernels import _launch as L
 from ds4nb.kernels import moe as M
 from ds4nb.kernels.activation import Q8KAct
 from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, byte_perm, device, dp4a, float32, float64, has_int8_mma,
-                                      hi_i32, int32, jit_kernel, mma_s8_hi, mma_s8_lo, uint32, uint64)
+                                      hi_i32, int32, jit_kernel, mma_s8, uint32, uint64)
 from ds4nb.kernels.moe import _D0, _D_EIGHTH, _NEG, _POS, _U16, _U32, _U32_7F, _U32_FF, _ULO, clamped_swiglu
-from ds4nb.kernels.moe_grouped import SlotGroups, _geometry, register_launchers
+from ds4nb.kernels.moe_grouped import SlotGroups, StagedActs, _geometry, alloc_staged_acts, register_launchers
 from ds4nb.quants.repack import PackedWeight
 
 Q = GGMLQuantizationType
@@ -114,7 +114,7 @@ WARPS = 1 if SIMULATOR else 4    # the simulator pays for every thread: one warp
 THREADS = 32 * WARPS
 NE = 8                           # accumulators a lane holds: 2 rows x 2 slots x 2 tiles of 8 slots
 #: launch bounds (blocks an SM) of the registered launchers per type (0: none)
-MIN_BLOCKS = {Q.IQ2_XXS: 0, Q.Q2_K: 0}
+MIN_BLOCKS = {Q.IQ2_XXS: 4, Q.Q2_K: 4}
 #: IQ2_XXS sign selectors of the registered launchers: "table" (``sign_s`` in shared memory, one read at a random
 #: address a grid point) or "alu" (by arithmetic from the 7 sign bits, :func:`iq2_sign_nibbles`)
 IQ2_SIGNS = "table"
@@ -124,6 +124,9 @@ _M2_32 = np.uint64(0x03030303)   # the low two bits of each of 4 bytes
 _U4BIT = np.uint32(0xF)
 _U1 = np.uint32(1)
 _U7 = np.uint32(7)
+_QUAD_ONES = np.uint64(0x01010101)   # x * this: x (< 256) in each byte of a quad
+_Z4 = (np.int32(0),) * 4             # a zero accumulator of the int8 MMA
+_Z8 = (np.int32(0),) * 8
 # iq2_sign_nibbles: x | x << k as x * (1 + 2^k) (disjoint bits: no carries), then a mask
 _X4097 = np.uint32(4097)            # x | x << 12
 _X65 = np.uint32(65)                # x | x << 6
@@ -150,6 +153,43 @@ def _tree_levels(lpr: int) -> int:
     if lpr < 1 or lpr & (lpr - 1):
         raise ValueError(f"lanes per row must be a power of two, not {lpr}")
     return lpr.bit_length() - 1
+
+
+@L.kernel_factory
+def _make_stage(threads: int):
+    """The kernel of :func:`stage_slot_acts`: grid ``(cdiv(4 n, threads), 8 nb)``, a thread per staged word."""
+
+    @jit_kernel
+    def kernel(order, offsets, n_expert, div, nb, xq, xd, sq, sd):
+        n = order.size
+        i = cuda.blockIdx.x * threads + cuda.threadIdx.x
+        p = i >> 2                      # grouped position
+        w4 = i & 3                      # word of the group's 4
+        bg = cuda.blockIdx.y            # 8 b + grp
+        if p >= offsets[n_expert]:      # past the grouped slots (skipped ids): never read
+            return
+        b = bg >> 3
+        grp = bg & 7
+        row = order[p] // div
+        sq[uint64((bg * n + p) * 4 + w4)] = xq[uint64(row * 32 * nb + (4 * grp + w4) * nb + b)]
+        if grp == 0 and w4 == 0:
+            sd[uint64(b * n + p)] = xd[uint64(row * nb + b)]
+
+    return kernel
+
+
+STAGE_THREADS = 32 if SIMULATOR else 256
+
+
+def stage_slot_acts(groups: SlotGroups, x: Q8KAct, nb: int, div: int, out: StagedActs, stream: Any = 0) -> StagedActs:
+    """``x``'s rows for the grouped slots (slot ``s`` reads row ``s // div``) in :class:`StagedActs`' order."""
+    n = groups.order.size
+    if out.qs.size < n * 32 * nb or out.d.size < n * nb:
+        raise ValueError(f"staged activations hold {out.d.size} super-blocks, {n} slots x {nb} need more")
+    n_expert = groups.offsets.size - 1
+    L.launch(_make_stage(STAGE_THREADS), (L.cdiv(4 * n, STAGE_THREADS), 8 * nb), STAGE_THREADS, stream,
+             L.flat(groups.order), L.flat(groups.offsets), n_expert, div, nb, x.qs, x.d, out.qs, out.d)
+    return out
 
 
 @L.kernel_factory
@@ -221,63 +261,79 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
         return decode(w[2 * h], w[2 * h + 1], w[4 + (grp >> 1)], grp, kq, grid_s, sign_s)
 
     @device
-    def y_quads(yq, yrow, b, grp, kq):
-        """Activation row ``yrow``'s int8 quads of logical k quarters ``kq`` and ``kq + 4`` of values ``32 grp ..``
-        (:func:`decode`'s k order).  Word ``4 grp + q`` of a Q8_K row holds quarters ``2q`` (low half) and
-        ``2q + 1``."""
-        at = yrow * 32 * nb + 4 * grp * nb + b
-        if iq2:   # quarters 2 kq, 2 kq + 1: one word
-            y = yq[uint64(at + kq * nb)]
-            return as_i32(y), hi_i32(y)
-        at += (kq >> 1) * nb
-        sh = uint64(32 * (kq & 1))
-        return as_i32(yq[uint64(at)] >> sh), as_i32(yq[uint64(at + 2 * nb)] >> sh)
+    def min_quads(w, grp):
+        """Q2_K: group ``grp``'s sub-block mins (4 bits, the high nibbles of its scale bytes) as int8 quads for
+        quarters 0..3 (sub-block 2 grp) and 4..7 (2 grp + 1): their dots with the activation are ``summs``."""
+        scw = w[4 + (grp >> 1)]
+        bsh = uint64(16 * (grp & 1) + 4)
+        return (as_i32(((scw >> bsh) & _U4BIT) * _QUAD_ONES),
+                as_i32(((scw >> (bsh + uint64(8))) & _U4BIT) * _QUAD_ONES))
 
     @device
-    def mma_group(grp, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s):
-        """Group ``grp`` of the step on the tensor cores: one m16n8k32 per 8-slot tile, ``s`` + its dots x the
-        multipliers."""
+    def y_quads(ya, n, p, b, grp, kq):
+        """Staged activation of grouped position ``p`` (:class:`StagedActs`): its int8 quads of logical k quarters
+        ``kq`` and ``kq + 4`` of values ``32 grp ..`` (:func:`decode`'s k order).  Word ``q`` of a group holds
+        quarters ``2q`` (low half) and ``2q + 1``."""
+        at = ((b * 8 + grp) * n + p) * 4
+        if iq2:   # quarters 2 kq, 2 kq + 1: one word
+            y = ya[uint64(at + kq)]
+            return as_i32(y), hi_i32(y)
+        at += kq >> 1
+        sh = uint64(32 * (kq & 1))
+        return as_i32(ya[uint64(at)] >> sh), as_i32(ya[uint64(at + 2)] >> sh)
+
+    @device
+    def mma_group(grp, wl, wh, ya, n, p0, p1, b, t, grid_s, sign_s, s, m):
+        """Group ``grp`` of the step on the tensor cores, one m16n8k32 per 8-slot tile: ``s`` + its dots (x the
+        IQ2_XXS multipliers), and for Q2_K ``m`` + the mins' dots (a second MMA chain on the same B)."""
         a0, a2, m_lo = decode_group(wl, grp, t, grid_s, sign_s)
         a1, a3, m_hi = decode_group(wh, grp, t, grid_s, sign_s)
-        b0, b1 = y_quads(yq, yr0, b, grp, t)
-        lo0 = mma_s8_lo(a0, a1, a2, a3, b0, b1)
-        hi0 = mma_s8_hi(a0, a1, a2, a3, b0, b1)
-        b0, b1 = y_quads(yq, yr1, b, grp, t)
-        lo1 = mma_s8_lo(a0, a1, a2, a3, b0, b1)
-        hi1 = mma_s8_hi(a0, a1, a2, a3, b0, b1)
-        return (int32(s[0] + as_i32(lo0) * m_lo), int32(s[1] + as_i32(lo0 >> 32) * m_lo),
-                int32(s[2] + as_i32(hi0) * m_hi), int32(s[3] + as_i32(hi0 >> 32) * m_hi),
-                int32(s[4] + as_i32(lo1) * m_lo), int32(s[5] + as_i32(lo1 >> 32) * m_lo),
-                int32(s[6] + as_i32(hi1) * m_hi), int32(s[7] + as_i32(hi1 >> 32) * m_hi))
+        y0 = y_quads(ya, n, p0, b, grp, t)
+        y1 = y_quads(ya, n, p1, b, grp, t)
+        if iq2:
+            c = mma_s8((a0, a1, a2, a3), y0, _Z4)
+            e = mma_s8((a0, a1, a2, a3), y1, _Z4)
+            return ((int32(s[0] + c[0] * m_lo), int32(s[1] + c[1] * m_lo), int32(s[2] + c[2] * m_hi),
+                     int32(s[3] + c[3] * m_hi), int32(s[4] + e[0] * m_lo), int32(s[5] + e[1] * m_lo),
+                     int32(s[6] + e[2] * m_hi), int32(s[7] + e[3] * m_hi)), m)
+        ml0, ml1 = min_quads(wl, grp)
+        mh0, mh1 = min_quads(wh, grp)
+        c = mma_s8((a0, a1, a2, a3), y0, (s[0], s[1], s[2], s[3]))
+        e = mma_s8((a0, a1, a2, a3), y1, (s[4], s[5], s[6], s[7]))
+        cm = mma_s8((ml0, mh0, ml1, mh1), y0, (m[0], m[1], m[2], m[3]))
+        em = mma_s8((ml0, mh0, ml1, mh1), y1, (m[4], m[5], m[6], m[7]))
+        return ((c[0], c[1], c[2], c[3], e[0], e[1], e[2], e[3]), (cm[0], cm[1], cm[2], cm[3], em[0], em[1], em[2], em[3]))
 
     @device
-    def step_mma(wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s):
-        """Super-block ``b``'s exact isums from its weight words ``wl``, ``wh`` (:func:`load_words` of the lo and
-        hi rows, loaded together: 16 loads in flight a lane)."""
-        s = (int32(0), int32(0), int32(0), int32(0), int32(0), int32(0), int32(0), int32(0))
-        s = mma_group(0, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
-        s = mma_group(1, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
-        s = mma_group(2, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
-        s = mma_group(3, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
-        s = mma_group(4, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
-        s = mma_group(5, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
-        s = mma_group(6, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
-        return mma_group(7, wl, wh, yq, yr0, yr1, b, t, grid_s, sign_s, s)
+    def step_mma(wl, wh, ya, n, p0, p1, b, t, grid_s, sign_s):
+        """Super-block ``b``'s exact isums (and Q2_K summs) from its weight words ``wl``, ``wh`` (:func:`load_words`
+        of the lo and hi rows, loaded together: 16 loads in flight a lane)."""
+        s = _Z8
+        m = _Z8
+        s, m = mma_group(0, wl, wh, ya, n, p0, p1, b, t, grid_s, sign_s, s, m)
+        s, m = mma_group(1, wl, wh, ya, n, p0, p1, b, t, grid_s, sign_s, s, m)
+        s, m = mma_group(2, wl, wh, ya, n, p0, p1, b, t, grid_s, sign_s, s, m)
+        s, m = mma_group(3, wl, wh, ya, n, p0, p1, b, t, grid_s, sign_s, s, m)
+        s, m = mma_group(4, wl, wh, ya, n, p0, p1, b, t, grid_s, sign_s, s, m)
+        s, m = mma_group(5, wl, wh, ya, n, p0, p1, b, t, grid_s, sign_s, s, m)
+        s, m = mma_group(6, wl, wh, ya, n, p0, p1, b, t, grid_s, sign_s, s, m)
+        return mma_group(7, wl, wh, ya, n, p0, p1, b, t, grid_s, sign_s, s, m)
 
     @device
-    def slot_dots(yq, d, b, grp, kq, a0, a1, a2, a3, c_lo, c_hi):
-        """The lo and hi rows' dots ``c_lo``, ``c_hi`` + their quads ``(a0, a2)``, ``(a1, a3)`` . activation row
-        ``d``'s quads of quarters ``kq``, ``kq + 4`` (unchanged for a column past the expert's last slot, d < 0)."""
-        if d < 0:
+    def slot_dots(ya, n, q, b, grp, kq, a0, a1, a2, a3, c_lo, c_hi):
+        """The lo and hi rows' dots ``c_lo``, ``c_hi`` + their quads ``(a0, a2)``, ``(a1, a3)`` . position ``q``'s
+        quads of quarters ``kq``, ``kq + 4`` (unchanged for a column past the expert's last slot, q < 0)."""
+        if q < 0:
             return c_lo, c_hi
-        x0, x1 = y_quads(yq, d, b, grp, kq)
+        x0, x1 = y_quads(ya, n, q, b, grp, kq)
         return dp4a(a2, x1, dp4a(a0, x0, c_lo)), dp4a(a3, x1, dp4a(a1, x0, c_hi))
 
     @device
-    def group_dp4a(grp, wl0, wl1, wh0, wh1, yq, d0, d1, d2, d3, b, grid_s, sign_s, s):
+    def group_dp4a(grp, wl0, wl1, wh0, wh1, ya, n, q0, q1, q2, q3, b, grid_s, sign_s, s, m):
         """Without MMA: group ``grp``'s dots of this lane's 8 accumulators with dp4a, all 8 k quarters (each
-        quad decoded once for the 4 slots), ``s`` + dots x multipliers.  ``wl0``/``wl1``: the lo row's words
-        of quarters 0, 1 / 2, 3 (:func:`load_words`), ``wh0``/``wh1`` the hi row's."""
+        quad decoded once for the 4 slots), ``s`` + dots x multipliers (and Q2_K's ``m`` + the mins' dots).
+        ``wl0``/``wl1``: the lo row's words of quarters 0, 1 / 2, 3 (:func:`load_words`), ``wh0``/``wh1`` the
+        hi row's."""
         c0 = int32(0)
         c1 = int32(0)
         c2 = int32(0)
@@ -288,61 +344,77 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
         c7 = int32(0)
         m_lo = int32(1)
         m_hi = int32(1)
-        for kq in range(4):   # columns past the expert's last slot (d < 0) are skipped
+        for kq in range(4):   # columns past the expert's last slot (q < 0) are skipped
             a0, a2, m_lo = decode_group(wl0 if kq < 2 else wl1, grp, kq, grid_s, sign_s)
             a1, a3, m_hi = decode_group(wh0 if kq < 2 else wh1, grp, kq, grid_s, sign_s)
-            c0, c2 = slot_dots(yq, d0, b, grp, kq, a0, a1, a2, a3, c0, c2)
-            c1, c3 = slot_dots(yq, d1, b, grp, kq, a0, a1, a2, a3, c1, c3)
-            c4, c6 = slot_dots(yq, d2, b, grp, kq, a0, a1, a2, a3, c4, c6)
-            c5, c7 = slot_dots(yq, d3, b, grp, kq, a0, a1, a2, a3, c5, c7)
-        return (int32(s[0] + c0 * m_lo), int32(s[1] + c1 * m_lo), int32(s[2] + c2 * m_hi), int32(s[3] + c3 * m_hi),
-                int32(s[4] + c4 * m_lo), int32(s[5] + c5 * m_lo), int32(s[6] + c6 * m_hi), int32(s[7] + c7 * m_hi))
+            c0, c2 = slot_dots(ya, n, q0, b, grp, kq, a0, a1, a2, a3, c0, c2)
+            c1, c3 = slot_dots(ya, n, q1, b, grp, kq, a0, a1, a2, a3, c1, c3)
+            c4, c6 = slot_dots(ya, n, q2, b, grp, kq, a0, a1, a2, a3, c4, c6)
+            c5, c7 = slot_dots(ya, n, q3, b, grp, kq, a0, a1, a2, a3, c5, c7)
+        s = (int32(s[0] + c0 * m_lo), int32(s[1] + c1 * m_lo), int32(s[2] + c2 * m_hi), int32(s[3] + c3 * m_hi),
+             int32(s[4] + c4 * m_lo), int32(s[5] + c5 * m_lo), int32(s[6] + c6 * m_hi), int32(s[7] + c7 * m_hi))
+        if iq2:
+            return s, m
+        ml0, ml1 = min_quads(wl0, grp)
+        mh0, mh1 = min_quads(wh0, grp)
+        d0, d2 = m[0], m[2]
+        d1, d3 = m[1], m[3]
+        d4, d6 = m[4], m[6]
+        d5, d7 = m[5], m[7]
+        for kq in range(4):
+            d0, d2 = slot_dots(ya, n, q0, b, grp, kq, ml0, mh0, ml1, mh1, d0, d2)
+            d1, d3 = slot_dots(ya, n, q1, b, grp, kq, ml0, mh0, ml1, mh1, d1, d3)
+            d4, d6 = slot_dots(ya, n, q2, b, grp, kq, ml0, mh0, ml1, mh1, d4, d6)
+            d5, d7 = slot_dots(ya, n, q3, b, grp, kq, ml0, mh0, ml1, mh1, d5, d7)
+        return s, (d0, d1, d2, d3, d4, d5, d6, d7)
 
     @device
-    def step_dp4a(qs_lo, sc_lo, qs_hi, sc_hi, wrow_lo, wrow_hi, yq, d0, d1, d2, d3, b, grid_s, sign_s):
-        """The same 8 isums as :func:`step_mma`, a lane computing its own (``d0..d3``: its D columns' rows)."""
+    def step_dp4a(qs_lo, sc_lo, qs_hi, sc_hi, wrow_lo, wrow_hi, ya, n, q0, q1, q2, q3, b, grid_s, sign_s):
+        """The same isums (and summs) as :func:`step_mma`, a lane computing its own (``q0..q3``: its D columns'
+        positions)."""
         wl0 = load_words(qs_lo, sc_lo, wrow_lo, b, 0)
         wl1 = load_words(qs_lo, sc_lo, wrow_lo, b, 2)
         wh0 = load_words(qs_hi, sc_hi, wrow_hi, b, 0)
         wh1 = load_words(qs_hi, sc_hi, wrow_hi, b, 2)
-        s = (int32(0), int32(0), int32(0), int32(0), int32(0), int32(0), int32(0), int32(0))
+        s = _Z8
+        m = _Z8
         for grp in range(8):
-            s = group_dp4a(grp, wl0, wl1, wh0, wh1, yq, d0, d1, d2, d3, b, grid_s, sign_s, s)
-        return s
+            s, m = group_dp4a(grp, wl0, wl1, wh0, wh1, ya, n, q0, q1, q2, q3, b, grid_s, sign_s, s, m)
+        return s, m
 
     @device
-    def summs(sc, wrow, b, ybs, yrow):
-        """Q2_K: sum over the 16 sub-blocks of min * bsum (an exact integer, as moe.py's)."""
-        s = int32(0)
-        for p in range(8):   # bsum pair p: sub-blocks 2p, 2p + 1; the mins are the high nibbles
-            scw = sc[uint64(wrow * 4 * nb + (p // 2) * nb + b)]
-            bsh = uint32(16 * (p % 2))
-            bw = ybs[uint64(yrow * 8 * nb + p * nb + b)]
-            s = int32(s + as_i32((scw >> (bsh + uint32(4))) & uint32(0xF)) * M._lo16(bw)
-                      + as_i32((scw >> (bsh + uint32(12))) & uint32(0xF)) * (bw >> 16))
-        return s
-
-    @device
-    def term(isum, sc, dm, wrow, b, ybs, yd, yrow):
-        """Super-block ``b``'s float64 term, moe.py's expression (IQ2_XXS: before the leaf's 1/8)."""
-        ys = float64(yd[uint64(yrow * nb + b)])
+    def row_scales(dm, wrow, b):
+        """Super-block ``b``'s float64 scale of row ``wrow`` (IQ2_XXS: d; Q2_K: d and dmin)."""
         if iq2:
-            return float64(int32(isum)) * (float64(float32(dm[uint64(wrow * nb + b)])) * ys)
-        d = float64(float32(dm[uint64(2 * wrow * nb + b)]))
-        dmin = float64(float32(dm[uint64((2 * wrow + 1) * nb + b)]))
-        return ys * (d * float64(isum) - dmin * float64(summs(sc, wrow, b, ybs, yrow)))
+            return float64(float32(dm[uint64(wrow * nb + b)])), _D0
+        return (float64(float32(dm[uint64(2 * wrow * nb + b)])),
+                float64(float32(dm[uint64((2 * wrow + 1) * nb + b)])))
 
     @device
-    def add_terms(acc, s, sc_lo, dm_lo, sc_hi, dm_hi, wrow_lo, wrow_hi, b, ybs, yd, d0, d1, d2, d3):
-        """``acc`` + the step's terms; a skipped column (``d < 0``, dp4a path) keeps its 0.0s (never written)."""
-        return (acc[0] + term(s[0], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d0) if d0 >= 0 else acc[0],
-                acc[1] + term(s[1], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d1) if d1 >= 0 else acc[1],
-                acc[2] + term(s[2], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d0) if d0 >= 0 else acc[2],
-                acc[3] + term(s[3], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d1) if d1 >= 0 else acc[3],
-                acc[4] + term(s[4], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d2) if d2 >= 0 else acc[4],
-                acc[5] + term(s[5], sc_lo, dm_lo, wrow_lo, b, ybs, yd, d3) if d3 >= 0 else acc[5],
-                acc[6] + term(s[6], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d2) if d2 >= 0 else acc[6],
-                acc[7] + term(s[7], sc_hi, dm_hi, wrow_hi, b, ybs, yd, d3) if d3 >= 0 else acc[7])
+    def term(isum, summs, w, ys):
+        """Super-block ``b``'s float64 term, moe.py's expression (IQ2_XXS: before the leaf's 1/8); ``w`` the row's
+        :func:`row_scales`, ``ys`` the slot's activation scale."""
+        if iq2:
+            return float64(int32(isum)) * (w[0] * ys)
+        return ys * (w[0] * float64(isum) - w[1] * float64(summs))
+
+    @device
+    def add_terms(acc, s, m, dm_lo, dm_hi, wrow_lo, wrow_hi, b, yd, n, q0, q1, q2, q3):
+        """``acc`` + the step's terms; a skipped column (``q < 0``, dp4a path) keeps its 0.0s (never written)."""
+        wl = row_scales(dm_lo, wrow_lo, b)
+        wh = row_scales(dm_hi, wrow_hi, b)
+        y0 = float64(yd[uint64(b * n + max(q0, 0))])
+        y1 = float64(yd[uint64(b * n + max(q1, 0))])
+        y2 = float64(yd[uint64(b * n + max(q2, 0))])
+        y3 = float64(yd[uint64(b * n + max(q3, 0))])
+        return (acc[0] + term(s[0], m[0], wl, y0) if q0 >= 0 else acc[0],
+                acc[1] + term(s[1], m[1], wl, y1) if q1 >= 0 else acc[1],
+                acc[2] + term(s[2], m[2], wh, y0) if q0 >= 0 else acc[2],
+                acc[3] + term(s[3], m[3], wh, y1) if q1 >= 0 else acc[3],
+                acc[4] + term(s[4], m[4], wl, y2) if q2 >= 0 else acc[4],
+                acc[5] + term(s[5], m[5], wl, y3) if q3 >= 0 else acc[5],
+                acc[6] + term(s[6], m[6], wh, y2) if q2 >= 0 else acc[6],
+                acc[7] + term(s[7], m[7], wh, y3) if q3 >= 0 else acc[7])
 
     @device
     def stacked(stack, lvl, tid, q):
@@ -383,17 +455,26 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
                 out[uint64(slot * n_rows + row + 8)] = float32(hi)
 
     @device
-    def slot_at(order, i, end):
-        return order[min(i, end - 1)]
+    def column(i, end):
+        """Grouped position ``i`` as a D column's: itself, or past the expert's last slot the last slot (with
+        MMA: every lane takes part, the result is dropped) or -1 (dp4a: skipped)."""
+        if i < end:
+            return i
+        return end - 1 if use_mma else -1
+
+    @device
+    def slot_of(order, i, end):
+        return order[i] if i < end else -1
 
     @jit_kernel(launch_bounds=(THREADS, min_blocks) if min_blocks else None)
-    def kernel(qs_lo, sc_lo, dm_lo, qs_hi, sc_hi, dm_hi, n_rows, order, offsets, div, weights, clamp, yq, yd,
-               ybs, grid_g, sign_g, out):
+    def kernel(qs_lo, sc_lo, dm_lo, qs_hi, sc_hi, dm_hi, n_rows, order, offsets, weights, clamp, ya, yd,
+               grid_g, sign_g, out):
         e = cuda.blockIdx.x
         start = offsets[e]
         end = offsets[e + 1]
         if start >= end:      # an expert without slots
             return
+        n = order.size
         grid_s = cuda.shared.array(grid_words, uint32)
         sign_s = cuda.shared.array(sign_words, uint32)
         stack = cuda.shared.array(stack_words, float64)
@@ -409,37 +490,31 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
         wrow_lo = e * n_rows + min(row, n_rows - 1)   # tail rows compute a real row and drop it: MMAs stay whole
         wrow_hi = e * n_rows + min(row_hi, n_rows - 1)
         for s0 in range(start, end, 16):        # passes of two 8-slot tiles
-            yr0 = slot_at(order, s0 + g, end) // div        # this lane's B columns' activation rows
-            yr1 = slot_at(order, s0 + 8 + g, end) // div
-            i0 = s0 + 2 * t                                  # its D columns: slots i0, i0 + 1, i0 + 8, i0 + 9
-            s_0 = slot_at(order, i0, end)
-            s_1 = slot_at(order, i0 + 1, end)
-            s_2 = slot_at(order, i0 + 8, end)
-            s_3 = slot_at(order, i0 + 9, end)
-            # without MMA a column past the expert's last slot gets row -1 and is skipped; with MMA it computes the
-            # last slot again (every lane takes part) and is dropped at the write
-            d0 = s_0 // div if use_mma or i0 < end else -1
-            d1 = s_1 // div if use_mma or i0 + 1 < end else -1
-            d2 = s_2 // div if use_mma or i0 + 8 < end else -1
-            d3 = s_3 // div if use_mma or i0 + 9 < end else -1
+            p0 = min(s0 + g, end - 1)           # this lane's B columns (grouped positions)
+            p1 = min(s0 + 8 + g, end - 1)
+            i0 = s0 + 2 * t                     # its D columns: positions i0, i0 + 1, i0 + 8, i0 + 9
+            q0 = column(i0, end)
+            q1 = column(i0 + 1, end)
+            q2 = column(i0 + 8, end)
+            q3 = column(i0 + 9, end)
             acc = (_D0, _D0, _D0, _D0, _D0, _D0, _D0, _D0)
             for j in range(n_steps):   # step j: super-block m of leaf i, i.e. of the per-slot kernel's lane i
                 i = j // per
-                m = j - i * per
-                b = i + m * lpr
-                if m == 0:
+                mi = j - i * per
+                b = i + mi * lpr
+                if mi == 0:
                     acc = (_D0, _D0, _D0, _D0, _D0, _D0, _D0, _D0)
                 # a leaf without super-blocks adds nothing (a 0.0 leaf); without MMA a lane whose columns are all
                 # past the expert's last slot has nothing to compute (with MMA every lane takes part)
-                if b < nb and (use_mma or d0 >= 0):
+                if b < nb and q0 >= 0:
                     if use_mma:
-                        s = step_mma(load_words(qs_lo, sc_lo, wrow_lo, b, t), load_words(qs_hi, sc_hi, wrow_hi, b, t),
-                                     yq, yr0, yr1, b, t, grid_s, sign_s)
+                        s, m = step_mma(load_words(qs_lo, sc_lo, wrow_lo, b, t),
+                                        load_words(qs_hi, sc_hi, wrow_hi, b, t), ya, n, p0, p1, b, t, grid_s, sign_s)
                     else:
-                        s = step_dp4a(qs_lo, sc_lo, qs_hi, sc_hi, wrow_lo, wrow_hi, yq, d0, d1, d2, d3, b, grid_s,
-                                      sign_s)
-                    acc = add_terms(acc, s, sc_lo, dm_lo, sc_hi, dm_hi, wrow_lo, wrow_hi, b, ybs, yd, d0, d1, d2, d3)
-                if m == per - 1:        # the leaf is complete
+                        s, m = step_dp4a(qs_lo, sc_lo, qs_hi, sc_hi, wrow_lo, wrow_hi, ya, n, q0, q1, q2, q3, b,
+                                         grid_s, sign_s)
+                    acc = add_terms(acc, s, m, dm_lo, dm_hi, wrow_lo, wrow_hi, b, yd, n, q0, q1, q2, q3)
+                if mi == per - 1:        # the leaf is complete
                     if iq2:
                         acc = (acc[0] * _D_EIGHTH, acc[1] * _D_EIGHTH, acc[2] * _D_EIGHTH, acc[3] * _D_EIGHTH,
                                acc[4] * _D_EIGHTH, acc[5] * _D_EIGHTH, acc[6] * _D_EIGHTH, acc[7] * _D_EIGHTH)
@@ -453,10 +528,10 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
                     if lvl < levels:
                         push(stack, lvl, tid, acc)
             # acc: after the last leaf, the root of the tree
-            write(out, n_rows, row, s_0 if i0 < end else -1, acc[0], acc[2], weights, clamp)
-            write(out, n_rows, row, s_1 if i0 + 1 < end else -1, acc[1], acc[3], weights, clamp)
-            write(out, n_rows, row, s_2 if i0 + 8 < end else -1, acc[4], acc[6], weights, clamp)
-            write(out, n_rows, row, s_3 if i0 + 9 < end else -1, acc[5], acc[7], weights, clamp)
+            write(out, n_rows, row, slot_of(order, i0, end), acc[0], acc[2], weights, clamp)
+            write(out, n_rows, row, slot_of(order, i0 + 1, end), acc[1], acc[3], weights, clamp)
+            write(out, n_rows, row, slot_of(order, i0 + 8, end), acc[4], acc[6], weights, clamp)
+            write(out, n_rows, row, slot_of(order, i0 + 9, end), acc[5], acc[7], weights, clamp)
 
     return kernel
 
@@ -479,24 +554,31 @@ def _tiles_kernel(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, mma
     return _make_tiles(qtype, kind, lpr, nb, bool(mma), min_blocks, iq2_signs if qtype == Q.IQ2_XXS else "table")
 
 
+def _staged(groups: SlotGroups, x: Q8KAct, nb: int, div: int, stream: Any) -> StagedActs:
+    """``x`` staged for the tiles into ``groups.acts`` (allocated here when the caller keeps none)."""
+    acts = groups.acts if groups.acts is not None else alloc_staged_acts(groups.order.size, 256 * nb, stream)
+    return stage_slot_acts(groups, x, nb, div, acts, stream)
+
+
 def _moe_matvec_tiles(qtype: GGMLQuantizationType, w: PackedWeight, groups: SlotGroups, x: Q8KAct, *, out: Any,
                       stream: Any = 0, lpr: int | None = None, min_blocks: int | None = None,
                       mma: bool | None = None, iq2_signs: str = IQ2_SIGNS) -> Any:
     """``out[s, r] = W[e][r] . x[s // div]`` for every slot ``s`` of every expert ``e`` in ``groups``.
 
-    Grid ``(n_expert, cdiv(N, 64))`` of 4 warps (simulator: one warp, 16 rows); ``lpr`` (default
-    ``moe.default_lanes_per_row("matvec", nb)``) is the per-slot kernel whose sums are reproduced.  Knobs that
-    never change the outputs: ``min_blocks`` (launch bounds; None: :data:`MIN_BLOCKS`), ``mma`` (None: the int8
-    MMA where the GPU has it, False: dp4a, True: the MMA, in the simulator too) and ``iq2_signs``
-    (:data:`SIGNS`).
+    Stages ``x`` (:func:`stage_slot_acts`), then a grid ``(n_expert, cdiv(N, 64))`` of 4 warps (simulator: one
+    warp, 16 rows); ``lpr`` (default ``moe.default_lanes_per_row("matvec", nb)``) is the per-slot kernel whose
+    sums are reproduced.  Knobs that never change the outputs: ``min_blocks`` (launch bounds; None:
+    :data:`MIN_BLOCKS`), ``mma`` (None: the int8 MMA where the GPU has it, False: dp4a, True: the MMA, in the
+    simulator too) and ``iq2_signs`` (:data:`SIGNS`).
     """
     n_rows, nb, lpr, n_expert, div = _geometry(w, qtype, groups, x, "matvec", lpr)
+    acts = _staged(groups, x, nb, div, stream)
     c = M._consts()
     sc = M._sc(w, c)
     L.launch(_tiles_kernel(qtype, "matvec", lpr, nb, mma, min_blocks, iq2_signs),
              _grid("matvec", n_expert, n_rows), THREADS, stream,
-             w.qs, sc, w.dm, w.qs, sc, w.dm, n_rows, L.flat(groups.order), L.flat(groups.offsets), div,
-             L.placeholder(), np.float32(0.0), x.qs, x.d, x.bsums, c["grid"], c["sign"], L.flat(out))
+             w.qs, sc, w.dm, w.qs, sc, w.dm, n_rows, L.flat(groups.order), L.flat(groups.offsets),
+             L.placeholder(), np.float32(0.0), acts.qs, acts.d, c["grid"], c["sign"], L.flat(out))
     return out
 
 
@@ -506,17 +588,18 @@ def _moe_gate_up_tiles(qtype: GGMLQuantizationType, gate: PackedWeight, up: Pack
     """``out[s, r] = silu(min(g, c)) * clip(u, -c, c) * weights[s]``, ``g, u = gate[e][r], up[e][r] . x[s //
     div]``, for every slot ``s`` of every expert ``e`` in ``groups``.
 
-    Grid ``(n_expert, cdiv(N, 32))`` of 4 warps (simulator: one warp, 8 rows); knobs as
+    Stages ``x``, then a grid ``(n_expert, cdiv(N, 32))`` of 4 warps (simulator: one warp, 8 rows); knobs as
     :func:`_moe_matvec_tiles` (``lpr`` default: ``moe_gate_up``'s).
     """
     n_rows, nb, lpr, n_expert, div = _geometry(gate, qtype, groups, x, "gate_up", lpr)
     if up.shape != gate.shape or up.qtype != gate.qtype:
         raise ValueError(f"gate {gate.shape} and up {up.shape} differ")
+    acts = _staged(groups, x, nb, div, stream)
     c = M._consts()
     L.launch(_tiles_kernel(qtype, "gate_up", lpr, nb, mma, min_blocks, iq2_signs),
              _grid("gate_up", n_expert, n_rows), THREADS, stream,
              gate.qs, M._sc(gate, c), gate.dm, up.qs, M._sc(up, c), up.dm, n_rows, L.flat(groups.order),
-             L.flat(groups.offsets), div, L.flat(weights), np.float32(clamp), x.qs, x.d, x.bsums, c["grid"],
+             L.flat(groups.offsets), L.flat(weights), np.float32(clamp), acts.qs, acts.d, c["grid"],
              c["sign"], L.flat(out))
     return out
 
@@ -524,7 +607,7 @@ def _moe_gate_up_tiles(qtype: GGMLQuantizationType, gate: PackedWeight, up: Pack
 #: registry priority per type, against moe_grouped's expert_blocks (10): above it where measured faster (module
 #: doc).  IQ2_XXS: 5 (below; 2% ahead in one uniform-routing run is not enough); 20 puts the tiles first
 #: (bench/moe_tiles.py prints which, with the IQ2_SIGNS and MIN_BLOCKS of its fastest variant).
-PRIORITY = {Q.IQ2_XXS: 5, Q.Q2_K: 20}
+PRIORITY = {Q.IQ2_XXS: 20, Q.Q2_K: 20}
 
 
 for _qt in QTYPES:

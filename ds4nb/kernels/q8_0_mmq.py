@@ -38,8 +38,8 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.activation import Q8_0Act
-from ds4nb.kernels.intrinsics import (as_i32, device, dp4a, float32, float64, has_int8_mma, hi_i32, int32, mma_s8_hi,
-                                      mma_s8_lo, uint64)
+from ds4nb.kernels.intrinsics import (as_i32, device, dp4a, float32, float64, has_int8_mma, hi_i32, int32, mma_s8,
+                                      uint64)
 from ds4nb.kernels.q8_0 import _check
 from ds4nb.kernels.registry import Requirements, implementation
 from ds4nb.quants.repack import PackedWeight, layout_name
@@ -172,12 +172,8 @@ def _make_mmq(nb: int, use_mma: bool):
                         col = nt * 8 + g         # this lane's B column
                         b0 = sb[col * ROW_WORDS + b * 8 + t]
                         b1 = sb[col * ROW_WORDS + b * 8 + 4 + t]
-                        lo = mma_s8_lo(a0, a1, a2, a3, b0, b1)
-                        hi = mma_s8_hi(a0, a1, a2, a3, b0, b1)
-                        c0 = as_i32(lo)
-                        c1 = as_i32(lo >> 32)
-                        c2 = as_i32(hi)
-                        c3 = as_i32(hi >> 32)
+                        c0, c1, c2, c3 = mma_s8((a0, a1, a2, a3), (b0, b1),
+                                                    (int32(0), int32(0), int32(0), int32(0)))
                     else:
                         c0, c1, c2, c3 = dots_dp4a(sa, sb, ra, tb, b)
                     dx0 = float64(sdb[tb * KB + b])
