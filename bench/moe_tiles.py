@@ -1,6 +1,6 @@
 """Routed-expert kernels of a prefill chunk at flash shapes: per slot, grouped (dp4a) and tensor-core tiles.
 
-``python bench/moe_tiles.py [--tokens 512] [--skew 1] [--once NAME]``: random IQ2_XXS gate/up and Q2_K down
+``python bench/moe_tiles.py [--tokens 1024] [--skew 1] [--once NAME]``: random IQ2_XXS gate/up and Q2_K down
 experts (256 x 2048 x 4096 / 256 x 4096 x 2048), router-like skewed picks of 6 experts a token (``--skew 0``:
 uniform popularity); every variant is checked bit for bit against the per-slot kernels, then timed (CUDA events,
 20 launches).  Prints us per launch, TOPS (2 x the slots' multiply-adds), the tiles' registers and local memory,
@@ -29,7 +29,7 @@ def _tag(kw: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=1024)   # the engine's prefill chunk on a large GPU
     ap.add_argument("--skew", type=float, default=1.0)
     ap.add_argument("--once", default="")
     args = ap.parse_args()

@@ -41,9 +41,12 @@ def _bits(a) -> np.ndarray:
     return a.copy_to_host().view(np.uint32)
 
 
-def _device_groups(sel: np.ndarray, n_expert: int) -> G.SlotGroups:
+def _device_groups(sel: np.ndarray, n_expert: int, room_k: int = 0) -> G.SlotGroups:
+    """``sel`` grouped on the device; with ``room_k``, staging room for rows of ``room_k`` values (and 3 more slots
+    than ``sel``, as the engine's scratch has room for a whole chunk)."""
+    acts = G.alloc_staged_acts(sel.size + 3, room_k) if room_k else None
     out = G.SlotGroups(cuda.to_device(np.full(sel.size, 0x5A5A5A5A, np.int32)),
-                       cuda.to_device(np.full(n_expert + 1, 0x5A5A5A5A, np.int32)))
+                       cuda.to_device(np.full(n_expert + 1, 0x5A5A5A5A, np.int32)), acts)
     return G.group_slots(cuda.to_device(sel.astype(np.int32)), out=out)
 
 
@@ -147,7 +150,7 @@ def test_matvec_grouped_equals_per_slot(qtype, x_per_slot: bool, lpr, kernel_rng
     assert contract_error(grouped.copy_to_host(), twin) <= CONTRACT_RATE
 
 
-def _gate_up_tiles_vs_per_slot(rng, qtype, lpr=None, **knobs) -> None:
+def _gate_up_tiles_vs_per_slot(rng, qtype, lpr=None, room_k=0, **knobs) -> None:
     e, n, k, t, n_used = G._TINY["gate_up"]
     sel = G.tiny_sel(rng, e, t * n_used)
     _, gw = M._experts(rng, qtype, e, n, k)
@@ -155,8 +158,8 @@ def _gate_up_tiles_vs_per_slot(rng, qtype, lpr=None, **knobs) -> None:
     weights = cuda.to_device(rng.uniform(0.05, 1.0, sel.size).astype(np.float32))
     x = M._x(rng, t, k)
     tiles, per_slot = _nan_out(sel.size * n), _nan_out(sel.size * n)
-    T._moe_gate_up_tiles(qtype, gw, uw, _device_groups(sel, e), weights, q8_K_to_device(x), 0.5, out=tiles, lpr=lpr,
-                         **knobs)
+    T._moe_gate_up_tiles(qtype, gw, uw, _device_groups(sel, e, room_k), weights, q8_K_to_device(x), 0.5, out=tiles,
+                         lpr=lpr, **knobs)
     M._moe_gate_up(qtype, gw, uw, cuda.to_device(sel), weights, q8_K_to_device(np.repeat(x, n_used, axis=0)), 0.5,
                    out=per_slot, lpr=lpr)
     assert np.array_equal(_bits(tiles), _bits(per_slot))
@@ -164,13 +167,13 @@ def _gate_up_tiles_vs_per_slot(rng, qtype, lpr=None, **knobs) -> None:
     assert np.isnan(got[sel < 0]).all() and np.isfinite(got[sel >= 0]).all()   # skipped slots untouched
 
 
-def _matvec_tiles_vs_per_slot(rng, qtype, lpr=None, **knobs) -> None:
+def _matvec_tiles_vs_per_slot(rng, qtype, lpr=None, room_k=0, **knobs) -> None:
     e, n, k, t, n_used = G._TINY["matvec"]
     _, w = M._experts(rng, qtype, e, n, k)
     sel = G.tiny_sel(rng, e, t * n_used)
     x = M._x(rng, sel.size, k)                 # one row a slot, as the down projection's
     tiles, per_slot = _nan_out(sel.size * n), _nan_out(sel.size * n)
-    T._moe_matvec_tiles(qtype, w, _device_groups(sel, e), q8_K_to_device(x), out=tiles, lpr=lpr, **knobs)
+    T._moe_matvec_tiles(qtype, w, _device_groups(sel, e, room_k), q8_K_to_device(x), out=tiles, lpr=lpr, **knobs)
     M._moe_matvec(qtype, w, cuda.to_device(sel), q8_K_to_device(x), out=per_slot, lpr=lpr)
     assert np.array_equal(_bits(tiles), _bits(per_slot))
     assert np.isnan(tiles.copy_to_host().reshape(sel.size, n)[sel < 0]).all()
@@ -196,12 +199,38 @@ def test_matvec_tiles_equal_per_slot(qtype, lpr, kernel_rng) -> None:
 # The tiles' other paths: the int8 MMA (through the simulator's twin: a block barrier a call, so the tiny shapes
 # with few slots and one or two lanes a row) with each type's k order and IQ2_XXS's two sign selectors, and the
 # arithmetic signs on the dp4a path.  The launchers' default (has_int8_mma) is the dp4a path in the simulator.
+# Some stage into the groups' own room, larger than the call needs (the engine's case), the others into the
+# launcher's.
 TILE_PATHS = pytest.mark.parametrize(("qtype", "lpr", "knobs"), [
-    (Q.IQ2_XXS, None, {"mma": True, "iq2_signs": "table"}),
+    (Q.IQ2_XXS, None, {"mma": True, "iq2_signs": "table", "room_k": 1024}),
     (Q.IQ2_XXS, 2, {"mma": True, "iq2_signs": "alu"}),
-    (Q.Q2_K, 2, {"mma": True}),
+    (Q.Q2_K, 2, {"mma": True, "room_k": 1024}),
     (Q.IQ2_XXS, None, {"mma": False, "iq2_signs": "alu"}),
-], ids=["IQ2_XXS-mma-table", "IQ2_XXS-mma-alu-lanes2", "Q2_K-mma-lanes2", "IQ2_XXS-dp4a-alu"])
+], ids=["IQ2_XXS-mma-table-room", "IQ2_XXS-mma-alu-lanes2", "Q2_K-mma-lanes2-room", "IQ2_XXS-dp4a-alu"])
+
+
+@pytest.mark.parametrize(("t", "div", "k"), [(5, 3, 512), (7, 1, 256)], ids=["per-token", "per-slot"])
+def test_stage_slot_acts_is_the_fragment_order(t, div, k, kernel_rng) -> None:
+    """stage_slot_acts against numpy: grouped position p's Q8_K row (slot order[p] reads row order[p] // div) with
+    word 4 grp + q of super-block b at ((8 b + grp) n + p) 4 + q, its scale at b n + p; skipped slots not staged."""
+    n_expert, nb = 6, k // 256
+    sel = G.tiny_sel(kernel_rng, n_expert, t * 3)
+    x = M._x(kernel_rng, sel.size // div, k)
+    xd = q8_K_to_device(x)
+    xqs = xd.qs.copy_to_host().reshape(-1, 32, nb)
+    xs = xd.d.copy_to_host().reshape(-1, nb)
+    groups = _device_groups(sel, n_expert, room_k=k)
+    acts = T.stage_slot_acts(groups, xd, nb, div, groups.acts)
+    order, offsets = G.group_slots_ref(sel, n_expert)
+    n, valid = sel.size, offsets[-1]
+    qs = acts.qs.copy_to_host()[:8 * nb * n * 4].reshape(nb, 8, n, 4)
+    d = acts.d.copy_to_host()[:nb * n].reshape(nb, n)
+    rows = order[:valid] // div
+    want_qs = xqs[rows].reshape(valid, 8, 4, nb).transpose(3, 1, 0, 2)    # (b, grp, p, q)
+    assert np.array_equal(qs[:, :, :valid], want_qs)
+    assert np.array_equal(d[:, :valid].view(np.uint32), xs[rows].T.view(np.uint32))
+    with pytest.raises(ValueError, match="staged activations hold"):
+        T.stage_slot_acts(groups, xd, nb + 1, div, groups.acts)
 
 
 @TILE_PATHS

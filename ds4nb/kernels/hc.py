@@ -33,9 +33,9 @@ streams ``hc (T, n_hc, n_embd)`` into a sublayer input in three launches:
    lanes of warp 0, one each, and each lane reads its row's (column's)
    entries by shuffles, so a round costs two dependent divisions instead of
    ``2 n_hc^2`` (the same values bit for bit as one thread doing it all, which
-   is what the simulator runs); ``pre``, ``post``, ``comb`` are rounded once;
-   all threads form
-   ``x = float32(sum_h pre[h] * hc[h])`` and optionally
+   is what the simulator runs); ``pre``, ``post``, ``comb`` are rounded once.
+   While warp 0 runs the Sinkhorn (x needs only ``pre``), the other threads
+   form ``x = float32(sum_h pre[h] * hc[h])``; then optionally
    ``x_norm = float32(x / rms(x) * norm_w)`` (the sublayer's attn_norm /
    ffn_norm, from the rounded ``x``).
 
@@ -78,6 +78,7 @@ MIX_THREADS = 16 if SIMULATOR else 128
 MIX_WARPS = MIX_THREADS // LANES
 FINISH_THREADS = 8 if SIMULATOR else 1024   # a block of one token: many threads, few dependent load rounds
 FINISH_WARPS = FINISH_THREADS // LANES
+SINK_THREADS = 1 if SIMULATOR else 32       # hc.pre's finish: the threads that run the Sinkhorn (warp 0)
 COLS_PER_SPLIT = 128        # GPU: one column per thread per split
 POST_THREADS = 8 if SIMULATOR else 256
 POST_ITEMS = 128 if SIMULATOR else 1   # hc.post outputs per thread
@@ -305,23 +306,27 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
                     wts[i] = float32(_sigmoid64(zval(mix, scale, base, i, 0)) + hc_eps)
                 else:
                     post[t * N_HC + i - N_HC] = float32(_D2 * _sigmoid64(zval(mix, scale, base, i, 1)))
-            if SIMULATOR:   # one thread (a constant-false branch on the GPU)
-                if tid == 0:
-                    sinkhorn_serial(mix, scale, base, iters, hc_eps, comb, t)
-            elif tid < 32:
-                sinkhorn_warp(mix, scale, base, iters, hc_eps, comb, t, tid)
         cuda.syncthreads()
+        # the Sinkhorn group (warp 0; the simulator's thread 0) normalises comb while the other threads form x:
+        # x needs only the pre weights, so the serial Sinkhorn rounds overlap the stream reads
+        x0 = 0 if HEAD else SINK_THREADS
+        if not HEAD and tid < SINK_THREADS:
+            if SIMULATOR:   # one thread (a constant-false branch on the GPU)
+                sinkhorn_serial(mix, scale, base, iters, hc_eps, comb, t)
+            else:
+                sinkhorn_warp(mix, scale, base, iters, hc_eps, comb, t, tid)
         # x = sum_h w[h] * hc[h] (float64, rounded once); the sum of squares of the rounded x for the norm
         xb = t * hc_dim
         ob = t * n_embd
         ss2 = _D0
-        for d in range(tid, n_embd, FINISH_THREADS):
-            acc = _D0
-            for h in range(N_HC):
-                acc += float64(wts[h]) * float64(x[xb + h * n_embd + d])
-            xv = float64(float32(acc))
-            out[ob + d] = float32(xv)
-            ss2 += xv * xv
+        if tid >= x0:
+            for d in range(tid - x0, n_embd, FINISH_THREADS - x0):
+                acc = _D0
+                for h in range(N_HC):
+                    acc += float64(wts[h]) * float64(x[xb + h * n_embd + d])
+                xv = float64(float32(acc))
+                out[ob + d] = float32(xv)
+                ss2 += xv * xv
         if has_norm:  # uniform branch: has_norm is a launch argument
             lane = tid % LANES
             v = group_sum(ss2, LANES)

@@ -259,7 +259,7 @@ def _group_shared_bytes(n_expert: int) -> int:
 def group_slots(sel: Any, *, out: SlotGroups, stream: Any = 0) -> SlotGroups:
     """Slots grouped by expert: a stable counting sort of ``sel`` in one block (see the module doc).
 
-    ``out = (order, offsets)``; ``n_expert = offsets.size - 1``.  Geometry: one
+    ``out = (order, offsets[, acts])`` (a :class:`SlotGroups`); ``n_expert = offsets.size - 1``.  Geometry: one
     block of 512 threads (16 in the simulator), shared-memory counts and a
     prefix sum, then chunks of 512 slots placed by a per-32-thread-group count
     table; deterministic (integer counts only, no order-dependent atomics).
@@ -925,7 +925,7 @@ def _case_group_slots(rng: np.random.Generator, scale: str) -> Case:
         sel = model_sel(rng, n_expert, t, n_used)
     sel[rng.random(sel.size) < 0.15] = -1           # slots another launch reads (split placement)
     order, offsets = group_slots_ref(sel, n_expert)
-    out = alloc_slot_groups(sel.size, n_expert)
+    out = alloc_slot_groups(sel.size, n_expert)[:2]     # (order, offsets): the op's outputs (no staging room)
     return Case((cuda.to_device(sel),), out, (order, offsets), (True, True),
                 info={"experts": n_expert, "slots": sel.size})
 

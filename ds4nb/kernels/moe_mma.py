@@ -19,6 +19,18 @@ super-block a lane loads every weight word its two rows need together (16
 loads in flight), then per 32-value group decodes its A fragment into int8
 quads.
 
+Staged activations.  Before the tiles, :func:`stage_slot_acts` copies each
+grouped slot's Q8_K row into :class:`~ds4nb.kernels.moe_grouped.StagedActs`:
+grouped order (position ``p`` of ``order``, not slot ``s``) and the MMA's
+fragment order, so the 8 B-fragment words a warp loads for one group of an
+8-slot tile are 256 contiguous bytes (in a Q8_K row they are 8 rows apart and
+``nb`` words apart within a row: 32 sectors a load), and a super-block's
+scales of the slots are one row.  The copy is a few microseconds; it took
+IQ2_XXS gate/up from 8.0 to 4.3 ms and Q2_K down from 3.4 to 2.0 ms at 1024
+tokens (the activation loads were 60% of gate/up's time: "leave one stage
+out" timings).  The room comes with the groups (``SlotGroups.acts``; the
+engine allocates it with its scratch) or, without, from the launcher.
+
 k order.  The MMA gives lane ``(g, t) = (lane / 4, lane % 4)`` rows ``g``
 and ``g + 8`` of A and column ``g`` of B at two quarters of k (4 values
 each), "logical" quarters ``t`` and ``t + 4``.  A dot over k does not depend
@@ -43,7 +55,11 @@ each type maps logical quarters to values in the order cheapest to decode:
   MMA and the group multiplier is 1); B: halves of two activation words.
 
 Each MMA gives exact int32 group dots, which the lanes multiply by the group
-multiplier and add into the super-block's exact ``isum``.  Without integer
+multiplier (IQ2_XXS) and add into the super-block's exact ``isum``; Q2_K's
+multiplier is 1, so its MMAs accumulate in place, and its ``summs`` (sub-block
+mins times the activation's sub-block sums) is a second MMA chain on the same
+B fragments with A = each sub-block's min in every byte: the same exact
+integer as ``moe.py``'s sum over ``bsums``, without loading them.  Without integer
 MMA (GPUs before sm_80, and by default the simulator, where the MMA's twin
 costs a block barrier a call: tests ask for the MMA path with ``mma=True``)
 a lane computes its own four dots of each group with ``dp4a`` from all four
@@ -70,25 +86,20 @@ A lane's 8 accumulators (2 rows x 2 slots x 2 tiles) are tuples in
 straight-line code, never arrays, so that they stay in registers.  Knobs
 (launcher arguments, never changing the outputs; the registered launchers'
 values are module constants): ``min_blocks`` (launch bounds,
-:data:`MIN_BLOCKS`; 4 blocks an SM took the natural-order IQ2_XXS gate/up
-from 4.03 to 3.65 ms on an H200 and left Q2_K down unchanged), ``mma`` and
-``iq2_signs`` (:data:`IQ2_SIGNS`).  Loading the next super-block's words
-while one computes (178 registers instead of 142) was measured slower.
+:data:`MIN_BLOCKS`: 4 blocks an SM, 10% faster for both types), ``mma`` and
+``iq2_signs`` (:data:`IQ2_SIGNS`; the two selectors are within 1-2%).
+Loading the next super-block's words while one computes (178 registers
+instead of 142) was measured slower.
 
-Measured on an H200 at flash shapes, a prefill chunk of 512 tokens (3072
+Measured on an H200 at flash shapes, a prefill chunk of 1024 tokens (6144
 slots; ``bench/moe_tiles.py``, per launch, router-like picks, uniform / Zipf
-popularity): Q2_K down 1.29 / 1.82 ms here against 3.16 / 3.00 per slot
-(``moe.py``) and 5.13 / 5.60 grouped with dp4a, so the Q2_K tiles register
-above ``expert_blocks`` (:data:`PRIORITY`).  IQ2_XXS gate/up in the natural k
-order (four table reads at random shared-memory addresses per 8 weights):
-4.03 / 5.47 against 3.40 / 4.10 grouped with dp4a.  In the whole-point order
-(uniform popularity, a later run): 4.04 ms with the sign table, 3.99 with
-``iq2_signs="alu"``, 3.49 / 3.32 with 4 blocks an SM, against 3.40 for the
-dp4a kernel in the same run: the halved table reads and activation loads
-moved the tiles by ~1-9%, not past the dp4a kernel under skewed routing (not
-re-measured), so the IQ2_XXS tiles still register below ``expert_blocks``.
-What bounds both is not the MMA or the table reads: the weight stream runs at
-~0.3 TB/s (1.1 GB of gate/up words a layer-step in 3.4 ms).
+popularity; bench/results/moe_tiles_h200.md): IQ2_XXS gate/up 3.87 / 4.90 ms
+against 6.39 / 7.74 grouped with dp4a (``expert_blocks``) and 13.8 / 13.7 per
+slot; Q2_K down 1.82 / 2.32 against 10.2 / 11.3 grouped and 6.3 / 6.0 per
+slot: both register above ``expert_blocks`` (:data:`PRIORITY`).  What bounds
+them now ("leave one stage out" timings before the staging): the weight-word
+loads (each of a row's 4 lanes loads all 8 words of a super-block) and the
+float64 terms, not the MMA.
 """
 
 from __future__ import annotations
@@ -605,8 +616,8 @@ def _moe_gate_up_tiles(qtype: GGMLQuantizationType, gate: PackedWeight, up: Pack
 
 
 #: registry priority per type, against moe_grouped's expert_blocks (10): above it where measured faster (module
-#: doc).  IQ2_XXS: 5 (below; 2% ahead in one uniform-routing run is not enough); 20 puts the tiles first
-#: (bench/moe_tiles.py prints which, with the IQ2_SIGNS and MIN_BLOCKS of its fastest variant).
+#: doc: 1.6x for IQ2_XXS gate/up, 5x for Q2_K down; bench/moe_tiles.py prints which, with the IQ2_SIGNS and
+#: MIN_BLOCKS of its fastest variant).
 PRIORITY = {Q.IQ2_XXS: 20, Q.Q2_K: 20}
 
 
@@ -614,9 +625,11 @@ for _qt in QTYPES:
     globals().update(register_launchers(
         _qt, "mma_tiles", PRIORITY[_qt], _moe_gate_up_tiles, _moe_matvec_tiles,
         "gate+up (clamped SwiGLU x router weight) for slots grouped by expert, on int8 MMA.\n\n"
-        "Grid (n_expert, row tiles of 32), 4 warps of 8 gate rows + the same 8 up rows (one m16n8k32 per 32 "
-        "values and 8 slots; dp4a without MMA); bit-identical to moe_gate_up (see the module doc).",
+        "The slots' activations staged in fragment order (stage_slot_acts), then a grid (n_expert, row tiles of "
+        "32), 4 warps of 8 gate rows + the same 8 up rows (one m16n8k32 per 32 values and 8 slots; dp4a without "
+        "MMA); bit-identical to moe_gate_up (see the module doc).",
         "experts x Q8_K for slots grouped by expert (the prefill down projection), on int8 MMA.\n\n"
-        "Grid (n_expert, row tiles of 64), 4 warps of 16 rows (one m16n8k32 per 32 values and 8 slots; dp4a "
-        "without MMA); bit-identical to moe_matvec (see the module doc)."))
+        "The slots' activations staged in fragment order, then a grid (n_expert, row tiles of 64), 4 warps of 16 "
+        "rows (one m16n8k32 per 32 values and 8 slots; dp4a without MMA); bit-identical to moe_matvec (see the "
+        "module doc)."))
 del _qt
