@@ -76,7 +76,7 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.f16_matvec import block_sum, group_max, group_sum
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, int64, rint
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, rint
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.rope import RopeArgs, rope_args, rope_cos_sin, rope_rotate
@@ -360,13 +360,6 @@ def _partial_kernel(hpb: int, head_dim: int, ch: int, nt: int) -> Any:
     # scores (the default 8 heads x 512 dims: 35 KiB), else kept float32 and widened at each use
     QT = float64 if 8 * (QS + SCN + 3 * HPB) <= SHARED_BYTES else float32
 
-    @device
-    def row_value(raw, comp, row_raw, row_comp, row_is_comp, rr, d):
-        """Dim ``d`` of chunk row ``rr`` (float64): both arrays' loads issued, one kept (no load behind a branch)."""
-        vr = float64(raw[row_raw[rr] + d])
-        vc = float64(comp[row_comp[rr] + d])
-        return vc if row_is_comp[rr] else vr
-
     @cuda.jit
     def partial_kernel(q, raw, ring, comp, sel, sel_stride, steps, rec, grp, kq_scale, n_head, part_m, part_l,
                        part_acc):
@@ -386,9 +379,6 @@ def _partial_kernel(hpb: int, head_dim: int, ch: int, nt: int) -> Any:
         run_m = cuda.shared.array(HPB, float64)
         run_l = cuda.shared.array(HPB, float64)
         alpha = cuda.shared.array(HPB, float64)
-        row_raw = cuda.shared.array(CH, int64)        # a chunk row's offset in raw, in comp, and which it is in
-        row_comp = cuda.shared.array(CH, int64)
-        row_is_comp = cuda.shared.array(CH, int32)
         for i in range(tid, HPB * HD, NT):
             q_s[i] = q[h0 * HD + i]
         if tid < HPB:
@@ -414,10 +404,6 @@ def _partial_kernel(hpb: int, head_dim: int, ch: int, nt: int) -> Any:
                             c = sel[c]
                         src = comp
                         b = c * HD
-                    if lane == 0:   # the row's place for step 3 (the other array's row 0 for the unused load)
-                        row_raw[rr] = 0 if r >= n_raw else b
-                        row_comp[rr] = b if r >= n_raw else 0
-                        row_is_comp[rr] = r >= n_raw
                     for j in range(DPL):
                         vals[j] = float64(src[b + lane + LANES * j])
                 else:
@@ -460,27 +446,23 @@ def _partial_kernel(hpb: int, head_dim: int, ch: int, nt: int) -> Any:
                 a = alpha[h]
                 for j in range(DPT):
                     acc[h * DPT + j] *= a
-            # rows four at a time, their loads issued together before the first use (a row's load waited for
-            # at its use costs a memory latency per row); each accumulator still adds the rows in order
             n_rows = min(CH, n_total - r0)
-            for r4 in range(0, n_rows, 4):
-                last = n_rows - 1
+            for rr in range(n_rows):
+                r = r0 + rr
+                src = raw
+                b = ((first + r) % ring) * HD
+                if r >= n_raw:
+                    c = r - n_raw
+                    if use_sel:
+                        c = sel[c]
+                    src = comp
+                    b = c * HD
                 for j in range(DPT):
                     d = tid + NT * j
                     if d < HD:
-                        v0 = row_value(raw, comp, row_raw, row_comp, row_is_comp, r4, d)
-                        v1 = row_value(raw, comp, row_raw, row_comp, row_is_comp, min(r4 + 1, last), d)
-                        v2 = row_value(raw, comp, row_raw, row_comp, row_is_comp, min(r4 + 2, last), d)
-                        v3 = row_value(raw, comp, row_raw, row_comp, row_is_comp, min(r4 + 3, last), d)
+                        v = float64(src[b + d])
                         for h in range(HPB):
-                            a = acc[h * DPT + j] + sc[h * CH + r4] * v0
-                            if r4 + 1 < n_rows:
-                                a += sc[h * CH + r4 + 1] * v1
-                            if r4 + 2 < n_rows:
-                                a += sc[h * CH + r4 + 2] * v2
-                            if r4 + 3 < n_rows:
-                                a += sc[h * CH + r4 + 3] * v3
-                            acc[h * DPT + j] = a
+                            acc[h * DPT + j] += sc[h * CH + rr] * v
             cuda.syncthreads()
         for h in range(HPB):
             o = (sp * n_head + h0 + h)
