@@ -173,7 +173,7 @@ def _make_mmq(nb: int, use_mma: bool):
                         b0 = sb[col * ROW_WORDS + b * 8 + t]
                         b1 = sb[col * ROW_WORDS + b * 8 + 4 + t]
                         c0, c1, c2, c3 = mma_s8((a0, a1, a2, a3), (b0, b1),
-                                                    (int32(0), int32(0), int32(0), int32(0)))
+                                                (int32(0), int32(0), int32(0), int32(0)))
                     else:
                         c0, c1, c2, c3 = dots_dp4a(sa, sb, ra, tb, b)
                     dx0 = float64(sdb[tb * KB + b])
