@@ -15,7 +15,8 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from prefill import _events_ms, cublas_peaks     # bench/ is the script's directory
+from kernels import resources                   # bench/ is the script's directory
+from prefill import _events_ms, cublas_peaks
 
 
 def _events_us(fn, reps: int) -> float:
@@ -99,14 +100,8 @@ def main() -> None:
     from ds4nb.kernels import gemm_f64 as G
     for scaled in (False, True):
         kern = G._make_gemm(scaled)
-        regs, local = kern.get_regs_per_thread(), kern.get_local_mem_per_thread()
-        try:
-            sass = "\n".join(kern.inspect_sass().values())
-        except Exception as exc:        # noqa: BLE001 - nvdisasm may be missing
-            sass = f"no SASS: {exc}"
-        print(f"gemm scaled={scaled}: regs {list(regs.values())}, local {list(local.values())} B; "
-              f"DMMA {sass.count('DMMA')} ({sorted(set(w for w in sass.split() if w.startswith('DMMA')))}), "
-              f"LDS {sass.count('LDS')}, STS {sass.count('STS')}, CALL {sass.count('CALL')}, BAR {sass.count('BAR')}")
+        res = resources(kern, {k: k for k in ("DMMA", "LDS", "STS", "CALL", "BAR")})
+        print(f"gemm scaled={scaled}: " + ", ".join(f"{k} {v}" for k, v in res.items()))
     if args.out:
         path = Path(args.out) / "f64_mma.csv"
         with open(path, "w", newline="") as fh:

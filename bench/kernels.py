@@ -211,26 +211,28 @@ def copy_bandwidth(nbytes: int, stream: Any, reps: int = 20) -> float:
     return 2 * nbytes / statistics.median(times[2:])
 
 
-def resources(kernel: Any) -> dict:
-    """Registers, local memory and SASS facts of a compiled numba dispatcher (best effort)."""
+#: SASS facts the kernels table records: key -> the text counted in the kernel's SASS
+SASS_COUNTS = {"idp4a": "IDP.4A", "prmt": "PRMT", "lds": "LDS", "calls": " CALL", "ldg128": "LDG.E.128",
+               "ldg64": "LDG.E.64"}
+
+
+def resources(kernel: Any, counts: dict[str, str] | None = None) -> dict:
+    """Registers, local and shared memory, and counts of SASS texts (``counts``: key -> text, default
+    :data:`SASS_COUNTS`) of a compiled numba dispatcher (best effort: an ``*_error`` key says what failed)."""
     out: dict = {}
     try:
-        regs = kernel.get_regs_per_thread()
-        out["regs"] = max(regs.values()) if isinstance(regs, dict) else regs
-        loc = kernel.get_local_mem_per_thread()
-        out["local"] = max(loc.values()) if isinstance(loc, dict) else loc
+        for key, get in (("regs", kernel.get_regs_per_thread), ("local", kernel.get_local_mem_per_thread),
+                         ("shared", kernel.get_shared_mem_per_block)):
+            v = get()
+            out[key] = max(v.values(), default=None) if isinstance(v, dict) else v
     except Exception as exc:  # pragma: no cover - depends on the driver
         out["regs_error"] = type(exc).__name__
     try:
         sass = kernel.inspect_sass()
         text = "\n".join(sass.values()) if isinstance(sass, dict) else str(sass)
-        out["idp4a"] = text.count("IDP.4A")
-        out["prmt"] = text.count("PRMT")
-        out["lds"] = text.count("LDS")
-        out["calls"] = text.count(" CALL")
-        out["ldg128"] = text.count("LDG.E.128")
-        out["ldg64"] = text.count("LDG.E.64")
-    except Exception as exc:
+        for key, pattern in (SASS_COUNTS if counts is None else counts).items():
+            out[key] = text.count(pattern)
+    except Exception as exc:  # noqa: BLE001 - nvdisasm may be missing
         out["sass_error"] = type(exc).__name__
     return out
 

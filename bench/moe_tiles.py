@@ -14,6 +14,7 @@ import argparse
 import functools
 
 import numpy as np
+from kernels import resources      # bench/ is the script's directory
 
 
 #: knobs of the tensor-core tiles to time: IQ2_XXS gate/up with both sign selectors, Q2_K down
@@ -118,15 +119,8 @@ def main() -> None:
     for qtype, kind, nb, kw in kernels:
         kern = T._make_tiles(qtype, kind, M.default_lanes_per_row(kind, nb), nb, True, kw["min_blocks"],
                              kw.get("iq2_signs", "table"))
-        regs, local = kern.get_regs_per_thread(), kern.get_local_mem_per_thread()
-        shared = kern.get_shared_mem_per_block()
-        try:
-            sass = "\n".join(kern.inspect_sass().values())
-        except Exception as exc:        # noqa: BLE001 - nvdisasm may be missing
-            sass = f"no SASS: {exc}"
-        print(f"tiles {qtype.name} {kind} {_tag(kw)}: regs {list(regs.values())}, local {list(local.values())} B, "
-              f"shared {list(shared.values())} B; SASS lines {sass.count(chr(10))}, IMMA {sass.count('IMMA')}, "
-              f"LDS {sass.count('LDS')}, POPC {sass.count('POPC')}, LDL {sass.count('LDL')}, STL {sass.count('STL')}")
+        res = resources(kern, {k: k for k in ("IMMA", "LDS", "POPC", "LDL", "STL")})
+        print(f"tiles {qtype.name} {kind} {_tag(kw)}: " + ", ".join(f"{k} {v}" for k, v in res.items()))
 
     # what the registry should prefer for IQ2_XXS gate/up (moe_mma.PRIORITY against expert_blocks' 10)
     tiles = [(times[f"gate_up tiles {_tag(kw)}"], kw) for kw in GATE_UP_TILES if same[f"gate_up tiles {_tag(kw)}"]]
