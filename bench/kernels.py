@@ -343,6 +343,95 @@ def small_cases(rng, stream, tiny: bool):
     return cases
 
 
+def decode_cases(rng, stream, tiny: bool):
+    """The decode step's latency-bound model kernels at DS4 flash shapes (tiny: small ones): the F16 matvecs
+    (compressor kv + gate pair, router), decode attention over a CSA layer's 640 rows (window 128 + 512
+    compressed, all visible or the indexer's selection), ``hc.pre`` (with its 20 Sinkhorn rounds, and with 1
+    to show what they cost, and without them: the mix for ``hc.comb``), ``hc.comb`` and ``hc.post``.  Public
+    launchers only."""
+    from ds4nb.kernels import attention as attn_mod
+    from ds4nb.kernels import hc as hc_mod
+    from ds4nb.kernels.step import group_offset, records
+
+    reg = get_registry()
+    d, n_head, head_dim, n_swa, top = (256, 4, 64, 8, 16) if tiny else (4096, 64, 512, 128, 512)
+    cases = []
+    f16 = reg.get("f16.matvec", "warp_rows")
+    for name, n_out, n_out2 in (("compressor kv+gate", d // 4, d // 4), ("router", d // 16, 0)):
+        wbytes = (n_out + n_out2) * d * 2
+        n_sets = _sets_for(wbytes)
+        ws = [cuda.to_device((rng.standard_normal((n_out, d)) / 64).astype(np.float16), stream=stream)
+              for _ in range(n_sets)]
+        w2s = [cuda.to_device((rng.standard_normal((n_out2, d)) / 64).astype(np.float16), stream=stream)
+               if n_out2 else None for _ in range(n_sets)]
+        x = cuda.to_device(rng.standard_normal((1, d)).astype(np.float32), stream=stream)
+        out = cuda.device_array(n_out, np.float32, stream=stream)
+        out2 = cuda.device_array(max(n_out2, 1), np.float32, stream=stream)
+
+        def launch(i, ws=ws, w2s=w2s, x=x, out=out, out2=out2):
+            if w2s[i] is None:
+                f16(ws[i], x, out=out, stream=stream)
+            else:
+                f16(ws[i], x, out=out, w2=w2s[i], out2=out2, stream=stream)
+
+        cases.append((f16.op, f16.name, name, f"{n_out}+{n_out2}x{d}", wbytes, wbytes + d * 4, launch, n_sets, None))
+    dec = reg.get("attn.decode", "split_heads8")
+    mma = reg.get("attn.decode", "heads_mma")
+    grp = group_offset(1)
+    for name, pos in ((f"{n_swa + top} rows visible", 4 * top - 1), (f"{n_swa + top} rows selected", 8 * top)):
+        steps = cuda.to_device(records(pos, 1, n_swa, [(4, top)], ring=n_swa), stream=stream)
+        n_comp = pos // 4 + 1
+        raw = cuda.to_device(rng.standard_normal((n_swa, head_dim)).astype(np.float16), stream=stream)
+        comp = cuda.to_device(rng.standard_normal((n_comp, head_dim)).astype(np.float16), stream=stream)
+        sel = cuda.to_device(np.sort(rng.choice(n_comp, top, replace=False)).astype(np.int32).reshape(1, top),
+                             stream=stream)
+        q = cuda.to_device(rng.standard_normal((1, n_head, head_dim)).astype(np.float32), stream=stream)
+        sinks = cuda.to_device(rng.standard_normal(n_head).astype(np.float32), stream=stream)
+        out = cuda.device_array(n_head * head_dim, np.float32, stream=stream)
+        scratch = attn_mod.alloc_attn_scratch(n_head, head_dim, stream)
+
+        moved = (n_swa + top) * head_dim * 2 + 2 * n_head * head_dim * 4
+        for impl, geom in ((dec, {}), (dec, {"hpb": 4}), (mma, {"mma": True}), (mma, {"mma": True, "splits": 16}),
+                           (mma, {"mma": True, "hpb": 8})):
+            def launch(i, steps=steps, raw=raw, comp=comp, sel=sel, q=q, sinks=sinks, out=out, scratch=scratch,
+                       geom=geom, impl=impl):
+                impl(q, raw, comp, sinks, sel, out=out, steps=steps, grp=grp, max_rows=n_swa + top, scratch=scratch,
+                     stream=stream, **geom)
+
+            label = name + "".join(f" {k} {v}" for k, v in geom.items() if k != "mma")
+            cases.append((impl.op, impl.name, label, f"1x{n_head}x{head_dim}", 0, moved, launch, 1, None))
+    n_hc = 4
+    hc = cuda.to_device(rng.standard_normal((1, n_hc, d)).astype(np.float32), stream=stream)
+    fn = cuda.to_device((rng.standard_normal((24, n_hc * d)) / 128).astype(np.float16), stream=stream)
+    scale = cuda.to_device(np.array([0.5, 0.5, 0.5], np.float32), stream=stream)
+    base = cuda.to_device((0.1 * rng.standard_normal(24)).astype(np.float32), stream=stream)
+    nw = cuda.to_device(np.ones(d, np.float32), stream=stream)
+    pre = reg.get("hc.pre", "split_mix")
+    out = hc_mod.alloc_pre(1, n_hc, d, True, stream)
+    scr = hc_mod.alloc_scratch(1, n_hc * d, 24, stream)
+    mix = cuda.device_array(24, np.float32, stream=stream)
+    for label, iters, o in (("20 Sinkhorn rounds", 20, out), ("1 Sinkhorn round", 1, out),
+                            ("no Sinkhorn (mix out)", 20, out._replace(comb=None, mix=mix))):
+        def launch(i, iters=iters, o=o):
+            pre(hc, fn, scale, base, nw, out=o, n_hc=n_hc, iters=iters, hc_eps=1e-6, rms_eps=1e-6, scratch=scr,
+                stream=stream)
+
+        cases.append((pre.op, pre.name, label, f"1x{n_hc}x{d}", 24 * n_hc * d * 2, 24 * n_hc * d * 2 + 2 * n_hc * d * 4,
+                      launch, 1, None))
+    comb_op = reg.get("hc.comb", "warp_sinkhorn")
+    cases.append((comb_op.op, comb_op.name, "20 Sinkhorn rounds", f"1x{n_hc}x{n_hc}", 0, 24 * 4 + 16 * 4,
+                  lambda i: comb_op(mix, scale, base, out=out.comb, n_hc=n_hc, iters=20, hc_eps=1e-6, stream=stream),
+                  1, None))
+    post = reg.get("hc.post", "elementwise")
+    y = cuda.to_device(rng.standard_normal((1, d)).astype(np.float32), stream=stream)
+    pw = cuda.to_device(rng.uniform(0, 2, (1, n_hc)).astype(np.float32), stream=stream)
+    comb = cuda.to_device(rng.uniform(0, 1, (1, n_hc, n_hc)).astype(np.float32), stream=stream)
+    new = cuda.device_array(n_hc * d, np.float32, stream=stream)
+    cases.append((post.op, post.name, "", f"1x{n_hc}x{d}", 0, 2 * n_hc * d * 4 + d * 4,
+                  lambda i: post(y, hc, pw, comb, out=new, n_hc=n_hc, stream=stream), 1, None))
+    return cases
+
+
 def build_cases(rng, stream, tiny: bool, only: list[str]):
     cases = []
 
@@ -354,6 +443,7 @@ def build_cases(rng, stream, tiny: bool, only: list[str]):
         cases += moe_cases(rng, Q.IQ2_XXS, "gate_up", 4, 16, 512, 2, (4,), stream)
         cases += moe_cases(rng, Q.Q2_K, "down_sum", 4, 16, 512, 2, (4,), stream)
         cases += small_cases(rng, stream, tiny)
+        cases += decode_cases(rng, stream, tiny)
         return cases
     if want("q_b"):
         cases += q8_0_matvec_case(rng, "attn_q_b", 32768, 1024, 1, stream, tiny)
@@ -368,13 +458,15 @@ def build_cases(rng, stream, tiny: bool, only: list[str]):
         cases += moe_cases(rng, Q.IQ2_XXS, "matvec", 48, 2048, 4096, 6, (16,), stream, replicas=(1,))
         cases += moe_cases(rng, Q.IQ2_XXS, "down_sum", 48, 4096, 2048, 6, (4,), stream, replicas=(1,))
     if want("q2_k"):
-        cases += moe_cases(rng, Q.Q2_K, "down_sum", 48, 4096, 2048, 6, (4,), stream)
+        cases += moe_cases(rng, Q.Q2_K, "down_sum", 48, 4096, 2048, 6, (4, 8), stream)
         cases += moe_cases(rng, Q.Q2_K, "matvec", 48, 4096, 2048, 6, (4,), stream)
     if want("q4_k"):
         cases += moe_cases(rng, Q.Q4_K, "gate_up", 24, 2048, 4096, 6, (16,), stream)
         cases += moe_cases(rng, Q.Q4_K, "down_sum", 24, 4096, 2048, 6, (4,), stream)
     if want("small"):
         cases += small_cases(rng, stream, tiny)
+    if want("decode"):
+        cases += decode_cases(rng, stream, tiny)
     return cases
 
 
@@ -385,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--tiny", action="store_true", help="small shapes (simulator smoke test)")
     ap.add_argument("--sass", action="store_true", help="write the SASS of the main MoE kernels to --out")
-    ap.add_argument("--only", nargs="*", default=[], help="case name filters (q_b output matmul iq2 q2_k q4_k small)")
+    ap.add_argument("--only", nargs="*", default=[],
+                    help="case name filters (q_b output matmul iq2 q2_k q4_k small decode)")
     args = ap.parse_args(argv)
     if args.tiny:
         args.reps, args.rounds = 2, 2
@@ -420,7 +513,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{op} {variant}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
             continue
         compile_s = time.perf_counter() - t0
-        sleep_ms = max(5, args.reps * 400 // 1000)  # ~400 us of head start per queued launch
+        t1 = time.perf_counter()
+        for i in range(3):                        # the host's cost of queueing a launch, compiled
+            launch(i % n_sets)
+        stream.synchronize()
+        host_ms = (time.perf_counter() - t1) * 1e3 / 3
+        sleep_ms = max(5, int(2 * args.reps * host_ms) + 2)   # head start: twice the round's queueing time
         samples, host_us, host_bound = time_rounds(launch, n_sets, args.reps, args.rounds, sleep_ms, stream)
         res = Result(op, impl, variant, shape, wbytes, moved, samples, host_us, host_bound)
         if kernel is not None and not SIMULATOR:

@@ -1,10 +1,15 @@
-"""The step input a captured step reads: step records against the oracle's own state, and the buffer layout."""
+"""The step input a captured step reads: step records against the oracle's own state, and the buffer layout;
+a step's branch (side-stream launches) run eagerly."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from numba import cuda
 
+from ds4nb.engine.graph import StepRunner, kernel_launches
 from ds4nb.engine.step import StepInput, StepLayout
+from ds4nb.kernels import _launch as L
 from ds4nb.kernels.sample import SP_FIELDS, sampling_record
 from ds4nb.kernels.step import EMIT, N_RAW, NF, POS, RAW_ROW, ROWS, SELECT, VISIBLE, fill_records
 from ds4nb.model.presets import flash_config
@@ -81,3 +86,47 @@ def test_prefill_chunk_follows_gpu_memory() -> None:
         bigger = [c for c in CHUNK_SIZES if c > chunk]
         assert all(Scratch.nbytes(cfg, c, 4096) > CHUNK_MEMORY_SHARE * (gib << 30) for c in bigger)
     assert prefill_chunk(cfg, 100, 141 << 30) == 100
+
+
+@cuda.jit
+def _axpy(a, x, y, out):
+    """out = a x + y (float32), a thread per value."""
+    i = cuda.grid(1)
+    if i < out.size:
+        out[i] = a * x[i] + y[i]
+
+
+def test_branch_runs_beside_the_main_stream_until_its_join() -> None:
+    """A step's branch records on the side stream and joins where the main stream needs it; eager runs give the
+    sequential results (the graph path of the same lists: tests/test_engine_graph.py on the GPU)."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal(300).astype(np.float32)
+    d = [cuda.to_device(np.zeros(300, np.float32)) for _ in range(4)]
+    xd, zero = cuda.to_device(x), cuda.to_device(np.zeros(300, np.float32))
+    f32 = np.float32
+    rec = L.Recorder()
+
+    def axpy(a, xs, ys, out):
+        L.launch(_axpy, 2, 256, rec, f32(a), xs, ys, out)
+
+    axpy(2, xd, zero, d[0])                 # main: d0 = 2x
+    with rec.branch():
+        axpy(3, d[0], zero, d[1])           # side, after d0: d1 = 6x
+    axpy(5, xd, zero, d[2])                 # main, beside the branch: d2 = 5x
+    rec.join()
+    axpy(1, d[1], d[2], d[3])               # main, after the join: d3 = 11x
+    rec.join()                              # nothing open: records nothing
+    kinds = [(type(x).__name__, getattr(x, "branch", None)) for x in rec.launches]
+    assert kinds == [("Launch", False), ("Launch", True), ("Launch", False), ("Join", None), ("Launch", False)]
+    with rec.branch():
+        pass
+    with pytest.raises(RuntimeError, match="one branch at a time"):
+        with rec.branch():
+            pass
+    runner = StepRunner(rec.launches[:5], cuda.default_stream(), use_graph=False)
+    for _ in range(2):
+        runner.run()
+        cuda.synchronize()
+        np.testing.assert_array_equal(d[3].copy_to_host(), (f32(1) * (f32(3) * (f32(2) * x)) + f32(5) * x))
+    plain = kernel_launches(rec.launches)
+    assert len(plain) == 4 and not any(x.branch for x in plain)

@@ -128,7 +128,7 @@ def test_mma_splits_and_a_token_without_rows(kernel_rng):
     check_bits(got, dec.reshape(ref.shape), "heads_mma 3 splits vs split_heads8")
 
 
-def test_launcher_takes_split_heads8_for_decode_and_without_f64_mma(kernel_rng, monkeypatch):
+def test_launcher_takes_split_heads8_only_without_f64_mma(kernel_rng, monkeypatch):
     inputs, kwargs, ref = prefill_step(kernel_rng, n_head=8, head_dim=32, n_tok=M.MIN_TOKENS, pos0=12, n_swa=8,
                                        top=0)
     # the simulator has no float64 MMA (has_f64_mma() is False): the same kernels as attention_decode, same bits
@@ -136,17 +136,18 @@ def test_launcher_takes_split_heads8_for_decode_and_without_f64_mma(kernel_rng, 
     M.attention_mma(*inputs, out=out, **kwargs)
     A.attention_decode(*inputs, out=dec, **kwargs)
     assert np.array_equal(out.copy_to_host(), dec.copy_to_host())
-    # with float64 MMA: one token (decode) still goes to attention_decode, MIN_TOKENS tokens to the MMA kernel
+    # with float64 MMA: a decode step (one token, 8 heads a block) and a prefill step both take the MMA kernel
     calls = []
     decode = A.attention_decode
     monkeypatch.setattr(A, "attention_decode", lambda *a, **kw: calls.append(a[0].size) or decode(*a, **kw))
     monkeypatch.setattr(M, "has_f64_mma", lambda: True)
     q1 = cuda.to_device(inputs[0].copy_to_host()[:1])
-    M.attention_mma(q1, *inputs[1:], out=poisoned(ref[0].size), **kwargs)
-    assert calls == [ref[0].size]
+    one = poisoned(ref[0].size)
+    M.attention_mma(q1, *inputs[1:], out=one, **kwargs)
     out = poisoned(ref.size)
     M.attention_mma(*inputs, out=out, **kwargs)
-    assert calls == [ref[0].size]
+    assert calls == []
+    check_bits(one.copy_to_host(), ref[0], "heads_mma decode step by default with float64 MMA")
     check_bits(out.copy_to_host(), ref, "heads_mma by default with float64 MMA")
 
 
@@ -165,6 +166,7 @@ def test_geometry_defaults_and_limits():
     assert M.shared_bytes(16, 512, 16, 8, 2) <= A.SHARED_BYTES < M.shared_bytes(16, 512, 16, 8, 4)
     assert M.mma_geometry(64, 512, 640, 4, 512, warps=8).chunk == 8
     assert M.mma_geometry(4, 64, 20, 2, 3, warps=8).hpb == 8          # 4 live heads of an 8-head tile
+    assert M.mma_geometry(64, 512, 640, 2, 1, warps=8).hpb == 8        # decode: 8 heads a block
     with pytest.raises(ValueError):
         M.mma_geometry(64, 48, 640, 2, 512)                            # head_dim not a multiple of 32
     with pytest.raises(ValueError):

@@ -21,6 +21,7 @@ from ds4nb.kernels import indexer as I
 from ds4nb.kernels import rope as R
 from ds4nb.kernels import router as RT
 from ds4nb.kernels import sample as S
+from ds4nb.kernels.attention_mma import attention_mma
 from ds4nb.kernels.parity import CONTRACT_RATE, check_case, contract_error
 from ds4nb.kernels.registry import KernelRegistry
 from ds4nb.kernels.step import group_offset, one_record
@@ -52,6 +53,7 @@ def _poison(shape, dtype=np.float32):
     (2048, 512, dict()), (2048, 512, dict(hpb=16)), (2048, 512, dict(chunk=64)),
     (8192, None, dict()),          # an HCA layer at 1M tokens: every compressed row visible
     (0, None, dict()),             # a sliding-window layer
+    (2048, 512, dict(mma=True)), (8192, None, dict(mma=True)), (0, None, dict(mma=True)),   # heads_mma (decode)
 ])
 def test_attention_decode_flash(kernel_rng, n_comp, top, geom):
     rng = kernel_rng
@@ -66,7 +68,8 @@ def test_attention_decode_flash(kernel_rng, n_comp, top, geom):
     out = _poison(q.size)
     n_vis = n_comp if sel is None else top
     rec = one_record(0, n_raw=n_raw, visible=n_vis, select=0 if sel is None else top)
-    A.attention_decode(cuda.to_device(q), cuda.to_device(raw.astype(np.float16)),
+    launcher = attention_mma if geom.get("mma") else A.attention_decode
+    launcher(cuda.to_device(q), cuda.to_device(raw.astype(np.float16)),
                        cuda.to_device(comp.astype(np.float16)) if n_comp else None, cuda.to_device(sinks),
                        None if sel is None else cuda.to_device(sel), out=out, steps=cuda.to_device(rec),
                        grp=group_offset(1), max_rows=n_raw + n_vis, **geom)

@@ -52,17 +52,23 @@ def check(got, ref, op: str, what: str = "") -> float:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("wpr", [1, 8])
-def test_f16_matvec_pair_bias_and_split(kernel_rng, wpr):
+@pytest.mark.parametrize("wpr, n_tok, n_in, wdtype", [
+    (1, 2, 200, np.float16),    # a step of two tokens
+    (8, 1, 200, np.float16),    # one token: F16 rows read as 4-value words
+    (2, 1, 198, np.float16),    # one token, rows not whole words: read value by value
+    (4, 1, 200, np.float32),    # F32 weights: value by value
+])
+def test_f16_matvec_pair_bias_and_split(kernel_rng, wpr, n_tok, n_in, wdtype):
     rng = kernel_rng
-    n_tok, n0, n1, n_in = 2 if wpr == 1 else 1, 8 if wpr == 1 else 4, 4, 200   # n_in: not a multiple of the stride
-    w = (rng.standard_normal((n0, n_in)) / 10).astype(np.float16)
-    w2 = (rng.standard_normal((n1, n_in)) / 10).astype(np.float32)   # an F32 second matrix
+    n0, n1 = 8 if wpr == 1 else 4, 4    # n_in: not a multiple of the stride
+    w = (rng.standard_normal((n0, n_in)) / 10).astype(np.float16).astype(wdtype)
+    w2 = (rng.standard_normal((n1, n_in)) / 10).astype(np.float32)
     b = rng.standard_normal(n0).astype(np.float32)
     b2 = rng.standard_normal(n1).astype(np.float16)
     x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
     out, out2 = poisoned(n_tok * n0), poisoned(n_tok * n1)
-    w2d = cuda.to_device(w2.astype(np.float16))
+    w2d = cuda.to_device(w2.astype(np.float16).astype(wdtype))
+    assert (F._as_words(w2d, n_in) is not None) == (wdtype == np.float16 and n_in % 4 == 0)
     F.f16_matvec(cuda.to_device(w), cuda.to_device(x), cuda.to_device(b), out=out, w2=w2d,
                  bias2=cuda.to_device(b2), out2=out2, wpr=wpr)
     # docs/model.md "one rounding per value": float64 from the exact inputs (+ bias), rounded once
@@ -121,6 +127,35 @@ def test_hc_pre_without_norm_and_sinkhorn_order(kernel_rng, monkeypatch, n_split
     check_bits(out.x.copy_to_host(), ops.hc_weighted_sum(hc, split.pre), "hc.pre", "x")
     check_bits(out.post.copy_to_host(), split.post, "hc.pre", "post")
     check_bits(out.comb.copy_to_host(), split.comb, "hc.pre", "comb")
+
+
+def test_hc_pre_leaves_comb_to_hc_comb(kernel_rng):
+    """Without a comb output hc.pre writes the mix (rounded once) and skips the Sinkhorn; hc.comb of that mix is
+    the oracle's comb, and x, post, x_norm are what hc.pre computes with comb."""
+    rng = kernel_rng
+    n_tok, n_hc, n_embd = 2, 4, 128
+    hc_dim, n_mix = n_hc * n_embd, 24
+    hc = rng.standard_normal((n_tok, n_hc, n_embd)).astype(np.float32)
+    fn = (rng.standard_normal((n_mix, hc_dim)) / np.sqrt(hc_dim)).astype(np.float16)
+    sc = np.array([0.5, 0.4, 3.0], np.float32)
+    bs = (0.5 * rng.standard_normal(n_mix)).astype(np.float32)
+    nw = (1 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32)
+    mix = H.mix_reference(hc, fn, 1e-6)
+    split = ops.hc_split_sinkhorn(mix, sc, bs, n_hc, 20, 1e-6)
+    args = (cuda.to_device(hc), cuda.to_device(fn), cuda.to_device(sc), cuda.to_device(bs), cuda.to_device(nw))
+    kw = dict(n_hc=n_hc, iters=20, hc_eps=1e-6, rms_eps=1e-6)
+    both = H.hc_pre(*args, out=H.alloc_pre(n_tok, n_hc, n_embd), **kw)
+    out = H.HcPreOut(poisoned(n_tok * n_embd), poisoned(n_tok * n_hc), None, poisoned(n_tok * n_embd),
+                     poisoned(n_tok * n_mix))
+    H.hc_pre(*args, out=out, **kw)
+    check_bits(out.mix.copy_to_host(), mix.reshape(-1), "hc.pre", "mix")
+    for name in ("x", "post", "x_norm"):
+        assert np.array_equal(getattr(out, name).copy_to_host(), getattr(both, name).copy_to_host()), name
+    comb = poisoned(n_tok * n_hc * n_hc)
+    H.hc_comb(out.mix, args[2], args[3], out=comb, n_hc=n_hc, iters=20, hc_eps=1e-6)
+    check_bits(comb.copy_to_host(), split.comb.reshape(-1), "hc.comb", "comb")
+    with pytest.raises(ValueError, match="out.comb, or out.mix"):
+        H.hc_pre(*args, out=out._replace(mix=None), **kw)
 
 
 def test_hc_head_and_post(kernel_rng):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf.constants import GGMLQuantizationType as Q
 
-from ds4nb.plugins import get_registry
 from ds4nb.kernels.parity import check_case
-from ds4nb.kernels.q8_0 import MODEL_SHAPES, make_q8_0_case
+from ds4nb.kernels.q8_0 import MODEL_SHAPES, make_q8_0_case, q8_0_reference
+from ds4nb.plugins import get_registry
 
 
 @pytest.mark.parametrize(("rows", "k"), [(9, 32), (8, 96), (3, 4096 + 64)], ids=["one-block", "3-blocks", "tail"])
@@ -17,6 +18,35 @@ def test_matvec_odd_widths(rows: int, k: int, kernel_rng: np.random.Generator) -
     result = check_case(reg.get("q8_0.matvec", "warp8"), make_q8_0_case(kernel_rng, rows, k, 1),
                         reg.op("q8_0.matvec").tolerance)
     assert result.ok, str(result)
+
+
+def test_matvec_pair_equals_two_matvecs(kernel_rng: np.random.Generator) -> None:
+    """Two matrices of one activation in one launch (``w2``): each output equals its own float64 twin (13
+    rows: the second matrix starts inside a block of 8 warps)."""
+    from numba import cuda
+
+    from ds4nb.kernels.activation import q8_0_to_device
+    from ds4nb.kernels.parity import CONTRACT_RATE, contract_error
+    from ds4nb.quants import quantize_q8_0, random_blocks
+    from ds4nb.quants.repack import repack
+
+    rng, k = kernel_rng, 320
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    ws, refs, outs = [], [], []
+    for rows in (13, 6):
+        raw = random_blocks(Q.Q8_0, (rows, k), rng, rms=0.02)
+        ws.append(repack(raw, Q.Q8_0, (rows, k)).to_device())
+        refs.append(q8_0_reference(raw, (rows, k), *quantize_q8_0(x)).reshape(-1).astype(np.float32))
+        outs.append(cuda.to_device(np.full(rows, np.nan, np.float32)))
+    impl = get_registry().get("q8_0.matvec", "warp8")
+    xa = q8_0_to_device(x)
+    impl(ws[0], xa, out=outs[0], w2=ws[1], out2=outs[1])
+    for got, ref in zip(outs, refs):
+        got = got.copy_to_host()
+        assert np.isfinite(got).all() and contract_error(got, ref) <= CONTRACT_RATE
+    other = repack(random_blocks(Q.Q8_0, (6, k + 32), rng, rms=0.02), Q.Q8_0, (6, k + 32)).to_device()
+    with pytest.raises(ValueError, match="same row length"):
+        impl(ws[0], xa, out=outs[0], w2=other, out2=outs[1])
 
 
 @pytest.mark.gpu

@@ -9,6 +9,10 @@ Nothing in the list allocates, copies to the host or synchronises, so the
 graph holds exactly the kernels the eager run launches, with the same
 arguments: both give bit-identical results.
 
+A step may hold one branch at a time (``Recorder.branch``): independent work
+on a side stream, a parallel path of the graph, joined back where the main
+stream needs its results.
+
 Graphs are off in the CUDA simulator and with ``DS4NB_CUDA_GRAPHS=0``; a
 capture that fails (an old driver, a numba-cuda without graph builders) falls
 back to eager launches with one warning line.
@@ -16,13 +20,14 @@ back to eager launches with one warning line.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ds4nb.kernels._launch import Launch
+from ds4nb.kernels._launch import Join, Launch
 
 ENV_VAR = "DS4NB_CUDA_GRAPHS"
 
@@ -43,27 +48,50 @@ def _core_device() -> Any:
     return dev
 
 
-def capture(launches: Sequence[Launch]) -> Any:
-    """The launches captured into an executable ``cuda.core`` graph."""
+def capture(launches: Sequence[Launch | Join]) -> Any:
+    """The launches captured into an executable ``cuda.core`` graph; a branch (``Launch.branch``) becomes a
+    parallel path of the graph (a split of the builder), joined back at its :class:`Join`."""
     builder = _core_device().create_graph_builder().begin_building("thread_local")
+    side = None
     try:
-        for launch in launches:
-            launch(builder)
+        for item in launches:
+            if isinstance(item, Join):
+                if side is not None:
+                    builder, side = type(builder).join(builder, side), None
+            elif item.branch:
+                if side is None:
+                    builder, side = builder.split(2)
+                item(side)
+            else:
+                item(builder)
+        if side is not None:
+            builder = type(builder).join(builder, side)
     finally:
         builder.end_building()
     return builder.complete()
 
 
+def kernel_launches(launches: Sequence[Launch | Join]) -> list[Launch]:
+    """The launches of a step's list without its joins (each on the main stream: for timings and counts)."""
+    return [dataclasses.replace(x, branch=False) for x in launches if not isinstance(x, Join)]
+
+
 class StepRunner:
     """One step's launches, run on ``stream``: eagerly first, then (if allowed) as a replayed graph."""
 
-    def __init__(self, launches: Sequence[Launch], stream: Any, *, use_graph: bool) -> None:
+    def __init__(self, launches: Sequence[Launch | Join], stream: Any, *, use_graph: bool) -> None:
+        from numba import cuda
+
         self.launches = list(launches)
         self.stream = stream
         self.use_graph = use_graph
         self.graph: Any = None
         self._core_stream: Any = None
         self._warm = False
+        # eager runs of a step with a branch: its side stream, and the events of the fork and the join
+        branched = any(getattr(x, "branch", False) for x in self.launches)
+        self._side = cuda.stream() if branched else None
+        self._fork, self._joined = (cuda.event(), cuda.event()) if branched else (None, None)
 
     def run(self) -> None:
         """Enqueue the step on the stream (asynchronous)."""
@@ -75,9 +103,29 @@ class StepRunner:
             if self.graph is not None:
                 self.graph.launch(self._core_stream)
                 return
-        for launch in self.launches:
-            launch(self.stream)
+        self._run_eager()
         self._warm = True
+
+    def _run_eager(self) -> None:
+        """Launch by launch; a branch on the side stream, after a fork event, joined by an event."""
+        forked = False
+        for item in self.launches:
+            if isinstance(item, Join):
+                if forked:
+                    self._joined.record(self._side)
+                    self._joined.wait(self.stream)
+                    forked = False
+            elif item.branch:
+                if not forked:
+                    self._fork.record(self.stream)
+                    self._fork.wait(self._side)
+                    forked = True
+                item(self._side)
+            else:
+                item(self.stream)
+        if forked:
+            self._joined.record(self._side)
+            self._joined.wait(self.stream)
 
     def _capture(self) -> None:
         self.use_graph = False                  # one attempt
@@ -117,7 +165,7 @@ def time_groups(launches: Sequence[Launch], stream: Any, *, by: str = "family", 
     from numba import cuda
 
     groups: dict[str, list[Launch]] = defaultdict(list)
-    for launch in launches:
+    for launch in kernel_launches(launches):
         key = launch.family or "other"
         if by == "kernel":
             key = f"{key}: {kernel_name(launch.kernel)}"

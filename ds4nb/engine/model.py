@@ -12,10 +12,17 @@ eagerly or captured as a CUDA graph (``ds4nb.engine.graph``).
 Stateless parts (HC, norms, projections, router, experts) run over all ``T``
 tokens per launch; so do the window store, the compressors, the indexer and
 attention (each token reads only the rows its step record counts: causal).
+
+A decode step's kernels are latency-bound, so independent work runs
+side by side (``Recorder.branch``, a parallel path of the graph): each
+sublayer's Sinkhorn (``hc.comb``), with the compressor projections beside the
+query path, or with the shared expert beside the router and the routed
+experts, joined where their outputs are read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -89,6 +96,7 @@ class Kernels:
         self.embed = pick("embed.gather")
         self.expand = pick("hc.expand")
         self.hc_pre = pick("hc.pre")
+        self.hc_comb = pick("hc.comb")
         self.hc_post = pick("hc.post")
         self.hc_head = pick("hc.head")
         self.q_norm_rope = pick("attn.q_norm_rope")
@@ -104,7 +112,6 @@ class Kernels:
         self.router_select = pick("router.select")
         self.router_hash = pick("router.hash")
         self.swiglu = pick("ffn.swiglu")
-        self.add = pick("vec.add")
         self.swap01 = pick("copy.swap01")
         self.slot_sum = pick("moe.slot_sum")
         self.split_ids = pick("moe.split_ids")
@@ -211,7 +218,8 @@ class Scratch:
         self.x_emb = _empty(c * e)
         self.hc_a = _empty(c * hc * e)
         self.hc_b = _empty(c * hc * e)
-        self.pre = HcPreOut(_empty(c * e), _empty(c * hc), _empty(c * hc * hc), _empty(c * e))
+        self.pre = HcPreOut(_empty(c * e), _empty(c * hc), _empty(c * hc * hc), _empty(c * e),
+                            _empty(c * cfg.hc_mix_dim))
         self.hc_scratch = alloc_hc_scratch(c, cfg.hc_dim, cfg.hc_mix_dim)
         self.head_scratch = alloc_hc_scratch(1, cfg.hc_dim, cfg.n_hc)
         k_max = max(e, cfg.q_lora_rank, cfg.q_dim, cfg.out_low_dim, cfg.n_ff_exp)
@@ -262,7 +270,8 @@ class Scratch:
     def nbytes(cfg: ModelConfig, chunk: int, ctx: int) -> int:
         """An upper bound of the bytes ``Scratch(cfg, chunk, ctx)`` allocates (for placement budgets)."""
         c = chunk
-        per_tok = 4 * (cfg.n_hc * cfg.n_embd * 3 + cfg.q_dim * 3 + cfg.n_expert_used * (cfg.n_ff_exp + cfg.n_embd) * 2)
+        per_tok = 4 * (cfg.n_hc * cfg.n_embd * 3 + cfg.q_dim * 3 + cfg.n_expert_used * (cfg.n_ff_exp + cfg.n_embd) * 2
+                       + cfg.hc_mix_dim)
         per_tok += cfg.n_expert_used * max(cfg.n_embd, cfg.n_ff_exp) * 2      # Q8_K slot rows, staged copies
         per_tok += 8 * cfg.n_head * cfg.head_dim + 4 * (ctx + cfg.indexer_top_k)    # attention partials, indexer
         return c * per_tok + cfg.n_vocab * 4 + ctx + (256 << 20)
@@ -338,6 +347,14 @@ class _Recording:
     def family(self, name: str) -> None:
         self._rec.family = name
 
+    def branch(self) -> Any:
+        """``with k.branch():`` the launches inside run on the step's side stream (``Recorder.branch``)."""
+        return self._rec.branch()
+
+    def join(self) -> None:
+        """The main stream waits for the open branch."""
+        self._rec.join()
+
     def __getattr__(self, op: str) -> Any:
         fn = getattr(self._k, op)
         if isinstance(fn, dict):
@@ -403,17 +420,18 @@ class _Builder:
         e, rank, qd, hd = cfg.n_embd, cfg.q_lora_rank, cfg.q_dim, cfg.head_dim
         k.family("hc")
         pre = self.hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm)   # steps 2-4
+        with self.concurrent():                                                   # beside steps 5-7:
+            self.hc_comb(pre, lw.hc_attn_scale, lw.hc_attn_base)                  # step 3's Sinkhorn
+            self.compressors_project(il, lw, pre.x_norm)                          # step 9a
         k.family("attn_proj")
         x = MatIn(pre.x_norm, T, e)                                               # step 5
         qr, qr_norm, q, kv = s.qr[:T * rank], s.qr_norm[:T * rank], s.q[:T * qd], s.kv[:T * hd]
-        self.q8(lw.attn_q_a, x, qr)
-        self.q8(lw.attn_kv, x, kv)                                                # step 6 (same activation)
+        self.q8_pair(lw.attn_q_a, lw.attn_kv, x, qr, kv)                           # step 6 (same activation)
         k.rms(qr.reshape(T, rank), self.w(lw.attn_q_a_norm), cfg.rms_eps, out=qr_norm)
         self.q8(lw.attn_q_b, MatIn(qr_norm, T, rank), q)
         k.family("attention")
         k.q_norm_rope(q, out=q, n_head=cfg.n_head, head_dim=hd, eps=cfg.rms_eps, rope=self.ropes[il],
                       steps=self.sc.inputs.steps)                                 # steps 5.4, 7 (q)
-        self.compressors_project(il, lw, pre.x_norm)
         self.indexer_project(il, lw, pre.x_norm, qr_norm)
         heads = s.heads[:T * qd]
         self.attend(il, lw, q, kv, heads)                                         # steps 8-12
@@ -468,6 +486,7 @@ class _Builder:
         rope = self.ropes[il]
         k.family("attention")
         k.kv_store(kv, self.w(lw.attn_kv_a_norm), out=ls.raw, rope=rope, eps=cfg.rms_eps, steps=steps)
+        k.join()                                                                  # comb, compressor projections
         ratio = cfg.compress_ratio(il)
         csa = cfg.layer_kind(il) == "csa"
         sel = None
@@ -542,6 +561,14 @@ class _Builder:
         k.family("hc")
         pre = self.hc_pre(hc, lw.hc_ffn_fn, lw.hc_ffn_scale, lw.hc_ffn_base, lw.ffn_norm)        # step 15
         x_norm = pre.x_norm
+        shared = s.shared[:T * e]
+        with self.concurrent():                                                   # beside steps 16-17:
+            self.hc_comb(pre, lw.hc_ffn_scale, lw.hc_ffn_base)                    # step 15's Sinkhorn
+            k.family("shared_expert")                                             # step 18
+            g, u = s.sh_gate[:T * ff], s.sh_up[:T * ff]
+            self.q8_pair(lw.ffn_gate_shexp, lw.ffn_up_shexp, MatIn(x_norm, T, e), g, u)
+            k.swiglu(g, u, cfg.swiglu_clamp_exp[il], out=g)
+            self.q8(lw.ffn_down_shexp, MatIn(g, T, ff), shared)
         k.family("router")
         logits = s.router_logits[:T * cfg.n_expert]                               # step 16
         k.f16_matvec(self.w(lw.ffn_gate_inp), x_norm, out=logits)
@@ -558,17 +585,9 @@ class _Builder:
             k.count_experts(sel_flat, out=self.sc.expert_counts[il])
         k.family("routed_experts")                                                # step 17
         routed = self.routed_experts(il, lw, x_norm, sel_flat, route.weights.reshape(T * n_used))
-        k.family("shared_expert")                                                 # step 18
-        x = MatIn(x_norm, T, e)
-        g, u = s.sh_gate[:T * ff], s.sh_up[:T * ff]
-        self.q8(lw.ffn_gate_shexp, x, g)
-        self.q8(lw.ffn_up_shexp, x, u)
-        k.swiglu(g, u, cfg.swiglu_clamp_exp[il], out=g)
-        shared = s.shared[:T * e]
-        self.q8(lw.ffn_down_shexp, MatIn(g, T, ff), shared)
-        k.family("hc")
-        k.add(routed, shared, out=routed)                                         # step 19
-        k.hc_post(routed, hc, pre.post, pre.comb, out=hc_out, n_hc=cfg.n_hc)
+        k.join()                                                                  # comb, the shared expert
+        k.family("hc")                                                            # step 19: routed + shared
+        k.hc_post(routed, hc, pre.post, pre.comb, out=hc_out, n_hc=cfg.n_hc, y2=shared)
 
     def routed_experts(self, il: int, lw: LayerWeights, x_norm: Any, sel: Any, weights: Any) -> Any:
         """Step 17: the selected experts' clamped SwiGLU (gate, up), then their down projections summed.
@@ -645,6 +664,12 @@ class _Builder:
 
     # -- helpers --------------------------------------------------------
 
+    def concurrent(self) -> Any:
+        """``with self.concurrent():`` a decode step's independent launches, on the side stream until the next
+        ``k.join()`` (they read only what is ready and write only their own buffers); a prefill step, whose
+        kernels fill the GPU, keeps them in order."""
+        return self.k.branch() if self.T == 1 else contextlib.nullcontext()
+
     def quant_q8_0(self, x: Any, rows: int, n: int) -> Q8_0Act:
         act = _q8_0_rows(self.s.act, n // 32, 0, rows)
         self.k.quant_q8_0(x[:rows * n].reshape(rows, n), out=act)
@@ -670,6 +695,14 @@ class _Builder:
         matmul = k.q8_matmuls["mmq" if strategy == "cublas" else strategy]
         return matmul(w if rows is None else packed_rows(w, r0, r1), self.q8_act(x, x0, x1), out=out)
 
+    def q8_pair(self, info: Any, info2: Any, x: MatIn, out: Any, out2: Any) -> None:
+        """out = x W^T and out2 = x W2^T: one ``warp8`` launch for one token, else two ``q8`` products."""
+        if self.T == 1:
+            self.k.q8_matvec(self.w(info), self.q8_act(x, 0, 1), out=out, w2=self.w(info2), out2=out2)
+            return
+        self.q8(info, x, out)
+        self.q8(info2, x, out2)
+
     def q8_act(self, x: MatIn, start: int, stop: int) -> Q8_0Act:
         """Rows ``[start, stop)`` of x quantized to Q8_0 (all of x quantized once, at first use)."""
         if x.q8 is None:
@@ -684,9 +717,18 @@ class _Builder:
         return x.f16
 
     def hc_pre(self, hc: Any, fn: Any, scale: Any, base: Any, norm: Any) -> HcPreOut:
+        """Steps 2-4 / 15 but comb: x, post, x_norm and the control values, whose Sinkhorn :meth:`hc_comb` runs
+        (the returned ``comb`` is its output)."""
         cfg, s, T = self.cfg, self.s, self.T
         e, nhc = cfg.n_embd, cfg.n_hc
-        out = HcPreOut(s.pre.x[:T * e], s.pre.post[:T * nhc], s.pre.comb[:T * nhc * nhc], s.pre.x_norm[:T * e])
+        out = HcPreOut(s.pre.x[:T * e], s.pre.post[:T * nhc], None, s.pre.x_norm[:T * e],
+                       s.pre.mix[:T * cfg.hc_mix_dim])
         self.k.hc_pre(hc, self.w(fn), self.w(scale), self.w(base), self.w(norm), out=out, n_hc=nhc,
                       iters=cfg.hc_sinkhorn_iter, hc_eps=cfg.hc_eps, rms_eps=cfg.rms_eps, scratch=s.hc_scratch)
-        return out
+        return out._replace(comb=s.pre.comb[:T * nhc * nhc])
+
+    def hc_comb(self, pre: HcPreOut, scale: Any, base: Any) -> None:
+        """Step 3's Sinkhorn: ``pre.comb`` from ``pre.mix`` (read only by the sublayer's ``hc.post``)."""
+        cfg = self.cfg
+        self.k.hc_comb(pre.mix, self.w(scale), self.w(base), out=pre.comb, n_hc=cfg.n_hc,
+                       iters=cfg.hc_sinkhorn_iter, hc_eps=cfg.hc_eps)

@@ -28,7 +28,7 @@ from ds4nb.cache.options import PlacementOptions
 from ds4nb.cache.plan import DeviceMemory, engine_tensors
 from ds4nb.cache.residency import load_residency
 from ds4nb.dispatch.device import probe_device
-from ds4nb.engine.graph import GroupTime, StepRunner, graphs_requested, time_groups
+from ds4nb.engine.graph import GroupTime, StepRunner, graphs_requested, kernel_launches, time_groups
 from ds4nb.engine.model import (Kernels, Scratch, StepContext, alloc_layer_states, build_step,
                                 Q8_MATMUL_WEIGHTS, f16_copies, prefill_chunk, session_bytes, state_bytes)
 from ds4nb.engine.q8_timing import q8_dispatch
@@ -249,7 +249,7 @@ class CudaEngine(Engine):
         self._runners.clear()
 
     def launches_per_token(self) -> int:
-        return len(self._runner(1, True).launches)
+        return len(kernel_launches(self._runner(1, True).launches))
 
     # ------------------------------------------------------------------
     # state <-> host

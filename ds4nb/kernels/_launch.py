@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -39,7 +40,8 @@ class Launch:
     """One prepared kernel launch: the kernel, its geometry and its arguments, fixed once.
 
     ``family`` names the op family it belongs to (``attention``, ``moe`` ...)
-    for per-family timings.  Calling it launches on ``stream`` (a numba
+    for per-family timings; ``branch``: it runs on the step's side stream
+    (:meth:`Recorder.branch`).  Calling it launches on ``stream`` (a numba
     stream, 0, or a ``cuda.core`` graph builder while capturing).
     """
 
@@ -48,6 +50,7 @@ class Launch:
     block: Any
     args: tuple = field(repr=False)
     family: str = ""
+    branch: bool = False
 
     def __call__(self, stream: Any = 0) -> None:
         self.kernel[self.grid, self.block, stream](*self.args)
@@ -64,6 +67,7 @@ class LibraryCall:
 
     fn: Callable[[Any], None] = field(repr=False)
     family: str = ""
+    branch: bool = False
 
     @property
     def kernel(self) -> Any:
@@ -73,23 +77,54 @@ class LibraryCall:
         self.fn(stream)
 
 
+@dataclass(frozen=True)
+class Join:
+    """In a step's launch list: the main stream waits here for the branch recorded before it."""
+
+    family: str = ""
+
+
 class Recorder:
     """A stand-in stream: launchers called with ``stream=recorder`` append their launches instead of running them.
 
     Every launcher sends its kernels through :func:`launch`, so the same
     launcher code runs a kernel now (tests, one-off calls) or prepares it
     once for a step plan that is replayed eagerly or captured as a graph.
+
+    A step may run independent work concurrently: launches recorded inside
+    :meth:`branch` go to a side stream that starts once every launch recorded
+    before the branch is done, and the main stream's launches recorded after it
+    do not wait for them until a :meth:`join`.  One branch at a time.
     """
 
     def __init__(self) -> None:
-        self.launches: list[Launch | LibraryCall] = []
+        self.launches: list[Launch | LibraryCall | Join] = []
         self.family = ""
+        self.in_branch = False
+        self.open_branch = False
+
+    @contextlib.contextmanager
+    def branch(self) -> Any:
+        """Record the launches of the ``with`` body on the side stream (joined later by :meth:`join`)."""
+        if self.open_branch:
+            raise RuntimeError("a step records one branch at a time: join the previous one first")
+        self.in_branch = self.open_branch = True
+        try:
+            yield
+        finally:
+            self.in_branch = False
+
+    def join(self) -> None:
+        """The main stream waits for the open branch (nothing to wait for: nothing recorded)."""
+        if self.open_branch:
+            self.launches.append(Join(self.family))
+            self.open_branch = False
 
 
 def launch(kernel: Any, grid: Any, block: Any, stream: Any, *args: Any) -> None:
     """``kernel[grid, block, stream](*args)``, or record it when ``stream`` is a :class:`Recorder`."""
     if isinstance(stream, Recorder):
-        stream.launches.append(Launch(kernel, grid, block, args, stream.family))
+        stream.launches.append(Launch(kernel, grid, block, args, stream.family, stream.in_branch))
     else:
         kernel[grid, block, stream](*args)
 
@@ -97,7 +132,7 @@ def launch(kernel: Any, grid: Any, block: Any, stream: Any, *args: Any) -> None:
 def call(fn: Callable[[Any], None], stream: Any) -> None:
     """``fn(stream)`` (a library routine enqueued on ``stream``), or record it when ``stream`` is a :class:`Recorder`."""
     if isinstance(stream, Recorder):
-        stream.launches.append(LibraryCall(fn, stream.family))
+        stream.launches.append(LibraryCall(fn, stream.family, stream.in_branch))
     else:
         fn(stream)
 

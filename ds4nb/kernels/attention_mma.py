@@ -1,4 +1,4 @@
-"""``attn.decode`` on the float64 tensor cores, for prefill steps (``heads_mma``).
+"""``attn.decode`` on the float64 tensor cores, for prefill and decode steps (``heads_mma``).
 
 The op of ``attention.attention_decode`` (``split_heads8``) with its arguments,
 partials and outputs: each of the step's T query tokens attends to its own
@@ -13,14 +13,18 @@ rows (one KV head), so a group of heads is the MMA's M dimension:
 * weighted sum ``O += P R`` (heads x head_dim, K = rows): A the softmax weights
   ``e^(s - m)``, B the same rows.
 
-Steps of fewer than ``MIN_TOKENS`` tokens (decode: latency-bound, replayed as
-CUDA graphs) and devices where ``intrinsics.has_f64_mma()`` is False (before
-sm_90, and the simulator, where an MMA costs a block barrier) go to
-``attention_decode``; ``mma=True`` asks for the MMA kernel anyway (tests, the
-bench; the m8n8k4 it uses runs from sm_80).
+Decode steps take this kernel too: one token's 64 heads against 640 rows (a
+CSA layer at 2048 tokens) took 19.3 us with 8 heads a block against 52.8 us
+for ``split_heads8`` (26.2 with 16 heads; H200, bench/results/
+decode_kernels_h200.md), whose per-row float64 FMA chains and shuffle
+reductions are latency-bound at one token.  Devices where
+``intrinsics.has_f64_mma()`` is False (before sm_90, and the simulator, where
+an MMA costs a block barrier) go to ``attention_decode``; ``mma=True`` asks for
+the MMA kernel anyway (tests, the bench; the m8n8k4 it uses runs from sm_80).
 
 Geometry.  Grid ``(n_head / HPB, n_split, T)``, ``NW`` warps: a block owns
-``HPB`` heads of one token (16 = two 8-head MMA tiles; 8 when n_head is not a
+``HPB`` heads of one token (16 = two 8-head MMA tiles; 8 for a decode step,
+whose blocks come only from heads and splits, and when n_head is not a
 multiple of 16; heads past n_head get zero queries and are not written) and
 walks the token's rows in chunks of ``CH`` rows (16; 8 for F32 rows), chunk
 ``c`` in split ``c mod n_split`` (one split once the step has blocks enough).
@@ -101,7 +105,7 @@ from ds4nb.kernels.intrinsics import (SIMULATOR, device, float64, has_f64_mma, i
 from ds4nb.kernels.registry import Requirements, implementation
 from ds4nb.kernels.step import GROUP0
 
-#: Steps of at least this many tokens take the MMA kernel (fewer: ``attention_decode``; decode is one token).
+#: Steps of fewer tokens (decode: one) take 8 heads a block: more, shorter blocks for a latency-bound step.
 MIN_TOKENS = 2
 #: Blocks a launch aims for before it splits each token's rows (~one wave at one block an SM on an H200).
 TARGET_BLOCKS = 132
@@ -143,7 +147,7 @@ def mma_geometry(n_head: int, head_dim: int, max_rows: int, itemsize: int, token
     """The launch geometry: defaults as the module doc (the simulator: one warp, one split), or the given knobs."""
     if head_dim % 32:
         raise ValueError(f"attn.decode heads_mma: head_dim {head_dim} is not a multiple of 32")
-    hpb = hpb or (16 if n_head % 16 == 0 else 8)
+    hpb = hpb or (16 if n_head % 16 == 0 and tokens >= MIN_TOKENS else 8)
     if warps is None:
         warps = 1 if SIMULATOR else next(w for w in (8, 4, 2, 1) if head_dim % (8 * w) == 0)
     if hpb % 8 or head_dim % (8 * warps):
@@ -362,18 +366,17 @@ def attention_mma(q: Any, raw: Any, comp: Any | None, sinks: Any, sel: Any | Non
                   scratch: Any | None = None, mma: bool | None = None, hpb: int | None = None,
                   chunk: int | None = None, warps: int | None = None, splits: int | None = None,
                   prefetch: bool = True, min_blocks: int = 0, stream: Any = 0) -> Any:
-    """Attention of a prefill step's queries on float64 MMAs (heads x rows tiles); ``attention_decode`` otherwise.
+    """Attention of a step's queries on float64 MMAs (heads x rows tiles); ``attention_decode`` without them.
 
     Arguments, partials (``scratch``) and outputs as ``attention.attention_decode``.
-    ``mma``: None takes the MMA kernel for steps of ``MIN_TOKENS`` tokens or
-    more where ``has_f64_mma()``, True always (the simulator's twin in tests),
-    False never.  ``hpb``/``chunk``/``warps``/``splits``/``prefetch``/``min_blocks``
+    ``mma``: None takes the MMA kernel where ``has_f64_mma()``, True always (the
+    simulator's twin in tests), False never.  ``hpb``/``chunk``/``warps``/``splits``/``prefetch``/``min_blocks``
     override the MMA kernel's geometry (:func:`mma_geometry`; tests and benchmarks).
     """
     n_head, head_dim = sinks.size, raw.shape[1]
     n_tok = q.size // (n_head * head_dim)
     if mma is None:
-        mma = n_tok >= MIN_TOKENS and has_f64_mma()
+        mma = has_f64_mma()
     if not mma:
         return A.attention_decode(q, raw, comp, sinks, sel, out=out, steps=steps, rec=rec, grp=grp,
                                   max_rows=max_rows, rope=rope, scratch=scratch, stream=stream)

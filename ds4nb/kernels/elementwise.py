@@ -1,6 +1,6 @@
 """Elementwise glue of the decode and prefill steps.
 
-HC expansion, the dense SwiGLU, vector add, an axis swap (prefill's grouped
+HC expansion, the dense SwiGLU, an axis swap (prefill's grouped
 output projection) and the per-token sum of routed expert slots (prefill).
 Each is one thread per output element over a flat index (grid-stride), so the
 launch geometry is the same for any shape; they move a few KiB per token and
@@ -10,8 +10,8 @@ every thread, launches blocks of 8 threads that stride over ~128 elements each.
 Numerics (docs/model.md, "Numerics: one rounding per value"): ``ffn.swiglu``
 evaluates ``silu(min(g, c)) * clip(u, -c, c)`` in float64 (sigmoid through a
 float64 ``exp``) and rounds once; ``moe.slot_sum`` sums its float32 slots in
-float64 and rounds once; ``vec.add`` is one float32 add (already the correctly
-rounded sum); the copies are exact.  Against the twins: bit-identical but for
+float64 and rounds once; the copies are exact.  (Step 19's routed + shared sum
+is formed in ``hc.post``.)  Against the twins: bit-identical but for
 rare (~1e-7 per value) one-ulp differences.
 """
 
@@ -80,22 +80,6 @@ def swiglu(gate: Any, up: Any, clamp: float, *, out: Any, stream: Any = 0) -> An
     """Clamped SwiGLU of the shared expert (docs/model.md step 18): silu(min(g, c)) * clamp(u, -c, c)."""
     L.launch(_swiglu_kernel, _blocks(gate.size), THREADS, stream, L.flat(gate), L.flat(up), gate.size, np.float32(clamp),
                                                          L.flat(out))
-    return out
-
-
-@cuda.jit
-def _add_kernel(a, b, n, out):
-    i = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    while i < n:
-        out[i] = a[i] + b[i]
-        i += stride
-
-
-@implementation("vec.add", "elementwise", layout="f32")
-def add(a: Any, b: Any, *, out: Any, stream: Any = 0) -> Any:
-    """out = a + b (docs/model.md step 19: routed + shared expert outputs)."""
-    L.launch(_add_kernel, _blocks(a.size), THREADS, stream, L.flat(a), L.flat(b), a.size, L.flat(out))
     return out
 
 
@@ -180,14 +164,6 @@ def _case_swiglu(rng: np.random.Generator, scale: str) -> Case:
     return Case((cuda.to_device(g), cuda.to_device(u), clamp), out, (ref,), (CONTRACT,), info={"clamp": clamp})
 
 
-def _case_add(rng: np.random.Generator, scale: str) -> Case:
-    n = 257 if scale == "tiny" else 4096 * 8
-    a = rng.standard_normal(n).astype(np.float32)
-    b = rng.standard_normal(n).astype(np.float32)
-    out = L.device_array(n, np.float32)
-    return Case((cuda.to_device(a), cuda.to_device(b)), out, ((a + b).astype(np.float64),), (False,))
-
-
 def _case_swap01(rng: np.random.Generator, scale: str) -> Case:
     a, b, c = (3, 2, 64) if scale == "tiny" else (64, 8, 4096)
     x = rng.standard_normal((a, b, c)).astype(np.float32)
@@ -217,6 +193,4 @@ OPS = [
            "(x f32 (T, n_slot, n), n_tok, n_slot, *, out f32 (T, n), stream)",
            "numpy float64 sum over the slots, rounded once (checked under parity.CONTRACT)", 0.0,
            _case_slot_sum),
-    OpSpec("vec.add", "elementwise sum", "(a f32 (n,), b f32 (n,), *, out f32 (n,), stream)", "numpy.add", 0.0,
-           _case_add),
 ]

@@ -28,10 +28,14 @@ Launch geometry: 256-thread blocks (8 warps); each output row gets
 blocks to fill the GPU (router: 256 rows -> one row per block, 8 warps
 splitting the 4096 columns).  The simulator runs 16-thread blocks of
 one-lane "warps" (``LANES = 1``), each summing 8 rows between two barriers
-(``ROWS_PER_WARP``, a constant-false branch on the GPU), up to 4 times (``rpw``).  A thread walks its columns with stride
-``32 * wpr`` keeping 4 independent partial sums (4 loads in flight), a warp
-shuffle reduces them, and the ``wpr`` warp sums of a row are added in warp
-order from shared memory.
+(``ROWS_PER_WARP``, a constant-false branch on the GPU), up to 4 times
+(``rpw``).  A thread walks its columns with stride ``32 * wpr`` keeping 4
+independent partial sums (4 loads in flight), a warp shuffle reduces them,
+and the ``wpr`` warp sums of a row are added in warp order from shared memory.
+F16 rows whose length is a multiple of 4 (every DS4 one) are read as 8-byte
+words of 4 values (``intrinsics.half_bits`` takes them apart): a quarter of
+the loads, and of their latency rounds, of reading 2-byte values (the
+compressor's kv + gate pair: 26.0 -> 12.7 us on an H200).
 
 Numerics (docs/model.md, "Numerics: one rounding per value"): each product
 ``float64(w) * float64(x)`` is exact (an F16 or F32 weight times a float32),
@@ -50,7 +54,8 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels import gemm_f64
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, has_f64_mma, warp_max, warp_sum
+from ds4nb.kernels.intrinsics import (SIMULATOR, device, float32, float64, half_bits, has_f64_mma, uint64, warp_max,
+                                      warp_sum)
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -131,16 +136,6 @@ def _strided_dot(w, wb, x, xb, n_in, i, stride):
 
 
 @device
-def _row_dot(w, w2, x, xb, n_out, n_out2, n_in, row, sub, stride):
-    """This lane's float64 share of output row ``row``: rows [0, n_out) read w, rows [n_out, n_out + n_out2) read w2."""
-    if row >= n_out + n_out2:
-        return _D0
-    if row < n_out:
-        return _strided_dot(w, row * n_in, x, xb, n_in, sub, stride)
-    return _strided_dot(w2, (row - n_out) * n_in, x, xb, n_in, sub, stride)
-
-
-@device
 def _row_out(part, col, wpr, bias, has_bias, out, bias2, has_bias2, out2, t, n_out, n_out2, row):
     """Adds the ``wpr`` float64 warp sums of ``row`` (at part[col ...]) (+ bias) and writes it, rounded once."""
     s = _D0
@@ -157,39 +152,90 @@ def _row_out(part, col, wpr, bias, has_bias, out, bias2, has_bias2, out2, t, n_o
         out2[t * n_out2 + r] = s
 
 
-@cuda.jit
-def _matvec_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out, n_out2, n_in, wpr, rpw, gate,
-                   gate_at):
-    if gate_at >= 0 and gate[gate_at] == 0:   # a step-record flag says this step needs no result
-        return
-    tid = cuda.threadIdx.x
-    warp = tid // LANES
-    lane = tid % LANES
-    rpb = WARPS // wpr
-    t = cuda.blockIdx.y
-    sub = (warp % wpr) * LANES + lane
-    stride = LANES * wpr
-    xb = t * n_in
-    part = cuda.shared.array(PARTS, float64)
-    for rep in range(rpw):   # rpw > 1 only in the simulator, where a block costs more than a row
-        row = (cuda.blockIdx.x * rpw + rep) * (rpb * ROWS_PER_WARP) + warp // wpr
-        acc = group_sum(_row_dot(w, w2, x, xb, n_out, n_out2, n_in, row, sub, stride), LANES)  # every warp
-        if lane == 0:                                                                         # reduces
-            part[warp] = acc
-        if ROWS_PER_WARP > 1:  # the simulator: each warp's further rows (a constant-false branch on the GPU)
-            for e in range(1, ROWS_PER_WARP):
-                acc = group_sum(_row_dot(w, w2, x, xb, n_out, n_out2, n_in, row + e * rpb, sub, stride), LANES)
-                if lane == 0:
-                    part[warp + e * WARPS] = acc
-        cuda.syncthreads()
-        if sub == 0 and row < n_out + n_out2:
-            _row_out(part, warp, wpr, bias, has_bias, out, bias2, has_bias2, out2, t, n_out, n_out2, row)
-        if ROWS_PER_WARP > 1:
-            for e in range(1, ROWS_PER_WARP):
-                if sub == 0 and row + e * rpb < n_out + n_out2:
-                    _row_out(part, warp + e * WARPS, wpr, bias, has_bias, out, bias2, has_bias2, out2, t, n_out,
-                             n_out2, row + e * rpb)
-        cuda.syncthreads()
+@device
+def _word_dot(u, x, xc, acc):
+    """acc + the 4 F16 values of weight word ``u`` (value k in bits 16k..16k+15) . x[xc .. xc + 3] (float64)."""
+    for k in range(4):
+        acc += half_bits(u >> uint64(16 * k)) * float64(x[uint64(xc + k)])
+    return acc
+
+
+@device
+def _strided_words_dot(w, wb, x, xb, n_words, i, stride):
+    """As ``_strided_dot`` over F16 weights read as 8-byte words of 4 values (``w`` uint64): words i, i +
+    stride, ... < n_words of the row at word ``wb``; 4 words (16 values) in flight, 4 partial sums."""
+    a0 = _D0
+    a1 = _D0
+    a2 = _D0
+    a3 = _D0
+    while i + 3 * stride < n_words:
+        u0 = w[uint64(wb + i)]
+        u1 = w[uint64(wb + i + stride)]
+        u2 = w[uint64(wb + i + 2 * stride)]
+        u3 = w[uint64(wb + i + 3 * stride)]
+        a0 = _word_dot(u0, x, xb + 4 * i, a0)
+        a1 = _word_dot(u1, x, xb + 4 * (i + stride), a1)
+        a2 = _word_dot(u2, x, xb + 4 * (i + 2 * stride), a2)
+        a3 = _word_dot(u3, x, xb + 4 * (i + 3 * stride), a3)
+        i += 4 * stride
+    while i < n_words:
+        a0 = _word_dot(w[uint64(wb + i)], x, xb + 4 * i, a0)
+        i += stride
+    return (a0 + a1) + (a2 + a3)
+
+
+@L.kernel_factory
+def _matvec_kernel_for(words: bool) -> Any:
+    """The one-token kernel reading weights as values (F16 or F32), or (``words``) F16 weights as uint64
+    words of 4 values: 8 bytes a load instead of 2, a quarter of the loads and of their latency rounds."""
+    # a row's length in the units the kernel reads (values or words) and its dot over them
+    per = 4 if words else 1
+    dot = _strided_words_dot if words else _strided_dot
+
+    @device
+    def row_dot(w, w2, x, xb, n_out, n_out2, n_in, row, sub, stride):
+        """This lane's float64 share of output row ``row``: rows [0, n_out) read w, [n_out, n_out + n_out2) w2."""
+        n = n_in // per
+        if row >= n_out + n_out2:
+            return _D0
+        if row < n_out:
+            return dot(w, row * n, x, xb, n, sub, stride)
+        return dot(w2, (row - n_out) * n, x, xb, n, sub, stride)
+
+    @cuda.jit
+    def kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out, n_out2, n_in, wpr, rpw, gate, gate_at):
+        if gate_at >= 0 and gate[gate_at] == 0:   # a step-record flag says this step needs no result
+            return
+        tid = cuda.threadIdx.x
+        warp = tid // LANES
+        lane = tid % LANES
+        rpb = WARPS // wpr
+        t = cuda.blockIdx.y
+        sub = (warp % wpr) * LANES + lane
+        stride = LANES * wpr
+        xb = t * n_in
+        part = cuda.shared.array(PARTS, float64)
+        for rep in range(rpw):   # rpw > 1 only in the simulator, where a block costs more than a row
+            row = (cuda.blockIdx.x * rpw + rep) * (rpb * ROWS_PER_WARP) + warp // wpr
+            acc = group_sum(row_dot(w, w2, x, xb, n_out, n_out2, n_in, row, sub, stride), LANES)  # every warp
+            if lane == 0:                                                                     # reduces
+                part[warp] = acc
+            if ROWS_PER_WARP > 1:  # the simulator: each warp's further rows (a constant-false branch on the GPU)
+                for e in range(1, ROWS_PER_WARP):
+                    acc = group_sum(row_dot(w, w2, x, xb, n_out, n_out2, n_in, row + e * rpb, sub, stride), LANES)
+                    if lane == 0:
+                        part[warp + e * WARPS] = acc
+            cuda.syncthreads()
+            if sub == 0 and row < n_out + n_out2:
+                _row_out(part, warp, wpr, bias, has_bias, out, bias2, has_bias2, out2, t, n_out, n_out2, row)
+            if ROWS_PER_WARP > 1:
+                for e in range(1, ROWS_PER_WARP):
+                    if sub == 0 and row + e * rpb < n_out + n_out2:
+                        _row_out(part, warp + e * WARPS, wpr, bias, has_bias, out, bias2, has_bias2, out2, t, n_out,
+                                 n_out2, row + e * rpb)
+            cuda.syncthreads()
+
+    return kernel
 
 
 #: tokens that share each weight load in the batched kernel (prefill steps), and rows a warp owns there
@@ -207,7 +253,7 @@ def _matmul_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out,
     per warp.  The block widens each tile of ``X_TILE`` columns of the pass's activations to float64 once, in
     shared memory, for all its warps; a lane then loads each of its weight values once for the 8 tokens and
     each activation value once for its 4 rows.  float64 sums, one shuffle reduction per (row, token), rounded
-    once at the store (the same values as ``_matvec_kernel``)."""
+    once at the store (the same values as the one-token kernel)."""
     if gate_at >= 0 and gate[gate_at] == 0:   # a step-record flag says this step needs no result
         return
     tid = cuda.threadIdx.x
@@ -308,11 +354,28 @@ def f16_matvec(w: Any, x: Any, bias: Any | None = None, *, out: Any, w2: Any | N
     rows_per_pass = (WARPS // wpr) * ROWS_PER_WARP
     rpw = min(4, L.cdiv(n_out + n_out2, rows_per_pass)) if SIMULATOR else 1
     grid = (L.cdiv(n_out + n_out2, rows_per_pass * rpw), n_tok)
-    L.launch(_matvec_kernel, grid, THREADS, stream,
-             L.flat(w), d if bias is None else L.flat(bias), int(bias is not None), L.flat(out),
-             d if w2 is None else L.flat(w2), d if bias2 is None else L.flat(bias2), int(bias2 is not None),
+    words = _as_words(w, n_in) is not None and (w2 is None or _as_words(w2, n_in) is not None)
+    wv = _as_words(w, n_in) if words else L.flat(w)
+    if w2 is None:
+        w2v = L.placeholder(np.uint64) if words else d
+    else:
+        w2v = _as_words(w2, n_in) if words else L.flat(w2)
+    L.launch(_matvec_kernel_for(words), grid, THREADS, stream,
+             wv, d if bias is None else L.flat(bias), int(bias is not None), L.flat(out),
+             w2v, d if bias2 is None else L.flat(bias2), int(bias2 is not None),
              d if out2 is None else L.flat(out2), L.flat(x), n_out, n_out2, n_in, wpr, rpw, gate_arr, int(gate_at))
     return out
+
+
+def _as_words(w: Any, n_in: int) -> Any | None:
+    """F16 weights as a flat uint64 view (4 values a word), when rows are whole words and the data 8-byte
+    aligned; None otherwise (F32 weights, odd shapes: the kernel reads values)."""
+    if np.dtype(w.dtype) != np.float16 or n_in % 4:
+        return None
+    iface = getattr(w, "__cuda_array_interface__", None)    # (the simulator's arrays are host memory)
+    if iface is not None and iface["data"][0] % 8:
+        return None
+    return L.flat(w).view(np.uint64)
 
 
 # ---------------------------------------------------------------------------

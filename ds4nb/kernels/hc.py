@@ -37,7 +37,10 @@ streams ``hc (T, n_hc, n_embd)`` into a sublayer input in three launches:
    While warp 0 runs the Sinkhorn (x needs only ``pre``), the other threads
    form ``x = float32(sum_h pre[h] * hc[h])``; then optionally
    ``x_norm = float32(x / rms(x) * norm_w)`` (the sublayer's attn_norm /
-   ffn_norm, from the rounded ``x``).
+   ffn_norm, from the rounded ``x``).  Without a ``comb`` output the finish
+   skips the Sinkhorn and writes the ``mix`` values instead: ``hc.comb`` (one
+   warp a token, the same Sinkhorn) then runs where nothing waits for it (a
+   decode step's branch, beside the sublayer; only ``hc.post`` reads comb).
 
 A prefill step (from ``gemm_f64.MIN_TOKENS`` tokens, sm_80+) replaces ``_mix``
 by ``gemm_f64.hc_mix``: the mix of all the step's tokens as one GEMM on the
@@ -49,7 +52,8 @@ mix kernel's.
 ``w_h = sigmoid(mix_h * scale[0] + base[h]) + eps`` instead of Sinkhorn.
 
 ``hc.post`` (steps 14, 19): ``new[j] = y * post[j] + sum_i comb[i, j] * hc[i]``
-in float64, one thread per output value.
+in float64, one thread per output value; step 19's ``y = routed + shared``
+(one float32 addition) is formed in the same kernel.
 
 The simulator runs one split (``SIM`` geometry), the GPU ~one split per 128
 columns; it also runs 16 / 8 threads a block with one lane per reduction group
@@ -237,8 +241,20 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
         lane = tid % LANES
         for m in range(tid // LANES, N_MIX, FINISH_WARPS):
             d = _D0
-            for s in range(lane, n_split, LANES):
+            s = lane
+            while s + 3 * LANES < n_split:      # four loads in flight, added in split order
+                p0 = part_dot[(t * n_split + s) * N_MIX + m]
+                p1 = part_dot[(t * n_split + s + LANES) * N_MIX + m]
+                p2 = part_dot[(t * n_split + s + 2 * LANES) * N_MIX + m]
+                p3 = part_dot[(t * n_split + s + 3 * LANES) * N_MIX + m]
+                d += p0
+                d += p1
+                d += p2
+                d += p3
+                s += 4 * LANES
+            while s < n_split:
                 d += part_dot[(t * n_split + s) * N_MIX + m]
+                s += LANES
             d = group_sum(d, LANES)
             if lane == 0:
                 mix[m] = float32(d)
@@ -288,7 +304,7 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
 
     @cuda.jit
     def finish_kernel(x, part_dot, n_split, n_embd, scale, base, iters, hc_eps, rms_eps,
-                      out, post, comb, norm_w, has_norm, norm_out):
+                      out, post, comb, has_comb, mix_out, has_mix, norm_w, has_norm, norm_out):
         t = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         hc_dim = N_HC * n_embd
@@ -297,6 +313,9 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
         red = cuda.shared.array(FINISH_WARPS, float64)
         mix_values(part_dot, t, n_split, mix, tid)
         cuda.syncthreads()
+        if has_mix:     # the control values for hc.comb (the Sinkhorn in a launch of its own)
+            for i in range(tid, N_MIX, FINISH_THREADS):
+                mix_out[t * N_MIX + i] = mix[i]
         if HEAD:
             if tid < N_HC:
                 wts[tid] = float32(_sigmoid64(zval(mix, scale, base, tid, 0)) + hc_eps)
@@ -309,8 +328,8 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
         cuda.syncthreads()
         # the Sinkhorn group (warp 0; the simulator's thread 0) normalises comb while the other threads form x:
         # x needs only the pre weights, so the serial Sinkhorn rounds overlap the stream reads
-        x0 = 0 if HEAD else SINK_THREADS
-        if not HEAD and tid < SINK_THREADS:
+        x0 = SINK_THREADS if not HEAD and has_comb else 0
+        if not HEAD and has_comb and tid < SINK_THREADS:
             if SIMULATOR:   # one thread (a constant-false branch on the GPU)
                 sinkhorn_serial(mix, scale, base, iters, hc_eps, comb, t)
             else:
@@ -343,13 +362,33 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
     return mix_kernel, finish_kernel
 
 
+@L.kernel_factory
+def _comb_kernel(n_hc: int) -> Any:
+    """``hc.comb``: one block (warp) a token runs the Sinkhorn of its control values."""
+    N_MIX = 2 * n_hc + n_hc * n_hc
+    sinkhorn_serial, sinkhorn_warp = sinkhorn_fns(n_hc)
+
+    @cuda.jit
+    def comb_kernel(mix, scale, base, iters, hc_eps, comb):
+        t = cuda.blockIdx.x
+        m = mix[t * N_MIX:]
+        if SIMULATOR:   # one thread (a constant-false branch on the GPU)
+            sinkhorn_serial(m, scale, base, iters, hc_eps, comb, t)
+        else:
+            sinkhorn_warp(m, scale, base, iters, hc_eps, comb, t, cuda.threadIdx.x)
+
+    return comb_kernel
+
+
 class HcPreOut(NamedTuple):
-    """Outputs of ``hc.pre``: x (T, n_embd), post (T, n_hc), comb (T, n_hc, n_hc), x_norm or None."""
+    """Outputs of ``hc.pre``: x (T, n_embd), post (T, n_hc), comb (T, n_hc, n_hc) or None, x_norm or None, and
+    the mix (T, 2 n_hc + n_hc^2) or None (for ``hc.comb``, when comb is left to it)."""
 
     x: Any
     post: Any
     comb: Any
     x_norm: Any = None
+    mix: Any = None
 
 
 class HcScratch(NamedTuple):
@@ -380,7 +419,7 @@ def eps64(eps: float) -> np.float64:
 
 
 def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, post, comb, norm_w, norm_out,
-            scratch, stream, mma=None):
+            scratch, stream, mma=None, mix=None):
     hc_dim = fn.shape[1]
     n_tok = hc.size // hc_dim
     n_embd = hc_dim // n_hc
@@ -410,7 +449,8 @@ def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, pos
     L.launch(fin_k, n_tok, FINISH_THREADS, stream,
         L.flat(hc), scratch.part_dot, n_mix_split, n_embd, L.flat(scale), L.flat(base), int(iters),
         eps64(hc_eps), eps64(rms_eps), L.flat(out_x), d if post is None else L.flat(post),
-        d if comb is None else L.flat(comb), d if norm_w is None else L.flat(norm_w), int(norm_w is not None),
+        d if comb is None else L.flat(comb), int(comb is not None), d if mix is None else L.flat(mix),
+        int(mix is not None), d if norm_w is None else L.flat(norm_w), int(norm_w is not None),
         d if norm_out is None else L.flat(norm_out))
 
 
@@ -420,13 +460,33 @@ def hc_pre(hc: Any, fn: Any, scale: Any, base: Any, norm_w: Any | None = None, *
            mma: bool | None = None, stream: Any = 0) -> HcPreOut:
     """Steps 2-3 (+4/15): hc (T, n_hc, n_embd) -> x, post, comb (and x_norm = rms(x; norm_w)).
 
-    ``mma``: the mix of a step of several tokens as a GEMM on the FP64 tensor
-    cores (default: from ``gemm_f64.MIN_TOKENS`` tokens where the GPU has them)."""
+    ``out.comb`` None: no Sinkhorn here; ``out.mix`` receives the control
+    values instead and ``hc.comb`` turns them into comb, in a launch that can
+    run beside the sublayer (a decode step's branch).  ``mma``: the mix of a
+    step of several tokens as a GEMM on the FP64 tensor cores (default: from
+    ``gemm_f64.MIN_TOKENS`` tokens where the GPU has them)."""
     n_mix = 2 * n_hc + n_hc * n_hc
     if (norm_w is None) != (out.x_norm is None):
         raise ValueError("hc.pre: give norm_w and out.x_norm together")
+    if out.comb is None and out.mix is None:
+        raise ValueError("hc.pre: give out.comb, or out.mix for hc.comb")
     _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out.x, out.post, out.comb, norm_w,
-            out.x_norm, scratch, stream, mma)
+            out.x_norm, scratch, stream, mma, out.mix)
+    return out
+
+
+@implementation("hc.comb", "warp_sinkhorn", layout="f32")
+def hc_comb(mix: Any, scale: Any, base: Any, *, out: Any, n_hc: int, iters: int, hc_eps: float,
+            stream: Any = 0) -> Any:
+    """Step 3's comb from ``hc.pre``'s control values mix (T, 2 n_hc + n_hc^2): the ``n_hc x n_hc`` Sinkhorn
+    normalisation (float64, rounded once), a warp a token with one entry a lane."""
+    n_mix = 2 * n_hc + n_hc * n_hc
+    n_tok = mix.size // n_mix
+    if mix.size != n_tok * n_mix or out.size != n_tok * n_hc * n_hc:
+        raise ValueError(f"hc.comb: mix has {mix.size} values and out {out.size}, not tokens of {n_mix} and "
+                         f"{n_hc * n_hc}")
+    L.launch(_comb_kernel(n_hc), n_tok, SINK_THREADS, stream, L.flat(mix), L.flat(scale), L.flat(base),
+             int(iters), eps64(hc_eps), L.flat(out))
     return out
 
 
@@ -439,11 +499,14 @@ def hc_head(hc: Any, fn: Any, scale: Any, base: Any, *, out: Any, n_hc: int, hc_
 
 
 @device
-def _post_one(y, hc, post, comb, n_tok, n_hc, n_embd, out, i):
+def _post_one(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out, i):
     d = i % n_embd
     j = (i // n_embd) % n_hc
     t = i // (n_embd * n_hc)
-    acc = float64(y[t * n_embd + d]) * float64(post[t * n_hc + j])
+    yv = y[t * n_embd + d]
+    if has_y2:      # the FFN's routed + shared outputs (step 19's float32 sum)
+        yv = float32(yv + y2[t * n_embd + d])
+    acc = float64(yv) * float64(post[t * n_hc + j])
     cb = t * n_hc * n_hc
     hb = t * n_hc * n_embd
     for h in range(n_hc):
@@ -452,26 +515,31 @@ def _post_one(y, hc, post, comb, n_tok, n_hc, n_embd, out, i):
 
 
 @cuda.jit
-def _post_kernel(y, hc, post, comb, n_tok, n_hc, n_embd, out):
+def _post_kernel(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out):
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if i >= n_tok * n_hc * n_embd:
         return
-    _post_one(y, hc, post, comb, n_tok, n_hc, n_embd, out, i)
+    _post_one(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out, i)
     if POST_ITEMS > 1:  # the simulator's further outputs (a constant-false branch on the GPU)
         for rep in range(1, POST_ITEMS):
             k = i + rep * cuda.gridDim.x * cuda.blockDim.x
             if k < n_tok * n_hc * n_embd:
-                _post_one(y, hc, post, comb, n_tok, n_hc, n_embd, out, k)
+                _post_one(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out, k)
 
 
 @implementation("hc.post", "elementwise", layout="f32")
-def hc_post(y: Any, hc: Any, post: Any, comb: Any, *, out: Any, n_hc: int, stream: Any = 0) -> Any:
-    """Steps 14/19: y (T, n_embd), streams hc (T, n_hc, n_embd) -> new streams (T, n_hc, n_embd)."""
+def hc_post(y: Any, hc: Any, post: Any, comb: Any, *, out: Any, n_hc: int, y2: Any | None = None,
+            stream: Any = 0) -> Any:
+    """Steps 14/19: y (T, n_embd), streams hc (T, n_hc, n_embd) -> new streams (T, n_hc, n_embd).
+
+    ``y2`` given: the sublayer output is ``float32(y + y2)`` (step 19's routed + shared sum, formed here
+    instead of in a launch of its own)."""
     n_tok = post.size // n_hc
     n_embd = y.size // n_tok
     n = n_tok * n_hc * n_embd
     L.launch(_post_kernel, L.cdiv(n, POST_THREADS * POST_ITEMS), POST_THREADS, stream,
-        L.flat(y), L.flat(hc), L.flat(post), L.flat(comb), n_tok, n_hc, n_embd, L.flat(out))
+        L.flat(y), L.flat(y if y2 is None else y2), int(y2 is not None), L.flat(hc), L.flat(post), L.flat(comb),
+        n_tok, n_hc, n_embd, L.flat(out))
     return out
 
 
@@ -540,6 +608,21 @@ def _case_head(rng: np.random.Generator, scale: str) -> Case:
                 weight_bytes=fn.nbytes, info={"shape": (n_tok, n_hc, n_embd)})
 
 
+def _case_comb(rng: np.random.Generator, scale: str) -> Case:
+    from ds4nb.reference import ops
+
+    n_tok, n_hc = (3, 4) if scale == "tiny" else (1, 4)
+    n_mix = 2 * n_hc + n_hc * n_hc
+    mix = (rng.standard_normal((n_tok, n_mix)) * 3).astype(np.float32)
+    sc = rng.uniform(0.5, 2, 3).astype(np.float32)
+    bs = rng.standard_normal(n_mix).astype(np.float32)
+    iters, eps = 20, 1e-6
+    ref = ops.hc_split_sinkhorn(mix, sc, bs, n_hc, iters, eps).comb
+    out = L.device_array(n_tok * n_hc * n_hc, np.float32)
+    return Case((cuda.to_device(mix), cuda.to_device(sc), cuda.to_device(bs)), out, (ref.reshape(-1),),
+                (CONTRACT,), kwargs=dict(n_hc=n_hc, iters=iters, hc_eps=eps), info={"shape": (n_tok, n_hc)})
+
+
 def _case_post(rng: np.random.Generator, scale: str) -> Case:
     from ds4nb.reference import ops
 
@@ -548,10 +631,16 @@ def _case_post(rng: np.random.Generator, scale: str) -> Case:
     hc = _random_hc(rng, n_tok, n_hc, n_embd)
     post = rng.uniform(0, 2, (n_tok, n_hc)).astype(np.float32)
     comb = rng.uniform(0, 1, (n_tok, n_hc, n_hc)).astype(np.float32)
-    ref = ops.hc_post(y, hc, post, comb)
+    kwargs: dict[str, Any] = dict(n_hc=n_hc)
+    if rng.random() < 0.5:      # step 19: the routed and shared expert outputs, added in float32 first
+        y2 = rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+        kwargs["y2"] = cuda.to_device(y2)
+        ref = ops.hc_post(y + y2, hc, post, comb)
+    else:
+        ref = ops.hc_post(y, hc, post, comb)
     out = L.device_array(n_tok * n_hc * n_embd, np.float32)
     return Case((cuda.to_device(y), cuda.to_device(hc), cuda.to_device(post), cuda.to_device(comb)), out,
-                (ref.reshape(-1),), (CONTRACT,), kwargs=dict(n_hc=n_hc), info={"shape": (n_tok, n_hc, n_embd)})
+                (ref.reshape(-1),), (CONTRACT,), kwargs=kwargs, info={"shape": (n_tok, n_hc, n_embd)})
 
 
 # Outputs are CONTRACT (bit-identical to the twin but for rare one-ulp differences); the tolerances
@@ -568,8 +657,12 @@ OPS = [
            "(T, n_embd), n_hc, hc_eps, rms_eps, scratch=None, stream)",
            "Reference.collapse_hc (ops.rms_norm, DenseMatrix.matvec, ops.hc_head_weights, ops.hc_weighted_sum)",
            1e-5, _case_head),
+    OpSpec("hc.comb", "HC comb: the Sinkhorn normalisation of hc.pre's control values",
+           "(mix f32 (T, 2 n_hc + n_hc^2), scale f32 (3,), base f32 (2 n_hc + n_hc^2,), *, out f32 (T, n_hc, n_hc), "
+           "n_hc, iters, hc_eps, stream)",
+           "ops.hc_split_sinkhorn (.comb)", 1e-5, _case_comb),
     OpSpec("hc.post", "HC post: new[j] = y*post[j] + sum_i comb[i, j] hc[i]",
            "(y f32 (T, n_embd), hc f32 (T, n_hc, n_embd), post f32 (T, n_hc), comb f32 (T, n_hc, n_hc), *, "
-           "out f32 (T, n_hc, n_embd), n_hc, stream)",
+           "out f32 (T, n_hc, n_embd), n_hc, y2=None (T, n_embd): y + y2, stream)",
            "ops.hc_post", 1e-6, _case_post),
 ]

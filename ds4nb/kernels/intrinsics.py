@@ -242,6 +242,10 @@ def _sim_rint(x):
     return np.float32(np.rint(np.float32(x)))
 
 
+def _sim_half_bits(u):
+    return np.float64(np.array(int(u) & 0xFFFF, np.uint16).view(np.float16))
+
+
 def _sim_warp_exchange(value, name):
     """Every lane's ``value`` of this thread's warp (a list of 32) after one exchange, and the thread id."""
     table, tid = _sim_exchange(value)
@@ -325,6 +329,7 @@ if SIMULATOR:
     hi_i32 = _sim_hi_i32
     rint = _sim_rint
     dot8 = _sim_dot8
+    half_bits = _sim_half_bits
 
     def warp_sum(v, width):
         """Sum of ``v`` over aligned groups of ``width`` lanes (a power of two <= 32); every lane gets it."""
@@ -368,6 +373,20 @@ else:
                                    for v, t in zip(args, signature.args)])
             return context.make_tuple(builder, signature.return_type,
                                       [builder.extract_value(d, 0), builder.extract_value(d, 1)])
+
+        return sig, codegen
+
+    @intrinsic
+    def half_bits(typingctx, u):
+        """The F16 value whose bits are the low 16 bits of the integer ``u``, widened to float64 (exact):
+        a weight word of several F16 values loaded at once and taken apart by shifts."""
+        if not isinstance(u, types.Integer):
+            return None
+        sig = types.float64(u)
+
+        def codegen(context, builder, signature, args):
+            h = builder.bitcast(builder.trunc(args[0], ir.IntType(16)), ir.HalfType())
+            return builder.fpext(h, ir.DoubleType())
 
         return sig, codegen
 
@@ -527,6 +546,7 @@ __all__ = [
     "mma_s8",
     "has_f64_mma",
     "has_int8_mma",
+    "half_bits",
     "hi_i32",
     "jit_kernel",
     "rint",

@@ -99,8 +99,9 @@ class ParityResult:
 
 
 def outputs_of(out: Any) -> tuple:
+    """The output arrays of ``out``: itself, or a tuple's given entries (optional outputs left None are not)."""
     if isinstance(out, tuple):
-        return tuple(out)
+        return tuple(o for o in out if o is not None)
     return (out,)
 
 

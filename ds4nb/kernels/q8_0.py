@@ -9,7 +9,11 @@ Weights are block-minor (``ds4nb.quants.repack``): per row, ``qs`` word ``j``
 the 4 weight words and 4 activation words (independent 8-byte loads, so a
 warp has 4 x 256 contiguous bytes of weights in flight per step), does 8
 ``dp4a``, and adds ``d_w * d_x * dot`` in float64.  The row sum is a 5-step
-float64 shuffle reduction, rounded to float32 once at the store.
+float64 shuffle reduction, rounded to float32 once at the store.  Given a
+second matrix ``w2`` of the same row length, one launch computes both
+products of the activation (rows of ``w``, then rows of ``w2``): a decode
+step's small projections are latency-bound, so two of them in one launch
+cost about one (``attn_q_a`` + ``attn_kv``, the shared expert's gate + up).
 
 Numerics (docs/model.md, "Numerics: one rounding per value"): the integer
 block dots are exact, the per-block terms ``float64(d_w) * float64(d_x) *
@@ -98,14 +102,23 @@ def _make_matvec(nb: int):
         if lane == 0:
             out[row] = float32(acc)   # the one rounding
 
+    @device
+    def pair_row(qs, dm, n_rows, rows_per_x, qs2, dm2, n_rows2, xq, xd, out, out2, row, lane):
+        """Row ``row`` of the launch: the first matrix's rows, then the second's (a warp-uniform branch)."""
+        if row < n_rows:
+            row_dot(qs, dm, n_rows, rows_per_x, xq, xd, out, row, lane)
+        else:
+            row_dot(qs2, dm2, n_rows2, n_rows2, xq, xd, out2, row - n_rows, lane)
+
     @cuda.jit
-    def kernel(qs, dm, n_rows, rows_per_x, xq, xd, out):
+    def kernel(qs, dm, n_rows, rows_per_x, qs2, dm2, n_rows2, xq, xd, out, out2):
         lane = cuda.threadIdx.x % LANES
         row = cuda.blockIdx.x * (ROWS_PER_BLOCK * ROWS_PER_THREAD) + cuda.threadIdx.x // LANES
-        row_dot(qs, dm, n_rows, rows_per_x, xq, xd, out, row, lane)
+        pair_row(qs, dm, n_rows, rows_per_x, qs2, dm2, n_rows2, xq, xd, out, out2, row, lane)
         if ROWS_PER_THREAD > 1:  # the simulator's further rows (a constant-false branch on the GPU)
             for rep in range(1, ROWS_PER_THREAD):
-                row_dot(qs, dm, n_rows, rows_per_x, xq, xd, out, row + rep * ROWS_PER_BLOCK, lane)
+                pair_row(qs, dm, n_rows, rows_per_x, qs2, dm2, n_rows2, xq, xd, out, out2,
+                         row + rep * ROWS_PER_BLOCK, lane)
 
     return kernel
 
@@ -169,10 +182,17 @@ def _check(w: PackedWeight, x: Q8_0Act) -> tuple[int, int, int]:
 
 @implementation("q8_0.matvec", "warp8", layout=layout_name(Q.Q8_0), priority=10,
                 requires=Requirements(max_batch=1))
-def q8_0_matvec_warp8(w: PackedWeight, x: Q8_0Act, *, out: Any, stream: Any = 0) -> Any:
-    """y = W x for one token: one warp per row, dp4a on block-minor words."""
+def q8_0_matvec_warp8(w: PackedWeight, x: Q8_0Act, *, out: Any, w2: PackedWeight | None = None,
+                      out2: Any | None = None, stream: Any = 0) -> Any:
+    """y = W x for one token: one warp per row, dp4a on block-minor words; ``w2`` given, also ``out2 = W2 x``
+    in the same launch (two projections of one activation: one launch's latency instead of two)."""
     n_rows, nb, _ = _check(w, x)
-    return _matvec(w, x, out, n_rows, nb, n_rows, stream)
+    if w2 is None:
+        return _matvec(w, x, out, n_rows, nb, n_rows, stream)
+    n_rows2, nb2, _ = _check(w2, x)
+    if nb2 != nb or out2 is None:
+        raise ValueError(f"q8_0.matvec: w2 needs the same row length ({nb2} blocks, not {nb}) and an out2")
+    return _matvec(w, x, out, n_rows, nb, n_rows, stream, w2, out2, n_rows2)
 
 
 @implementation("q8_0.grouped_matvec", "warp8", layout=layout_name(Q.Q8_0), priority=10)
@@ -184,9 +204,13 @@ def q8_0_grouped_matvec_warp8(w: PackedWeight, x: Q8_0Act, *, out: Any, stream: 
     return _matvec(w, x, out, n_rows, nb, n_rows // groups, stream)
 
 
-def _matvec(w: PackedWeight, x: Q8_0Act, out: Any, n_rows: int, nb: int, rows_per_x: int, stream: Any) -> Any:
-    L.launch(kernel_for("matvec", nb), L.cdiv(n_rows, ROWS_PER_BLOCK * ROWS_PER_THREAD), LANES * ROWS_PER_BLOCK, stream,
-        w.qs, w.dm, n_rows, rows_per_x, x.qs, x.d, L.flat(out))
+def _matvec(w: PackedWeight, x: Q8_0Act, out: Any, n_rows: int, nb: int, rows_per_x: int, stream: Any,
+            w2: PackedWeight | None = None, out2: Any | None = None, n_rows2: int = 0) -> Any:
+    w2 = w if w2 is None else w2
+    out2 = out if out2 is None else out2
+    L.launch(kernel_for("matvec", nb), L.cdiv(n_rows + n_rows2, ROWS_PER_BLOCK * ROWS_PER_THREAD),
+             LANES * ROWS_PER_BLOCK, stream, w.qs, w.dm, n_rows, rows_per_x, w2.qs, w2.dm, n_rows2, x.qs, x.d,
+             L.flat(out), L.flat(out2))
     return out
 
 
@@ -266,7 +290,8 @@ _TOL = 1e-6
 
 OPS = [
     OpSpec("q8_0.matvec", "Q8_0 weight x Q8_0 activation, one token",
-           "(w: PackedWeight Q8_0 (N, K), x: Q8_0Act (1, K), *, out f32 (N,), stream)",
+           "(w: PackedWeight Q8_0 (N, K), x: Q8_0Act (1, K), *, out f32 (N,), w2=None (N2, K), out2=None (N2,), "
+           "stream)",
            "dequantize(W) @ dequantize_q8_0_activation(quantize_q8_0(x)) in float64, rounded once", _TOL, _case_matvec),
     OpSpec("q8_0.grouped_matvec", "Q8_0 weight rows in G groups, group g x activation row g, one launch",
            "(w: PackedWeight Q8_0 (G*R, K), x: Q8_0Act (G, K), *, out f32 (G*R,), stream)",
