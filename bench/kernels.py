@@ -17,7 +17,11 @@ Method (one process, one stream):
 * each launch takes the next of several weight / activation sets, cycled, whose
   total is well above the 50 MB L2, so weights come from HBM as in a decode step;
 * GB/s counts the bytes a launch must move: the weights it reads (only the
-  selected experts for MoE) plus activations in and results out.
+  selected experts for MoE) plus activations in and results out;
+* ``--only host``: the routed-expert kernels over experts in page-locked,
+  device-mapped host memory (a partial or direct placement's host experts),
+  read over the bus; "% host" is against a read-only kernel over host-mapped
+  memory (``ds4nb.dispatch.device.measure_read_bandwidth``).
 
 Results: ``kernels.csv`` (one row per case) and ``kernels.md`` (device,
 command, date, table) in ``--out``.
@@ -49,10 +53,12 @@ from ds4nb.kernels import moe, q8_0  # noqa: E402
 from ds4nb.kernels.activation import alloc_q8_0, alloc_q8_K, q8_0_to_device, q8_K_to_device  # noqa: E402
 from ds4nb.kernels.intrinsics import SIMULATOR  # noqa: E402
 from ds4nb.quants import random_blocks  # noqa: E402
-from ds4nb.quants.repack import repack  # noqa: E402
+from ds4nb.cache.residency import empty_packed  # noqa: E402
+from ds4nb.quants.repack import PackedWeight, repack  # noqa: E402
 
 Q = GGMLQuantizationType
 L2_BYTES = 50 << 20
+HOST_MAPPED = "host-mapped"     # a case whose weights are read over the bus: "% host" is against that ceiling
 
 
 @cuda.jit
@@ -268,13 +274,27 @@ def q8_0_matvec_case(rng, name: str, n: int, k: int, tokens: int, stream, tiny: 
     return [(impl.op, impl.name, name, f"{n}x{k} t{tokens}", wbytes, moved, launch, raw_sets, kernel)]
 
 
+def mapped_copy(w: PackedWeight) -> PackedWeight:
+    """A host-layout tensor in page-locked, device-mapped host memory (as a placement's host-mapped experts)."""
+    m = empty_packed(w.qtype, w.shape, mapped=True)
+    for name in ("qs", "sc", "dm"):
+        if getattr(w, name) is not None:
+            getattr(m, name).copy_to_device(np.ascontiguousarray(getattr(w, name)).reshape(-1))
+    return m
+
+
 def moe_cases(rng, qtype, kind: str, e: int, n: int, k: int, n_used: int, lprs, stream, replicas=(None,),
-              min_blocks=(0,)):
+              min_blocks=(0,), mapped: bool = False):
+    """Routed-expert kernel cases; ``mapped``: every expert in host-mapped memory, read over the bus."""
     q = qtype.name.lower()
     n_sets = max(2, e // n_used)
-    w1 = repack(random_blocks(qtype, (e, n, k), rng, rms=0.02), qtype, (e, n, k)).to_device(stream)
-    w2 = repack(random_blocks(qtype, (e, n, k), rng, rms=0.02), qtype, (e, n, k)).to_device(stream) \
-        if kind == "gate_up" else None
+
+    def weights_of() -> PackedWeight:
+        w = repack(random_blocks(qtype, (e, n, k), rng, rms=0.02), qtype, (e, n, k))
+        return mapped_copy(w) if mapped else w.to_device(stream)
+
+    w1 = weights_of()
+    w2 = weights_of() if kind == "gate_up" else None
     perm = rng.permutation(e).astype(np.int32)
     ids = [cuda.to_device(perm[(i * n_used) % e:(i * n_used) % e + n_used].copy(), stream=stream)
            for i in range(n_sets)]
@@ -303,7 +323,7 @@ def moe_cases(rng, qtype, kind: str, e: int, n: int, k: int, n_used: int, lprs, 
         default = lpr == moe.default_lanes_per_row(kind, k // 256) and mb == 0 and (
             rep is None or qtype != Q.IQ2_XXS or rep == moe.IQ2_REPLICAS[kind])
         variant = (f"lpr{lpr}" + (f" R{rep}" if rep else "") + (f" lb{mb}" if mb else "")
-                   + (" (default)" if default else ""))
+                   + (" (default)" if default else "") + (f" {HOST_MAPPED}" if mapped else ""))
         cases.append((op, impl.name, variant, f"{n_used}/{e} x {n}x{k}", wbytes, moved, launch, n_sets,
                       moe._kernel(kind, qtype, lpr, k // 256, rep, mb)))
     return cases
@@ -441,6 +461,7 @@ def build_cases(rng, stream, tiny: bool, only: list[str]):
     if tiny:
         cases += q8_0_matvec_case(rng, "tiny", 40, 1024, 1, stream, tiny)
         cases += moe_cases(rng, Q.IQ2_XXS, "gate_up", 4, 16, 512, 2, (4,), stream)
+        cases += moe_cases(rng, Q.Q2_K, "down_sum", 4, 16, 512, 2, (4,), stream, mapped=True)
         cases += moe_cases(rng, Q.Q2_K, "down_sum", 4, 16, 512, 2, (4,), stream)
         cases += small_cases(rng, stream, tiny)
         cases += decode_cases(rng, stream, tiny)
@@ -467,6 +488,10 @@ def build_cases(rng, stream, tiny: bool, only: list[str]):
         cases += small_cases(rng, stream, tiny)
     if want("decode"):
         cases += decode_cases(rng, stream, tiny)
+    if want("host"):        # the experts a partial / direct placement leaves in host memory
+        cases += moe_cases(rng, Q.IQ2_XXS, "gate_up", 48, 2048, 4096, 6, (16,), stream, replicas=(1,), mapped=True)
+        cases += moe_cases(rng, Q.Q2_K, "down_sum", 48, 4096, 2048, 6, (4,), stream, mapped=True)
+        cases += moe_cases(rng, Q.Q2_K, "matvec", 48, 4096, 2048, 6, (4,), stream, mapped=True)
     return cases
 
 
@@ -478,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="small shapes (simulator smoke test)")
     ap.add_argument("--sass", action="store_true", help="write the SASS of the main MoE kernels to --out")
     ap.add_argument("--only", nargs="*", default=[],
-                    help="case name filters (q_b output matmul iq2 q2_k q4_k small decode)")
+                    help="case name filters (q_b output matmul iq2 q2_k q4_k small decode host)")
     args = ap.parse_args(argv)
     if args.tiny:
         args.reps, args.rounds = 2, 2
@@ -498,6 +523,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t_build = time.perf_counter()
     cases = build_cases(rng, stream, args.tiny, args.only)
+    host_bw = 0.0
+    if any(HOST_MAPPED in c[2] for c in cases):
+        from ds4nb.dispatch.device import measure_read_bandwidth
+
+        host_bw = 1.0 if SIMULATOR else measure_read_bandwidth(device_bytes=8 << 20, host_bytes=256 << 20).host
+        print(f"host-mapped read-only kernel {host_bw / 1e9:.1f} GB/s (\"% host\")", flush=True)
     stream.synchronize()
     print(f"built {len(cases)} cases in {time.perf_counter() - t_build:.1f} s", flush=True)
 
@@ -538,7 +569,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     cols = ["op", "impl", "variant", "shape", "weight_MB", "moved_MB", "median_us", "p10_us", "p90_us", "GBps",
-            "pct_copy", "pct_read", "host_us_per_launch", "host_bound", "regs", "local_bytes", "idp4a", "calls"]
+            "pct_copy", "pct_read", "pct_host", "host_us_per_launch", "host_bound", "regs", "local_bytes", "idp4a",
+            "calls"]
+
+    def pct_host(r: Result) -> str:
+        return f"{100 * r.gbps() * 1e9 / host_bw:.1f}" if HOST_MAPPED in r.variant else ""
+
     with open(args.out / "kernels.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -546,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             w.writerow([r.op, r.impl, r.variant, r.shape, f"{r.weight_bytes / 1e6:.2f}", f"{r.bytes_moved / 1e6:.3f}",
                         f"{r.median_us:.2f}", f"{r.pct(0.1):.2f}", f"{r.pct(0.9):.2f}", f"{r.gbps():.0f}",
                         f"{100 * r.gbps() * 1e9 / copy_bw:.1f}", f"{100 * r.gbps() * 1e9 / read_bw:.1f}",
-                        f"{r.host_us:.1f}", int(r.host_bound),
+                        pct_host(r), f"{r.host_us:.1f}", int(r.host_bound),
                         r.resources.get("regs", ""), r.resources.get("local", ""), r.resources.get("idp4a", ""),
                         r.resources.get("calls", "")])
     cmd = "python bench/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -558,17 +594,19 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `{cmd.strip()}`",
         f"- copy ceiling: {copy_bw / 1e9:.0f} GB/s = the better of a 1 GiB cuMemcpyDtoD "
         f"({memcpy_bw / 1e9:.0f} GB/s) and a copy kernel ({kcopy_bw / 1e9:.0f} GB/s), read + write bytes; "
-        f"read-only kernel: {read_bw / 1e9:.0f} GB/s (\"% read\")",
+        f"read-only kernel: {read_bw / 1e9:.0f} GB/s (\"% read\")"
+        + (f"; host-mapped read-only kernel: {host_bw / 1e9:.1f} GB/s (\"% host\", {HOST_MAPPED} cases)"
+           if host_bw else ""),
         f"- method: median of {args.rounds} rounds x {args.reps} launches (CUDA events, sleep-kernel head start), "
         "weights rotated over sets > 3x L2",
         "",
-        "| op | impl | variant | shape | weights MB | median us | GB/s | % copy | % read |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| op | impl | variant | shape | weights MB | median us | GB/s | % copy | % read | % host |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(f"| {r.op} | {r.impl} | {r.variant} | {r.shape} | {r.weight_bytes / 1e6:.1f} | "
                      f"{r.median_us:.2f} | {r.gbps():.0f} | {100 * r.gbps() * 1e9 / copy_bw:.1f} | "
-                     f"{100 * r.gbps() * 1e9 / read_bw:.1f} |")
+                     f"{100 * r.gbps() * 1e9 / read_bw:.1f} | {pct_host(r)} |")
     (args.out / "kernels.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / 'kernels.csv'} and {args.out / 'kernels.md'}")
     return 0
