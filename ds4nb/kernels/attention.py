@@ -23,6 +23,9 @@ threads rounded to whole warps, thread ``p`` owning dims ``2p, 2p+1``.  A
 64-dim FP8 block is then exactly one warp (32 pairs), so its amax is one
 warp reduction; the rotary tail pairs are the last ``n_rot/2`` threads.
 
+``split_heads8`` below is ``attn.decode`` on GPUs without float64 MMA (and
+in the simulator); from sm_90 ``attention_mma.heads_mma`` takes every step.
+
 Attention geometry (flash-decoding): grid ``(n_head / HPB, n_split, T)``,
 256 threads (a prefill chunk has blocks enough with one split a token).  A block owns ``HPB`` heads (their queries in shared memory)
 and walks chunks of ``CH`` rows (chunk ``c`` goes to split ``c mod n_split``):
