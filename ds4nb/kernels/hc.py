@@ -647,9 +647,10 @@ def _case_post(rng: np.random.Generator, scale: str) -> Case:
 # apply to nothing in the cases and stay as a bound on the relative error.
 OPS = [
     OpSpec("hc.pre", "HC pre: rms of the flat streams, F16 mix matvec, split + Sinkhorn, weighted sum "
-           "(+ the sublayer RMSNorm)",
+           "(+ the sublayer RMSNorm); out.comb None: the mix into out.mix for hc.comb instead of the Sinkhorn",
            "(hc f32 (T, n_hc, n_embd), fn f16 (n_mix, hc_dim), scale f32 (3,), base f32 (n_mix,), "
-           "norm_w f32 (n_embd,) | None, *, out: HcPreOut, n_hc, iters, hc_eps, rms_eps, scratch=None, stream)",
+           "norm_w f32 (n_embd,) | None, *, out: HcPreOut (x, post, comb | None, x_norm | None, mix | None), "
+           "n_hc, iters, hc_eps, rms_eps, scratch=None, stream)",
            "ops.rms_norm + DenseMatrix.matmul + ops.hc_split_sinkhorn + ops.hc_weighted_sum + ops.rms_norm",
            1e-5, _case_pre),
     OpSpec("hc.head", "output HC collapse: rms, F16 matvec to n_hc weights, sigmoid, weighted sum",
