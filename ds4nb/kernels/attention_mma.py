@@ -14,9 +14,9 @@ rows (one KV head), so a group of heads is the MMA's M dimension:
   ``e^(s - m)``, B the same rows.
 
 Decode steps take this kernel too: one token's 64 heads against 640 rows (a
-CSA layer at 2048 tokens) took 19.3 us with 8 heads a block against 52.8 us
-for ``split_heads8`` (26.2 with 16 heads; H200, bench/results/
-decode_kernels_h200.md), whose per-row float64 FMA chains and shuffle
+CSA layer at 2048 tokens) took 19.2 us with 8 heads a block against 52.7 us
+for ``split_heads8`` (H200, bench/results/decode_kernels_h200.md; 16 heads a
+block: 26.2 us in an earlier run), whose per-row float64 FMA chains and shuffle
 reductions are latency-bound at one token.  Devices where
 ``intrinsics.has_f64_mma()`` is False (before sm_90, and the simulator, where
 an MMA costs a block barrier) go to ``attention_decode``; ``mma=True`` asks for
