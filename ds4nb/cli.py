@@ -530,10 +530,16 @@ def _add_placement_args(p: argparse.ArgumentParser) -> None:
 
 
 def _placement_options(args: argparse.Namespace) -> PlacementOptions:
-    """The placement options of a command, from its flags and the environment (parsed once)."""
+    """The placement options of a command, from its flags and the environment (parsed once); a policy name no
+    plugin provides fails here, before any work (also when the run ends up on the CPU, which has no placement)."""
+    from ds4nb.cache.choose import known_policy
     from ds4nb.cache.options import PlacementOptions
+    from ds4nb.plugins import placement_policies
 
-    return PlacementOptions.from_cli(args.placement, args.gpu_budget, args.expert_usage)
+    options = PlacementOptions.from_cli(args.placement, args.gpu_budget, args.expert_usage)
+    if options.policy is not None:
+        known_policy(options.policy, placement_policies())
+    return options
 
 
 def _size(text: str) -> int:

@@ -105,3 +105,6 @@ def test_usage_from_another_model_is_refused(capsys, tiny_gguf: Path, tmp_path: 
 def test_generate_and_bench_take_the_placement_flags(capsys, tiny_gguf: Path, command: list[str]) -> None:
     one_line_error(*run(capsys, *command, "-m", str(tiny_gguf), "--backend", "cpu", "--gpu-budget", "12Q")[::2],
                    "--gpu-budget 12Q: not a size")
+    # a policy no plugin provides fails before any work, even on the CPU backend (which places nothing)
+    one_line_error(*run(capsys, *command, "-m", str(tiny_gguf), "--backend", "cpu", "--placement", "nope")[::2],
+                   "unknown placement policy 'nope'")

@@ -42,14 +42,20 @@ def default_policy(request: PlacementRequest) -> str:
     return "full" if sum(t.nbytes for t in request.catalog) <= request.weight_budget else "partial"
 
 
+def known_policy(name: str, policies: Mapping[str, ProvidedPolicy]) -> ProvidedPolicy:
+    """The policy called ``name``; one clear error naming the known ones when there is none."""
+    provided = policies.get(name)
+    if provided is None:
+        raise Ds4Error(f"unknown placement policy {name!r} (known: {', '.join(sorted(policies))})")
+    return provided
+
+
 def choose_placement(catalog: Sequence[TensorInfo], device: DeviceMemory, options: PlacementOptions, *,
                      reserve_bytes: int, policies: Mapping[str, ProvidedPolicy]) -> PlacementPlan:
     """The checked plan for ``catalog`` on ``device`` (``policies``: :func:`ds4nb.plugins.placement_policies`)."""
     request = placement_request(catalog, device, options, reserve_bytes=reserve_bytes)
     name = options.policy or default_policy(request)
-    provided = policies.get(name)
-    if provided is None:
-        raise Ds4Error(f"unknown placement policy {name!r} (known: {', '.join(sorted(policies))})")
+    provided = known_policy(name, policies)
     if options.policy_arg is not None and not getattr(provided.policy, "takes_arg", False):
         raise Ds4Error(f"placement policy {name!r} takes no argument (got {name}:{options.policy_arg})")
     return run_policy(provided, request)
