@@ -20,8 +20,9 @@ Method (one process, one stream):
   selected experts for MoE) plus activations in and results out;
 * ``--only host``: the routed-expert kernels over experts in page-locked,
   device-mapped host memory (a partial or direct placement's host experts),
-  read over the bus; "% host" is against a read-only kernel over host-mapped
-  memory (``ds4nb.dispatch.device.measure_read_bandwidth``).
+  read over the bus, and ``moe.stage_experts`` copying the selected ones to GPU
+  memory (what a decode step does with them); "% host" is against a read-only
+  kernel over host-mapped memory (``ds4nb.dispatch.device.measure_read_bandwidth``).
 
 Results: ``kernels.csv`` (one row per case) and ``kernels.md`` (device,
 command, date, table) in ``--out``.
@@ -329,6 +330,22 @@ def moe_cases(rng, qtype, kind: str, e: int, n: int, k: int, n_used: int, lprs, 
     return cases
 
 
+def stage_cases(rng, qtype, e: int, n: int, k: int, n_used: int, stream):
+    """``moe.stage_experts``: the selected experts of a host-mapped tensor copied to GPU memory (a decode step's
+    staging of a partial / direct placement's host experts)."""
+    w = mapped_copy(repack(random_blocks(qtype, (e, n, k), rng, rms=0.02), qtype, (e, n, k)))
+    n_sets = max(2, e // n_used)
+    perm = rng.permutation(e).astype(np.int32)
+    ids = [cuda.to_device(perm[(i * n_used) % e:(i * n_used) % e + n_used].copy(), stream=stream)
+           for i in range(n_sets)]
+    out = empty_packed(qtype, (n_used, n, k))
+    impl = get_registry().implementations("moe.stage_experts")[0]
+    wbytes = w.nbytes // e * n_used
+    # GB/s counts the bus reads (the copies' writes go to GPU memory, which is not what limits them)
+    return [(impl.op, impl.name, f"{qtype.name} {HOST_MAPPED}", f"{n_used}/{e} x {n}x{k}", wbytes, wbytes,
+             lambda i: impl(w, ids[i], out=out, stream=stream), n_sets, None)]
+
+
 def small_cases(rng, stream, tiny: bool):
     reg = get_registry()
     d, vocab = (256, 300) if tiny else (4096, 129280)
@@ -463,6 +480,7 @@ def build_cases(rng, stream, tiny: bool, only: list[str]):
         cases += moe_cases(rng, Q.IQ2_XXS, "gate_up", 4, 16, 512, 2, (4,), stream)
         cases += moe_cases(rng, Q.Q2_K, "down_sum", 4, 16, 512, 2, (4,), stream, mapped=True)
         cases += moe_cases(rng, Q.Q2_K, "down_sum", 4, 16, 512, 2, (4,), stream)
+        cases += stage_cases(rng, Q.Q2_K, 4, 16, 512, 2, stream)
         cases += small_cases(rng, stream, tiny)
         cases += decode_cases(rng, stream, tiny)
         return cases
@@ -492,6 +510,8 @@ def build_cases(rng, stream, tiny: bool, only: list[str]):
         cases += moe_cases(rng, Q.IQ2_XXS, "gate_up", 48, 2048, 4096, 6, (16,), stream, replicas=(1,), mapped=True)
         cases += moe_cases(rng, Q.Q2_K, "down_sum", 48, 4096, 2048, 6, (4,), stream, mapped=True)
         cases += moe_cases(rng, Q.Q2_K, "matvec", 48, 4096, 2048, 6, (4,), stream, mapped=True)
+        cases += stage_cases(rng, Q.IQ2_XXS, 48, 2048, 4096, 6, stream)
+        cases += stage_cases(rng, Q.Q2_K, 48, 4096, 2048, 6, stream)
     return cases
 
 

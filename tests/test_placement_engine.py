@@ -43,6 +43,8 @@ def _check(model, prompt: list[int], steps: int, **kw) -> None:
             assert any(isinstance(v, SplitExperts) for v in eng.res.tensors.values())
         if name == "direct":
             assert kinds == {"mapped"}
+        # decode steps copy the selected host-mapped experts to GPU memory: gate, up and down, partial and direct
+        assert {key[0] for key in eng._step.scratch.stage} == (set() if name == "full" else {"gate", "up", "down"})
     for name in ("partial", "direct"):
         for step, (a, b) in enumerate(zip(runs["full"], runs[name])):
             assert np.array_equal(a, b), f"{name}: logits differ from full at step {step}"

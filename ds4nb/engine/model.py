@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 from numba import cuda
 
-from ds4nb.cache.residency import SplitExperts
+from ds4nb.cache.residency import SplitExperts, empty_packed
 from ds4nb.dispatch.select import Q8Dispatch
 from ds4nb.engine.step import StepInput, StepLayout
 from ds4nb.errors import Ds4Error
@@ -115,6 +115,7 @@ class Kernels:
         self.swap01 = pick("copy.swap01")
         self.slot_sum = pick("moe.slot_sum")
         self.split_ids = pick("moe.split_ids")
+        self.stage_experts = pick("moe.stage_experts")
         self.count_experts = count_experts
         self.sample = pick("sample.draw")
         self.moe = {q: (pick(f"{q.name.lower()}.moe_gate_up"), pick(f"{q.name.lower()}.moe_down_sum"),
@@ -212,7 +213,8 @@ def session_bytes(cfg: ModelConfig, ctx: int, chunk: int) -> int:
 class Scratch:
     """Activation buffers for steps of up to ``chunk`` tokens (a step of T tokens uses the first T rows)."""
 
-    def __init__(self, cfg: ModelConfig, chunk: int, ctx: int, *, f16: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, chunk: int, ctx: int, *, f16: bool = False,
+                 staged: frozenset[tuple[str, Any, int, int]] = frozenset()) -> None:
         c = chunk
         e, hc = cfg.n_embd, cfg.n_hc
         self.x_emb = _empty(c * e)
@@ -248,6 +250,10 @@ class Scratch:
         # (device, mapped) expert indices of the selected slots, for gate/up and for down (split placements)
         self.split_ids = tuple((_empty(c * cfg.n_expert_used, np.int32), _empty(c * cfg.n_expert_used, np.int32))
                                for _ in range(2))
+        # a decode step's selected experts of a host-mapped routed-expert tensor, copied to GPU memory, by
+        # (role, type, rows, cols) (see staged_experts); slot s of a copy holds slot s's expert
+        self.stage = {key: empty_packed(key[1], (cfg.n_expert_used, key[2], key[3])) for key in staged}
+        self.slot_ids = cuda.to_device(np.arange(cfg.n_expert_used, dtype=np.int32))
         self.route = RouteOut(cuda.device_array((c, cfg.n_expert_used), np.int32),
                               cuda.device_array((c, cfg.n_expert_used), np.float32))
         n_slot = c * cfg.n_expert_used
@@ -274,7 +280,21 @@ class Scratch:
                        + cfg.hc_mix_dim)
         per_tok += cfg.n_expert_used * max(cfg.n_embd, cfg.n_ff_exp) * 2      # Q8_K slot rows, staged copies
         per_tok += 8 * cfg.n_head * cfg.head_dim + 4 * (ctx + cfg.indexer_top_k)    # attention partials, indexer
-        return c * per_tok + cfg.n_vocab * 4 + ctx + (256 << 20)
+        # staged experts: gate, up and down of the selected experts, at most 4.5 bits a weight (Q4_K)
+        stage = 3 * cfg.n_expert_used * cfg.n_ff_exp * cfg.n_embd * 9 // 16
+        return c * per_tok + cfg.n_vocab * 4 + ctx + stage + (256 << 20)
+
+
+def staged_experts(weights: Weights, plan: Any) -> frozenset[tuple[str, Any, int, int]]:
+    """The staging copies a decode step needs: (role, type, rows, cols) of every routed-expert tensor that
+    ``plan`` leaves host-mapped in whole or part (``gate`` and ``up`` go together: one is staged, both are)."""
+    out = set()
+    for lw in weights.layers:
+        pairs = (("gate", lw.ffn_gate_exps), ("up", lw.ffn_up_exps))
+        for role_infos in (pairs, (("down", lw.ffn_down_exps),)):
+            if any(plan.where(info.name) != "device" for _, info in role_infos):
+                out |= {(role, info.qtype, *info.shape[1:]) for role, info in role_infos}
+    return frozenset(out)
 
 
 #: the Q8_0 weights of a layer that steps multiply as matmuls (what the cublas strategy copies to F16)
@@ -596,10 +616,14 @@ class _Builder:
         that gate, up and down read each expert's weights once per tile of its
         slots (int8 tensor-core tiles where the GPU has them), gate and up from
         one Q8_K row per token; the same integer dots and float64 sums as the
-        per-slot kernels, so the same values.  An expert tensor the placement split between GPU and host-mapped
-        memory (``SplitExperts``) runs as two launches, one per copy, each
-        skipping the other's slots; the split down projection writes per-slot
-        outputs that ``moe.slot_sum`` adds in slot order, as the fused
+        per-slot kernels, so the same values.  A decode step whose experts the
+        placement left in host memory, in whole or part, first copies the
+        selected ones to GPU memory (``moe.stage_experts``: one wide read of
+        each, at the bus's streaming rate) and runs the same kernels over the
+        copies.  A prefill step over a tensor split between GPU and
+        host-mapped memory (``SplitExperts``) runs two launches, one per copy,
+        each skipping the other's slots; the split down projection writes
+        per-slot outputs that ``moe.slot_sum`` adds in slot order, as the fused
         ``moe_down_sum`` does: placement never changes the numerics.
         """
         cfg, k, s, T = self.cfg, self.k, self.s, self.T
@@ -625,13 +649,21 @@ class _Builder:
         gate_up = k.moe[lw.ffn_gate_exps.qtype][0]
         _, down_sum, down_matvec = k.moe[lw.ffn_down_exps.qtype]
         if T == 1:
+            # a decode step: experts in host memory are first copied to GPU memory (stage_experts)
             xk = _q8_K_rows(s.act_k, e // 256, 0, 1)
             k.quant_q8_K(x_norm.reshape(1, e), out=xk)
-        else:
-            slots = s.x_slots[:T * n_used * e]
-            k.expand(x_norm.reshape(T, e), out=slots, n_hc=n_used)
-            xk = _q8_K_rows(s.act_k, e // 256, 0, T * n_used)
-            k.quant_q8_K(slots.reshape(T * n_used, e), out=xk)
+            (g, u), ids = self.staged((("gate", lw.ffn_gate_exps), ("up", lw.ffn_up_exps)), sel)
+            gate_up(g, u, ids, weights, xk, clamp, out=mid)
+            mk = _q8_K_rows(s.act_k, ff // 256, 0, n_used)
+            k.quant_q8_K(mid.reshape(n_used, ff), out=mk)
+            (d,), ids = self.staged((("down", lw.ffn_down_exps),), sel)
+            down_sum(d, ids, mk, out=routed)
+            return routed
+        # a prefill step over experts split between GPU and host memory: per-slot kernels, one launch per copy
+        slots = s.x_slots[:T * n_used * e]
+        k.expand(x_norm.reshape(T, e), out=slots, n_hc=n_used)
+        xk = _q8_K_rows(s.act_k, e // 256, 0, T * n_used)
+        k.quant_q8_K(slots.reshape(T * n_used, e), out=xk)
         if isinstance(gate, SplitExperts) or isinstance(up, SplitExperts):
             if not (isinstance(gate, SplitExperts) and isinstance(up, SplitExperts)
                     and gate.device_ids == up.device_ids):
@@ -643,9 +675,6 @@ class _Builder:
             gate_up(gate, up, sel, weights, xk, clamp, out=mid)
         mk = _q8_K_rows(s.act_k, ff // 256, 0, T * n_used)
         k.quant_q8_K(mid.reshape(T * n_used, ff), out=mk)
-        if T == 1 and not isinstance(down, SplitExperts):
-            down_sum(down, sel, mk, out=routed)
-            return routed
         slot_out = s.slot_out[:T * n_used * e]
         if isinstance(down, SplitExperts):
             for part, ids in zip(("device", "mapped"), self.split_ids(down, sel, 1)):
@@ -654,6 +683,23 @@ class _Builder:
             down_matvec(down, sel, mk, out=slot_out)
         k.slot_sum(slot_out, T, n_used, out=routed)
         return routed
+
+    def staged(self, role_infos: tuple[tuple[str, Any], ...], sel: Any) -> tuple[tuple[Any, ...], Any]:
+        """A decode step's routed-expert tensors (one role each) and the expert index of each slot in them: the
+        tensors as placed (``sel``) when all are in GPU memory, else their selected experts copied to GPU
+        memory (``Scratch.stage``; slot s at index s)."""
+        ws = [self.w(info) for _, info in role_infos]
+        if all(self.res.plan.where(info.name) == "device" for _, info in role_infos):
+            return tuple(ws), sel
+        staged = []
+        for (role, info), w in zip(role_infos, ws):
+            out = self.s.stage[(role, info.qtype, *info.shape[1:])]
+            if isinstance(w, SplitExperts):
+                self.k.stage_experts(w.device, sel, out=out, w_host=w.mapped, slot_of=w.slot_of)
+            else:
+                self.k.stage_experts(w, sel, out=out)
+            staged.append(out)
+        return tuple(staged), self.s.slot_ids
 
     def split_ids(self, w: SplitExperts, sel: Any, which: int) -> tuple[Any, Any]:
         """The slots' expert indices in ``w.device`` and in ``w.mapped`` (-1: the other copy's slot)."""

@@ -30,7 +30,8 @@ from ds4nb.cache.residency import load_residency
 from ds4nb.dispatch.device import probe_device
 from ds4nb.engine.graph import GroupTime, StepRunner, graphs_requested, kernel_launches, time_groups
 from ds4nb.engine.model import (Kernels, Scratch, StepContext, alloc_layer_states, build_step,
-                                Q8_MATMUL_WEIGHTS, f16_copies, prefill_chunk, session_bytes, state_bytes)
+                                Q8_MATMUL_WEIGHTS, f16_copies, prefill_chunk, session_bytes, staged_experts,
+                                state_bytes)
 from ds4nb.engine.q8_timing import q8_dispatch
 from ds4nb.engine.step import StepInput, StepLayout
 from ds4nb.errors import Ds4Error
@@ -90,7 +91,7 @@ class CudaEngine(Engine):
         self._counts = cuda.to_device(np.zeros((cfg.n_layer, cfg.n_expert), np.int32)) if count_experts else None
         kernels = Kernels(device, self.dispatch, expert_types)
         use_f16 = "cublas" in self.dispatch.strategies()
-        scratch = Scratch(cfg, self.chunk, ctx, f16=use_f16)
+        scratch = Scratch(cfg, self.chunk, ctx, f16=use_f16, staged=staged_experts(w, self.plan))
         # the cublas strategy's F16 weight copies: in what is left after weights, state and scratch
         self.f16 = f16_copies(w, self.res, self._f16_budget(), self.stream) if use_f16 else {}
         self._step = StepContext(cfg, w, self.res, kernels, self.layout, self.states, scratch, self.inputs, ctx,

@@ -693,6 +693,101 @@ def split_ids(ids: Any, slot_of: Any, *, out: tuple[Any, Any], stream: Any = 0) 
     return out
 
 
+# Staging: a decode step copies its selected host-mapped experts into GPU memory with one wide, coalesced
+# read of each expert (the copy streams at the bus's read-only rate, ``measure_read_bandwidth``'s host number),
+# then runs the expert kernels over the copies.  Read in place, the expert kernels keep too few bytes in flight
+# for the bus's latency (bench/kernels.py --only host).
+
+STAGE_THREADS = 32 if SIMULATOR else 256
+STAGE_BLOCKS = 1024     # per launch, across the slots: ~8 blocks an SM keep ~8 MB of loads in flight
+
+
+@device
+def _stage_field(src, dst, k, s, n, t, stride):
+    """``dst[s * n + j] = src[k * n + j]`` for ``j = t, t + stride, ... < n``: one field of expert ``k`` into
+    slot ``s``, four loads in flight a thread before their stores (all index arithmetic in uint64)."""
+    a = uint64(k) * uint64(n)
+    b = uint64(s) * uint64(n)
+    j = uint64(t)
+    m = uint64(n)
+    s1 = uint64(stride)
+    s2 = s1 + s1
+    s3 = s2 + s1
+    s4 = s2 + s2
+    while j + s3 < m:
+        v0 = src[a + j]
+        v1 = src[a + j + s1]
+        v2 = src[a + j + s2]
+        v3 = src[a + j + s3]
+        dst[b + j] = v0
+        dst[b + j + s1] = v1
+        dst[b + j + s2] = v2
+        dst[b + j + s3] = v3
+        j += s4
+    while j < m:
+        dst[b + j] = src[a + j]
+        j += s1
+
+
+@cuda.jit
+def _stage_kernel(ids, split, slot_of, d_qs, d_sc, d_dm, h_qs, h_sc, h_dm, o_qs, o_sc, o_dm, n_qs, n_sc, n_dm):
+    """Slot ``blockIdx.y``'s expert into slot ``blockIdx.y`` of ``o``: from ``d`` (``d``'s index ``k >= 0``) or
+    ``h`` (index ``-1 - k``), ``k = slot_of[e]`` when ``split``, else ``e`` (one source); ``n_*``: words an expert."""
+    s = cuda.blockIdx.y
+    e = ids[s]
+    k = slot_of[e] if split else e
+    t = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    stride = cuda.gridDim.x * cuda.blockDim.x
+    if k >= 0:
+        _stage_field(d_qs, o_qs, k, s, n_qs, t, stride)
+        _stage_field(d_sc, o_sc, k, s, n_sc, t, stride)
+        _stage_field(d_dm, o_dm, k, s, n_dm, t, stride)
+    else:
+        _stage_field(h_qs, o_qs, -1 - k, s, n_qs, t, stride)
+        _stage_field(h_sc, o_sc, -1 - k, s, n_sc, t, stride)
+        _stage_field(h_dm, o_dm, -1 - k, s, n_dm, t, stride)
+
+
+def _expert_words(arr: Any, n_expert: int) -> tuple[Any, int]:
+    """``arr`` (one field of ``n_expert`` experts) viewed in the widest words that tile an expert, and the number
+    of words an expert takes (wide words: fewer, larger bus reads)."""
+    per = arr.size * arr.dtype.itemsize // n_expert
+    for width, dt in ((8, np.uint64), (4, np.uint32), (2, np.uint16)):
+        if per % width == 0:
+            return L.flat(arr).view(dt), per // width
+    return L.flat(arr).view(np.uint8), per
+
+
+def _fields_words(w: PackedWeight) -> list[tuple[Any, int]]:
+    e = w.shape[0]
+    return [_expert_words(a, e) if a is not None else (L.placeholder(np.uint64), 0) for a in (w.qs, w.sc, w.dm)]
+
+
+@implementation("moe.stage_experts", "grid_stride_copy", layout="block-minor")
+def stage_experts(w: PackedWeight, ids: Any, *, out: PackedWeight, w_host: PackedWeight | None = None,
+                  slot_of: Any = None, stream: Any = 0) -> PackedWeight:
+    """``out``'s expert ``s`` = expert ``ids[s]`` of a routed-expert tensor, copied word for word.
+
+    The tensor is ``w`` alone (in GPU or host-mapped memory), or split: expert
+    ``e`` is ``w[slot_of[e]]`` when ``slot_of[e] >= 0``, else
+    ``w_host[-1 - slot_of[e]]`` (``cache.residency.SplitExperts``).  ``out``
+    holds ``ids.size`` experts of ``w``'s type and row shape.
+    """
+    n = ids.size
+    src = _fields_words(w)
+    host = _fields_words(w_host) if w_host is not None else src
+    dst = _fields_words(out)
+    if [x[1] for x in src] != [x[1] for x in dst] or [x[1] for x in host] != [x[1] for x in dst]:
+        raise ValueError(f"stage_experts: expert sizes differ ({w.shape}, {out.shape})")
+    split = slot_of is not None
+    words = sum(x[1] for x in dst)
+    bx = max(1, min(L.cdiv(words, 4 * STAGE_THREADS), STAGE_BLOCKS // n))
+    L.launch(_stage_kernel, (bx, n), STAGE_THREADS, stream, L.flat(ids), split,
+             slot_of if split else L.placeholder(np.int32), *(x[0] for x in src), *(x[0] for x in host),
+             *(x[0] for x in dst), *(x[1] for x in dst))
+    return out
+
+
 @cuda.jit
 def _count_kernel(ids, n, counts):
     i = cuda.grid(1)
@@ -881,10 +976,40 @@ def _case_split(rng: np.random.Generator, scale: str) -> Case:
     return Case((cuda.to_device(ids), cuda.to_device(slot_of)), out, (want_dev, want_host), (True, True))
 
 
+def _case_stage(rng: np.random.Generator, scale: str) -> Case:
+    qtype = [Q.IQ2_XXS, Q.Q2_K, Q.Q4_K][int(rng.integers(3))]
+    n_expert, n, k, n_used = (6, 4, 512, 3) if scale == "tiny" else (16, 2048, 4096, 6)
+    host = repack(random_blocks(qtype, (n_expert, n, k), rng, rms=0.02), qtype, (n_expert, n, k))
+    ids = rng.integers(0, n_expert, n_used).astype(np.int32)
+    out = PackedWeight(qtype, (n_used, n, k), *(None if a is None else L.device_array(a.size // n_expert * n_used,
+                                                                                       a.dtype)
+                                                for a in (host.qs, host.sc, host.dm)))
+    want = tuple(a.reshape(n_expert, -1)[ids].reshape(-1) for a in (host.qs, host.sc, host.dm) if a is not None)
+    if rng.integers(2):     # one tensor
+        return Case((host.to_device(), cuda.to_device(ids)), out, want, (True,) * len(want))
+    on_gpu = np.sort(rng.permutation(n_expert)[:int(rng.integers(1, n_expert))])
+    off = np.setdiff1d(np.arange(n_expert), on_gpu)
+    slot_of = np.empty(n_expert, np.int32)
+    slot_of[on_gpu], slot_of[off] = np.arange(on_gpu.size), -1 - np.arange(off.size)
+
+    def part(experts: np.ndarray) -> PackedWeight:
+        return PackedWeight(qtype, (experts.size, n, k), *(None if a is None else
+                                                          a.reshape(n_expert, -1)[experts].reshape(-1)
+                                                          for a in (host.qs, host.sc, host.dm))).to_device()
+
+    return Case((part(on_gpu), cuda.to_device(ids)), out, want, (True,) * len(want),
+                kwargs={"w_host": part(off), "slot_of": cuda.to_device(slot_of)})
+
+
 OPS = [
     OpSpec("moe.split_ids", "selected experts -> their index in the GPU copy and in the host-mapped copy (-1: "
            "the other one)", "(ids i32 (n,), slot_of i32 (n_expert,), *, out (dev_ids, host_ids) i32 (n,), stream)",
            "numpy searchsorted over the resident / mapped expert ids", 0.0, _case_split),
+    OpSpec("moe.stage_experts", "the selected experts of a routed-expert tensor (one copy, or split between "
+           "GPU and host-mapped memory) copied into GPU memory, slot by slot",
+           "(w: PackedWeight (E, N, K), ids i32 (n,), *, out: PackedWeight (n, N, K), w_host: PackedWeight | None, "
+           "slot_of i32 (E,) | None, stream)",
+           "numpy fancy indexing of each block-minor field by expert", 0.0, _case_stage),
 ]
 for _qt in QTYPES:
     _q = _qt.name.lower()

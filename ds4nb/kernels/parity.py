@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ds4nb.kernels.registry import Implementation, KernelRegistry
+from ds4nb.quants.repack import PackedWeight
 
 SCALES = ("tiny", "model")
 
@@ -99,7 +100,10 @@ class ParityResult:
 
 
 def outputs_of(out: Any) -> tuple:
-    """The output arrays of ``out``: itself, or a tuple's given entries (optional outputs left None are not)."""
+    """The output arrays of ``out``: itself, a tuple's given entries (optional outputs left None are not), or a
+    ``PackedWeight``'s fields."""
+    if isinstance(out, PackedWeight):
+        return tuple(a for a in (out.qs, out.sc, out.dm) if a is not None)
     if isinstance(out, tuple):
         return tuple(o for o in out if o is not None)
     return (out,)
