@@ -21,7 +21,6 @@ from numba import cuda
 
 from ds4nb.kernels import attention as A
 from ds4nb.kernels import attention_mma as M
-from ds4nb.kernels.activation import alloc_q8_0
 from ds4nb.kernels.parity import CONTRACT_RATE, contract_error
 from ds4nb.kernels.registry import DeviceInfo
 from ds4nb.kernels.rope import make_test_rope
@@ -78,19 +77,12 @@ def prefill_step(rng: np.random.Generator, *, n_head: int, head_dim: int, n_tok:
 
 
 def run_both(inputs: tuple, kwargs: dict, **knobs) -> tuple[np.ndarray, np.ndarray]:
-    """(the MMA kernel's outputs, split_heads8's) for the same step; each also in Q8_0, as rows of a token's
-    heads (the combine's quantization, checked against the numpy twin's of the outputs)."""
-    from test_kernels_model_ops import check_quantized
-
-    n, n_row = inputs[0].size, inputs[3].size * inputs[1].shape[1]
-    outs = []
-    for run in (lambda **kw: M.attention_mma(*inputs, mma=True, **knobs, **kw),
-                lambda **kw: A.attention_decode(*inputs, **kw)):
-        out, q8 = poisoned(n), alloc_q8_0(n // n_row, n_row)
-        run(out=out, q8_out=q8, **kwargs)
-        outs.append(out.copy_to_host())
-        check_quantized(outs[-1].reshape(-1, n_row), q8)
-    return outs[0], outs[1]
+    """(the MMA kernel's outputs, split_heads8's) for the same step."""
+    n = inputs[0].size
+    mma, dec = poisoned(n), poisoned(n)
+    M.attention_mma(*inputs, out=mma, mma=True, **knobs, **kwargs)
+    A.attention_decode(*inputs, out=dec, **kwargs)
+    return mma.copy_to_host(), dec.copy_to_host()
 
 
 STEPS = {
@@ -141,12 +133,9 @@ def test_launcher_takes_split_heads8_only_without_f64_mma(kernel_rng, monkeypatc
                                        top=0)
     # the simulator has no float64 MMA (has_f64_mma() is False): the same kernels as attention_decode, same bits
     out, dec = poisoned(ref.size), poisoned(ref.size)
-    q8, q8_dec = alloc_q8_0(1, ref.size), alloc_q8_0(1, ref.size)     # passed on to the kernels it takes
-    M.attention_mma(*inputs, out=out, q8_out=q8, q8_row=ref.size, **kwargs)
-    A.attention_decode(*inputs, out=dec, q8_out=q8_dec, q8_row=ref.size, **kwargs)
+    M.attention_mma(*inputs, out=out, **kwargs)
+    A.attention_decode(*inputs, out=dec, **kwargs)
     assert np.array_equal(out.copy_to_host(), dec.copy_to_host())
-    assert np.array_equal(q8.qs.copy_to_host(), q8_dec.qs.copy_to_host())
-    assert np.array_equal(q8.d.copy_to_host(), q8_dec.d.copy_to_host())
     # with float64 MMA: a decode step (one token, 8 heads a block) and a prefill step both take the MMA kernel
     calls = []
     decode = A.attention_decode

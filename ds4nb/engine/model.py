@@ -528,8 +528,7 @@ class _Builder:
                 sel = self.indexer_select(il, ls)
         k.family("attention")                                                     # steps 11-12
         k.attention(q, ls.raw, ls.comp, self.w(lw.attn_sinks), sel, out=out, steps=steps, grp=grp,
-                    max_rows=cfg.n_swa + self.max_visible(il), rope=rope, scratch=s.attn_scratch,
-                    q8_out=self.decode_q8_0(cfg.n_out_group * cfg.out_group_dim), q8_row=cfg.out_group_dim)
+                    max_rows=cfg.n_swa + self.max_visible(il), rope=rope, scratch=s.attn_scratch)
 
     def max_visible(self, il: int) -> int:
         """Most compressed rows one token of layer ``il`` attends to (the indexer's k caps CSA layers)."""
@@ -562,8 +561,8 @@ class _Builder:
         G, gd, rank = cfg.n_out_group, cfg.out_group_dim, cfg.out_lora_rank
         low = s.low[:T * G * rank]
         out_a = self.w(lw.attn_output_a)
-        if T == 1:                                      # attention left the heads' Q8_0 (rows: the groups)
-            k.q8_grouped_matvec(out_a, _q8_0_rows(s.act, gd // 32, 0, G), out=low)   # group g is "row" g
+        if T == 1:
+            k.q8_grouped_matvec(out_a, self.quant_q8_0(heads, G, gd), out=low)   # group g is "row" g
         else:
             by_group = s.heads_g[:T * G * gd]
             k.swap01(heads, T, G, gd, out=by_group)                               # (T, G, gd) -> (G, T, gd)

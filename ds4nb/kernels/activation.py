@@ -189,23 +189,15 @@ def _xor_word(ws, w, m):
 
 
 @device
-def q8_0_blocks(x, k, xq, xd, t, b0, b1, tid, n_threads):
-    """Q8_0 blocks ``[b0, b1)`` of row ``t`` of ``x`` (rows of ``k`` values) quantized by the ``n_threads``
-    threads of a block (a multiple of 32 on the GPU: every lane takes part in each pass, so the lanes of a
-    Q8_0 block stay together for the amax shuffles): the values of ``act.quantize_q8_0``, for a kernel that
-    has just written them."""
+def q8_0_row(x, k, xq, xd, t, tid, n_threads):
+    """Row ``t`` of ``x`` (``k`` values) quantized to Q8_0 by the ``n_threads`` threads of a block (a multiple
+    of 32 on the GPU: every lane takes part in each pass, so the block's lanes stay together for the amax
+    shuffles): the values of ``act.quantize_q8_0``, for a kernel that has just written the row."""
     nb = k // QK8_0
-    lanes = (b1 - b0) * Q8_0_LANES
+    lanes = nb * Q8_0_LANES
     for p in range((lanes + n_threads - 1) // n_threads):
         i = p * n_threads + tid
-        b = b0 + i // Q8_0_LANES
-        _q8_0_block(x, k, nb, xq, xd, t, b if b < b1 else nb, i % Q8_0_LANES)   # nb: an idle lane
-
-
-@device
-def q8_0_row(x, k, xq, xd, t, tid, n_threads):
-    """Row ``t`` of ``x`` quantized to Q8_0 by a block's threads (:func:`q8_0_blocks`)."""
-    q8_0_blocks(x, k, xq, xd, t, 0, k // QK8_0, tid, n_threads)
+        _q8_0_block(x, k, nb, xq, xd, t, i // Q8_0_LANES, i % Q8_0_LANES)
 
 
 @device

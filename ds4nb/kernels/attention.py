@@ -78,7 +78,6 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.activation import Q8_0Act, q8_0_blocks
 from ds4nb.kernels.f16_matvec import block_sum, group_max, group_sum
 from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, rint
 from ds4nb.kernels.parity import CONTRACT, Case
@@ -557,32 +556,27 @@ def _combine_kernel(head_dim: int) -> Any:
         out[h * HD + 2 * p + 1] = y1
 
     @cuda.jit
-    def combine_kernel(part_m, part_l, part_acc, n_split, n_head, sinks, out_all, do_rope, steps, rec,
-                       n_rot, ts, fscale, ext, low, denom, msc, q8_qs, q8_d, has_q8, q8_k):
+    def combine_kernel(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, steps, rec,
+                       n_rot, ts, fscale, ext, low, denom, msc):
         t = cuda.blockIdx.y                 # the step's token t
         part_m = part_m[t * n_split * n_head:]
         part_l = part_l[t * n_split * n_head:]
         part_acc = part_acc[t * n_split * n_head * HD:]
-        out = out_all[t * n_head * HD:]
+        out = out[t * n_head * HD:]
         pos = steps[rec + t * NF + POS]
         h = cuda.blockIdx.x
         p = cuda.threadIdx.x
         fs = cuda.shared.array(MAX_SPLITS, float64)
         den = split_factors(part_m, part_l, n_split, n_head, h, float64(sinks[h]), fs)
-        if 2 * p < HD:
-            combine_pair(part_acc, n_split, n_head, fs, den, out, do_rope, pos, n_rot, ts, fscale, ext, low, denom,
-                         msc, p)
+        if 2 * p >= HD:
+            return
+        combine_pair(part_acc, n_split, n_head, fs, den, out, do_rope, pos, n_rot, ts, fscale, ext, low, denom, msc, p)
         if PAIRS > 1:  # the simulator: this thread's further pairs (a constant-false branch on the GPU)
             for e in range(1, PAIRS):
                 if 2 * (p + e * cuda.blockDim.x) >= HD:
                     break
                 combine_pair(part_acc, n_split, n_head, fs, den, out, do_rope, pos, n_rot, ts, fscale, ext, low,
                              denom, msc, p + e * cuda.blockDim.x)
-        if has_q8:      # the head's Q8_0 blocks, in rows of q8_k values (a launch argument: uniform)
-            cuda.syncthreads()
-            e0 = (t * n_head + h) * HD
-            b0 = (e0 % q8_k) // 32
-            q8_0_blocks(out_all, q8_k, q8_qs, q8_d, e0 // q8_k, b0, b0 + HD // 32, p, cuda.blockDim.x)
 
     return combine_kernel
 
@@ -632,8 +626,7 @@ def attn_geometry(n_head: int, head_dim: int, n_total: int, hpb: int | None = No
 def attention_decode(q: Any, raw: Any, comp: Any | None, sinks: Any, sel: Any | None = None, *, out: Any,
                      steps: Any, rec: int = 0, grp: int = GROUP0, max_rows: int, rope: Any | None = None,
                      scratch: AttnScratch | None = None, hpb: int | None = None, chunk: int = 32,
-                     splits: int | None = None, q8_out: Q8_0Act | None = None, q8_row: int = 0,
-                     stream: Any = 0) -> Any:
+                     splits: int | None = None, stream: Any = 0) -> Any:
     """Attention of the step's queries q (T, n_head, head_dim) over their window rows and compressed rows.
 
     Token ``t``'s step record (``steps[rec + t * NF:]``, ``ds4nb.kernels.step``)
@@ -650,8 +643,7 @@ def attention_decode(q: Any, raw: Any, comp: Any | None, sinks: Any, sel: Any | 
     rotated back by the angle of ``POS`` (step 12).  ``raw`` and ``comp`` must
     share a dtype (F16 or F32).  ``hpb``/``chunk``/``splits`` override the
     geometry (heads per block, rows per chunk, row splits) for tests and
-    benchmarks.  ``q8_out``: the output also in Q8_0, as rows of ``q8_row``
-    values (``combine_splits``; a decode step's grouped output projection).
+    benchmarks.
     """
     n_head, head_dim = sinks.size, raw.shape[1]
     if q.size % (n_head * head_dim) or head_dim % 32:
@@ -673,7 +665,7 @@ def attention_decode(q: Any, raw: Any, comp: Any | None, sinks: Any, sel: Any | 
              L.flat(q), L.flat(raw), raw.shape[0], L.flat(comp), L.flat(sel_arr), sel_stride, steps, int(rec),
              int(grp), kq, n_head, scratch.part_m, scratch.part_l, scratch.part_acc)
     combine_splits(scratch, n_split, sinks, out=out, n_tok=n_tok, head_dim=head_dim, rope=rope, steps=steps,
-                   rec=rec, q8_out=q8_out, q8_row=q8_row, stream=stream)
+                   rec=rec, stream=stream)
     return out
 
 
@@ -687,21 +679,13 @@ def scratch_splits(scratch: AttnScratch, n_head: int, n_tok: int, n_split: int) 
 
 
 def combine_splits(scratch: AttnScratch, n_split: int, sinks: Any, *, out: Any, n_tok: int, head_dim: int,
-                   rope: Any | None, steps: Any, rec: int = 0, q8_out: Q8_0Act | None = None, q8_row: int = 0,
-                   stream: Any = 0) -> None:
+                   rope: Any | None, steps: Any, rec: int = 0, stream: Any = 0) -> None:
     """The second kernel of ``attn.decode``: each (head, token)'s ``n_split`` partials merged with the sink,
-    divided and rounded once into ``out``, then the inverse RoPE of the tail when ``rope`` is given.
-    ``q8_out``: ``out`` also quantized to Q8_0, as rows of ``q8_row`` values (default: a token's heads; the
-    grouped output projection reads groups of heads), each block quantizing its head."""
+    divided and rounded once into ``out``, then the inverse RoPE of the tail when ``rope`` is given."""
     n_head = sinks.size
-    q8_row = q8_row or n_head * head_dim
-    if q8_out is not None and (head_dim % 32 or q8_row % head_dim or (n_tok * n_head * head_dim) % q8_row):
-        raise ValueError(f"attn.decode: Q8_0 rows of {q8_row} values do not hold whole heads of {head_dim}")
-    q8 = q8_out or Q8_0Act(L.placeholder(np.uint64), L.placeholder(np.float32))
     L.launch(_combine_kernel(head_dim), (n_head, n_tok), pair_threads(head_dim), stream,
              scratch.part_m, scratch.part_l, scratch.part_acc, n_split, n_head, L.flat(sinks), L.flat(out),
-             int(rope is not None), steps, int(rec), *_rope(rope, head_dim), q8.qs, q8.d, int(q8_out is not None),
-             q8_row)
+             int(rope is not None), steps, int(rec), *_rope(rope, head_dim))
 
 
 # ---------------------------------------------------------------------------
