@@ -348,8 +348,7 @@ class StepContext:
 @dataclass
 class MatIn:
     """A float32 activation (rows, n) entering Q8_0 matmuls, with the forms the strategies read, each made once
-    when first needed (in the step's launch order): Q8_0 blocks (``warp8``, ``mmq``), F16 (``cublas``).  A
-    decode step's producer may write the Q8_0 blocks itself (``q8`` given: ``hc.pre``, ``norm.rms``)."""
+    when first needed (in the step's launch order): Q8_0 blocks (``warp8``, ``mmq``), F16 (``cublas``)."""
 
     x: Any
     rows: int
@@ -440,18 +439,16 @@ class _Builder:
         cfg, k, s, T = self.cfg, self.k, self.s, self.T
         e, rank, qd, hd = cfg.n_embd, cfg.q_lora_rank, cfg.q_dim, cfg.head_dim
         k.family("hc")
-        pre = self.hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm,   # steps 2-4
-                          q8_0=True, ss_ready=il > 0)
+        pre = self.hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm)   # steps 2-4
         with self.concurrent():                                                   # beside steps 5-7:
             self.hc_comb(pre, lw.hc_attn_scale, lw.hc_attn_base)                  # step 3's Sinkhorn
             self.compressors_project(il, lw, pre.x_norm)                          # step 9a
         k.family("attn_proj")
-        x = MatIn(pre.x_norm, T, e, q8=pre.x_norm_q8)                             # step 5
+        x = MatIn(pre.x_norm, T, e)                                               # step 5
         qr, qr_norm, q, kv = s.qr[:T * rank], s.qr_norm[:T * rank], s.q[:T * qd], s.kv[:T * hd]
         self.q8_pair(lw.attn_q_a, lw.attn_kv, x, qr, kv)                           # step 6 (same activation)
-        qn = MatIn(qr_norm, T, rank, q8=self.decode_q8_0(rank))
-        k.rms(qr.reshape(T, rank), self.w(lw.attn_q_a_norm), cfg.rms_eps, out=qr_norm, q8_out=qn.q8)
-        self.q8(lw.attn_q_b, qn, q)
+        k.rms(qr.reshape(T, rank), self.w(lw.attn_q_a_norm), cfg.rms_eps, out=qr_norm)
+        self.q8(lw.attn_q_b, MatIn(qr_norm, T, rank), q)
         k.family("attention")
         k.q_norm_rope(q, out=q, n_head=cfg.n_head, head_dim=hd, eps=cfg.rms_eps, rope=self.ropes[il],
                       steps=self.sc.inputs.steps)                                 # steps 5.4, 7 (q)
@@ -461,7 +458,7 @@ class _Builder:
         k.family("attn_proj")
         y = self.grouped_output(il, lw, heads)                                    # step 13
         k.family("hc")
-        k.hc_post(y, hc, pre.post, pre.comb, out=hc_out, n_hc=cfg.n_hc, ss_out=s.hc_scratch)       # step 14
+        k.hc_post(y, hc, pre.post, pre.comb, out=hc_out, n_hc=cfg.n_hc)           # step 14
 
     def compressors_project(self, il: int, lw: LayerWeights, x_norm: Any) -> None:
         """Step 9a for the step's tokens: the compressor projections (attention and, CSA, indexer)."""
@@ -582,15 +579,14 @@ class _Builder:
         cfg, k, s, T = self.cfg, self.k, self.s, self.T
         e, n_used, ff = cfg.n_embd, cfg.n_expert_used, cfg.n_ff_exp
         k.family("hc")
-        pre = self.hc_pre(hc, lw.hc_ffn_fn, lw.hc_ffn_scale, lw.hc_ffn_base, lw.ffn_norm,        # step 15
-                          q8_0=True, q8_K=True, ss_ready=True)
+        pre = self.hc_pre(hc, lw.hc_ffn_fn, lw.hc_ffn_scale, lw.hc_ffn_base, lw.ffn_norm)        # step 15
         x_norm = pre.x_norm
         shared = s.shared[:T * e]
         with self.concurrent():                                                   # beside steps 16-17:
             self.hc_comb(pre, lw.hc_ffn_scale, lw.hc_ffn_base)                    # step 15's Sinkhorn
             k.family("shared_expert")                                             # step 18
             g, u = s.sh_gate[:T * ff], s.sh_up[:T * ff]
-            self.q8_pair(lw.ffn_gate_shexp, lw.ffn_up_shexp, MatIn(x_norm, T, e, q8=pre.x_norm_q8), g, u)
+            self.q8_pair(lw.ffn_gate_shexp, lw.ffn_up_shexp, MatIn(x_norm, T, e), g, u)
             k.swiglu(g, u, cfg.swiglu_clamp_exp[il], out=g)
             self.q8(lw.ffn_down_shexp, MatIn(g, T, ff), shared)
         k.family("router")
@@ -608,15 +604,12 @@ class _Builder:
         if self.sc.expert_counts is not None:                                     # ds4nb profile
             k.count_experts(sel_flat, out=self.sc.expert_counts[il])
         k.family("routed_experts")                                                # step 17
-        routed = self.routed_experts(il, lw, x_norm, sel_flat, route.weights.reshape(T * n_used), pre.x_norm_q8k)
+        routed = self.routed_experts(il, lw, x_norm, sel_flat, route.weights.reshape(T * n_used))
         k.join()                                                                  # comb, the shared expert
         k.family("hc")                                                            # step 19: routed + shared
-        last = il == cfg.n_layer - 1                                              # (hc.head: its own scratch)
-        k.hc_post(routed, hc, pre.post, pre.comb, out=hc_out, n_hc=cfg.n_hc, y2=shared,
-                  ss_out=None if last else s.hc_scratch)
+        k.hc_post(routed, hc, pre.post, pre.comb, out=hc_out, n_hc=cfg.n_hc, y2=shared)
 
-    def routed_experts(self, il: int, lw: LayerWeights, x_norm: Any, sel: Any, weights: Any,
-                       xk: Q8KAct | None = None) -> Any:
+    def routed_experts(self, il: int, lw: LayerWeights, x_norm: Any, sel: Any, weights: Any) -> Any:
         """Step 17: the selected experts' clamped SwiGLU (gate, up), then their down projections summed.
 
         A prefill step groups its slots by expert (``moe.group_slots``), so
@@ -657,9 +650,8 @@ class _Builder:
         _, down_sum, down_matvec = k.moe[lw.ffn_down_exps.qtype]
         if T == 1:
             # a decode step: experts in host memory are first copied to GPU memory (stage_experts)
-            if xk is None:                                   # else hc.pre quantized x_norm
-                xk = _q8_K_rows(s.act_k, e // 256, 0, 1)
-                k.quant_q8_K(x_norm.reshape(1, e), out=xk)
+            xk = _q8_K_rows(s.act_k, e // 256, 0, 1)
+            k.quant_q8_K(x_norm.reshape(1, e), out=xk)
             (g, u), ids = self.staged((("gate", lw.ffn_gate_exps), ("up", lw.ffn_up_exps)), sel)
             gate_up(g, u, ids, weights, xk, clamp, out=mid)
             mk = _q8_K_rows(s.act_k, ff // 256, 0, n_used)
@@ -770,27 +762,16 @@ class _Builder:
             self.k.to_f16(x.x[:x.rows * x.n], out=x.f16)
         return x.f16
 
-    def hc_pre(self, hc: Any, fn: Any, scale: Any, base: Any, norm: Any, *, q8_0: bool = False,
-               q8_K: bool = False, ss_ready: bool = False) -> HcPreOut:
+    def hc_pre(self, hc: Any, fn: Any, scale: Any, base: Any, norm: Any) -> HcPreOut:
         """Steps 2-4 / 15 but comb: x, post, x_norm and the control values, whose Sinkhorn :meth:`hc_comb` runs
-        (the returned ``comb`` is its output); a decode step's x_norm also in Q8_0 (``q8_0``, in ``Scratch.act``)
-        and Q8_K (``q8_K``, in ``Scratch.act_k``) for the matvecs that read it.  ``ss_ready``: the hc.post that
-        wrote ``hc`` left its sums of squares in ``Scratch.hc_scratch``."""
+        (the returned ``comb`` is its output)."""
         cfg, s, T = self.cfg, self.s, self.T
         e, nhc = cfg.n_embd, cfg.n_hc
         out = HcPreOut(s.pre.x[:T * e], s.pre.post[:T * nhc], None, s.pre.x_norm[:T * e],
-                       s.pre.mix[:T * cfg.hc_mix_dim], self.decode_q8_0(e) if q8_0 else None,
-                       _q8_K_rows(s.act_k, e // 256, 0, 1) if q8_K and T == 1 else None)
+                       s.pre.mix[:T * cfg.hc_mix_dim])
         self.k.hc_pre(hc, self.w(fn), self.w(scale), self.w(base), self.w(norm), out=out, n_hc=nhc,
-                      iters=cfg.hc_sinkhorn_iter, hc_eps=cfg.hc_eps, rms_eps=cfg.rms_eps, scratch=s.hc_scratch,
-                      ss_ready=ss_ready)
+                      iters=cfg.hc_sinkhorn_iter, hc_eps=cfg.hc_eps, rms_eps=cfg.rms_eps, scratch=s.hc_scratch)
         return out._replace(comb=s.pre.comb[:T * nhc * nhc])
-
-    def decode_q8_0(self, n: int) -> Q8_0Act | None:
-        """Where a decode step's producer writes the Q8_0 form of its ``n``-value output (``Scratch.act``, which
-        the matvec reading it takes, see :meth:`q8_act`); None for a step of several tokens (quantized at first
-        use, if its strategy reads Q8_0)."""
-        return _q8_0_rows(self.s.act, n // 32, 0, 1) if self.T == 1 else None
 
     def hc_comb(self, pre: HcPreOut, scale: Any, base: Any) -> None:
         """Step 3's Sinkhorn: ``pre.comb`` from ``pre.mix`` (read only by the sublayer's ``hc.post``)."""

@@ -188,27 +188,6 @@ def _xor_word(ws, w, m):
     return shfl_xor(ws[w], m)
 
 
-@device
-def q8_0_row(x, k, xq, xd, t, tid, n_threads):
-    """Row ``t`` of ``x`` (``k`` values) quantized to Q8_0 by the ``n_threads`` threads of a block (a multiple
-    of 32 on the GPU: every lane takes part in each pass, so the block's lanes stay together for the amax
-    shuffles): the values of ``act.quantize_q8_0``, for a kernel that has just written the row."""
-    nb = k // QK8_0
-    lanes = nb * Q8_0_LANES
-    for p in range((lanes + n_threads - 1) // n_threads):
-        i = p * n_threads + tid
-        _q8_0_block(x, k, nb, xq, xd, t, i // Q8_0_LANES, i % Q8_0_LANES)
-
-
-@device
-def q8_K_row(x, k, yq, yd, ybs, t, tid, n_threads):
-    """Row ``t`` of ``x`` quantized to Q8_K by a block's threads, one Q8_K block a warp (``act.quantize_q8_K``'s
-    values)."""
-    nb = k // QK_K
-    for b in range(tid // Q8_K_LANES, nb, n_threads // Q8_K_LANES):
-        _q8_K_block(x, k, nb, yq, yd, ybs, t, b, tid % Q8_K_LANES)
-
-
 @cuda.jit
 def _quantize_q8_K_kernel(x, n_tok, k, yq, yd, ybs):
     nb = k // QK_K
@@ -217,12 +196,7 @@ def _quantize_q8_K_kernel(x, n_tok, k, yq, yd, ybs):
     t = gw // nb
     if t >= n_tok:
         return
-    _q8_K_block(x, k, nb, yq, yd, ybs, t, gw - t * nb, lane)
-
-
-@device
-def _q8_K_block(x, k, nb, yq, yd, ybs, t, b, lane):
-    """Lane ``lane`` (of ``Q8_K_LANES``) of Q8_K block ``b`` of row ``t``."""
+    b = gw - t * nb
     base = t * k + b * QK_K + lane * _Q8_K_VALS
     vals = cuda.local.array(_Q8_K_VALS, float32)
     # first value of largest magnitude: strict '>' keeps the first inside a

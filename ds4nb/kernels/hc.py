@@ -37,9 +37,7 @@ streams ``hc (T, n_hc, n_embd)`` into a sublayer input in three launches:
    While warp 0 runs the Sinkhorn (x needs only ``pre``), the other threads
    form ``x = float32(sum_h pre[h] * hc[h])``; then optionally
    ``x_norm = float32(x / rms(x) * norm_w)`` (the sublayer's attn_norm /
-   ffn_norm, from the rounded ``x``), and, for a decode step, x_norm in Q8_0
-   and / or Q8_K for the matvecs that read it (``activation.q8_0_row`` /
-   ``q8_K_row``: the quantize ops' values, without their launches).  Without a ``comb`` output the finish
+   ffn_norm, from the rounded ``x``).  Without a ``comb`` output the finish
    skips the Sinkhorn and writes the ``mix`` values instead: ``hc.comb`` (one
    warp a token, the same Sinkhorn) then runs where nothing waits for it (a
    decode step's branch, beside the sublayer; only ``hc.post`` reads comb).
@@ -55,9 +53,7 @@ mix kernel's.
 
 ``hc.post`` (steps 14, 19): ``new[j] = y * post[j] + sum_i comb[i, j] * hc[i]``
 in float64, one thread per output value; step 19's ``y = routed + shared``
-(one float32 addition) is formed in the same kernel.  Given ``ss_out`` it runs
-in ``_ss``'s geometry and also sums the squares of what it wrote exactly as
-``_ss`` would, so the next ``hc.pre`` (``ss_ready``) starts at ``_mix``.
+(one float32 addition) is formed in the same kernel.
 
 The simulator runs one split (``SIM`` geometry), the GPU ~one split per 128
 columns; it also runs 16 / 8 threads a block with one lane per reduction group
@@ -76,7 +72,6 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels import gemm_f64
-from ds4nb.kernels.activation import Q8_0Act, Q8KAct, q8_0_row, q8_K_row
 from ds4nb.kernels.f16_matvec import group_sum
 from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, has_f64_mma, shfl_idx
 from ds4nb.kernels.parity import CONTRACT, Case
@@ -114,24 +109,15 @@ def _ss_kernel(x, hc_dim, cols, part_ss):
     """Float64 sum of squares of each split's slice of the flattened streams -> part_ss[t, s]."""
     s = cuda.blockIdx.x
     t = cuda.blockIdx.y
+    n_split = cuda.gridDim.x
+    tid = cuda.threadIdx.x
     c0 = s * cols
     c1 = min(c0 + cols, hc_dim)
     xb = t * hc_dim
     ss = _D0
-    for c in range(c0 + cuda.threadIdx.x, c1, MIX_THREADS):
+    for c in range(c0 + tid, c1, MIX_THREADS):
         v = float64(x[xb + c])
         ss += v * v
-    _split_ss_out(ss, part_ss)
-
-
-@device
-def _split_ss_out(ss, part_ss):
-    """The block's thread partials ``ss`` summed (per warp, then the warps in order) -> part_ss[t, s] for the
-    block's split ``s`` (``blockIdx.x``) of token ``t`` (``blockIdx.y``)."""
-    s = cuda.blockIdx.x
-    t = cuda.blockIdx.y
-    n_split = cuda.gridDim.x
-    tid = cuda.threadIdx.x
     red = cuda.shared.array(MIX_WARPS, float64)
     v = group_sum(ss, LANES)
     if tid % LANES == 0:
@@ -318,8 +304,7 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
 
     @cuda.jit
     def finish_kernel(x, part_dot, n_split, n_embd, scale, base, iters, hc_eps, rms_eps,
-                      out, post, comb, has_comb, mix_out, has_mix, norm_w, has_norm, norm_out,
-                      q8_qs, q8_d, has_q8, q8k_qs, q8k_d, q8k_bs, has_q8k):
+                      out, post, comb, has_comb, mix_out, has_mix, norm_w, has_norm, norm_out):
         t = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         hc_dim = N_HC * n_embd
@@ -373,13 +358,6 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
             inv = _D1 / math.sqrt(tot / float64(n_embd) + rms_eps)
             for d in range(tid, n_embd, FINISH_THREADS):
                 norm_out[ob + d] = float32(float64(out[ob + d]) * inv * float64(norm_w[d]))
-            # x_norm quantized for the matvecs that read it (launch arguments: uniform branches)
-            if has_q8 or has_q8k:
-                cuda.syncthreads()
-            if has_q8:
-                q8_0_row(norm_out, n_embd, q8_qs, q8_d, t, tid, FINISH_THREADS)
-            if has_q8k:
-                q8_K_row(norm_out, n_embd, q8k_qs, q8k_d, q8k_bs, t, tid, FINISH_THREADS)
 
     return mix_kernel, finish_kernel
 
@@ -403,17 +381,14 @@ def _comb_kernel(n_hc: int) -> Any:
 
 
 class HcPreOut(NamedTuple):
-    """Outputs of ``hc.pre``: x (T, n_embd), post (T, n_hc), comb (T, n_hc, n_hc) or None, x_norm or None, the
-    mix (T, 2 n_hc + n_hc^2) or None (for ``hc.comb``, when comb is left to it), and x_norm quantized to Q8_0
-    and / or Q8_K for the matvecs that read it, or None."""
+    """Outputs of ``hc.pre``: x (T, n_embd), post (T, n_hc), comb (T, n_hc, n_hc) or None, x_norm or None, and
+    the mix (T, 2 n_hc + n_hc^2) or None (for ``hc.comb``, when comb is left to it)."""
 
     x: Any
     post: Any
     comb: Any
     x_norm: Any = None
     mix: Any = None
-    x_norm_q8: Q8_0Act | None = None
-    x_norm_q8k: Q8KAct | None = None
 
 
 class HcScratch(NamedTuple):
@@ -444,7 +419,7 @@ def eps64(eps: float) -> np.float64:
 
 
 def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, post, comb, norm_w, norm_out,
-            scratch, stream, mma=None, mix=None, q8=None, q8k=None, ss_ready=False):
+            scratch, stream, mma=None, mix=None):
     hc_dim = fn.shape[1]
     n_tok = hc.size // hc_dim
     n_embd = hc_dim // n_hc
@@ -453,16 +428,13 @@ def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, pos
     if n_hc * n_hc > 32:
         raise ValueError(f"hc: {n_hc} streams: the Sinkhorn warp holds at most 32 entries")
     ns = n_splits(hc_dim)
-    if ss_ready and scratch is None:
-        raise ValueError("hc.pre: ss_ready needs the scratch hc.post wrote the sums of squares into")
     if scratch is None:
         scratch = alloc_scratch(n_tok, hc_dim, n_mix, stream)
     if np.dtype(scratch.part_dot.dtype) != np.float64 or np.dtype(scratch.part_ss.dtype) != np.float64:
         raise ValueError("hc: scratch partials must be float64 (alloc_scratch)")
     mix_k, fin_k = _kernels(n_hc, n_mix)
     cols = L.cdiv(hc_dim, ns)
-    if not ss_ready:
-        L.launch(_ss_kernel, (ns, n_tok), MIX_THREADS, stream, L.flat(hc), hc_dim, cols, scratch.part_ss)
+    L.launch(_ss_kernel, (ns, n_tok), MIX_THREADS, stream, L.flat(hc), hc_dim, cols, scratch.part_ss)
     if mma is None:
         mma = n_tok >= gemm_f64.MIN_TOKENS and has_f64_mma()
     if mma:    # a prefill step: the mix as a GEMM on the FP64 tensor cores, K split to fill the GPU
@@ -479,31 +451,27 @@ def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, pos
         eps64(hc_eps), eps64(rms_eps), L.flat(out_x), d if post is None else L.flat(post),
         d if comb is None else L.flat(comb), int(comb is not None), d if mix is None else L.flat(mix),
         int(mix is not None), d if norm_w is None else L.flat(norm_w), int(norm_w is not None),
-        d if norm_out is None else L.flat(norm_out), *(q8 or (L.placeholder(np.uint64), d)), int(q8 is not None),
-        *(q8k or (L.placeholder(np.uint64), d, L.placeholder(np.int32))), int(q8k is not None))
+        d if norm_out is None else L.flat(norm_out))
 
 
 @implementation("hc.pre", "split_mix", layout="f16|f32 fn/row-major")
 def hc_pre(hc: Any, fn: Any, scale: Any, base: Any, norm_w: Any | None = None, *, out: HcPreOut,
            n_hc: int, iters: int, hc_eps: float, rms_eps: float, scratch: HcScratch | None = None,
-           mma: bool | None = None, ss_ready: bool = False, stream: Any = 0) -> HcPreOut:
+           mma: bool | None = None, stream: Any = 0) -> HcPreOut:
     """Steps 2-3 (+4/15): hc (T, n_hc, n_embd) -> x, post, comb (and x_norm = rms(x; norm_w)).
 
     ``out.comb`` None: no Sinkhorn here; ``out.mix`` receives the control
     values instead and ``hc.comb`` turns them into comb, in a launch that can
     run beside the sublayer (a decode step's branch).  ``mma``: the mix of a
     step of several tokens as a GEMM on the FP64 tensor cores (default: from
-    ``gemm_f64.MIN_TOKENS`` tokens where the GPU has them).  ``ss_ready``: ``scratch.part_ss`` already holds
-    hc's per-split sums of squares (``hc.post``'s ``ss_out``), so the ``_ss`` launch is skipped."""
+    ``gemm_f64.MIN_TOKENS`` tokens where the GPU has them)."""
     n_mix = 2 * n_hc + n_hc * n_hc
     if (norm_w is None) != (out.x_norm is None):
         raise ValueError("hc.pre: give norm_w and out.x_norm together")
     if out.comb is None and out.mix is None:
         raise ValueError("hc.pre: give out.comb, or out.mix for hc.comb")
-    if out.x_norm is None and (out.x_norm_q8 is not None or out.x_norm_q8k is not None):
-        raise ValueError("hc.pre: x_norm's quantized forms need out.x_norm")
     _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out.x, out.post, out.comb, norm_w,
-            out.x_norm, scratch, stream, mma, out.mix, out.x_norm_q8, out.x_norm_q8k, ss_ready)
+            out.x_norm, scratch, stream, mma, out.mix)
     return out
 
 
@@ -532,7 +500,6 @@ def hc_head(hc: Any, fn: Any, scale: Any, base: Any, *, out: Any, n_hc: int, hc_
 
 @device
 def _post_one(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out, i):
-    """Output ``i`` of hc.post, written to ``out`` and returned."""
     d = i % n_embd
     j = (i // n_embd) % n_hc
     t = i // (n_embd * n_hc)
@@ -544,9 +511,7 @@ def _post_one(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out, i):
     hb = t * n_hc * n_embd
     for h in range(n_hc):
         acc += float64(comb[cb + h * n_hc + j]) * float64(hc[hb + h * n_embd + d])
-    v = float32(acc)                             # new_j, rounded once
-    out[i] = v
-    return v
+    out[i] = float32(acc)                        # new_j, rounded once
 
 
 @cuda.jit
@@ -562,39 +527,16 @@ def _post_kernel(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out):
                 _post_one(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out, k)
 
 
-@cuda.jit
-def _post_ss_kernel(y, y2, has_y2, hc, post, comb, n_hc, n_embd, cols, out, part_ss):
-    """hc.post in ``_ss_kernel``'s geometry (a block a split of a token): each block also sums the squares of
-    the new values it wrote, as ``_ss_kernel`` would read them, so the next hc.pre needs no ``_ss`` launch."""
-    t = cuda.blockIdx.y
-    hc_dim = n_hc * n_embd
-    c0 = cuda.blockIdx.x * cols
-    c1 = min(c0 + cols, hc_dim)
-    ss = _D0
-    for c in range(c0 + cuda.threadIdx.x, c1, MIX_THREADS):
-        v = float64(_post_one(y, y2, has_y2, hc, post, comb, cuda.gridDim.y, n_hc, n_embd, out, t * hc_dim + c))
-        ss += v * v
-    _split_ss_out(ss, part_ss)
-
-
 @implementation("hc.post", "elementwise", layout="f32")
 def hc_post(y: Any, hc: Any, post: Any, comb: Any, *, out: Any, n_hc: int, y2: Any | None = None,
-            ss_out: HcScratch | None = None, stream: Any = 0) -> Any:
+            stream: Any = 0) -> Any:
     """Steps 14/19: y (T, n_embd), streams hc (T, n_hc, n_embd) -> new streams (T, n_hc, n_embd).
 
     ``y2`` given: the sublayer output is ``float32(y + y2)`` (step 19's routed + shared sum, formed here
-    instead of in a launch of its own).  ``ss_out`` given: the per-split sums of squares of the new streams
-    into ``ss_out.part_ss``, which the next ``hc.pre`` on them takes with ``ss_ready`` (one launch fewer)."""
+    instead of in a launch of its own)."""
     n_tok = post.size // n_hc
     n_embd = y.size // n_tok
     n = n_tok * n_hc * n_embd
-    if ss_out is not None:
-        hc_dim = n_hc * n_embd
-        ns = n_splits(hc_dim)
-        L.launch(_post_ss_kernel, (ns, n_tok), MIX_THREADS, stream, L.flat(y), L.flat(y if y2 is None else y2),
-                 int(y2 is not None), L.flat(hc), L.flat(post), L.flat(comb), n_hc, n_embd, L.cdiv(hc_dim, ns),
-                 L.flat(out), ss_out.part_ss)
-        return out
     L.launch(_post_kernel, L.cdiv(n, POST_THREADS * POST_ITEMS), POST_THREADS, stream,
         L.flat(y), L.flat(y if y2 is None else y2), int(y2 is not None), L.flat(hc), L.flat(post), L.flat(comb),
         n_tok, n_hc, n_embd, L.flat(out))
@@ -696,8 +638,6 @@ def _case_post(rng: np.random.Generator, scale: str) -> Case:
         ref = ops.hc_post(y + y2, hc, post, comb)
     else:
         ref = ops.hc_post(y, hc, post, comb)
-    if rng.random() < 0.5:      # the decode step's form: the next hc.pre's sums of squares too (not checked here)
-        kwargs["ss_out"] = alloc_scratch(n_tok, n_hc * n_embd, 2 * n_hc + n_hc * n_hc)
     out = L.device_array(n_tok * n_hc * n_embd, np.float32)
     return Case((cuda.to_device(y), cuda.to_device(hc), cuda.to_device(post), cuda.to_device(comb)), out,
                 (ref.reshape(-1),), (CONTRACT,), kwargs=kwargs, info={"shape": (n_tok, n_hc, n_embd)})
@@ -709,8 +649,7 @@ OPS = [
     OpSpec("hc.pre", "HC pre: rms of the flat streams, F16 mix matvec, split + Sinkhorn, weighted sum "
            "(+ the sublayer RMSNorm); out.comb None: the mix into out.mix for hc.comb instead of the Sinkhorn",
            "(hc f32 (T, n_hc, n_embd), fn f16 (n_mix, hc_dim), scale f32 (3,), base f32 (n_mix,), "
-           "norm_w f32 (n_embd,) | None, *, out: HcPreOut (x, post, comb | None, x_norm | None, mix | None, "
-           "x_norm_q8: Q8_0Act | None, x_norm_q8k: Q8KAct | None), "
+           "norm_w f32 (n_embd,) | None, *, out: HcPreOut (x, post, comb | None, x_norm | None, mix | None), "
            "n_hc, iters, hc_eps, rms_eps, scratch=None, stream)",
            "ops.rms_norm + DenseMatrix.matmul + ops.hc_split_sinkhorn + ops.hc_weighted_sum + ops.rms_norm",
            1e-5, _case_pre),

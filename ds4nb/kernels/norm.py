@@ -13,9 +13,7 @@ the square root and ``x * (1 / sqrt(...)) * w`` (the oracle's operation order)
 two float64 evaluations (different summation orders) straddle a float32
 rounding boundary (~1e-7 of the values, one ulp).
 The unweighted form (``w=None``) is the per-head q norm and the HC-state norm:
-reshape ``(n_tok * n_head, head_dim)`` and call the same op.  ``q8_out``: the
-block also quantizes the rows it wrote to Q8_0 (``activation.q8_0_row``, the
-values of ``act.quantize_q8_0``), saving a decode step that launch.
+reshape ``(n_tok * n_head, head_dim)`` and call the same op.
 
 In the simulator a block is one thread (``THREADS = LANES = 1``): no shuffle,
 and the one barrier waits for no other thread.
@@ -30,7 +28,6 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.activation import Q8_0Act, q8_0_row
 from ds4nb.kernels.intrinsics import SIMULATOR, float32, float64, warp_sum
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
@@ -44,7 +41,7 @@ DS4_RMS_EPS = 1.0e-6
 
 
 @cuda.jit
-def _rms_norm_kernel(x, w, has_w, n, eps, out, q8_qs, q8_d, has_q8):
+def _rms_norm_kernel(x, w, has_w, n, eps, out):
     row = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     base = row * n
@@ -66,27 +63,18 @@ def _rms_norm_kernel(x, w, has_w, n, eps, out, q8_qs, q8_d, has_q8):
         if has_w:
             y *= float64(w[i])
         out[base + i] = float32(y)
-    if has_q8:      # the row's Q8_0 blocks for the matvec that reads it (a launch argument: uniform)
-        cuda.syncthreads()
-        q8_0_row(out, n, q8_qs, q8_d, row, tid, THREADS)
 
 
 @implementation("norm.rms", "block_per_row", layout="f32")
-def rms_norm(x: Any, w: Any | None, eps: float = DS4_RMS_EPS, *, out: Any, q8_out: Q8_0Act | None = None,
-             stream: Any = 0) -> Any:
-    """RMSNorm of each row of x (n_rows, n), optionally times weight w (n,); ``q8_out``: also the rows quantized
-    to Q8_0 (``act.quantize_q8_0`` of ``out``, in the same launch)."""
+def rms_norm(x: Any, w: Any | None, eps: float = DS4_RMS_EPS, *, out: Any, stream: Any = 0) -> Any:
+    """RMSNorm of each row of x (n_rows, n), optionally times weight w (n,)."""
     n = tuple(x.shape)[-1]
     rows = x.size // n
     if w is None:
         w, has_w = L.placeholder(np.float32), 0
     else:
         has_w = 1
-    if q8_out is not None and n % 32:
-        raise ValueError(f"norm.rms: Q8_0 needs rows of a multiple of 32 values, got {n}")
-    q8 = q8_out or Q8_0Act(L.placeholder(np.uint64), L.placeholder(np.float32))
-    L.launch(_rms_norm_kernel, rows, THREADS, stream, L.flat(x), w, has_w, n, eps64(eps), L.flat(out), q8.qs, q8.d,
-             int(q8_out is not None))
+    L.launch(_rms_norm_kernel, rows, THREADS, stream, L.flat(x), w, has_w, n, eps64(eps), L.flat(out))
     return out
 
 
@@ -110,7 +98,6 @@ def _case(rng: np.random.Generator, scale: str) -> Case:
 
 OPS = [
     OpSpec("norm.rms", "RMSNorm of rows, optional per-channel weight",
-           "(x f32 (rows, n), w f32 (n,) | None, eps, *, out f32 (rows, n), q8_out: Q8_0Act (rows, n) | None: "
-           "out quantized as act.quantize_q8_0 does, stream)",
+           "(x f32 (rows, n), w f32 (n,) | None, eps, *, out f32 (rows, n), stream)",
            "ds4nb.reference.ops.rms_norm", 1e-6, _case),  # CONTRACT: one float64 evaluation, one rounding
 ]
