@@ -345,6 +345,18 @@ def running_softmax(run_m, run_l, alpha, h, m_old, m_new, l_chunk):
     run_m[h] = m_new
 
 
+@device
+def visible_row(r, n_raw, first, ring, sel, use_sel, hd):
+    """(in comp, offset) of a token's visible row ``r``: window rows first (ring rows from ``first``), then
+    compressed rows (the indexer's selection ``sel`` when ``use_sel``)."""
+    if r >= n_raw:
+        c = r - n_raw
+        if use_sel:
+            c = sel[c]
+        return True, c * hd
+    return False, ((first + r) % ring) * hd
+
+
 ATTN_THREADS = 256
 SHARED_BYTES = 48 * 1024            # static shared memory of a block
 MAX_SPLITS = 32
@@ -399,14 +411,8 @@ def _partial_kernel(hpb: int, head_dim: int, ch: int, nt: int) -> Any:
                 r = r0 + rr
                 valid = rr < CH and r < n_total
                 if valid:
-                    src = raw
-                    b = ((first + r) % ring) * HD
-                    if r >= n_raw:
-                        c = r - n_raw
-                        if use_sel:
-                            c = sel[c]
-                        src = comp
-                        b = c * HD
+                    in_comp, b = visible_row(r, n_raw, first, ring, sel, use_sel, HD)
+                    src = comp if in_comp else raw
                     for j in range(DPL):
                         vals[j] = float64(src[b + lane + LANES * j])
                 else:
@@ -451,15 +457,8 @@ def _partial_kernel(hpb: int, head_dim: int, ch: int, nt: int) -> Any:
                     acc[h * DPT + j] *= a
             n_rows = min(CH, n_total - r0)
             for rr in range(n_rows):
-                r = r0 + rr
-                src = raw
-                b = ((first + r) % ring) * HD
-                if r >= n_raw:
-                    c = r - n_raw
-                    if use_sel:
-                        c = sel[c]
-                    src = comp
-                    b = c * HD
+                in_comp, b = visible_row(r0 + rr, n_raw, first, ring, sel, use_sel, HD)
+                src = comp if in_comp else raw
                 for j in range(DPT):
                     d = tid + NT * j
                     if d < HD:
