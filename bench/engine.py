@@ -117,12 +117,12 @@ def flash(args: argparse.Namespace) -> int:
     first = int(np.argmax(eng.decode(tokens[-1])))
 
     def timed_decode(n: int) -> tuple[float, float]:
+        """(wall, GPU) seconds a token, chained as ``generate`` decodes."""
         eng.restore(snap)
-        t = first
         eng.step_events = []
         t0 = time.perf_counter()
-        for _ in range(n):
-            t = eng.decode_sample(t, GREEDY, rng)
+        for _ in eng.decode_chain(first, GREEDY, rng, n):
+            pass
         wall = (time.perf_counter() - t0) / n
         gpu = sum(a.elapsed_time(b) for a, b in eng.step_events) / 1e3 / n
         eng.step_events = None
@@ -131,6 +131,17 @@ def flash(args: argparse.Namespace) -> int:
     timed_decode(2)                                        # capture
     wall_g, gpu_g = timed_decode(args.gen)
     launches = eng.launches_per_token()
+    if eng.early_launch:        # early (programmatic dependent) launches off and on, alternating: A B A B
+        runs: dict[bool, list[float]] = {False: [], True: []}
+        for on in (False, True, False, True):
+            eng.set_early_launch(on)
+            timed_decode(2)
+            runs[on].append(timed_decode(args.gen)[0])
+        facts["early launch"] = (
+            "graph decode t/s with early launches " + ", ".join(f"{1 / w:.2f}" for w in runs[True])
+            + "; without " + ", ".join(f"{1 / w:.2f}" for w in runs[False])
+            + f" (mean ratio {np.mean(runs[False]) / np.mean(runs[True]):.3f})")
+        print("early launch:", facts["early launch"], flush=True)
     eng.set_graphs(False)
     timed_decode(2)
     wall_e, gpu_e = timed_decode(min(args.gen, 16))

@@ -7,10 +7,11 @@ one text (``ds4nb profile``'s engine path), then for each placement (``full``;
 ``partial`` under a 24 GB and a 70 GB card's share of the full 80.76 GiB
 model, scaled to this model's size; ``partial`` under the 24 GB share with the
 usage profile; ``direct``): loads, prefills another text, decodes greedy
-tokens with CUDA graphs, and divides the decode t/s by the plan's roofline
-(bytes a token reads from GPU memory / GPU read bandwidth + bytes from host
-memory / host-mapped read bandwidth).  Writes ``placement.csv`` and
-``placement.md`` into ``--out``.
+tokens with CUDA graphs, chained as ``generate`` decodes them, and divides
+the decode t/s by the plan's roofline (bytes a token reads from GPU memory /
+GPU read bandwidth + bytes from host memory / host-mapped read bandwidth);
+the same tokens step by step and without early launches beside it.  Writes
+``placement.csv`` and ``placement.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="/tmp/out")
     p.add_argument("--model", default=None, help="an existing DS4 GGUF instead of a synthetic flash-shaped one")
     p.add_argument("--bw-bytes", type=int, default=1 << 30, help="buffer size of the bandwidth probes")
+    p.add_argument("--only", default="", help="comma-separated placements to run (substrings of their names)")
     args = p.parse_args(argv)
 
     from ds4nb.cache.options import GpuBudget, PlacementOptions
@@ -91,27 +93,48 @@ def main(argv: list[str] | None = None) -> int:
                                                                           expert_usage=usage)),
                ("partial, 70 GB share", PlacementOptions("partial", gpu_budget=share(70))),
                ("direct", PlacementOptions("direct"))]
+    if args.only:
+        configs = [c for c in configs if any(o.strip() in c[0] for o in args.only.split(","))]
     prompt = _tokens(tok, TEXT_B, args.prompt)
     rows = []
     for name, options in configs:
         t0 = time.perf_counter()
-        eng = CudaEngine(model, ctx=args.prompt + args.gen + 8, placement=options)
+        eng = CudaEngine(model, ctx=args.prompt + 3 * args.gen + 16, placement=options)
         t_load = time.perf_counter() - t0
         logits = eng.prefill(prompt)
-        rng = np.random.default_rng(0)
-        t = int(np.argmax(logits))
-        for _ in range(3):                                  # the first steps compile and capture
-            t = eng.decode_sample(t, GREEDY, rng)
-        t0 = time.perf_counter()
-        for _ in range(args.gen):
-            t = eng.decode_sample(t, GREEDY, rng)
-        tps = args.gen / (time.perf_counter() - t0)
+        first = int(np.argmax(logits))
+        start = eng.snapshot()
+        for t in eng.decode_chain(first, GREEDY, np.random.default_rng(0), 3):   # compile and capture
+            pass
+
+        def chained() -> float:
+            """t/s of what ``generate`` runs: each step enqueued before the previous token reaches the host."""
+            eng.restore(start)
+            t0 = time.perf_counter()
+            for _ in eng.decode_chain(first, GREEDY, np.random.default_rng(0), args.gen):
+                pass
+            return args.gen / (time.perf_counter() - t0)
+
+        def step_by_step() -> float:
+            """t/s of one ``decode_sample`` a token (the host waits for each token before the next step)."""
+            eng.restore(start)
+            t, t0 = first, time.perf_counter()
+            for _ in range(args.gen):
+                t = eng.decode_sample(t, GREEDY, np.random.default_rng(0))
+            return args.gen / (time.perf_counter() - t0)
+
+        tps = chained()
+        tps_step = step_by_step()
+        eng.set_early_launch(False)                 # early (programmatic dependent) launches off: chained again
+        tps_late = chained() if eng.use_graphs else tps
+        eng.set_early_launch(True)
         roof = roofline(eng.plan, tensors, cfg.n_expert_used, device_bw=bw.device, host_bw=bw.host,
                         usage=options.expert_usage)
         row = dict(placement=name, gpu_gib=eng.plan.device_bytes / 2**30, host_gib=eng.plan.mapped_bytes / 2**30,
                    load_s=t_load, decode_tps=tps, gpu_gb_per_token=roof.per_token.device / 1e9,
                    host_gb_per_token=roof.per_token.host / 1e9, roofline_tps=roof.tokens_per_second,
-                   ratio=tps / roof.tokens_per_second, mode=eng.decode_mode)
+                   ratio=tps / roof.tokens_per_second, step_by_step_tps=tps_step, no_early_launch_tps=tps_late,
+                   prefetched_layers=len(eng.prefetched_layers), mode=eng.decode_mode)
         rows.append(row)
         print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
         del eng
@@ -124,12 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# placement, {model.name} ({args.layers} layers, {size / 2**30:.2f} GiB)", "",
              f"- read bandwidth: {bw.describe()}",
              f"- usage profile: {args.profile_tokens} tokens of text A; decode measured after {args.prompt} tokens of "
-             f"text B, {args.gen} greedy tokens", "",
+             f"text B, {args.gen} greedy tokens (chained: ``decode_chain``, as ``generate``); the same tokens "
+             "one ``decode_sample`` at a time, and chained without early launches, in the same engine", "",
              "| placement | GPU GiB | host GiB | load s | decode t/s | GPU GB/token | host GB/token | roofline t/s | "
-             "ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "ratio | step by step t/s | no early launch t/s | prefetched layers |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['placement']} | {r['gpu_gib']:.2f} | {r['host_gib']:.2f} | {r['load_s']:.1f} | "
               f"{r['decode_tps']:.2f} | {r['gpu_gb_per_token']:.3f} | {r['host_gb_per_token']:.3f} | "
-              f"{r['roofline_tps']:.1f} | {r['ratio']:.2f} |" for r in rows]
+              f"{r['roofline_tps']:.1f} | {r['ratio']:.2f} | {r['step_by_step_tps']:.2f} | "
+              f"{r['no_early_launch_tps']:.2f} | {r['prefetched_layers']} |" for r in rows]
     (out / "placement.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

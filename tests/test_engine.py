@@ -138,6 +138,27 @@ def test_greedy_sampling_on_the_device(engines, prompt_state) -> None:
     assert tok == int(np.argmax(logits))
 
 
+def test_chained_decode_equals_step_by_step(engines, prompt_state) -> None:
+    """``decode_chain`` (each step's id left on the device by the previous step's sampler) gives the tokens and
+    the state of ``decode_sample`` calls fed each other's ids, with the same draws."""
+    from ds4nb.sampling import SamplingParams
+
+    gpu, _ = engines
+    tokens, state = prompt_state
+    params = SamplingParams(temperature=0.9, top_k=5)
+    seed = int(np.random.default_rng().integers(1 << 30))
+    gpu.restore(state)
+    chained = list(gpu.decode_chain(tokens[PROMPT], params, np.random.default_rng(seed), 3))
+    after_chain = gpu.snapshot()
+    gpu.restore(state)
+    rng, tok, stepped = np.random.default_rng(seed), tokens[PROMPT], []
+    for _ in range(3):
+        tok = gpu.decode_sample(tok, params, rng)
+        stepped.append(tok)
+    assert chained == stepped
+    assert after_chain.equals(gpu.snapshot())
+
+
 def test_context_overflow_is_a_clear_error(tiny_model) -> None:
     from ds4nb.errors import Ds4Error
 

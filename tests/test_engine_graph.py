@@ -91,3 +91,32 @@ def test_device_sampling_graph_equals_eager(tiny_gguf) -> None:
             out.append(tok)
         runs.append(out)
     assert runs[0] == runs[1]
+
+
+def test_chained_decode_equals_step_by_step_graph(tiny_gguf) -> None:
+    """``decode_chain`` with graphs (greedy, and top-k sampling with a seeded generator) gives the tokens of
+    ``decode_sample`` fed each other's ids; a consumer that stops early leaves the last id decoded too."""
+    from ds4nb.sampling import GREEDY, SamplingParams
+
+    model = load_model(tiny_gguf)
+    prompt = np.random.default_rng().integers(0, model.config.n_vocab, 12).tolist()
+    seed = int(np.random.default_rng().integers(1 << 30))
+    eng = CudaEngine(model, ctx=128, graphs=True)
+    eng.prefill(prompt)
+    state = eng.snapshot()
+    for params in (GREEDY, SamplingParams(temperature=0.9, top_k=20)):
+        eng.restore(state)
+        chained = list(eng.decode_chain(prompt[-1], params, np.random.default_rng(seed), 40))
+        after = eng.snapshot()
+        eng.restore(state)
+        rng, tok, stepped = np.random.default_rng(seed), prompt[-1], []
+        for _ in range(40):
+            tok = eng.decode_sample(tok, params, rng)
+            stepped.append(tok)
+        assert chained == stepped
+        assert after.equals(eng.snapshot())
+        eng.restore(state)
+        chain = eng.decode_chain(prompt[-1], params, np.random.default_rng(seed), 40)
+        first = [next(chain) for _ in range(5)]
+        chain.close()
+        assert first == stepped[:5] and eng.position == len(prompt) + 6

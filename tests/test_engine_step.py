@@ -10,6 +10,7 @@ from numba import cuda
 from ds4nb.engine.graph import StepRunner, kernel_launches
 from ds4nb.engine.step import StepInput, StepLayout
 from ds4nb.kernels import _launch as L
+from ds4nb.kernels.intrinsics import wait_prior_grid
 from ds4nb.kernels.sample import SP_FIELDS, sampling_record
 from ds4nb.kernels.step import EMIT, N_RAW, NF, POS, RAW_ROW, ROWS, SELECT, VISIBLE, fill_records
 from ds4nb.model.presets import flash_config
@@ -97,11 +98,12 @@ def _axpy(a, x, y, out):
 
 
 def test_branch_runs_beside_the_main_stream_until_its_join() -> None:
-    """A step's branch records on the side stream and joins where the main stream needs it; eager runs give the
-    sequential results (the graph path of the same lists: tests/test_engine_graph.py on the GPU)."""
+    """A step's branches (one open per lane) record on their lane's stream and join where the main stream needs
+    them; eager runs give the sequential results (the graph path of the same lists: tests/test_engine_graph.py
+    on the GPU)."""
     rng = np.random.default_rng()
     x = rng.standard_normal(300).astype(np.float32)
-    d = [cuda.to_device(np.zeros(300, np.float32)) for _ in range(4)]
+    d = [cuda.to_device(np.zeros(300, np.float32)) for _ in range(6)]
     xd, zero = cuda.to_device(x), cuda.to_device(np.zeros(300, np.float32))
     f32 = np.float32
     rec = L.Recorder()
@@ -110,23 +112,73 @@ def test_branch_runs_beside_the_main_stream_until_its_join() -> None:
         L.launch(_axpy, 2, 256, rec, f32(a), xs, ys, out)
 
     axpy(2, xd, zero, d[0])                 # main: d0 = 2x
+    with rec.branch(L.PREFETCH):
+        axpy(7, xd, zero, d[4])             # prefetch lane: d4 = 7x
     with rec.branch():
         axpy(3, d[0], zero, d[1])           # side, after d0: d1 = 6x
-    axpy(5, xd, zero, d[2])                 # main, beside the branch: d2 = 5x
+    axpy(5, xd, zero, d[2])                 # main, beside both: d2 = 5x
     rec.join()
-    axpy(1, d[1], d[2], d[3])               # main, after the join: d3 = 11x
+    axpy(1, d[1], d[2], d[3])               # main, after the side's join: d3 = 11x
     rec.join()                              # nothing open: records nothing
-    kinds = [(type(x).__name__, getattr(x, "branch", None)) for x in rec.launches]
-    assert kinds == [("Launch", False), ("Launch", True), ("Launch", False), ("Join", None), ("Launch", False)]
+    rec.join(L.PREFETCH)
+    axpy(1, d[4], d[3], d[5])               # main, after the prefetch lane's join: d5 = 18x
+    kinds = [(type(x).__name__, x.lane) for x in rec.launches]
+    assert kinds == [("Launch", ""), ("Launch", L.PREFETCH), ("Launch", L.SIDE), ("Launch", ""), ("Join", L.SIDE),
+                     ("Launch", ""), ("Join", L.PREFETCH), ("Launch", "")]
     with rec.branch():
-        pass
-    with pytest.raises(RuntimeError, match="one branch at a time"):
+        with pytest.raises(RuntimeError, match="not inside another branch"):
+            with rec.branch(L.PREFETCH):
+                pass
+    with pytest.raises(RuntimeError, match="branch at a time"):
         with rec.branch():
             pass
-    runner = StepRunner(rec.launches[:5], cuda.default_stream(), use_graph=False)
+    runner = StepRunner(rec.launches[:8], cuda.default_stream(), use_graph=False)
     for _ in range(2):
         runner.run()
         cuda.synchronize()
-        np.testing.assert_array_equal(d[3].copy_to_host(), (f32(1) * (f32(3) * (f32(2) * x)) + f32(5) * x))
+        d3 = f32(1) * (f32(3) * (f32(2) * x)) + f32(5) * x
+        np.testing.assert_array_equal(d[3].copy_to_host(), d3)
+        np.testing.assert_array_equal(d[5].copy_to_host(), f32(1) * (f32(7) * x) + d3)
     plain = kernel_launches(rec.launches)
-    assert len(plain) == 4 and not any(x.branch for x in plain)
+    assert len(plain) == 6 and not any(x.lane for x in plain)
+
+
+@cuda.jit
+def _axpy_early(a, x, y, out):
+    wait_prior_grid()
+    i = cuda.grid(1)
+    if i < out.size:
+        out[i] = a * x[i] + y[i]
+
+
+def test_early_launches_follow_a_kernel_on_their_stream() -> None:
+    """``Recorder(early=True)`` marks a launch early only when its kernel waits for the prior grid and the
+    launch follows a kernel on its own stream (not the step's or the branch's start, a join or a library
+    call); the eager run gives the sequential results (on the GPU, tests/test_engine_graph.py)."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal(300).astype(np.float32)
+    xd, zero = cuda.to_device(x), cuda.to_device(np.zeros(300, np.float32))
+    d = [cuda.to_device(np.zeros(300, np.float32)) for _ in range(6)]
+    f32 = np.float32
+    assert L.waits_for_prior_grid(_axpy_early) and not L.waits_for_prior_grid(_axpy)
+    from ds4nb.kernels import hc, norm
+    assert L.waits_for_prior_grid(hc._ss_kernel) and L.waits_for_prior_grid(norm._rms_norm_kernel)
+    for early in (True, False):
+        rec = L.Recorder(early=early)
+        L.launch(_axpy_early, 2, 256, rec, f32(2), xd, zero, d[0])      # step start: d0 = 2x
+        L.launch(_axpy_early, 2, 256, rec, f32(3), d[0], zero, d[1])    # follows a kernel: d1 = 6x
+        L.launch(_axpy, 2, 256, rec, f32(1), d[1], zero, d[2])          # cannot wait itself: d2 = 6x
+        with rec.branch():
+            L.launch(_axpy_early, 2, 256, rec, f32(1), d[2], xd, d[3])  # branch start: d3 = 7x
+            L.launch(_axpy_early, 2, 256, rec, f32(2), d[3], zero, d[4])  # follows the side's kernel: 14x
+        L.launch(_axpy_early, 2, 256, rec, f32(1), d[2], zero, d[5])    # main, beside: d5 = 6x
+        rec.join()
+        L.call(lambda stream: None, rec)                                  # a library call
+        L.launch(_axpy_early, 2, 256, rec, f32(1), d[4], d[5], d[0])    # after it: d0 = 20x
+        launches = [x for x in rec.launches if isinstance(x, L.Launch)]
+        want = [False, True, False, False, True, True, False]
+        assert [x.early for x in launches] == [w and early for w in want]
+        StepRunner(rec.launches, cuda.default_stream(), use_graph=False).run()
+        cuda.synchronize()
+        np.testing.assert_array_equal(d[0].copy_to_host(), f32(2) * (f32(2) * x * f32(3) + x) + f32(3) * (f32(2) * x))
+    assert not L.early_launch_requested({"DS4NB_EARLY_LAUNCH": "0"})

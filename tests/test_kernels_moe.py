@@ -119,3 +119,16 @@ def test_expert_counts_accumulate(kernel_rng):
         M.count_experts(cuda.to_device(ids), out=counts)
         total += np.bincount(ids, minlength=16)
     assert np.array_equal(counts.copy_to_host(), total)
+
+
+def test_hash_selection_is_the_table_row_of_each_token(kernel_rng):
+    """``router.hash_selection`` (a hash layer's experts before its router runs) = ``tid2eid[tokens]``, the
+    experts ``router.hash`` selects."""
+    from ds4nb.kernels.router import hash_selection
+
+    n_vocab, k, n_tok = 50, 6, 3
+    table = kernel_rng.integers(0, 256, (n_vocab, k)).astype(np.int32)
+    tokens = kernel_rng.integers(0, n_vocab, n_tok).astype(np.int32)
+    out = cuda.to_device(np.full((n_tok, k), -7, np.int32))
+    hash_selection(cuda.to_device(table), cuda.to_device(tokens), out=out, k=k)
+    assert np.array_equal(out.copy_to_host(), table[tokens])

@@ -151,7 +151,9 @@ def reference_partial(cat, budget, usage=None) -> dict[str, object]:
     for t in cat:
         if t.role == "routed_expert":
             by_layer[t.layer].append(t)
-    units = [(il, e) for il in sorted(by_layer) for e in range(by_layer[il][0].shape[0])]
+    hashed = {t.layer for t in cat if "tid2eid" in t.name}
+    layers = [il for il in sorted(by_layer) if il not in hashed] + [il for il in sorted(by_layer) if il in hashed]
+    units = [(il, e) for il in layers for e in range(by_layer[il][0].shape[0])]
     if usage is not None:
         counts = np.array(usage.counts, dtype=np.float64)
         totals = counts.sum(axis=1, keepdims=True)
@@ -205,18 +207,26 @@ def test_partial_keeps_the_most_used_experts(rng) -> None:
     assert all(plan.where(t.name) == "device" for t in cat if t.role != "routed_expert")
 
 
-def test_partial_without_usage_goes_layer_by_layer() -> None:
-    cat = spec_catalog(tiny_config(n_vocab=512))
+def test_partial_without_usage_goes_layer_by_layer_hash_layers_last() -> None:
+    cfg = tiny_config(n_vocab=512)
+    cat = spec_catalog(cfg)
     experts = [t for t in cat if t.role == "routed_expert"]
     per_layer = {t.layer: 0 for t in experts}
     for t in experts:
         per_layer[t.layer] += t.nbytes
+    first, second = [il for il in sorted(per_layer) if not cfg.is_hash_layer(il)][:2]
+    assert cfg.n_hash_layer >= 1 and first == cfg.n_hash_layer    # the hash layers come first in the model
     dense = sum(t.nbytes for t in cat if t.role != "routed_expert")
     n = experts[0].shape[0]
-    plan = choose(cat, "partial", dense + per_layer[0] + 3 * per_layer[1] // n)
+    plan = choose(cat, "partial", dense + per_layer[first] + 3 * per_layer[second] // n)
     ids = {il: set.intersection(*(set(plan.device_experts(t)) for t in experts if t.layer == il)) for il in per_layer}
-    assert ids[0] == set(range(n)) and ids[1] == {0, 1, 2} and not any(ids[il] for il in per_layer if il > 1)
-    assert {plan.where(t.name) for t in experts if t.layer == 1} == {"split"}
+    assert ids[first] == set(range(n)) and ids[second] == {0, 1, 2}
+    assert not any(ids[il] for il in per_layer if il not in (first, second))
+    assert {plan.where(t.name) for t in experts if t.layer == second} == {"split"}
+    everything_else = sum(per_layer[il] for il in per_layer if cfg.is_hash_layer(il) is False)
+    plan = choose(cat, "partial", dense + everything_else)
+    assert {plan.where(t.name) for t in experts} == {"device", "mapped"}
+    assert all((plan.where(t.name) == "mapped") == cfg.is_hash_layer(t.layer) for t in experts)
 
 
 def test_partial_refuses_to_map_what_must_stay_resident() -> None:
@@ -363,5 +373,12 @@ def test_engine_with_experts_split_matches_the_oracle(tiny_model) -> None:
     options = PlacementOptions(policy="partial", gpu_budget=GpuBudget(str(budget), nbytes=budget))
     engine = CudaEngine(tiny_model, ctx=16, chunk=2, placement=options)
     assert engine.plan.policy == "partial" and "split" in {engine.plan.where(t.name) for t in experts}
+    cpu = CpuEngine(tiny_model)
     tokens = [7, 9]
-    assert np.array_equal(engine.prefill(tokens), CpuEngine(tiny_model).prefill(tokens))
+    assert np.array_equal(engine.prefill(tokens), cpu.prefill(tokens))
+    # a decode step: the hash layer's host-mapped experts copied as the step starts (the placement maps the
+    # hash layers first), the split layer's copied after its router
+    scratch = engine._step.scratch
+    assert set(scratch.prefetch) == {il for il in range(tiny_model.config.n_layer)
+                                     if tiny_model.config.is_hash_layer(il)} and scratch.stage
+    assert np.array_equal(engine.decode(11), cpu.decode(11))

@@ -43,8 +43,13 @@ def _check(model, prompt: list[int], steps: int, **kw) -> None:
             assert any(isinstance(v, SplitExperts) for v in eng.res.tensors.values())
         if name == "direct":
             assert kinds == {"mapped"}
-        # decode steps copy the selected host-mapped experts to GPU memory: gate, up and down, partial and direct
-        assert {key[0] for key in eng._step.scratch.stage} == (set() if name == "full" else {"gate", "up", "down"})
+        # decode steps copy the selected host-mapped experts to GPU memory: gate, up and down, partial and direct;
+        # the hash layers' (mapped first by partial) as the step starts
+        scratch = eng._step.scratch
+        roles = {key[0] for key in scratch.stage} | {key[0] for copies, _ in scratch.prefetch.values() for key in copies}
+        assert roles == (set() if name == "full" else {"gate", "up", "down"})
+        hashed = {il for il in range(model.config.n_layer) if model.config.is_hash_layer(il)}
+        assert set(scratch.prefetch) == (set() if name == "full" else hashed)
     for name in ("partial", "direct"):
         for step, (a, b) in enumerate(zip(runs["full"], runs[name])):
             assert np.array_equal(a, b), f"{name}: logits differ from full at step {step}"

@@ -13,7 +13,10 @@ each item going to the GPU if it fits in what is left:
 5. the token embedding;
 6. routed experts, one ``(layer, expert)`` at a time (its gate, up and down
    slices together): by measured usage when a profile is given (the share of
-   the layer's routing events, highest first), else layer by layer;
+   the layer's routing events, highest first), else layer by layer, the
+   hash-routed layers last: their experts are known from the token id when a
+   decode step starts, so the step copies the host-mapped ones while it
+   computes the layers before them (``PREFETCH`` in ``ds4nb.engine.model``);
 
 and everything else (the rest of the routed experts) is host-mapped.
 """
@@ -73,13 +76,25 @@ class ExpertUnit:
         return sum(expert_bytes(t) for t in self.tensors)
 
 
+#: the tensor that makes a layer hash-routed (docs/model.md: experts ``tid2eid[token]``)
+HASH_TABLE_SUFFIX = ".ffn_gate_tid2eid.weight"
+
+
+def hash_layers(catalog: Sequence[TensorInfo]) -> frozenset[int]:
+    """The layers that route by token id (they hold a ``tid2eid`` table)."""
+    return frozenset(t.layer for t in catalog if t.name.endswith(HASH_TABLE_SUFFIX) and t.layer is not None)
+
+
 def expert_priority(request: PlacementRequest) -> list[ExpertUnit]:
-    """Every (layer, expert) in ``partial``'s order: by usage share when profiled, else by layer."""
+    """Every (layer, expert) in ``partial``'s order: by usage share when profiled, else by layer with the
+    hash-routed layers last."""
     by_layer: dict[int, list[TensorInfo]] = defaultdict(list)
     for t in request.catalog:
         if expert_count(t) is not None and t.layer is not None:
             by_layer[t.layer].append(t)
-    units = [ExpertUnit(il, e, tuple(ts)) for il, ts in sorted(by_layer.items())
+    hashed = hash_layers(request.catalog)
+    units = [ExpertUnit(il, e, tuple(ts)) for il, ts in sorted(by_layer.items(), key=lambda kv: (kv[0] in hashed,
+                                                                                                 kv[0]))
              for e in range(expert_count(ts[0]) or 0)]
     usage = request.expert_usage
     if usage is not None:

@@ -41,7 +41,7 @@ class GenerationStats:
     prompt_tokens: int
     prefill_seconds: float
     generated_tokens: int
-    decode_steps: int           # engine.decode calls (one per generated token but the last)
+    decode_steps: int           # decode steps (one per generated token but the last)
     decode_seconds: float       # time from the first token to the end
     first_token_seconds: float  # prefill + first sample
     stop: StopReason
@@ -109,8 +109,10 @@ def generate(engine: LogitsEngine, tokenizer: Tokenizer, prompt: Sequence[int], 
     reason: StopReason = "length"
     t0 = time.perf_counter()
     t_first = t_prefill = t_end = t0
-    # Engines that sample on the device (the CUDA engine) return only the token id.
-    device_step = getattr(engine, "decode_sample", None)
+    # Engines that sample on the device (the CUDA engine) return only the token ids, chained: the next step is
+    # on its way before a token reaches the host.
+    decode_chain = getattr(engine, "decode_chain", None)
+    chain = None
     try:
         logits = prefill(engine, prompt, on_prefill_progress)
         t_prefill = time.perf_counter()
@@ -126,13 +128,18 @@ def generate(engine: LogitsEngine, tokenizer: Tokenizer, prompt: Sequence[int], 
                 on_text(text)
             if step + 1 == max_new_tokens:
                 break
-            if device_step is not None:
-                token = device_step(token, params, rng)
+            if decode_chain is not None:
+                if chain is None:
+                    chain = decode_chain(token, params, rng, max_new_tokens - 1)
+                token = next(chain)
             else:
                 token = sample(engine.decode(token), params, rng)
             decodes += 1
     except KeyboardInterrupt:
         reason = "interrupted"
+    finally:
+        if chain is not None:
+            chain.close()
     t_end = time.perf_counter()
     if tail := stream.flush():
         on_text(tail)

@@ -9,9 +9,9 @@ Nothing in the list allocates, copies to the host or synchronises, so the
 graph holds exactly the kernels the eager run launches, with the same
 arguments: both give bit-identical results.
 
-A step may hold one branch at a time (``Recorder.branch``): independent work
-on a side stream, a parallel path of the graph, joined back where the main
-stream needs its results.
+A step may hold branches (``Recorder.branch``, one open per lane):
+independent work on a side stream, a parallel path of the graph, joined back
+where the main stream needs its results.
 
 Graphs are off in the CUDA simulator and with ``DS4NB_CUDA_GRAPHS=0``; a
 capture that fails (an old driver, a numba-cuda without graph builders) falls
@@ -49,23 +49,26 @@ def _core_device() -> Any:
 
 
 def capture(launches: Sequence[Launch | Join]) -> Any:
-    """The launches captured into an executable ``cuda.core`` graph; a branch (``Launch.branch``) becomes a
-    parallel path of the graph (a split of the builder), joined back at its :class:`Join`."""
+    """The launches captured into an executable ``cuda.core`` graph; a branch (``Launch.lane``) becomes a
+    parallel path of the graph (a split of the main builder), joined back at its lane's :class:`Join`."""
     builder = _core_device().create_graph_builder().begin_building("thread_local")
-    side = None
+    lanes: dict[str, Any] = {}              # open branches: lane -> its builder
+    captured: set[str] = set()              # paths (main "", lanes) with a launch captured since they opened
     try:
         for item in launches:
             if isinstance(item, Join):
-                if side is not None:
-                    builder, side = type(builder).join(builder, side), None
-            elif item.branch:
-                if side is None:
-                    builder, side = builder.split(2)
-                item(side)
-            else:
-                item(builder)
-        if side is not None:
-            builder = type(builder).join(builder, side)
+                if item.lane in lanes:
+                    builder = type(builder).join(builder, lanes.pop(item.lane))
+                continue
+            if item.lane and item.lane not in lanes:
+                builder, lanes[item.lane] = builder.split(2)
+                captured.discard(item.lane)
+            if item.early and item.lane not in captured:
+                item = dataclasses.replace(item, early=False)   # no kernel before it here (a group alone)
+            captured.add(item.lane)
+            item(lanes[item.lane] if item.lane else builder)
+        for lane in list(lanes):
+            builder = type(builder).join(builder, lanes.pop(lane))
     finally:
         builder.end_building()
     return builder.complete()
@@ -73,7 +76,7 @@ def capture(launches: Sequence[Launch | Join]) -> Any:
 
 def kernel_launches(launches: Sequence[Launch | Join]) -> list[Launch]:
     """The launches of a step's list without its joins (each on the main stream: for timings and counts)."""
-    return [dataclasses.replace(x, branch=False) for x in launches if not isinstance(x, Join)]
+    return [dataclasses.replace(x, lane="") for x in launches if not isinstance(x, Join)]
 
 
 class StepRunner:
@@ -88,10 +91,9 @@ class StepRunner:
         self.graph: Any = None
         self._core_stream: Any = None
         self._warm = False
-        # eager runs of a step with a branch: its side stream, and the events of the fork and the join
-        branched = any(getattr(x, "branch", False) for x in self.launches)
-        self._side = cuda.stream() if branched else None
-        self._fork, self._joined = (cuda.event(), cuda.event()) if branched else (None, None)
+        # eager runs of a step with branches: a stream and the events of its fork and join, per lane
+        lanes = {x.lane for x in self.launches if not isinstance(x, Join) and x.lane}
+        self._lanes = {lane: (cuda.stream(), cuda.event(), cuda.event()) for lane in sorted(lanes)}
 
     def run(self) -> None:
         """Enqueue the step on the stream (asynchronous)."""
@@ -107,25 +109,30 @@ class StepRunner:
         self._warm = True
 
     def _run_eager(self) -> None:
-        """Launch by launch; a branch on the side stream, after a fork event, joined by an event."""
-        forked = False
+        """Launch by launch; a branch on its lane's stream, after a fork event, joined by an event."""
+        forked: set[str] = set()
+
+        def join(lane: str) -> None:
+            side, _, joined = self._lanes[lane]
+            joined.record(side)
+            joined.wait(self.stream)
+            forked.discard(lane)
+
         for item in self.launches:
             if isinstance(item, Join):
-                if forked:
-                    self._joined.record(self._side)
-                    self._joined.wait(self.stream)
-                    forked = False
-            elif item.branch:
-                if not forked:
-                    self._fork.record(self.stream)
-                    self._fork.wait(self._side)
-                    forked = True
-                item(self._side)
+                if item.lane in forked:
+                    join(item.lane)
+            elif item.lane:
+                side, fork, _ = self._lanes[item.lane]
+                if item.lane not in forked:
+                    fork.record(self.stream)
+                    fork.wait(side)
+                    forked.add(item.lane)
+                item(side)
             else:
                 item(self.stream)
-        if forked:
-            self._joined.record(self._side)
-            self._joined.wait(self.stream)
+        for lane in list(forked):
+            join(lane)
 
     def _capture(self) -> None:
         self.use_graph = False                  # one attempt

@@ -44,9 +44,9 @@ from ds4nb.kernels.moe import count_experts
 from ds4nb.kernels.moe_grouped import SlotGroups, alloc_slot_groups
 from ds4nb.kernels.registry import DeviceInfo
 from ds4nb.kernels.rope import rope_args
-from ds4nb.kernels.router import RouteOut
+from ds4nb.kernels.router import RouteOut, hash_selection
 from ds4nb.kernels.sample import alloc_scratch as alloc_sample_scratch
-from ds4nb.kernels.step import NF, ROWS, SELECT
+from ds4nb.kernels.step import NF, ROWS, SELECT, feed_token
 from ds4nb.model import LayerWeights, ModelConfig, Weights
 from ds4nb.plugins import get_registry
 from ds4nb.quants.repack import PackedWeight
@@ -116,8 +116,10 @@ class Kernels:
         self.slot_sum = pick("moe.slot_sum")
         self.split_ids = pick("moe.split_ids")
         self.stage_experts = pick("moe.stage_experts")
+        self.hash_selection = hash_selection
         self.count_experts = count_experts
         self.sample = pick("sample.draw")
+        self.feed_token = feed_token
         self.moe = {q: (pick(f"{q.name.lower()}.moe_gate_up"), pick(f"{q.name.lower()}.moe_down_sum"),
                         pick(f"{q.name.lower()}.moe_matvec")) for q in expert_types}
         self.group_slots = pick("moe.group_slots")
@@ -210,11 +212,49 @@ def session_bytes(cfg: ModelConfig, ctx: int, chunk: int) -> int:
     return state_bytes(cfg, ctx, StepLayout.from_config(cfg, chunk).ring) + Scratch.nbytes(cfg, chunk, ctx)
 
 
+StageKey = tuple[str, Any, int, int]       # (role, type, rows, cols) of a staging copy
+
+
+def expert_stage_groups(lw: LayerWeights) -> tuple[tuple[tuple[str, Any], ...], ...]:
+    """A layer's routed-expert tensors as a decode step stages them: (gate, up) together (one kernel reads
+    both), down alone; each with its role."""
+    return ((("gate", lw.ffn_gate_exps), ("up", lw.ffn_up_exps)), (("down", lw.ffn_down_exps),))
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The staging copies a decode step needs for the routed-expert tensors ``plan`` leaves host-mapped in whole
+    or part (``gate`` and ``up`` go together: one is staged, both are).
+
+    ``inline``: the copies the layers make when their router has chosen (one
+    set of buffers, reused layer after layer); ``prefetched``: per hash layer,
+    the copies the step makes as it starts, on the ``PREFETCH`` branch (the
+    experts are ``tid2eid[token]``), each layer with buffers of its own.
+    """
+
+    inline: frozenset[StageKey] = frozenset()
+    prefetched: tuple[tuple[int, frozenset[StageKey]], ...] = ()
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, weights: Weights, plan: Any) -> StagePlan:
+        inline: set[StageKey] = set()
+        prefetched: dict[int, set[StageKey]] = {}
+        for il, lw in enumerate(weights.layers):
+            for role_infos in expert_stage_groups(lw):
+                if any(plan.where(info.name) != "device" for _, info in role_infos):
+                    keys = {(role, info.qtype, *info.shape[1:]) for role, info in role_infos}
+                    if cfg.is_hash_layer(il) and lw.ffn_gate_tid2eid is not None:
+                        prefetched.setdefault(il, set()).update(keys)
+                    else:
+                        inline |= keys
+        return cls(frozenset(inline), tuple((il, frozenset(k)) for il, k in sorted(prefetched.items())))
+
+
 class Scratch:
     """Activation buffers for steps of up to ``chunk`` tokens (a step of T tokens uses the first T rows)."""
 
     def __init__(self, cfg: ModelConfig, chunk: int, ctx: int, *, f16: bool = False,
-                 staged: frozenset[tuple[str, Any, int, int]] = frozenset()) -> None:
+                 staged: StagePlan = StagePlan()) -> None:
         c = chunk
         e, hc = cfg.n_embd, cfg.n_hc
         self.x_emb = _empty(c * e)
@@ -251,8 +291,13 @@ class Scratch:
         self.split_ids = tuple((_empty(c * cfg.n_expert_used, np.int32), _empty(c * cfg.n_expert_used, np.int32))
                                for _ in range(2))
         # a decode step's selected experts of a host-mapped routed-expert tensor, copied to GPU memory, by
-        # (role, type, rows, cols) (see staged_experts); slot s of a copy holds slot s's expert
-        self.stage = {key: empty_packed(key[1], (cfg.n_expert_used, key[2], key[3])) for key in staged}
+        # (role, type, rows, cols) (see StagePlan); slot s of a copy holds slot s's expert
+        def copies(keys: frozenset[StageKey]) -> dict[StageKey, PackedWeight]:
+            return {key: empty_packed(key[1], (cfg.n_expert_used, key[2], key[3])) for key in keys}
+
+        self.stage = copies(staged.inline)
+        # the hash layers' copies made as the step starts: per layer, the copies and the experts (tid2eid[token])
+        self.prefetch = {il: (copies(keys), _empty(cfg.n_expert_used, np.int32)) for il, keys in staged.prefetched}
         self.slot_ids = cuda.to_device(np.arange(cfg.n_expert_used, dtype=np.int32))
         self.route = RouteOut(cuda.device_array((c, cfg.n_expert_used), np.int32),
                               cuda.device_array((c, cfg.n_expert_used), np.float32))
@@ -280,21 +325,10 @@ class Scratch:
                        + cfg.hc_mix_dim)
         per_tok += cfg.n_expert_used * max(cfg.n_embd, cfg.n_ff_exp) * 2      # Q8_K slot rows, staged copies
         per_tok += 8 * cfg.n_head * cfg.head_dim + 4 * (ctx + cfg.indexer_top_k)    # attention partials, indexer
-        # staged experts: gate, up and down of the selected experts, at most 4.5 bits a weight (Q4_K)
-        stage = 3 * cfg.n_expert_used * cfg.n_ff_exp * cfg.n_embd * 9 // 16
+        # staged experts: gate, up and down of the selected experts, at most 4.5 bits a weight (Q4_K), once for
+        # the layers that stage in line and once per hash layer (prefetched)
+        stage = (1 + cfg.n_hash_layer) * 3 * cfg.n_expert_used * cfg.n_ff_exp * cfg.n_embd * 9 // 16
         return c * per_tok + cfg.n_vocab * 4 + ctx + stage + (256 << 20)
-
-
-def staged_experts(weights: Weights, plan: Any) -> frozenset[tuple[str, Any, int, int]]:
-    """The staging copies a decode step needs: (role, type, rows, cols) of every routed-expert tensor that
-    ``plan`` leaves host-mapped in whole or part (``gate`` and ``up`` go together: one is staged, both are)."""
-    out = set()
-    for lw in weights.layers:
-        pairs = (("gate", lw.ffn_gate_exps), ("up", lw.ffn_up_exps))
-        for role_infos in (pairs, (("down", lw.ffn_down_exps),)):
-            if any(plan.where(info.name) != "device" for _, info in role_infos):
-                out |= {(role, info.qtype, *info.shape[1:]) for role, info in role_infos}
-    return frozenset(out)
 
 
 #: the Q8_0 weights of a layer that steps multiply as matmuls (what the cublas strategy copies to F16)
@@ -367,13 +401,16 @@ class _Recording:
     def family(self, name: str) -> None:
         self._rec.family = name
 
-    def branch(self) -> Any:
-        """``with k.branch():`` the launches inside run on the step's side stream (``Recorder.branch``)."""
-        return self._rec.branch()
+    def family_name(self) -> str:
+        return self._rec.family
 
-    def join(self) -> None:
-        """The main stream waits for the open branch."""
-        self._rec.join()
+    def branch(self, lane: str = L.SIDE) -> Any:
+        """``with k.branch():`` the launches inside run on the stream of branch ``lane`` (``Recorder.branch``)."""
+        return self._rec.branch(lane)
+
+    def join(self, lane: str = L.SIDE) -> None:
+        """The main stream waits for branch ``lane``."""
+        self._rec.join(lane)
 
     def __getattr__(self, op: str) -> Any:
         fn = getattr(self._k, op)
@@ -383,13 +420,14 @@ class _Recording:
         return functools.partial(fn, stream=self._rec)
 
 
-def build_step(sc: StepContext, n_tok: int, *, sample: bool) -> list[L.Launch]:
+def build_step(sc: StepContext, n_tok: int, *, sample: bool, early: bool = False) -> list[L.Launch]:
     """The launches of one forward step of ``n_tok`` tokens (see the module docstring).
 
     ``sample``: end with the device sampler (the decode step), which writes
-    ``(token, status)`` to ``scratch.sampled``.
+    ``(token, status)`` to ``scratch.sampled``; ``early``: kernels that follow
+    a kernel launch early (``Recorder``, programmatic dependent launch).
     """
-    rec = L.Recorder()
+    rec = L.Recorder(early=early)
     _Builder(sc, n_tok, _Recording(sc.kernels, rec)).forward(sample)
     return rec.launches
 
@@ -418,6 +456,7 @@ class _Builder:
         k.embed(self.w(w.token_embd), ids, e, out=s.x_emb[:T * e])                  # step 1
         hc, hc_next = s.hc_a[:T * nhc * e], s.hc_b[:T * nhc * e]
         k.expand(s.x_emb[:T * e].reshape(T, e), out=hc, n_hc=nhc)
+        self.prefetch_after(-1)                                 # the first hash layer's host-mapped experts
         for il, lw in enumerate(w.layers):
             self.attention_block(il, lw, hc, hc_next)                                # steps 2-14
             hc, hc_next = hc_next, hc
@@ -432,6 +471,7 @@ class _Builder:
         if sample:
             k.family("sample")
             k.sample(s.logits, out=s.sampled, sp=self.sc.inputs.sp, scratch=s.sample_scratch)
+            k.feed_token(s.sampled, self.sc.inputs.ids)          # a chained next step decodes it
 
     # -- attention sublayer (steps 2-14) --------------------------------
 
@@ -649,14 +689,19 @@ class _Builder:
         gate_up = k.moe[lw.ffn_gate_exps.qtype][0]
         _, down_sum, down_matvec = k.moe[lw.ffn_down_exps.qtype]
         if T == 1:
-            # a decode step: experts in host memory are first copied to GPU memory (stage_experts)
+            # a decode step: experts in host memory are first copied to GPU memory (stage_experts), a hash
+            # layer's since the step started (prefetch_after)
             xk = _q8_K_rows(s.act_k, e // 256, 0, 1)
             k.quant_q8_K(x_norm.reshape(1, e), out=xk)
-            (g, u), ids = self.staged((("gate", lw.ffn_gate_exps), ("up", lw.ffn_up_exps)), sel)
+            if il in s.prefetch:
+                k.join(L.PREFETCH)
+                self.prefetch_after(il)
+            gate_up_group, down_group = expert_stage_groups(lw)
+            (g, u), ids = self.staged(il, gate_up_group, sel)
             gate_up(g, u, ids, weights, xk, clamp, out=mid)
             mk = _q8_K_rows(s.act_k, ff // 256, 0, n_used)
             k.quant_q8_K(mid.reshape(n_used, ff), out=mk)
-            (d,), ids = self.staged((("down", lw.ffn_down_exps),), sel)
+            (d,), ids = self.staged(il, down_group, sel)
             down_sum(d, ids, mk, out=routed)
             return routed
         # a prefill step over experts split between GPU and host memory: per-slot kernels, one launch per copy
@@ -684,22 +729,54 @@ class _Builder:
         k.slot_sum(slot_out, T, n_used, out=routed)
         return routed
 
-    def staged(self, role_infos: tuple[tuple[str, Any], ...], sel: Any) -> tuple[tuple[Any, ...], Any]:
-        """A decode step's routed-expert tensors (one role each) and the expert index of each slot in them: the
-        tensors as placed (``sel``) when all are in GPU memory, else their selected experts copied to GPU
-        memory (``Scratch.stage``; slot s at index s)."""
-        ws = [self.w(info) for _, info in role_infos]
+    def staged(self, il: int, role_infos: tuple[tuple[str, Any], ...], sel: Any) -> tuple[tuple[Any, ...], Any]:
+        """A decode step's routed-expert tensors of layer ``il`` (one role each) and the expert index of each
+        slot in them: the tensors as placed (``sel``) when all are in GPU memory, else their selected experts
+        copied to GPU memory (slot s at index s): by the layer's prefetch (``Scratch.prefetch``), or now
+        (``Scratch.stage``)."""
         if all(self.res.plan.where(info.name) == "device" for _, info in role_infos):
-            return tuple(ws), sel
-        staged = []
-        for (role, info), w in zip(role_infos, ws):
-            out = self.s.stage[(role, info.qtype, *info.shape[1:])]
-            if isinstance(w, SplitExperts):
-                self.k.stage_experts(w.device, sel, out=out, w_host=w.mapped, slot_of=w.slot_of)
-            else:
-                self.k.stage_experts(w, sel, out=out)
-            staged.append(out)
-        return tuple(staged), self.s.slot_ids
+            return tuple(self.w(info) for _, info in role_infos), sel
+        keys = [(role, info.qtype, *info.shape[1:]) for role, info in role_infos]
+        if il in self.s.prefetch:
+            return tuple(self.s.prefetch[il][0][key] for key in keys), self.s.slot_ids
+        for (_, info), key in zip(role_infos, keys):
+            self.stage(info, sel, self.s.stage[key])
+        return tuple(self.s.stage[key] for key in keys), self.s.slot_ids
+
+    def stage(self, info: Any, sel: Any, out: PackedWeight, max_blocks: int = 0) -> None:
+        """``out`` = the experts ``sel`` of the routed-expert tensor ``info`` (whole, or split between GPU and
+        host-mapped memory), copied to GPU memory."""
+        w = self.w(info)
+        if isinstance(w, SplitExperts):
+            self.k.stage_experts(w.device, sel, out=out, w_host=w.mapped, slot_of=w.slot_of, max_blocks=max_blocks)
+        else:
+            self.k.stage_experts(w, sel, out=out, max_blocks=max_blocks)
+
+    #: blocks of a prefetch copy: it runs beside the main stream's kernels, so a few per SM (enough loads in
+    #: flight for the bus)
+    PREFETCH_BLOCKS = 128
+
+    def prefetch_after(self, il: int) -> None:
+        """A decode step opens the ``PREFETCH`` branch for the next hash layer after ``il`` whose experts the
+        placement left (partly) in host memory: its experts, ``tid2eid[token]``, copied to its own buffers
+        while the main stream computes the layers before it (joined in ``routed_experts``).  One layer at a
+        time, so each copy gets the bus to itself and the next starts when the layer has joined."""
+        later = [j for j in sorted(self.s.prefetch) if j > il]
+        if self.T != 1 or not later:
+            return
+        j = later[0]
+        lw, (copies, sel) = self.sc.weights.layers[j], self.s.prefetch[j]
+        family = self.k.family_name()
+        with self.k.branch(L.PREFETCH):
+            self.k.family("prefetch")
+            self.k.hash_selection(self.w(lw.ffn_gate_tid2eid), self.sc.inputs.ids[:1], out=sel,
+                                  k=self.cfg.n_expert_used)
+            for group in expert_stage_groups(lw):
+                for role, info in group:
+                    key = (role, info.qtype, *info.shape[1:])
+                    if key in copies:
+                        self.stage(info, sel, copies[key], self.PREFETCH_BLOCKS)
+        self.k.family(family)
 
     def split_ids(self, w: SplitExperts, sel: Any, which: int) -> tuple[Any, Any]:
         """The slots' expert indices in ``w.device`` and in ``w.mapped`` (-1: the other copy's slot)."""

@@ -18,7 +18,8 @@ caller wants (the logits, or 8 bytes of sampled token), synchronise.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections import deque
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from numba import cuda
@@ -29,14 +30,15 @@ from ds4nb.cache.plan import DeviceMemory, engine_tensors
 from ds4nb.cache.residency import load_residency
 from ds4nb.dispatch.device import probe_device
 from ds4nb.engine.graph import GroupTime, StepRunner, graphs_requested, kernel_launches, time_groups
-from ds4nb.engine.model import (Kernels, Scratch, StepContext, alloc_layer_states, build_step,
-                                Q8_MATMUL_WEIGHTS, f16_copies, prefill_chunk, session_bytes, staged_experts,
-                                state_bytes)
+from ds4nb.engine.model import (Q8_MATMUL_WEIGHTS, Kernels, Scratch, StagePlan, StepContext, alloc_layer_states,
+                                build_step, f16_copies, prefill_chunk, session_bytes, state_bytes)
 from ds4nb.engine.q8_timing import q8_dispatch
 from ds4nb.engine.step import StepInput, StepLayout
 from ds4nb.errors import Ds4Error
+from ds4nb.kernels._launch import early_launch_requested
 from ds4nb.kernels.attention import NEG_INF
 from ds4nb.kernels.registry import DeviceInfo
+from ds4nb.kernels.sample import CAP as SAMPLE_CAP
 from ds4nb.kernels.sample import FixedDraw, sample_launch
 from ds4nb.model import Model, Weights
 from ds4nb.plugins import placement_policies
@@ -91,15 +93,17 @@ class CudaEngine(Engine):
         self._counts = cuda.to_device(np.zeros((cfg.n_layer, cfg.n_expert), np.int32)) if count_experts else None
         kernels = Kernels(device, self.dispatch, expert_types)
         use_f16 = "cublas" in self.dispatch.strategies()
-        scratch = Scratch(cfg, self.chunk, ctx, f16=use_f16, staged=staged_experts(w, self.plan))
+        scratch = Scratch(cfg, self.chunk, ctx, f16=use_f16, staged=StagePlan.of(cfg, w, self.plan))
         # the cublas strategy's F16 weight copies: in what is left after weights, state and scratch
         self.f16 = f16_copies(w, self.res, self._f16_budget(), self.stream) if use_f16 else {}
         self._step = StepContext(cfg, w, self.res, kernels, self.layout, self.states, scratch, self.inputs, ctx,
                                  self._counts, self.f16)
         self.use_graphs = (graphs_requested() if graphs is None else graphs) and not self.probe.simulator
+        self.early_launch = early_launch_requested()   # programmatic dependent launch between kernels
         self._runners: dict[tuple[int, bool], StepRunner] = {}
         self._logits_host = cuda.pinned_array(cfg.n_vocab, np.float32)
-        self._sampled_host = cuda.pinned_array(2, np.int32)
+        self._sampled_host = cuda.pinned_array((2, 2), np.int32)        # (token, status) of two steps in flight
+        self._sampled_ready = (cuda.event(), cuda.event())
         self._input_free = cuda.event()
         self._input_free.record(self.stream)
         #: set to a list to collect (start, stop) CUDA events around every step's launches (benchmarks)
@@ -153,20 +157,22 @@ class CudaEngine(Engine):
         runner = self._runners.get(key)
         if runner is None:
             kept = n_tok in (1, self.chunk)
-            runner = StepRunner(build_step(self._step, n_tok, sample=sample), self.stream,
+            runner = StepRunner(build_step(self._step, n_tok, sample=sample, early=self.early_launch), self.stream,
                                 use_graph=self.use_graphs and kept)
             if kept:
                 self._runners[key] = runner
         return runner
 
-    def _run(self, tokens: Sequence[int], *, sample: SamplingParams | None = None, u: float = 0.0) -> None:
-        """Enqueue one step of ``tokens`` at the current position (asynchronous; the caller synchronises)."""
+    def _run(self, tokens: Sequence[int] | None, *, sample: SamplingParams | None = None, u: float = 0.0) -> None:
+        """Enqueue one step of ``tokens`` at the current position (asynchronous; the caller synchronises).
+        ``None``: a chained decode step, whose token id the previous sampling step left on the device."""
         cfg = self._cfg
         self._input_free.synchronize()                  # the previous step's input copy is done
         self.inputs.write(tokens, self.pos, sample, u, cfg.n_vocab)
-        self.inputs.upload(self.stream)
+        self.inputs.upload(self.stream, ids=tokens is not None)
         self._input_free.record(self.stream)
-        runner = self._runner(len(tokens), sample is not None)
+        n_tok = 1 if tokens is None else len(tokens)
+        runner = self._runner(n_tok, sample is not None)
         if self.step_events is None:
             runner.run()
         else:
@@ -175,7 +181,7 @@ class CudaEngine(Engine):
             runner.run()
             stop.record(self.stream)
             self.step_events.append((start, stop))
-        self.pos += len(tokens)
+        self.pos += n_tok
 
     def _check(self, tokens: Sequence[int]) -> list[int]:
         tokens = [int(t) for t in tokens]
@@ -217,11 +223,56 @@ class CudaEngine(Engine):
                           scratch=self._step.scratch.sample_scratch, stream=self.stream)
         else:
             self._run(self._check([token]), sample=params, u=u)
-        self._step.scratch.sampled.copy_to_host(self._sampled_host, stream=self.stream)
-        self.stream.synchronize()
-        tok, status = (int(v) for v in self._sampled_host)
+        tok, status = self._sampled(self._fetch_sampled(0))
         if status:  # the device path declined (more min-p survivors than it sorts): the twin on the host
             return sample(self._logits_to_host(), params, FixedDraw(u))
+        return tok
+
+    def decode_chain(self, token: int, params: SamplingParams, rng: np.random.Generator, n: int) -> Iterator[int]:
+        """Decode ``token``, sample, decode the sample, ... ``n`` times, yielding the ``n`` sampled ids: the
+        tokens of ``n`` :meth:`decode_sample` calls, each fed the previous one's id, with the same draws.
+
+        Each step after the first is a chained step: its id is the one the
+        previous step's sampler left in device memory, so it is enqueued
+        before that id reaches the host, and the GPU does not wait for the
+        host between tokens.  A consumer that stops early (a stop token) has
+        one step more decoded than it took ids: the session holds the last
+        yielded id too, as the next prompt would.  Sampling the device can
+        decline (no top-k, ``temperature > 0``: more min-p survivors than it
+        sorts) runs step by step through :meth:`decode_sample`.
+        """
+        if not (params.greedy or 0 < params.top_k <= SAMPLE_CAP):
+            for _ in range(n):
+                token = self.decode_sample(token, params, rng)
+                yield token
+            return
+        if self.pos + n > self.ctx:
+            raise Ds4Error(f"context is full: {self.pos + n} tokens do not fit --ctx {self.ctx}")
+        in_flight: deque[int] = deque()
+        for i in range(n):
+            u = 0.0 if params.greedy else float(rng.random())
+            self._run(self._check([token]) if i == 0 else None, sample=params, u=u)
+            in_flight.append(self._fetch_sampled(i % 2))
+            if len(in_flight) == 2:
+                yield self._chained_token(in_flight.popleft())
+        while in_flight:
+            yield self._chained_token(in_flight.popleft())
+
+    def _fetch_sampled(self, slot: int) -> int:
+        """Enqueue the copy of the last step's (token, status) into host slot ``slot``."""
+        self._step.scratch.sampled.copy_to_host(self._sampled_host[slot], stream=self.stream)
+        self._sampled_ready[slot].record(self.stream)
+        return slot
+
+    def _sampled(self, slot: int) -> tuple[int, int]:
+        self._sampled_ready[slot].synchronize()
+        tok, status = (int(v) for v in self._sampled_host[slot])
+        return tok, status
+
+    def _chained_token(self, slot: int) -> int:
+        tok, status = self._sampled(slot)
+        if status:      # cannot happen for the parameters decode_chain chains; the next step decoded garbage
+            raise RuntimeError("device sampling declined inside a chained decode")
         return tok
 
     # ------------------------------------------------------------------
@@ -248,6 +299,17 @@ class CudaEngine(Engine):
         """Switch CUDA graphs on or off for the following steps (drops the captured steps)."""
         self.use_graphs = enabled and not self.probe.simulator
         self._runners.clear()
+
+    def set_early_launch(self, enabled: bool) -> None:
+        """Switch early (programmatic dependent) launches on or off for the following steps (drops the
+        recorded steps); ``enabled`` takes effect only where the GPU supports them."""
+        self.early_launch = enabled and early_launch_requested()
+        self._runners.clear()
+
+    @property
+    def prefetched_layers(self) -> list[int]:
+        """The hash layers whose host-mapped experts a decode step copies as it starts (``StagePlan``)."""
+        return sorted(self._step.scratch.prefetch)
 
     def launches_per_token(self) -> int:
         return len(kernel_launches(self._runner(1, True).launches))

@@ -6,9 +6,13 @@ fills in pinned memory and copies with a single asynchronous copy:
 
 ======================  =====================================================
 ``sp``                   float64 sampling record (``ds4nb.kernels.sample``)
-``ids``                  int32 token ids of the step's tokens
 ``steps``                int32 step records, ``NF`` per token (``ds4nb.kernels.step``)
+``ids``                  int32 token ids of the step's tokens
 ======================  =====================================================
+
+The ids come last so that a chained decode step can upload everything but
+them: its id is the one the previous step's sampler left in device memory
+(``ds4nb.kernels.step.feed_token``).
 """
 
 from __future__ import annotations
@@ -62,29 +66,36 @@ class StepInput:
         self.capacity = capacity
         self.layout = layout
         n_sp = SP_FIELDS * 8
-        n_ids = capacity * 4
-        nbytes = n_sp + n_ids + capacity * NF * 4
+        n_steps = capacity * NF * 4
+        self._n_no_ids = n_sp + n_steps
+        nbytes = n_sp + n_steps + capacity * 4
         self.host = cuda.pinned_array(nbytes, np.uint8)
         self.device = cuda.device_array(nbytes, np.uint8)
         self._sp = self.host[:n_sp].view(np.float64)
-        self._ids = self.host[n_sp:n_sp + n_ids].view(np.int32)
-        self._steps = self.host[n_sp + n_ids:].view(np.int32).reshape(capacity, NF)
+        self._steps = self.host[n_sp:self._n_no_ids].view(np.int32).reshape(capacity, NF)
+        self._ids = self.host[self._n_no_ids:].view(np.int32)
         self.sp = self.device[:n_sp].view(np.float64)                       # what kernels read
-        self.ids = self.device[n_sp:n_sp + n_ids].view(np.int32)
-        self.steps = self.device[n_sp + n_ids:].view(np.int32)
+        self.steps = self.device[n_sp:self._n_no_ids].view(np.int32)
+        self.ids = self.device[self._n_no_ids:].view(np.int32)
         self._sp[:] = sampling_record(GREEDY, 0.0, 1)
 
-    def write(self, tokens: Sequence[int], pos0: int, params: SamplingParams | None = None, u: float = 0.0,
+    def write(self, tokens: Sequence[int] | None, pos0: int, params: SamplingParams | None = None, u: float = 0.0,
               n_vocab: int = 1) -> None:
-        """Host side of the next step: tokens at positions ``pos0 ...``, and the sampling record."""
-        n = len(tokens)
+        """Host side of the next step: tokens at positions ``pos0 ...``, and the sampling record.  ``None``:
+        one token whose id the device holds (a chained step: upload with ``ids=False``)."""
+        n = 1 if tokens is None else len(tokens)
         if not 0 < n <= self.capacity:
             raise ValueError(f"a step takes 1..{self.capacity} tokens, got {n}")
-        self._ids[:n] = tokens
+        if tokens is not None:
+            self._ids[:n] = tokens
         fill_records(self._steps[:n], pos0, self.layout.n_swa, self.layout.groups, self.layout.ring)
         if params is not None:
             sampling_record(params, u, n_vocab, out=self._sp)
 
-    def upload(self, stream: Any) -> None:
-        """One asynchronous copy of the whole buffer (a few KiB) on ``stream``."""
-        self.device.copy_to_device(self.host, stream=stream)
+    def upload(self, stream: Any, *, ids: bool = True) -> None:
+        """One asynchronous copy of the buffer (a few KiB) on ``stream``; ``ids=False`` leaves the device's
+        token ids as they are."""
+        if ids:
+            self.device.copy_to_device(self.host, stream=stream)
+        else:
+            self.device[:self._n_no_ids].copy_to_device(self.host[:self._n_no_ids], stream=stream)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from numba import cuda
+from numba import config, cuda
 
 
 def flat(a: Any) -> Any:
@@ -40,9 +41,11 @@ class Launch:
     """One prepared kernel launch: the kernel, its geometry and its arguments, fixed once.
 
     ``family`` names the op family it belongs to (``attention``, ``moe`` ...)
-    for per-family timings; ``branch``: it runs on the step's side stream
-    (:meth:`Recorder.branch`).  Calling it launches on ``stream`` (a numba
-    stream, 0, or a ``cuda.core`` graph builder while capturing).
+    for per-family timings; ``lane``: the stream of the step it runs on
+    (``""`` the main stream, else a branch's, :meth:`Recorder.branch`);
+    ``early``: launched early (:func:`launch_early`).  Calling it launches on
+    ``stream`` (a numba stream, 0, or a ``cuda.core`` graph builder while
+    capturing).
     """
 
     kernel: Any
@@ -50,10 +53,71 @@ class Launch:
     block: Any
     args: tuple = field(repr=False)
     family: str = ""
-    branch: bool = False
+    lane: str = ""
+    early: bool = False
 
     def __call__(self, stream: Any = 0) -> None:
-        self.kernel[self.grid, self.block, stream](*self.args)
+        if self.early and not config.ENABLE_CUDASIM:
+            launch_early(self.kernel, self.grid, self.block, stream, self.args)
+        else:
+            self.kernel[self.grid, self.block, stream](*self.args)
+
+
+def launch_early(kernel: Any, grid: Any, block: Any, stream: Any, args: tuple) -> None:
+    """Launch ``kernel`` with programmatic stream serialization (sm_90+'s programmatic dependent launch).
+
+    Its blocks may start before the previous kernel on the stream has
+    finished (as soon as that kernel's blocks have all passed their own
+    ``wait_prior_grid`` or exited); each waits in ``wait_prior_grid``
+    before it touches memory, so the results are those of an ordinary
+    launch, only the launch latency between the two kernels is hidden.  The
+    kernel must call ``wait_prior_grid`` first.  numba launches through
+    ``cuda.core`` without this option, so this compiles (once) through the
+    dispatcher and launches the compiled kernel with the option set.
+    """
+    from cuda.core import LaunchConfig
+    from cuda.core import launch as core_launch
+    from numba.cuda.cudadrv.driver import _to_core_stream
+
+    compiled = _compiled(kernel, args)
+    kernelargs: list = []
+    writeback: list = []
+    for ty, val in zip(compiled.argument_types, args):
+        compiled._prepare_args(ty, val, stream, writeback, kernelargs)
+    config = LaunchConfig(grid=grid, block=block, shmem_size=0, programmatic_stream_serialization=True)
+    core_launch(_to_core_stream(stream), config, compiled._codelibrary.get_cufunc().kernel, *kernelargs)
+
+
+EARLY_ENV_VAR = "DS4NB_EARLY_LAUNCH"
+
+
+def early_launch_requested(env: dict | None = None) -> bool:
+    """Whether recorded steps launch early where they may (``DS4NB_EARLY_LAUNCH=0`` turns it off): on a GPU
+    of sm_90+ (older ones have no programmatic dependent launch); never in the simulator."""
+    env = os.environ if env is None else env
+    if env.get(EARLY_ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off") or config.ENABLE_CUDASIM:
+        return False
+    try:
+        return tuple(cuda.get_current_device().compute_capability) >= (9, 0)
+    except Exception:           # no usable GPU (a compile-only check): nothing launches anyway
+        return False
+
+
+def waits_for_prior_grid(kernel: Any) -> bool:
+    """Whether a kernel may be launched early: its code calls ``intrinsics.wait_prior_grid`` (by the
+    convention of that function, as its first statement)."""
+    fn = getattr(kernel, "py_func", None) or getattr(kernel, "fn", None) or kernel
+    code = getattr(fn, "__code__", None)
+    return code is not None and "wait_prior_grid" in code.co_names
+
+
+def _compiled(kernel: Any, args: tuple) -> Any:
+    """The dispatcher's compiled kernel for these arguments (compiling it if it is not yet)."""
+    if kernel.specialized:
+        return next(iter(kernel.overloads.values()))
+    types = tuple(kernel.typeof_pyval(a) for a in args)
+    compiled = kernel.overloads.get(types)
+    return compiled if compiled is not None else kernel.compile(types)
 
 
 @dataclass(frozen=True)
@@ -67,7 +131,8 @@ class LibraryCall:
 
     fn: Callable[[Any], None] = field(repr=False)
     family: str = ""
-    branch: bool = False
+    lane: str = ""
+    early: bool = False
 
     @property
     def kernel(self) -> Any:
@@ -79,9 +144,16 @@ class LibraryCall:
 
 @dataclass(frozen=True)
 class Join:
-    """In a step's launch list: the main stream waits here for the branch recorded before it."""
+    """In a step's launch list: the main stream waits here for what branch ``lane`` recorded before it."""
 
     family: str = ""
+    lane: str = ""
+
+
+#: the branches of a step: work beside a sublayer (``SIDE``), host-memory expert copies ahead of their
+#: layers (``PREFETCH``)
+SIDE = "side"
+PREFETCH = "prefetch"
 
 
 class Recorder:
@@ -92,39 +164,63 @@ class Recorder:
     once for a step plan that is replayed eagerly or captured as a graph.
 
     A step may run independent work concurrently: launches recorded inside
-    :meth:`branch` go to a side stream that starts once every launch recorded
-    before the branch is done, and the main stream's launches recorded after it
-    do not wait for them until a :meth:`join`.  One branch at a time.
+    :meth:`branch` go to a side stream (one per branch ``lane``) that starts
+    once every launch recorded on the main stream before the branch opened is
+    done, and the main stream's launches recorded after it do not wait for
+    them until a :meth:`join` of that lane.  A lane holds one open branch at a
+    time; branches of different lanes may be open together.
+
+    ``early``: a kernel that follows another kernel on its stream is launched
+    early (:func:`launch_early`) when it can wait for its predecessor itself.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, early: bool = False) -> None:
         self.launches: list[Launch | LibraryCall | Join] = []
         self.family = ""
-        self.in_branch = False
-        self.open_branch = False
+        self.lane = ""                  # where launches go now ("": the main stream)
+        self.open_lanes: set[str] = set()
+        self.early = early
+        self._follows_kernel: dict[str, bool] = {}   # per lane: its last item is a kernel launch
+
+    def record(self, kernel: Any, grid: Any, block: Any, args: tuple) -> None:
+        """Append a kernel launch; early (:func:`launch_early`) when it may be: the kernel waits for the
+        prior grid (:func:`waits_for_prior_grid`) and follows a kernel on its stream (not a library call, a
+        join, the branch's start or the step's start)."""
+        early = self.early and self._follows_kernel.get(self.lane, False) and waits_for_prior_grid(kernel)
+        self.launches.append(Launch(kernel, grid, block, args, self.family, self.lane, early))
+        self._follows_kernel[self.lane] = True
+
+    def record_call(self, fn: Callable[[Any], None]) -> None:
+        self.launches.append(LibraryCall(fn, self.family, self.lane))
+        self._follows_kernel[self.lane] = False
 
     @contextlib.contextmanager
-    def branch(self) -> Any:
-        """Record the launches of the ``with`` body on the side stream (joined later by :meth:`join`)."""
-        if self.open_branch:
-            raise RuntimeError("a step records one branch at a time: join the previous one first")
-        self.in_branch = self.open_branch = True
+    def branch(self, lane: str = SIDE) -> Any:
+        """Record the launches of the ``with`` body on branch ``lane``'s stream (joined later by :meth:`join`)."""
+        if not lane or lane in self.open_lanes:
+            raise RuntimeError(f"a step records one {lane or 'main'!r} branch at a time: join the previous one first")
+        if self.lane:
+            raise RuntimeError("branches open from the main stream, not inside another branch")
+        self.lane = lane
+        self.open_lanes.add(lane)
+        self._follows_kernel[lane] = False
         try:
             yield
         finally:
-            self.in_branch = False
+            self.lane = ""
 
-    def join(self) -> None:
-        """The main stream waits for the open branch (nothing to wait for: nothing recorded)."""
-        if self.open_branch:
-            self.launches.append(Join(self.family))
-            self.open_branch = False
+    def join(self, lane: str = SIDE) -> None:
+        """The main stream waits for branch ``lane`` (nothing to wait for: nothing open)."""
+        if lane in self.open_lanes:
+            self.launches.append(Join(self.family, lane))
+            self.open_lanes.discard(lane)
+            self._follows_kernel[""] = False
 
 
 def launch(kernel: Any, grid: Any, block: Any, stream: Any, *args: Any) -> None:
     """``kernel[grid, block, stream](*args)``, or record it when ``stream`` is a :class:`Recorder`."""
     if isinstance(stream, Recorder):
-        stream.launches.append(Launch(kernel, grid, block, args, stream.family, stream.in_branch))
+        stream.record(kernel, grid, block, args)
     else:
         kernel[grid, block, stream](*args)
 
@@ -132,7 +228,7 @@ def launch(kernel: Any, grid: Any, block: Any, stream: Any, *args: Any) -> None:
 def call(fn: Callable[[Any], None], stream: Any) -> None:
     """``fn(stream)`` (a library routine enqueued on ``stream``), or record it when ``stream`` is a :class:`Recorder`."""
     if isinstance(stream, Recorder):
-        stream.launches.append(LibraryCall(fn, stream.family, stream.in_branch))
+        stream.record_call(fn)
     else:
         fn(stream)
 

@@ -30,7 +30,7 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, device, float32, int32, int64, rint, shfl_xor, uint64,
-                                      warp_max)
+                                      wait_prior_grid, warp_max)
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.quants import quantize_q8_0, quantize_q8_K
@@ -153,6 +153,7 @@ def _q8_0_block(x, k, nb, xq, xd, t, b, j):
 
 @cuda.jit
 def _quantize_q8_0_kernel(x, n_tok, k, xq, xd):
+    wait_prior_grid()
     nb = k // QK8_0
     chunks = (k + 255) // 256
     gw = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) // CHUNK_LANES
@@ -190,6 +191,7 @@ def _xor_word(ws, w, m):
 
 @cuda.jit
 def _quantize_q8_K_kernel(x, n_tok, k, yq, yd, ybs):
+    wait_prior_grid()
     nb = k // QK_K
     gw = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) // Q8_K_LANES
     lane = cuda.threadIdx.x % Q8_K_LANES

@@ -29,7 +29,7 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, int32, shfl_xor
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, int32, shfl_xor, wait_prior_grid
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -106,6 +106,7 @@ def _block_argmax(best, idx, vals, idxs):
 
 @cuda.jit
 def _argmax_kernel(x, n, chunk, part_v, part_i, counters, out, gate, gate_at):
+    wait_prior_grid()
     if gate_at >= 0 and gate[gate_at] == 0:   # e.g. the sampling record says "not greedy": every block leaves
         return
     row = cuda.blockIdx.x

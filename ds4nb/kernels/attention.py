@@ -79,7 +79,7 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.f16_matvec import block_sum, group_max, group_sum
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, rint
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, rint, wait_prior_grid
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.rope import RopeArgs, rope_args, rope_cos_sin, rope_rotate
@@ -204,6 +204,7 @@ def _q_norm_rope_pair(out, base, x0, x1, inv, p, valid, head_dim, do_rope, pos, 
 @cuda.jit
 def _q_norm_rope_kernel(q, out, n_head, head_dim, eps, steps, rec, do_rope, n_rot, ts, fscale, ext, low, denom,
                         msc):
+    wait_prior_grid()
     h = cuda.blockIdx.x
     t = cuda.blockIdx.y
     p = cuda.threadIdx.x
@@ -269,6 +270,7 @@ def _rope(rope: Any | None, head_dim: int) -> RopeArgs:
 
 @cuda.jit
 def _kv_store_kernel(kv, w, eps, out, head_dim, steps, rec, n_rot, ts, fscale, ext, low, denom, msc):
+    wait_prior_grid()
     t = cuda.blockIdx.x
     p = cuda.threadIdx.x
     pos = steps[rec + t * NF + POS]
@@ -378,6 +380,7 @@ def _partial_kernel(hpb: int, head_dim: int, ch: int, nt: int) -> Any:
     @cuda.jit
     def partial_kernel(q, raw, ring, comp, sel, sel_stride, steps, rec, grp, kq_scale, n_head, part_m, part_l,
                        part_acc):
+        wait_prior_grid()
         g = cuda.blockIdx.x
         sp = cuda.blockIdx.y
         n_split = cuda.gridDim.y
@@ -557,6 +560,7 @@ def _combine_kernel(head_dim: int) -> Any:
     @cuda.jit
     def combine_kernel(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, steps, rec,
                        n_rot, ts, fscale, ext, low, denom, msc):
+        wait_prior_grid()
         t = cuda.blockIdx.y                 # the step's token t
         part_m = part_m[t * n_split * n_head:]
         part_l = part_l[t * n_split * n_head:]

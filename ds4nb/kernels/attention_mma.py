@@ -101,7 +101,7 @@ from numba import cuda
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels import attention as A    # as a module: its launchers must not join this module's registrations
 from ds4nb.kernels.intrinsics import (SIMULATOR, device, float64, has_f64_mma, int32, int64, jit_kernel, mma_f64,
-                                      uint64, warp_max, warp_sum)
+                                      uint64, wait_prior_grid, warp_max, warp_sum)
 from ds4nb.kernels.registry import Requirements, implementation
 from ds4nb.kernels.step import GROUP0
 
@@ -233,6 +233,7 @@ def _mma_kernel(hpb: int, head_dim: int, ch: int, warps: int, row_dtype: str, pr
     @jit_kernel(launch_bounds=(NT, min_blocks) if min_blocks else NT)
     def partial_kernel(q, raw, ring, comp, sel, sel_stride, steps, rec, grp, kq_scale, n_head, part_m, part_l,
                        part_acc):
+        wait_prior_grid()
         hg = cuda.blockIdx.x                # the head group: heads hg HPB ..
         sp = cuda.blockIdx.y
         n_split = cuda.gridDim.y

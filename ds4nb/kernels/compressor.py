@@ -53,7 +53,7 @@ from ds4nb.kernels.attention import NEG_INF, eps64, f16_round, fp8_pair, rms_inv
 from ds4nb.kernels import f16_matvec as _fm  # module import: add_module registers marked names it sees
 from ds4nb.kernels.f16_matvec import block_sum
 from ds4nb.kernels.indexer import MAX_ROW, check_qat_width, hadamard_fp4_pair, hadamard_scale
-from ds4nb.kernels.intrinsics import device, float32, float64
+from ds4nb.kernels.intrinsics import device, float32, float64, wait_prior_grid
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.rope import RopeArgs, rope_args, rope_cos_sin, rope_rotate
@@ -154,6 +154,7 @@ def _finish_row(y0, y1, p, nt, d, norm_w, eps, rope_pos, finish, inv_sqrt, out, 
 @cuda.jit
 def _step_kernel(new_kv, new_sc, t, ape, kv, sc, ratio, overlap, d, norm_w, eps, out, finish, inv_sqrt,
                  steps, rec, grp, n_rot, ts, fscale, ext, low, denom, msc):
+    wait_prior_grid()
     p = cuda.threadIdx.x
     nt = cuda.blockDim.x
     width = 2 * d if overlap else d
@@ -278,6 +279,7 @@ def _emit_chunk_kernel(pkv, psc, ape, skv, ssc, ratio, overlap, d, norm_w, eps, 
                        grp, n_tok, n_rot, ts, fscale, ext, low, denom, msc):
     """Block ``b``: the ``b``-th window the step's tokens close (if any), pooled from the step's projections and
     the state at its start, finished into its compressed row."""
+    wait_prior_grid()
     p = cuda.threadIdx.x
     nt = cuda.blockDim.x
     width = 2 * d if overlap else d
@@ -302,6 +304,7 @@ def _state_chunk_kernel(pkv, psc, ape, skv, ssc, ratio, overlap, d, steps, rec, 
     the current window holds position ``g1 + r`` if it has come (``g1``: the first position of the next token's
     window), else nothing; with overlap, the previous window is ``g1 - ratio ..`` if a window closed in the
     step, else unchanged.  A thread owns (r, c) in both halves and reads only those slots: in place is safe."""
+    wait_prior_grid()
     width = 2 * d if overlap else d
     i = cuda.grid(1)
     if i >= ratio * width:

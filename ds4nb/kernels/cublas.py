@@ -70,7 +70,7 @@ from numba import cuda
 
 from ds4nb.errors import Ds4Error, UsageError
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.intrinsics import SIMULATOR, float32, int32, uint64
+from ds4nb.kernels.intrinsics import SIMULATOR, float32, int32, uint64, wait_prior_grid
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, Requirements, implementation
 from ds4nb.quants.repack import PackedWeight, layout_name, repack
@@ -106,6 +106,7 @@ def f16_bytes(w: PackedWeight) -> int:
 @cuda.jit
 def _dequantize_kernel(qs, dm, n_words, nb, out):
     # word t = (r * nb + b) * 4 + j of the tensor -> out[8t .. 8t + 7] (grid-stride)
+    wait_prior_grid()
     t = cuda.grid(1)
     stride = cuda.gridsize(1)
     while t < n_words:
@@ -147,6 +148,7 @@ def dequantize_q8_0_f16(w: PackedWeight, *, out: Any, stream: Any = 0) -> Any:
 
 @cuda.jit
 def _to_f16_kernel(x, n, out):
+    wait_prior_grid()
     i = cuda.grid(1)
     stride = cuda.gridsize(1)
     while i < n:

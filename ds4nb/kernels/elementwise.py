@@ -24,7 +24,7 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.intrinsics import SIMULATOR, float32, float64
+from ds4nb.kernels.intrinsics import SIMULATOR, float32, float64, wait_prior_grid
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -41,6 +41,7 @@ def _blocks(n: int) -> int:
 @cuda.jit
 def _expand_kernel(x, n_tok, n_hc, n_embd, out):
     # out[t, h, i] = x[t, i]: every HC stream starts as the token's embedding (step 1)
+    wait_prior_grid()
     total = n_tok * n_hc * n_embd
     i = cuda.grid(1)
     stride = cuda.gridsize(1)
@@ -62,6 +63,7 @@ def hc_expand(x: Any, *, out: Any, n_hc: int, stream: Any = 0) -> Any:
 @cuda.jit
 def _swiglu_kernel(g, u, n, c, out):
     # mid = silu(min(g, c)) * clamp(u, -c, c) in float64, rounded once (like ops.swiglu_clamped)
+    wait_prior_grid()
     i = cuda.grid(1)
     stride = cuda.gridsize(1)
     cd = float64(c)
@@ -86,6 +88,7 @@ def swiglu(gate: Any, up: Any, clamp: float, *, out: Any, stream: Any = 0) -> An
 @cuda.jit
 def _swap01_kernel(x, a, b, c, out):
     # out[j, i, k] = x[i, j, k] for x (a, b, c)
+    wait_prior_grid()
     total = a * b * c
     n = cuda.grid(1)
     stride = cuda.gridsize(1)
@@ -107,6 +110,7 @@ def swap01(x: Any, a: int, b: int, c: int, *, out: Any, stream: Any = 0) -> Any:
 @cuda.jit
 def _slot_sum_kernel(x, n_tok, n_slot, n, out):
     # out[t, i] = sum over slots s of x[t, s, i], in float64 (slot order), rounded once
+    wait_prior_grid()
     total = n_tok * n
     m = cuda.grid(1)
     stride = cuda.gridsize(1)

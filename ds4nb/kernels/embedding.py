@@ -13,7 +13,7 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.intrinsics import SIMULATOR, float32
+from ds4nb.kernels.intrinsics import SIMULATOR, float32, wait_prior_grid
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -23,6 +23,7 @@ MAX_COL_BLOCKS = 1 if SIMULATOR else 8  # a 4096-wide row is 16 blocks of 256: 2
 
 @cuda.jit
 def _gather_f16_kernel(table, ids, dim, out):
+    wait_prior_grid()
     t = cuda.blockIdx.y
     src = ids[t] * dim
     dst = t * dim

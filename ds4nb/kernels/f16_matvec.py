@@ -54,8 +54,8 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels import gemm_f64
-from ds4nb.kernels.intrinsics import (SIMULATOR, device, float32, float64, half_bits, has_f64_mma, uint64, warp_max,
-                                      warp_sum)
+from ds4nb.kernels.intrinsics import (SIMULATOR, device, float32, float64, half_bits, has_f64_mma, uint64,
+                                      wait_prior_grid, warp_max, warp_sum)
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -204,6 +204,7 @@ def _matvec_kernel_for(words: bool) -> Any:
 
     @cuda.jit
     def kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out, n_out2, n_in, wpr, rpw, gate, gate_at):
+        wait_prior_grid()
         if gate_at >= 0 and gate[gate_at] == 0:   # a step-record flag says this step needs no result
             return
         tid = cuda.threadIdx.x
@@ -254,6 +255,7 @@ def _matmul_kernel(w, bias, has_bias, out, w2, bias2, has_bias2, out2, x, n_out,
     shared memory, for all its warps; a lane then loads each of its weight values once for the 8 tokens and
     each activation value once for its 4 rows.  float64 sums, one shuffle reduction per (row, token), rounded
     once at the store (the same values as the one-token kernel)."""
+    wait_prior_grid()
     if gate_at >= 0 and gate[gate_at] == 0:   # a step-record flag says this step needs no result
         return
     tid = cuda.threadIdx.x

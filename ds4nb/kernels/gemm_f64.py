@@ -42,7 +42,7 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.intrinsics import device, float32, float64, mma_f64_k16, warp_sum
+from ds4nb.kernels.intrinsics import device, float32, float64, mma_f64_k16, wait_prior_grid, warp_sum
 
 WARPS_M, WARPS_N = 2, 2
 THREADS = 32 * WARPS_M * WARPS_N
@@ -156,6 +156,7 @@ def _make_gemm(scaled: bool):
                split_out, part, part_ss, ns_ss, rms_eps, gate, gate_at):
         """``split_out``: write each split's float64 sums to ``part[(t * n_split + split) * n_rows + r]``,
         else the (bias-added) sums to ``out`` / ``out2`` in their dtype (float32: rounded once)."""
+        wait_prior_grid()
         if gate_at >= 0 and gate[gate_at] == 0:   # a step-record flag says this step needs no result
             return
         tid = cuda.threadIdx.x

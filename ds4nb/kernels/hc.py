@@ -73,7 +73,7 @@ from numba import cuda
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels import gemm_f64
 from ds4nb.kernels.f16_matvec import group_sum
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, has_f64_mma, shfl_idx
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, has_f64_mma, shfl_idx, wait_prior_grid
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -107,6 +107,7 @@ def _sigmoid64(x):
 @cuda.jit
 def _ss_kernel(x, hc_dim, cols, part_ss):
     """Float64 sum of squares of each split's slice of the flattened streams -> part_ss[t, s]."""
+    wait_prior_grid()
     s = cuda.blockIdx.x
     t = cuda.blockIdx.y
     n_split = cuda.gridDim.x
@@ -261,6 +262,7 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
 
     @cuda.jit
     def mix_kernel(x, fn, hc_dim, cols, rms_eps, part_ss, part_dot):
+        wait_prior_grid()
         s = cuda.blockIdx.x
         t = cuda.blockIdx.y
         n_split = cuda.gridDim.x
@@ -305,6 +307,7 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
     @cuda.jit
     def finish_kernel(x, part_dot, n_split, n_embd, scale, base, iters, hc_eps, rms_eps,
                       out, post, comb, has_comb, mix_out, has_mix, norm_w, has_norm, norm_out):
+        wait_prior_grid()
         t = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         hc_dim = N_HC * n_embd
@@ -370,6 +373,7 @@ def _comb_kernel(n_hc: int) -> Any:
 
     @cuda.jit
     def comb_kernel(mix, scale, base, iters, hc_eps, comb):
+        wait_prior_grid()
         t = cuda.blockIdx.x
         m = mix[t * N_MIX:]
         if SIMULATOR:   # one thread (a constant-false branch on the GPU)
@@ -516,6 +520,7 @@ def _post_one(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out, i):
 
 @cuda.jit
 def _post_kernel(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out):
+    wait_prior_grid()
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if i >= n_tok * n_hc * n_embd:
         return

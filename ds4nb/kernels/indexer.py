@@ -57,7 +57,7 @@ from numba import cuda
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.attention import pow2_scale, row_threads
 from ds4nb.kernels.f16_matvec import group_max, group_sum
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, rint, uint64
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, rint, uint64, wait_prior_grid
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.rope import RopeArgs, rope_args, rope_cos_sin, rope_rotate
@@ -157,6 +157,7 @@ MAX_ROW = 512   # widest row the pair kernels stage in shared memory
 @cuda.jit
 def _q_prep_kernel(q, out, n_head, head_dim, steps, rec, gate_field, inv_sqrt, n_rot, ts, fscale, ext, low, denom,
                    msc):
+    wait_prior_grid()
     h = cuda.blockIdx.x
     t = cuda.blockIdx.y
     p = cuda.threadIdx.x
@@ -218,6 +219,7 @@ def _scores_kernel(n_ih: int, d: int) -> Any:
 
     @cuda.jit
     def kernel(q, w, w_scale, rows, steps, rows_at, gate_at, out, out_stride):
+        wait_prior_grid()
         t = cuda.blockIdx.y           # the step's token t: its record, query, weights and scores
         rows_at += t * NF
         gate_at += t * NF
@@ -326,6 +328,7 @@ def topk_key(bits, i):
 
 @cuda.jit
 def _topk_kernel(bits, n, k, n_src, n_at, k_src, k_at, out, from_stride):
+    wait_prior_grid()
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
     t = cuda.blockIdx.x           # row t of a batch: values[t, 0:n], out[t, 0:k], counts at + t * from_stride

@@ -20,3 +20,17 @@ extern "C" __device__ unsigned int ds4nb_byte_perm(unsigned int x, unsigned int 
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(x), "r"(y), "r"(s));
     return r;
 }
+
+// Programmatic dependent launch (sm_90+): griddepcontrol.wait blocks until the
+// grid this one follows has completed and its memory is visible (at once when
+// the launch was ordinary); griddepcontrol.launch_dependents then lets the next
+// grid, if launched early, start its blocks, which wait in turn.  Waiting
+// first keeps at most one grid waiting behind a running one.  Nothing below
+// sm_90.  Returns 0 (a value numba's C ABI declares plainly; callers drop it).
+extern "C" __device__ int ds4nb_wait_prior_grid() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    return 0;
+}

@@ -342,6 +342,10 @@ if SIMULATOR:
     def warp_sum_pairwise(v, width):
         """Pairwise sum of ``v`` over aligned groups of ``width`` lanes in lane order; every lane gets it."""
         return _sim_group(v, width, False, True)
+
+    def wait_prior_grid():
+        """No-op: the simulator runs launches one after another."""
+
 else:
     from numba.cuda import libdevice
 
@@ -440,6 +444,12 @@ else:
                                       [builder.extract_value(res, i) for i in range(4)])
 
         return sig, codegen
+
+    #: Programmatic dependent launch (``_launch.Launch.early``), a kernel's first statement: wait until the
+    #: grid this launch follows has finished and its writes are visible, then let the next grid (if launched
+    #: early) start its blocks.  In a kernel launched normally, or below sm_90 (where it compiles to nothing),
+    #: it returns at once.
+    wait_prior_grid = cuda.declare_device("ds4nb_wait_prior_grid", "int32()", link=[str(CU_PATH)], abi="c")
 
     @device
     def shfl_xor(value, lane_mask):

@@ -69,8 +69,8 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.activation import Q8KAct, q8_K_to_device
-from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, byte_perm, device, dot8, dp4a, float32, float64, hi_i32,
-                                      int32, jit_kernel, uint32, uint64, warp_sum_pairwise)
+from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, byte_perm, device, dot8, dp4a, float32, float64, hi_i32, int32,
+                                      jit_kernel, uint32, uint64, wait_prior_grid, warp_sum_pairwise)
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.quants import dequantize, dequantize_q8_K_activation, quantize_q8_K, random_blocks
@@ -414,6 +414,7 @@ def _make_matvec(qtype, lpr: int, nb: int, replicas: int):
 
     @cuda.jit
     def kernel(qs, sc, dm, n_rows, ids, x_per_slot, yq, yd, ybs, grid_g, sign_g, out):
+        wait_prior_grid()
         if ids[cuda.blockIdx.y] < 0:     # a slot whose expert another launch reads (split placement)
             return
         grid_s = cuda.shared.array(grid_words, uint32)
@@ -471,6 +472,7 @@ def _make_gate_up(qtype, lpr: int, nb: int, replicas: int, min_blocks: int = 0):
     @jit_kernel(launch_bounds=(THREADS, min_blocks) if min_blocks else None)
     def kernel(gqs, gsc, gdm, uqs, usc, udm, n_rows, ids, weights, clamp, x_per_slot,
                yq, yd, ybs, grid_g, sign_g, mid):
+        wait_prior_grid()
         if ids[cuda.blockIdx.y] < 0:     # a slot whose expert another launch reads (split placement)
             return
         grid_s = cuda.shared.array(grid_words, uint32)
@@ -520,6 +522,7 @@ def _make_down_sum(qtype, lpr: int, nb: int, replicas: int):
 
     @cuda.jit
     def kernel(qs, sc, dm, n_rows, ids, yq, yd, ybs, grid_g, sign_g, out):
+        wait_prior_grid()
         grid_s = cuda.shared.array(grid_words, uint32)
         sign_s = cuda.shared.array(sign_words, uint32)
         part = cuda.shared.array((MAX_SLOTS, cols), float32)   # each slot's product, rounded
@@ -672,6 +675,7 @@ def _moe_down_sum(qtype: GGMLQuantizationType, w: PackedWeight, ids: Any, x: Q8K
 
 @cuda.jit
 def _split_ids_kernel(ids, n, slot_of, dev_ids, host_ids):
+    wait_prior_grid()
     i = cuda.grid(1)
     if i < n:
         s = slot_of[ids[i]]
@@ -733,6 +737,7 @@ def _stage_field(src, dst, k, s, n, t, stride):
 def _stage_kernel(ids, split, slot_of, d_qs, d_sc, d_dm, h_qs, h_sc, h_dm, o_qs, o_sc, o_dm, n_qs, n_sc, n_dm):
     """Slot ``blockIdx.y``'s expert into slot ``blockIdx.y`` of ``o``: from ``d`` (``d``'s index ``k >= 0``) or
     ``h`` (index ``-1 - k``), ``k = slot_of[e]`` when ``split``, else ``e`` (one source); ``n_*``: words an expert."""
+    wait_prior_grid()
     s = cuda.blockIdx.y
     e = ids[s]
     k = slot_of[e] if split else e
@@ -765,13 +770,15 @@ def _fields_words(w: PackedWeight) -> list[tuple[Any, int]]:
 
 @implementation("moe.stage_experts", "grid_stride_copy", layout="block-minor")
 def stage_experts(w: PackedWeight, ids: Any, *, out: PackedWeight, w_host: PackedWeight | None = None,
-                  slot_of: Any = None, stream: Any = 0) -> PackedWeight:
+                  slot_of: Any = None, max_blocks: int = 0, stream: Any = 0) -> PackedWeight:
     """``out``'s expert ``s`` = expert ``ids[s]`` of a routed-expert tensor, copied word for word.
 
     The tensor is ``w`` alone (in GPU or host-mapped memory), or split: expert
     ``e`` is ``w[slot_of[e]]`` when ``slot_of[e] >= 0``, else
     ``w_host[-1 - slot_of[e]]`` (``cache.residency.SplitExperts``).  ``out``
-    holds ``ids.size`` experts of ``w``'s type and row shape.
+    holds ``ids.size`` experts of ``w``'s type and row shape.  ``max_blocks``
+    (0: ``STAGE_BLOCKS``) caps the grid: a copy beside other work leaves it
+    most of the GPU.
     """
     n = ids.size
     src = _fields_words(w)
@@ -781,7 +788,7 @@ def stage_experts(w: PackedWeight, ids: Any, *, out: PackedWeight, w_host: Packe
         raise ValueError(f"stage_experts: expert sizes differ ({w.shape}, {out.shape})")
     split = slot_of is not None
     words = sum(x[1] for x in dst)
-    bx = max(1, min(L.cdiv(words, 4 * STAGE_THREADS), STAGE_BLOCKS // n))
+    bx = max(1, min(L.cdiv(words, 4 * STAGE_THREADS), (max_blocks or STAGE_BLOCKS) // n))
     L.launch(_stage_kernel, (bx, n), STAGE_THREADS, stream, L.flat(ids), split,
              slot_of if split else L.placeholder(np.int32), *(x[0] for x in src), *(x[0] for x in host),
              *(x[0] for x in dst), *(x[1] for x in dst))
@@ -790,6 +797,7 @@ def stage_experts(w: PackedWeight, ids: Any, *, out: PackedWeight, w_host: Packe
 
 @cuda.jit
 def _count_kernel(ids, n, counts):
+    wait_prior_grid()
     i = cuda.grid(1)
     if i < n:
         cuda.atomic.add(counts, ids[i], 1)
@@ -988,8 +996,10 @@ def _case_stage(rng: np.random.Generator, scale: str) -> Case:
                                                                                        a.dtype)
                                                 for a in (host.qs, host.sc, host.dm)))
     want = tuple(a.reshape(n_expert, -1)[ids].reshape(-1) for a in (host.qs, host.sc, host.dm) if a is not None)
+    max_blocks = int(rng.choice([0, 1, 5, 128]))        # the default grid, or one capped (a copy beside others)
     if rng.integers(2):     # one tensor
-        return Case((host.to_device(), cuda.to_device(ids)), out, want, (True,) * len(want))
+        return Case((host.to_device(), cuda.to_device(ids)), out, want, (True,) * len(want),
+                    kwargs={"max_blocks": max_blocks})
     on_gpu = np.sort(rng.permutation(n_expert)[:int(rng.integers(1, n_expert))])
     off = np.setdiff1d(np.arange(n_expert), on_gpu)
     slot_of = np.empty(n_expert, np.int32)
@@ -1001,7 +1011,7 @@ def _case_stage(rng: np.random.Generator, scale: str) -> Case:
                                                           for a in (host.qs, host.sc, host.dm))).to_device()
 
     return Case((part(on_gpu), cuda.to_device(ids)), out, want, (True,) * len(want),
-                kwargs={"w_host": part(off), "slot_of": cuda.to_device(slot_of)})
+                kwargs={"w_host": part(off), "slot_of": cuda.to_device(slot_of), "max_blocks": max_blocks})
 
 
 OPS = [
@@ -1011,7 +1021,7 @@ OPS = [
     OpSpec("moe.stage_experts", "the selected experts of a routed-expert tensor (one copy, or split between "
            "GPU and host-mapped memory) copied into GPU memory, slot by slot",
            "(w: PackedWeight (E, N, K), ids i32 (n,), *, out: PackedWeight (n, N, K), w_host: PackedWeight | None, "
-           "slot_of i32 (E,) | None, stream)",
+           "slot_of i32 (E,) | None, max_blocks=0, stream)",
            "numpy fancy indexing of each block-minor field by expert", 0.0, _case_stage),
 ]
 for _qt in QTYPES:

@@ -93,8 +93,8 @@ from ds4nb.kernels import moe as M
 from ds4nb.kernels.activation import Q8KAct, q8_K_to_device
 from ds4nb.kernels.moe import (_D0, _D_EIGHTH, _M2, _M4, _M4_32, _M6_32, _M30_32, _NEG, _POS,
                                _U1_32, _U2, _U4, _U16, _U28, _U32, _U32_7F, _U32_FF, _UFF, _ULO)
-from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, byte_perm, device, dot8, dp4a, float32, float64, hi_i32,
-                                      int32, jit_kernel, uint32, uint64, warp_sum_pairwise)
+from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, byte_perm, device, dot8, dp4a, float32, float64, hi_i32, int32,
+                                      jit_kernel, uint32, uint64, wait_prior_grid, warp_sum_pairwise)
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.quants import dequantize, dequantize_q8_K_activation, quantize_q8_K
@@ -158,6 +158,7 @@ def _make_group_slots(n_expert: int):
 
     @cuda.jit
     def kernel(sel, n, order, offsets):
+        wait_prior_grid()
         t = cuda.threadIdx.x
         cur = cuda.shared.array(n_expert, int32)                 # counts, then each expert's next place
         table = cuda.shared.array(table_size, int32)       # per chunk: (group, expert) count, then start
@@ -614,6 +615,7 @@ def _make_matvec_grouped(qtype, lpr: int, nb: int, n: int, min_blocks: int = 0):
 
     @jit_kernel(launch_bounds=(M.THREADS, min_blocks) if min_blocks else None)
     def kernel(qs, sc, dm, n_rows, order, offsets, div, yq, yd, ybs, grid_g, sign_g, out):
+        wait_prior_grid()
         e = cuda.blockIdx.x
         start = offsets[e]
         end = offsets[e + 1]
@@ -685,6 +687,7 @@ def _make_gate_up_grouped(qtype, lpr: int, nb: int, n: int, min_blocks: int = 0)
     @jit_kernel(launch_bounds=(M.THREADS, min_blocks) if min_blocks else None)
     def kernel(gqs, gsc, gdm, uqs, usc, udm, n_rows, order, offsets, div, weights, clamp, yq, yd, ybs,
                grid_g, sign_g, mid):
+        wait_prior_grid()
         e = cuda.blockIdx.x
         start = offsets[e]
         end = offsets[e + 1]

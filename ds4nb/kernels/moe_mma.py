@@ -114,7 +114,7 @@ from ds4nb.kernels import _launch as L
 from ds4nb.kernels import moe as M
 from ds4nb.kernels.activation import Q8KAct
 from ds4nb.kernels.intrinsics import (SIMULATOR, as_i32, byte_perm, device, dp4a, float32, float64, has_int8_mma,
-                                      hi_i32, int32, jit_kernel, mma_s8, uint32, uint64)
+                                      hi_i32, int32, jit_kernel, mma_s8, uint32, uint64, wait_prior_grid)
 from ds4nb.kernels.moe import _D0, _D_EIGHTH, _NEG, _POS, _U16, _U32, _U32_7F, _U32_FF, _ULO, clamped_swiglu
 from ds4nb.kernels.moe_grouped import SlotGroups, StagedActs, _geometry, alloc_staged_acts, register_launchers
 from ds4nb.quants.repack import PackedWeight
@@ -172,6 +172,7 @@ def _make_stage(threads: int):
 
     @jit_kernel
     def kernel(order, offsets, n_expert, div, nb, xq, xd, sq, sd):
+        wait_prior_grid()
         n = order.size
         i = cuda.blockIdx.x * threads + cuda.threadIdx.x
         p = i >> 2                      # grouped position
@@ -480,6 +481,7 @@ def _make_tiles(qtype: GGMLQuantizationType, kind: str, lpr: int, nb: int, use_m
     @jit_kernel(launch_bounds=(THREADS, min_blocks) if min_blocks else None)
     def kernel(qs_lo, sc_lo, dm_lo, qs_hi, sc_hi, dm_hi, n_rows, order, offsets, weights, clamp, ya, yd,
                grid_g, sign_g, out):
+        wait_prior_grid()
         e = cuda.blockIdx.x
         start = offsets[e]
         end = offsets[e + 1]

@@ -28,7 +28,7 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.intrinsics import SIMULATOR, float32, float64, warp_sum
+from ds4nb.kernels.intrinsics import SIMULATOR, float32, float64, wait_prior_grid, warp_sum
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -42,6 +42,7 @@ DS4_RMS_EPS = 1.0e-6
 
 @cuda.jit
 def _rms_norm_kernel(x, w, has_w, n, eps, out):
+    wait_prior_grid()
     row = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     base = row * n

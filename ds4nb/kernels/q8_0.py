@@ -48,7 +48,7 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.activation import Q8_0Act, q8_0_to_device
-from ds4nb.kernels.intrinsics import SIMULATOR, device, dot8, float32, float64, int32, uint64, warp_sum
+from ds4nb.kernels.intrinsics import SIMULATOR, device, dot8, float32, float64, int32, uint64, wait_prior_grid, warp_sum
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, Requirements, implementation
 from ds4nb.quants import dequantize, dequantize_q8_0_activation, quantize_q8_0, random_blocks
@@ -112,6 +112,7 @@ def _make_matvec(nb: int):
 
     @cuda.jit
     def kernel(qs, dm, n_rows, rows_per_x, qs2, dm2, n_rows2, xq, xd, out, out2):
+        wait_prior_grid()
         lane = cuda.threadIdx.x % LANES
         row = cuda.blockIdx.x * (ROWS_PER_BLOCK * ROWS_PER_THREAD) + cuda.threadIdx.x // LANES
         pair_row(qs, dm, n_rows, rows_per_x, qs2, dm2, n_rows2, xq, xd, out, out2, row, lane)
@@ -156,6 +157,7 @@ def _make_matmul(nb: int):
 
     @cuda.jit
     def kernel(qs, dm, n_rows, n_tok, xq, xd, out):
+        wait_prior_grid()
         lane = cuda.threadIdx.x % LANES
         row = cuda.blockIdx.x * (ROWS_PER_BLOCK * ROWS_PER_THREAD) + cuda.threadIdx.x // LANES
         row_dots(qs, dm, n_rows, n_tok, xq, xd, out, row, lane)

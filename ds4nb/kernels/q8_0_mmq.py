@@ -39,7 +39,7 @@ from numba import cuda
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.activation import Q8_0Act
 from ds4nb.kernels.intrinsics import (as_i32, device, dp4a, float32, float64, has_int8_mma, hi_i32, int32, mma_s8,
-                                      uint64)
+                                      uint64, wait_prior_grid)
 from ds4nb.kernels.q8_0 import _check
 from ds4nb.kernels.registry import Requirements, implementation
 from ds4nb.quants.repack import PackedWeight, layout_name
@@ -129,6 +129,7 @@ def _make_mmq(nb: int, use_mma: bool):
 
     @cuda.jit
     def kernel(qs, dm, n_rows, n_tok, xq, xd, out):
+        wait_prior_grid()
         sa = cuda.shared.array(A_WORDS, np.int32)
         sb = cuda.shared.array(B_WORDS, np.int32)
         sda = cuda.shared.array(A_SCALES, np.float32)

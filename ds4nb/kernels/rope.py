@@ -32,7 +32,7 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, wait_prior_grid
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -124,6 +124,7 @@ def rope_rotate(x0, x1, c, s, inverse):
 @cuda.jit
 def _rope_tail_kernel(x, out, n_tok, n_rows, head_dim, pos0, pos_step, inverse, copy_nope,
                       n_rot, ts, fscale, ext, low, denom, msc):
+    wait_prior_grid()
     half = head_dim // 2
     i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if i >= n_tok * n_rows * half:

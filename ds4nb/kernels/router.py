@@ -38,7 +38,7 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.argmax import better_pair, lane_argmax
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, int64
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, int64, wait_prior_grid
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -125,6 +125,7 @@ def _expert_key(p, bias, has_bias, e):
 @cuda.jit
 def _router_kernel(logits, n_expert, bias, has_bias, k, scale, normalise, hash_mode, table, tokens,
                    sel_out, w_out):
+    wait_prior_grid()
     t = cuda.blockIdx.x
     e = cuda.threadIdx.x
     nt = cuda.blockDim.x
@@ -236,6 +237,23 @@ def _launch(logits, bias, tid2eid, tokens, out, k, scale, normalise, stream):
         int(k), np.float32(scale), int(bool(normalise)), int(hashed),
         L.flat(tid2eid) if hashed else L.placeholder(np.int32), L.flat(tokens) if hashed else L.placeholder(np.int32),
         L.flat(out.selected), L.flat(out.weights))
+    return out
+
+
+@cuda.jit
+def _hash_selection_kernel(table, tokens, k, out):
+    wait_prior_grid()
+    i = cuda.grid(1)
+    if i < out.size:
+        out[i] = table[tokens[i // k] * k + i % k]
+
+
+def hash_selection(tid2eid: Any, tokens: Any, *, out: Any, k: int, stream: Any = 0) -> Any:
+    """``out`` int32 (T, k) = ``tid2eid[tokens]``: a hash layer's experts, known from the token ids alone, the
+    ids ``router.hash`` selects (a decode step copies the host-mapped ones ahead of the layer:
+    ``ds4nb.engine.model``; a tool of the engine's, not an op with alternatives)."""
+    n = out.size
+    L.launch(_hash_selection_kernel, L.cdiv(n, 32), 32, stream, L.flat(tid2eid), L.flat(tokens), int(k), L.flat(out))
     return out
 
 

@@ -48,7 +48,7 @@ from ds4nb.kernels import argmax as _am    # module imports: add_module register
 from ds4nb.kernels import indexer as _ix
 from ds4nb.kernels.f16_matvec import block_sum, group_max
 from ds4nb.kernels.indexer import topk_key
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, int64, uint64
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, int32, int64, uint64, wait_prior_grid
 from ds4nb.kernels.parity import Case
 from ds4nb.kernels.registry import OpSpec, implementation
 from ds4nb.kernels.router import f32_bits
@@ -103,6 +103,7 @@ def _greedy_key(v, i):
 
 @cuda.jit
 def _stats_kernel(logits, n, sp, cap, ids, st_i, st_f, out):
+    wait_prior_grid()
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
     lane = tid % LANES
@@ -169,6 +170,7 @@ def _stats_kernel(logits, n, sp, cap, ids, st_i, st_f, out):
 
 @cuda.jit
 def _draw_kernel(logits, ids, st_i, st_f, sp, out):
+    wait_prior_grid()
     if sp[SP_GREEDY] != 0:            # sample.argmax answered
         return
     tid = cuda.threadIdx.x

@@ -30,13 +30,22 @@ without compression and stays all zero:
 ==========  ================================================================
 
 :func:`fill_records` is the one place these values are computed.
+
+A *chained* decode step takes its token id from device memory too: the
+previous step's sampler wrote it there (:func:`feed_token`, the last launch of
+a sampling decode step), so the host can enqueue the next step before the
+sampled id reaches it (``CudaEngine.decode_chain``).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+from numba import cuda
+
+from ds4nb.kernels import _launch as L
+from ds4nb.kernels.intrinsics import wait_prior_grid
 
 POS, RAW_ROW, N_RAW = 0, 1, 2
 GROUP0 = 4
@@ -102,3 +111,17 @@ def one_record(pos: int = 0, *, n_raw: int = 0, emit: int = 0, rows: int = 0, vi
     base = group_offset(group)
     rec[base + EMIT], rec[base + ROWS], rec[base + VISIBLE], rec[base + SELECT] = emit, rows, visible, select
     return rec
+
+
+@cuda.jit
+def _feed_token_kernel(sampled, ids):
+    wait_prior_grid()
+    if cuda.grid(1) == 0:
+        ids[0] = sampled[0]
+
+
+def feed_token(sampled: Any, ids: Any, stream: Any = 0) -> None:
+    """``ids[0] = sampled[0]`` on the device: the sampled id (``sample.draw``'s ``(token, status)``) becomes
+    the next step's input id.  A step whose host upload leaves the ids out (``StepInput.upload(ids=False)``)
+    decodes it; a full upload overwrites it."""
+    L.launch(_feed_token_kernel, 1, 32, stream, sampled, ids)
