@@ -285,3 +285,27 @@ def test_layout_errors() -> None:
     with pytest.raises(ValueError):
         pack_q8_K_activation(np.zeros((1, 100), np.int8), np.zeros(1), np.zeros(6))
 
+
+
+def test_every_kernel_waits_for_the_prior_grid_first() -> None:
+    """Every kernel of ``ds4nb.kernels`` starts with ``wait_prior_grid()`` (after its docstring): a step
+    launches it early (``_launch.Recorder``), so nothing may touch memory before the wait."""
+    import ast
+    from pathlib import Path
+
+    import ds4nb.kernels
+
+    found = []
+    for path in sorted(Path(ds4nb.kernels.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            decorators = [ast.unparse(d) for d in node.decorator_list]
+            if not any((d == "cuda.jit" or d.startswith(("cuda.jit(", "jit_kernel"))) and "device=True" not in d
+                       for d in decorators):
+                continue
+            body = node.body[1:] if isinstance(node.body[0], ast.Expr) and isinstance(
+                node.body[0].value, ast.Constant) else node.body
+            found.append(node.name)
+            assert ast.unparse(body[0]) == "wait_prior_grid()", f"{path.name}: {node.name} does not wait first"
+    assert len(found) > 40

@@ -17,7 +17,12 @@ A decode step's kernels are latency-bound, so independent work runs
 side by side (``Recorder.branch``, a parallel path of the graph): each
 sublayer's Sinkhorn (``hc.comb``), with the compressor projections beside the
 query path, or with the shared expert beside the router and the routed
-experts, joined where their outputs are read.
+experts, joined where their outputs are read (the ``SIDE`` lane); and the
+copies of the hash layers' host-mapped experts, ``tid2eid[token]``, from the
+step's start until their layer (the ``PREFETCH`` lane).  Kernels that follow
+a kernel on their stream launch early (``Recorder(early=True)``).  A sampling
+decode step ends by leaving the sampled id where the next step reads its
+token (``feed_token``: chained decoding).
 """
 
 from __future__ import annotations
