@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         tps = chained()
         tps_step = step_by_step()
         eng.set_early_launch(False)                 # early (programmatic dependent) launches off: chained again
+        for t in eng.decode_chain(first, GREEDY, np.random.default_rng(0), 3):   # the new steps' capture
+            pass
         tps_late = chained() if eng.use_graphs else tps
         eng.set_early_launch(True)
         roof = roofline(eng.plan, tensors, cfg.n_expert_used, device_bw=bw.device, host_bw=bw.host,
