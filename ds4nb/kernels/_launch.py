@@ -84,8 +84,8 @@ def launch_early(kernel: Any, grid: Any, block: Any, stream: Any, args: tuple) -
     writeback: list = []
     for ty, val in zip(compiled.argument_types, args):
         compiled._prepare_args(ty, val, stream, writeback, kernelargs)
-    config = LaunchConfig(grid=grid, block=block, shmem_size=0, programmatic_stream_serialization=True)
-    core_launch(_to_core_stream(stream), config, compiled._codelibrary.get_cufunc().kernel, *kernelargs)
+    early = LaunchConfig(grid=grid, block=block, shmem_size=0, programmatic_stream_serialization=True)
+    core_launch(_to_core_stream(stream), early, compiled._codelibrary.get_cufunc().kernel, *kernelargs)
 
 
 EARLY_ENV_VAR = "DS4NB_EARLY_LAUNCH"
@@ -126,7 +126,7 @@ class LibraryCall:
 
     ``fn(stream)`` enqueues it on ``stream`` (a numba stream, 0, or a
     ``cuda.core`` graph builder while capturing); ``kernel`` is ``fn`` so
-    per-kernel timings name it.
+    per-kernel timings name it.  Never launched early.
     """
 
     fn: Callable[[Any], None] = field(repr=False)
