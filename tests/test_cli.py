@@ -240,3 +240,52 @@ def test_a_kernel_plugin_that_fails_to_import_is_one_line_naming_it(tmp_path: Pa
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "plugin broken-kernels" in lines[0] and "no_such_module_ds4nb_test" in lines[0], err
     assert "Traceback" not in err
+
+
+def test_generate_chains_device_sampled_steps_like_host_sampling(tiny_model) -> None:
+    """``generate`` through an engine's ``decode_chain`` gives the tokens, stop and step count of host sampling
+    over ``decode`` logits, asks the chain for the tokens it may still need, and closes it (EOS or not)."""
+    from ds4nb.chat import StopCondition
+    from ds4nb.engine.generate import generate
+    from ds4nb.sampling import GREEDY
+    from ds4nb.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(tiny_model)
+    n_vocab = tiny_model.config.n_vocab
+    rng = np.random.default_rng()
+    a, b = (int(x) for x in rng.integers(1, n_vocab, 2))
+
+    def successor(t: int) -> int:
+        return (a * t + b) % n_vocab
+
+    class HostSampled:
+        def prefill(self, tokens):
+            return np.eye(n_vocab, dtype=np.float32)[successor(tokens[-1])]
+
+        def decode(self, token):
+            return np.eye(n_vocab, dtype=np.float32)[successor(token)]
+
+    class Chained(HostSampled):
+        asked, closed = [], []
+
+        def decode_chain(self, token, params, rng, n):
+            Chained.asked.append(n)
+            try:
+                for _ in range(n):
+                    token = successor(token)
+                    yield token
+            finally:
+                Chained.closed.append(True)
+
+    for _ in range(4):
+        prompt = [int(x) for x in rng.integers(0, n_vocab, 3)]
+        eos = successor(successor(successor(prompt[-1]))) if rng.random() < 0.5 else -1   # the 3rd token, or never
+        stop = StopCondition(eos_id=eos)
+        limit = int(rng.integers(1, 8))
+        want = generate(HostSampled(), tok, prompt, max_new_tokens=limit, params=GREEDY, stop=stop,
+                        on_text=lambda s: None, rng=np.random.default_rng(0))
+        Chained.asked, Chained.closed = [], []
+        got = generate(Chained(), tok, prompt, max_new_tokens=limit, params=GREEDY, stop=stop,
+                       on_text=lambda s: None, rng=np.random.default_rng(0))
+        assert got[0] == want[0] and got[1].stop == want[1].stop and got[1].decode_steps == want[1].decode_steps
+        assert Chained.asked == ([limit - 1] if limit > 1 else []) and len(Chained.closed) == len(Chained.asked)
