@@ -93,13 +93,29 @@ EARLY_ENV_VAR = "DS4NB_EARLY_LAUNCH"
 
 def early_launch_requested(env: dict | None = None) -> bool:
     """Whether recorded steps launch early where they may (``DS4NB_EARLY_LAUNCH=0`` turns it off): on a GPU
-    of sm_90+ (older ones have no programmatic dependent launch); never in the simulator."""
+    of sm_90+ (older ones have no programmatic dependent launch) with a numba-cuda and ``cuda.core`` that
+    :func:`launch_early` can drive; never in the simulator."""
     env = os.environ if env is None else env
     if env.get(EARLY_ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off") or config.ENABLE_CUDASIM:
         return False
     try:
-        return tuple(cuda.get_current_device().compute_capability) >= (9, 0)
+        return tuple(cuda.get_current_device().compute_capability) >= (9, 0) and _early_launch_supported()
     except Exception:           # no usable GPU (a compile-only check): nothing launches anyway
+        return False
+
+
+@functools.cache
+def _early_launch_supported() -> bool:
+    """Whether the installed numba-cuda and ``cuda.core`` have what :func:`launch_early` uses (it reaches into
+    numba's compiled kernels; another version may lack them: then every launch is ordinary, still correct)."""
+    try:
+        from cuda.core import LaunchConfig
+        from numba.cuda.dispatcher import CUDADispatcher, _Kernel
+
+        LaunchConfig(grid=1, block=1, programmatic_stream_serialization=True)
+        return all(hasattr(_Kernel, a) for a in ("_prepare_args", "argument_types")) and all(
+            hasattr(CUDADispatcher, a) for a in ("typeof_pyval", "compile", "specialized"))
+    except Exception:
         return False
 
 
