@@ -503,10 +503,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         for start in range(0, len(tokens), engine.chunk):
             logits = engine.prefill(tokens[start:start + engine.chunk])
             on_progress(min(start + engine.chunk, len(tokens)), len(tokens))
-    token = int(logits.argmax())
-    rng = np.random.default_rng(0)
-    for _ in range(args.gen):
-        token = engine.decode_sample(token, GREEDY, rng)
+    for _ in engine.decode_chain(int(logits.argmax()), GREEDY, np.random.default_rng(0), args.gen):
+        pass
     counts = engine.expert_counts()
     usage = ExpertUsage(model.name, tuple(tuple(int(c) for c in row) for row in counts))
     with _atomic_output(args.out) as fh:
