@@ -226,6 +226,11 @@ def expert_stage_groups(lw: LayerWeights) -> tuple[tuple[tuple[str, Any], ...], 
     return ((("gate", lw.ffn_gate_exps), ("up", lw.ffn_up_exps)), (("down", lw.ffn_down_exps),))
 
 
+def stage_key(role: str, info: Any) -> StageKey:
+    """The staging copy of the routed-expert tensor ``info`` in role ``role``: its buffer's key."""
+    return (role, info.qtype, *info.shape[1:])
+
+
 @dataclass(frozen=True)
 class StagePlan:
     """The staging copies a decode step needs for the routed-expert tensors ``plan`` leaves host-mapped in whole
@@ -247,7 +252,7 @@ class StagePlan:
         for il, lw in enumerate(weights.layers):
             for role_infos in expert_stage_groups(lw):
                 if any(plan.where(info.name) != "device" for _, info in role_infos):
-                    keys = {(role, info.qtype, *info.shape[1:]) for role, info in role_infos}
+                    keys = {stage_key(role, info) for role, info in role_infos}
                     if cfg.is_hash_layer(il) and lw.ffn_gate_tid2eid is not None:
                         prefetched.setdefault(il, set()).update(keys)
                     else:
@@ -741,7 +746,7 @@ class _Builder:
         (``Scratch.stage``)."""
         if all(self.res.plan.where(info.name) == "device" for _, info in role_infos):
             return tuple(self.w(info) for _, info in role_infos), sel
-        keys = [(role, info.qtype, *info.shape[1:]) for role, info in role_infos]
+        keys = [stage_key(role, info) for role, info in role_infos]
         if il in self.s.prefetch:
             return tuple(self.s.prefetch[il][0][key] for key in keys), self.s.slot_ids
         for (_, info), key in zip(role_infos, keys):
@@ -778,7 +783,7 @@ class _Builder:
                                   k=self.cfg.n_expert_used)
             for group in expert_stage_groups(lw):
                 for role, info in group:
-                    key = (role, info.qtype, *info.shape[1:])
+                    key = stage_key(role, info)
                     if key in copies:
                         self.stage(info, sel, copies[key], self.PREFETCH_BLOCKS)
         self.k.family(family)
