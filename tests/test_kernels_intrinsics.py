@@ -289,13 +289,22 @@ def test_layout_errors() -> None:
 
 def test_every_kernel_waits_for_the_prior_grid_first() -> None:
     """Every kernel of ``ds4nb.kernels`` starts with ``wait_prior_grid()`` (after its docstring): a step
-    launches it early (``_launch.Recorder``), so nothing may touch memory before the wait."""
+    launches it early (``_launch.Recorder``), so nothing may touch memory another grid writes before the wait.
+    Before it a kernel may only compute indices (no array reads), allocate local arrays and call ``early_*``
+    device functions, which read weights (nothing a grid of the step writes)."""
     import ast
     from pathlib import Path
 
     import ds4nb.kernels
 
-    found = []
+    def index_math(stmt) -> bool:
+        return isinstance(stmt, ast.Assign) and not any(isinstance(n, ast.Subscript) for n in ast.walk(stmt.value))
+
+    def early_call(stmt) -> bool:
+        return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)
+                and isinstance(stmt.value.func, ast.Name) and stmt.value.func.id.startswith("early_"))
+
+    found, early = [], []
     for path in sorted(Path(ds4nb.kernels.__file__).parent.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.FunctionDef):
@@ -307,5 +316,11 @@ def test_every_kernel_waits_for_the_prior_grid_first() -> None:
             body = node.body[1:] if isinstance(node.body[0], ast.Expr) and isinstance(
                 node.body[0].value, ast.Constant) else node.body
             found.append(node.name)
-            assert ast.unparse(body[0]) == "wait_prior_grid()", f"{path.name}: {node.name} does not wait first"
-    assert len(found) > 40
+            waits = [i for i, stmt in enumerate(body) if ast.unparse(stmt) == "wait_prior_grid()"]
+            assert waits, f"{path.name}: {node.name} does not wait for the prior grid"
+            before = body[:waits[0]]
+            assert all(index_math(st) or early_call(st) for st in before), \
+                f"{path.name}: {node.name} does more than index math and early_* weight reads before the wait"
+            if any(early_call(st) for st in before):
+                early.append(node.name)
+    assert len(found) > 40 and early, (len(found), early)

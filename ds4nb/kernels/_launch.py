@@ -69,9 +69,12 @@ def launch_early(kernel: Any, grid: Any, block: Any, stream: Any, args: tuple) -
     Its blocks may start before the previous kernel on the stream has
     finished (as soon as that kernel's blocks have all passed their own
     ``wait_prior_grid`` or exited); each waits in ``wait_prior_grid``
-    before it touches memory, so the results are those of an ordinary
-    launch, only the launch latency between the two kernels is hidden.  The
-    kernel must call ``wait_prior_grid`` first.  numba launches through
+    before it touches memory a grid of the step writes, so the results are
+    those of an ordinary launch, only the launch latency between the two
+    kernels is hidden.  The kernel must call ``wait_prior_grid`` first, after
+    at most index arithmetic and ``early_*`` weight reads (``q8_0.matvec``
+    streams its first weight words while the previous kernel runs; a test
+    holds every kernel to this).  numba launches through
     ``cuda.core`` without this option, so this compiles (once) through the
     dispatcher and launches the compiled kernel with the option set.
     """

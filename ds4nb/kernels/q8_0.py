@@ -14,6 +14,11 @@ second matrix ``w2`` of the same row length, one launch computes both
 products of the activation (rows of ``w``, then rows of ``w2``): a decode
 step's small projections are latency-bound, so two of them in one launch
 cost about one (``attn_q_a`` + ``attn_kv``, the shared expert's gate + up).
+A lane reads its first ``EARLY_BLOCKS`` blocks' weight words before
+``wait_prior_grid``: launched early in a decode step, the kernel streams them
+while the activation's quantization still runs.  Measured on H200, 20-layer
+flash decode, A B A in one call: +0.8 to +2.2% t/s on ``full``, +1.0 to +1.4%
+on the 70 GB share (bench/results/decode_ab_h200.md).
 
 Numerics (docs/model.md, "Numerics: one rounding per value"): the integer
 block dots are exact, the per-block terms ``float64(d_w) * float64(d_x) *
@@ -48,7 +53,8 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels.activation import Q8_0Act, q8_0_to_device
-from ds4nb.kernels.intrinsics import SIMULATOR, device, dot8, float32, float64, int32, uint64, wait_prior_grid, warp_sum
+from ds4nb.kernels.intrinsics import (SIMULATOR, device, dot8, float32, float64, int32, uint64, wait_prior_grid,
+                                      warp_sum)
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, Requirements, implementation
 from ds4nb.quants import dequantize, dequantize_q8_0_activation, quantize_q8_0, random_blocks
@@ -60,20 +66,28 @@ LANES = 1 if SIMULATOR else 32  # lanes per row (a warp on the GPU)
 ROWS_PER_BLOCK = 8  # rows a block works on at once (GPU: warps per block, one row each)
 ROWS_PER_THREAD = 16 if SIMULATOR else 1  # rows a lane walks one after the other
 TOKENS_PER_PASS = 8  # q8_0.matmul: tokens sharing one read of the weights
+EARLY_BLOCKS = 2     # q8_0.matvec: blocks a lane reads before waiting for the prior grid (_make_matvec)
 
 _D0 = np.float64(0.0)
 
 
 @device
-def _q8_block(qs, dm, xq, xd, wq, wd, xw, nb, b):
-    """One 32-value block: 4 weight words . 4 activation words (row starting at word ``4 * xw``, scale
-    ``xw``), scaled by d_w * d_x (float64, exact)."""
+def _q8_dot(w0, w1, w2, w3, dw, xq, xd, xw, nb, b):
+    """Block ``b``: its 4 weight words (scale ``dw``) . the 4 activation words (row starting at word
+    ``4 * xw``, scale ``xw``), scaled by d_w * d_x (float64, exact)."""
     xb = 4 * xw + b
-    s = dot8(qs[uint64(wq + b)], xq[uint64(xb)], int32(0))
-    s = dot8(qs[uint64(wq + nb + b)], xq[uint64(xb + nb)], s)
-    s = dot8(qs[uint64(wq + 2 * nb + b)], xq[uint64(xb + 2 * nb)], s)
-    s = dot8(qs[uint64(wq + 3 * nb + b)], xq[uint64(xb + 3 * nb)], s)
-    return float64(s) * (float64(float32(dm[uint64(wd + b)])) * float64(xd[uint64(xw + b)]))
+    s = dot8(w0, xq[uint64(xb)], int32(0))
+    s = dot8(w1, xq[uint64(xb + nb)], s)
+    s = dot8(w2, xq[uint64(xb + 2 * nb)], s)
+    s = dot8(w3, xq[uint64(xb + 3 * nb)], s)
+    return float64(s) * (float64(dw) * float64(xd[uint64(xw + b)]))
+
+
+@device
+def _q8_block(qs, dm, xq, xd, wq, wd, xw, nb, b):
+    """One 32-value block of weight row ``wq`` (words) / ``wd`` (scales) . the activation (``_q8_dot``)."""
+    return _q8_dot(qs[uint64(wq + b)], qs[uint64(wq + nb + b)], qs[uint64(wq + 2 * nb + b)],
+                   qs[uint64(wq + 3 * nb + b)], float32(dm[uint64(wd + b)]), xq, xd, xw, nb, b)
 
 
 @L.kernel_factory
@@ -83,11 +97,38 @@ def _make_matvec(nb: int):
     and the ``nb // 32`` full steps have a constant trip count, so they unroll
     and every lane has all of its weight words in flight at once.  Row ``r``
     reads activation row ``r // rows_per_x`` (one row for a plain matvec; the
-    head groups of ``attn_output_a`` in one launch, docs/model.md step 13)."""
+    head groups of ``attn_output_a`` in one launch, docs/model.md step 13).
+
+    A lane reads the words of its first ``early`` blocks before waiting for the
+    prior grid: weights do not change during a step, so a launch made early
+    (``_launch.Recorder``) streams them while the kernel that writes the
+    activation (a quantization) still runs, instead of after it."""
     full = nb // LANES
+    early = min(full, EARLY_BLOCKS)
+    n_early = max(1, early)      # local array sizes (compile-time constants)
+    n_words = 4 * n_early
 
     @device
-    def row_dot(qs, dm, n_rows, rows_per_x, xq, xd, out, row, lane):
+    def early_weights(qs, dm, row, ew, ed):
+        """Words and scales of the lane's first ``early`` blocks of row ``row`` (weights only: no grid of the
+        step writes them, so this may run before ``wait_prior_grid``)."""
+        lane = cuda.threadIdx.x % LANES
+        wq = row * 4 * nb
+        for p in range(early):
+            b = lane + LANES * p
+            for j in range(4):
+                ew[4 * p + j] = qs[uint64(wq + j * nb + b)]
+            ed[p] = float32(dm[uint64(row * nb + b)])
+
+    @device
+    def early_pair(qs, dm, n_rows, qs2, dm2, n_rows2, row, ew, ed):
+        if row < n_rows:
+            early_weights(qs, dm, row, ew, ed)
+        elif row < n_rows + n_rows2:
+            early_weights(qs2, dm2, row - n_rows, ew, ed)
+
+    @device
+    def row_dot(qs, dm, n_rows, rows_per_x, xq, xd, out, row, lane, ew, ed, has_early):
         if row >= n_rows:  # a whole warp leaves: shuffles below stay full-warp
             return
         wq = row * 4 * nb
@@ -95,7 +136,11 @@ def _make_matvec(nb: int):
         xw = (row // rows_per_x) * nb
         acc = _D0
         for it in range(full):
-            acc += _q8_block(qs, dm, xq, xd, wq, wd, xw, nb, lane + LANES * it)
+            if has_early and it < early:
+                acc += _q8_dot(ew[4 * it], ew[4 * it + 1], ew[4 * it + 2], ew[4 * it + 3], ed[it], xq, xd, xw, nb,
+                               lane + LANES * it)
+            else:
+                acc += _q8_block(qs, dm, xq, xd, wq, wd, xw, nb, lane + LANES * it)
         if lane < nb - LANES * full:
             acc += _q8_block(qs, dm, xq, xd, wq, wd, xw, nb, lane + LANES * full)
         acc = warp_sum(acc, LANES)
@@ -103,23 +148,26 @@ def _make_matvec(nb: int):
             out[row] = float32(acc)   # the one rounding
 
     @device
-    def pair_row(qs, dm, n_rows, rows_per_x, qs2, dm2, n_rows2, xq, xd, out, out2, row, lane):
+    def pair_row(qs, dm, n_rows, rows_per_x, qs2, dm2, n_rows2, xq, xd, out, out2, row, lane, ew, ed, has_early):
         """Row ``row`` of the launch: the first matrix's rows, then the second's (a warp-uniform branch)."""
         if row < n_rows:
-            row_dot(qs, dm, n_rows, rows_per_x, xq, xd, out, row, lane)
+            row_dot(qs, dm, n_rows, rows_per_x, xq, xd, out, row, lane, ew, ed, has_early)
         else:
-            row_dot(qs2, dm2, n_rows2, n_rows2, xq, xd, out2, row - n_rows, lane)
+            row_dot(qs2, dm2, n_rows2, n_rows2, xq, xd, out2, row - n_rows, lane, ew, ed, has_early)
 
     @cuda.jit
     def kernel(qs, dm, n_rows, rows_per_x, qs2, dm2, n_rows2, xq, xd, out, out2):
+        row = cuda.blockIdx.x * (ROWS_PER_BLOCK * ROWS_PER_THREAD) + cuda.threadIdx.x // LANES
+        ew = cuda.local.array(n_words, uint64)
+        ed = cuda.local.array(n_early, float32)
+        early_pair(qs, dm, n_rows, qs2, dm2, n_rows2, row, ew, ed)
         wait_prior_grid()
         lane = cuda.threadIdx.x % LANES
-        row = cuda.blockIdx.x * (ROWS_PER_BLOCK * ROWS_PER_THREAD) + cuda.threadIdx.x // LANES
-        pair_row(qs, dm, n_rows, rows_per_x, qs2, dm2, n_rows2, xq, xd, out, out2, row, lane)
+        pair_row(qs, dm, n_rows, rows_per_x, qs2, dm2, n_rows2, xq, xd, out, out2, row, lane, ew, ed, True)
         if ROWS_PER_THREAD > 1:  # the simulator's further rows (a constant-false branch on the GPU)
             for rep in range(1, ROWS_PER_THREAD):
                 pair_row(qs, dm, n_rows, rows_per_x, qs2, dm2, n_rows2, xq, xd, out, out2,
-                         row + rep * ROWS_PER_BLOCK, lane)
+                         row + rep * ROWS_PER_BLOCK, lane, ew, ed, False)
 
     return kernel
 
