@@ -323,7 +323,7 @@ def moe_cases(rng, qtype, kind: str, e: int, n: int, k: int, n_used: int, lprs, 
                 moe._moe_matvec(qtype, w1, ids[i], xs[i], out=outs[i], stream=stream, lpr=lpr, replicas=rep)
         default = lpr == moe.default_lanes_per_row(kind, k // 256) and mb == 0 and (
             rep is None or qtype != Q.IQ2_XXS or rep == moe.IQ2_REPLICAS[kind])
-        variant = (f"lpr{lpr}" + (f" R{rep}" if rep else "") + (f" lb{mb}" if mb else "")
+        variant = (f"lpr{lpr}" + (f" R{rep}" if rep is not None else "") + (f" lb{mb}" if mb else "")
                    + (" (default)" if default else "") + (f" {HOST_MAPPED}" if mapped else ""))
         cases.append((op, impl.name, variant, f"{n_used}/{e} x {n}x{k}", wbytes, moved, launch, n_sets,
                       moe._kernel(kind, qtype, lpr, k // 256, rep, mb)))
@@ -484,6 +484,10 @@ def build_cases(rng, stream, tiny: bool, only: list[str]):
         cases += small_cases(rng, stream, tiny)
         cases += decode_cases(rng, stream, tiny)
         return cases
+    if want("q8"):          # a decode step's Q8_0 projections
+        for name, n, k in (("attn_q_a+kv", 1536, 4096), ("attn_q_b", 32768, 1024), ("attn_output_a", 8192, 4096),
+                           ("attn_output_b", 4096, 8192), ("shared gate+up", 4096, 4096)):
+            cases += q8_0_matvec_case(rng, name, n, k, 1, stream, tiny)
     if want("q_b"):
         cases += q8_0_matvec_case(rng, "attn_q_b", 32768, 1024, 1, stream, tiny)
     if want("output"):
@@ -523,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="small shapes (simulator smoke test)")
     ap.add_argument("--sass", action="store_true", help="write the SASS of the main MoE kernels to --out")
     ap.add_argument("--only", nargs="*", default=[],
-                    help="case name filters (q_b output matmul iq2 q2_k q4_k small decode host)")
+                    help="case name filters (q8 q_b output matmul iq2 q2_k q4_k small decode host)")
     args = ap.parse_args(argv)
     if args.tiny:
         args.reps, args.rounds = 2, 2
