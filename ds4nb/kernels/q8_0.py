@@ -122,6 +122,7 @@ def _make_matvec(nb: int):
 
     @device
     def early_pair(qs, dm, n_rows, qs2, dm2, n_rows2, row, ew, ed):
+        """``early_weights`` of launch row ``row``: the first matrix's rows, then the second's."""
         if row < n_rows:
             early_weights(qs, dm, row, ew, ed)
         elif row < n_rows + n_rows2:
