@@ -448,7 +448,10 @@ def decode_cases(rng, stream, tiny: bool):
     scr = hc_mod.alloc_scratch(1, n_hc * d, 24, stream)
     mix = cuda.device_array(24, np.float32, stream=stream)
     for label, iters, o in (("20 Sinkhorn rounds", 20, out), ("1 Sinkhorn round", 1, out),
-                            ("no Sinkhorn (mix out)", 20, out._replace(comb=None, mix=mix))):
+                            ("no Sinkhorn (mix out)", 20, out._replace(comb=None, mix=mix)),
+                            ("mix out, x_norm Q8_0 + Q8_K", 20,
+                             out._replace(comb=None, mix=mix, x_q8_0=alloc_q8_0(1, d, stream),
+                                          x_q8_K=alloc_q8_K(1, d, stream)))):
         def launch(i, iters=iters, o=o):
             pre(hc, fn, scale, base, nw, out=o, n_hc=n_hc, iters=iters, hc_eps=1e-6, rms_eps=1e-6, scratch=scr,
                 stream=stream)

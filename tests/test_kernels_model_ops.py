@@ -129,19 +129,25 @@ def test_hc_pre_without_norm_and_sinkhorn_order(kernel_rng, monkeypatch, n_split
     check_bits(out.comb.copy_to_host(), split.comb, "hc.pre", "comb")
 
 
-def test_hc_pre_leaves_comb_to_hc_comb(kernel_rng):
-    """Without a comb output hc.pre writes the mix (rounded once) and skips the Sinkhorn; hc.comb of that mix is
-    the oracle's comb, and x, post, x_norm are what hc.pre computes with comb."""
-    rng = kernel_rng
-    n_tok, n_hc, n_embd = 2, 4, 128
-    hc_dim, n_mix = n_hc * n_embd, 24
-    hc = rng.standard_normal((n_tok, n_hc, n_embd)).astype(np.float32)
-    fn = (rng.standard_normal((n_mix, hc_dim)) / np.sqrt(hc_dim)).astype(np.float16)
+def _hc_pre_inputs(rng, hc):
+    """hc.pre's weights for streams hc (F16 fn, a comb scale that makes the Sinkhorn work, a norm weight) and
+    the oracle's mix and split of them."""
+    n_hc, n_embd = hc.shape[1:]
+    n_mix = 2 * n_hc + n_hc * n_hc
+    fn = (rng.standard_normal((n_mix, n_hc * n_embd)) / np.sqrt(n_hc * n_embd)).astype(np.float16)
     sc = np.array([0.5, 0.4, 3.0], np.float32)
     bs = (0.5 * rng.standard_normal(n_mix)).astype(np.float32)
     nw = (1 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32)
     mix = H.mix_reference(hc, fn, 1e-6)
-    split = ops.hc_split_sinkhorn(mix, sc, bs, n_hc, 20, 1e-6)
+    return fn, sc, bs, nw, mix, ops.hc_split_sinkhorn(mix, sc, bs, n_hc, 20, 1e-6)
+
+
+def test_hc_pre_leaves_comb_to_hc_comb(kernel_rng):
+    """Without a comb output hc.pre writes the mix (rounded once) and skips the Sinkhorn; hc.comb of that mix is
+    the oracle's comb, and x, post, x_norm are what hc.pre computes with comb."""
+    n_tok, n_hc, n_embd, n_mix = 2, 4, 128, 24
+    hc = kernel_rng.standard_normal((n_tok, n_hc, n_embd)).astype(np.float32)
+    fn, sc, bs, nw, mix, split = _hc_pre_inputs(kernel_rng, hc)
     args = (cuda.to_device(hc), cuda.to_device(fn), cuda.to_device(sc), cuda.to_device(bs), cuda.to_device(nw))
     kw = dict(n_hc=n_hc, iters=20, hc_eps=1e-6, rms_eps=1e-6)
     both = H.hc_pre(*args, out=H.alloc_pre(n_tok, n_hc, n_embd), **kw)
@@ -156,6 +162,36 @@ def test_hc_pre_leaves_comb_to_hc_comb(kernel_rng):
     check_bits(comb.copy_to_host(), split.comb.reshape(-1), "hc.comb", "comb")
     with pytest.raises(ValueError, match="out.comb, or out.mix"):
         H.hc_pre(*args, out=out._replace(mix=None), **kw)
+
+
+def test_hc_pre_quantizes_x_norm_for_the_sublayer(kernel_rng):
+    """hc.pre's x_norm as Q8_0 and Q8_K (a decode step's matmul activations, formed in its finish): the numpy
+    quantizers' blocks of the x_norm it writes, which is the oracle's."""
+    from ds4nb.kernels.activation import alloc_q8_0, alloc_q8_K
+    from ds4nb.quants import quantize_q8_0, quantize_q8_K
+    from ds4nb.quants.repack import pack_q8_0_activation, pack_q8_K_activation
+
+    n_tok, n_hc, n_embd, n_mix = 2, 4, 512, 24
+    hc = H._random_hc(kernel_rng, n_tok, n_hc, n_embd)
+    hc[1, :, 256:288] = 0                               # an all-zero Q8_0 block of x_norm
+    fn, sc, bs, nw, mix, split = _hc_pre_inputs(kernel_rng, hc)
+    x_norm = ops.rms_norm(ops.hc_weighted_sum(hc, split.pre), nw, 1e-6)
+    q0, qk = alloc_q8_0(n_tok, n_embd), alloc_q8_K(n_tok, n_embd)
+    for a in (*q0, *qk):
+        a.copy_to_device(np.full(a.size, 0x55, a.dtype))
+    out = H.HcPreOut(poisoned(n_tok * n_embd), poisoned(n_tok * n_hc), None, poisoned(n_tok * n_embd),
+                     poisoned(n_tok * n_mix), q0, qk)
+    H.hc_pre(cuda.to_device(hc), cuda.to_device(fn), cuda.to_device(sc), cuda.to_device(bs), cuda.to_device(nw),
+             out=out, n_hc=n_hc, iters=20, hc_eps=1e-6, rms_eps=1e-6)
+    got = out.x_norm.copy_to_host().reshape(n_tok, n_embd)
+    check_bits(got, x_norm, "hc.pre", "x_norm")
+    for dev, want in ((q0, pack_q8_0_activation(*quantize_q8_0(got))),
+                      (qk, pack_q8_K_activation(*quantize_q8_K(got)))):
+        for a, w in zip(dev, want, strict=True):
+            assert np.array_equal(a.copy_to_host(), w.reshape(-1))
+    with pytest.raises(ValueError, match="needs a norm"):
+        H.hc_pre(cuda.to_device(hc), cuda.to_device(fn), cuda.to_device(sc), cuda.to_device(bs), None,
+                 out=out._replace(x_norm=None), n_hc=n_hc, iters=20, hc_eps=1e-6, rms_eps=1e-6)
 
 
 def test_hc_head_and_post(kernel_rng):

@@ -489,12 +489,13 @@ class _Builder:
         cfg, k, s, T = self.cfg, self.k, self.s, self.T
         e, rank, qd, hd = cfg.n_embd, cfg.q_lora_rank, cfg.q_dim, cfg.head_dim
         k.family("hc")
-        pre = self.hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm)   # steps 2-4
+        pre = self.hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm,    # steps 2-4
+                          q8_0=True)
         with self.concurrent():                                                   # beside steps 5-7:
             self.hc_comb(pre, lw.hc_attn_scale, lw.hc_attn_base)                  # step 3's Sinkhorn
             self.compressors_project(il, lw, pre.x_norm)                          # step 9a
         k.family("attn_proj")
-        x = MatIn(pre.x_norm, T, e)                                               # step 5
+        x = MatIn(pre.x_norm, T, e, pre.x_q8_0)                                   # step 5
         qr, qr_norm, q, kv = s.qr[:T * rank], s.qr_norm[:T * rank], s.q[:T * qd], s.kv[:T * hd]
         self.q8_pair(lw.attn_q_a, lw.attn_kv, x, qr, kv)                           # step 6 (same activation)
         k.rms(qr.reshape(T, rank), self.w(lw.attn_q_a_norm), cfg.rms_eps, out=qr_norm)
@@ -629,14 +630,15 @@ class _Builder:
         cfg, k, s, T = self.cfg, self.k, self.s, self.T
         e, n_used, ff = cfg.n_embd, cfg.n_expert_used, cfg.n_ff_exp
         k.family("hc")
-        pre = self.hc_pre(hc, lw.hc_ffn_fn, lw.hc_ffn_scale, lw.hc_ffn_base, lw.ffn_norm)        # step 15
+        pre = self.hc_pre(hc, lw.hc_ffn_fn, lw.hc_ffn_scale, lw.hc_ffn_base, lw.ffn_norm,        # step 15
+                          q8_0=True, q8_K=True)
         x_norm = pre.x_norm
         shared = s.shared[:T * e]
         with self.concurrent():                                                   # beside steps 16-17:
             self.hc_comb(pre, lw.hc_ffn_scale, lw.hc_ffn_base)                    # step 15's Sinkhorn
             k.family("shared_expert")                                             # step 18
             g, u = s.sh_gate[:T * ff], s.sh_up[:T * ff]
-            self.q8_pair(lw.ffn_gate_shexp, lw.ffn_up_shexp, MatIn(x_norm, T, e), g, u)
+            self.q8_pair(lw.ffn_gate_shexp, lw.ffn_up_shexp, MatIn(x_norm, T, e, pre.x_q8_0), g, u)
             k.swiglu(g, u, cfg.swiglu_clamp_exp[il], out=g)
             self.q8(lw.ffn_down_shexp, MatIn(g, T, ff), shared)
         k.family("router")
@@ -654,12 +656,13 @@ class _Builder:
         if self.sc.expert_counts is not None:                                     # ds4nb profile
             k.count_experts(sel_flat, out=self.sc.expert_counts[il])
         k.family("routed_experts")                                                # step 17
-        routed = self.routed_experts(il, lw, x_norm, sel_flat, route.weights.reshape(T * n_used))
+        routed = self.routed_experts(il, lw, x_norm, sel_flat, route.weights.reshape(T * n_used), pre.x_q8_K)
         k.join()                                                                  # comb, the shared expert
         k.family("hc")                                                            # step 19: routed + shared
         k.hc_post(routed, hc, pre.post, pre.comb, out=hc_out, n_hc=cfg.n_hc, y2=shared)
 
-    def routed_experts(self, il: int, lw: LayerWeights, x_norm: Any, sel: Any, weights: Any) -> Any:
+    def routed_experts(self, il: int, lw: LayerWeights, x_norm: Any, sel: Any, weights: Any,
+                       x_q8_K: Q8KAct | None = None) -> Any:
         """Step 17: the selected experts' clamped SwiGLU (gate, up), then their down projections summed.
 
         A prefill step groups its slots by expert (``moe.group_slots``), so
@@ -701,8 +704,10 @@ class _Builder:
         if T == 1:
             # a decode step: experts in host memory are first copied to GPU memory (stage_experts), a hash
             # layer's since the step started (prefetch_after)
-            xk = _q8_K_rows(s.act_k, e // 256, 0, 1)
-            k.quant_q8_K(x_norm.reshape(1, e), out=xk)
+            xk = x_q8_K
+            if xk is None:
+                xk = _q8_K_rows(s.act_k, e // 256, 0, 1)
+                k.quant_q8_K(x_norm.reshape(1, e), out=xk)
             if il in s.prefetch:
                 k.join(L.PREFETCH)
                 self.prefetch_after(il)
@@ -849,13 +854,17 @@ class _Builder:
             self.k.to_f16(x.x[:x.rows * x.n], out=x.f16)
         return x.f16
 
-    def hc_pre(self, hc: Any, fn: Any, scale: Any, base: Any, norm: Any) -> HcPreOut:
+    def hc_pre(self, hc: Any, fn: Any, scale: Any, base: Any, norm: Any, *, q8_0: bool = False,
+               q8_K: bool = False) -> HcPreOut:
         """Steps 2-4 / 15 but comb: x, post, x_norm and the control values, whose Sinkhorn :meth:`hc_comb` runs
-        (the returned ``comb`` is its output)."""
+        (the returned ``comb`` is its output).  A decode step also takes x_norm's Q8_0 (``q8_0``) and Q8_K
+        (``q8_K``) activations from it, in the scratch rows ``quant_q8_0`` / the routed experts would use."""
         cfg, s, T = self.cfg, self.s, self.T
         e, nhc = cfg.n_embd, cfg.n_hc
+        one = T == 1
         out = HcPreOut(s.pre.x[:T * e], s.pre.post[:T * nhc], None, s.pre.x_norm[:T * e],
-                       s.pre.mix[:T * cfg.hc_mix_dim])
+                       s.pre.mix[:T * cfg.hc_mix_dim], _q8_0_rows(s.act, e // 32, 0, 1) if q8_0 and one else None,
+                       _q8_K_rows(s.act_k, e // 256, 0, 1) if q8_K and one else None)
         self.k.hc_pre(hc, self.w(fn), self.w(scale), self.w(base), self.w(norm), out=out, n_hc=nhc,
                       iters=cfg.hc_sinkhorn_iter, hc_eps=cfg.hc_eps, rms_eps=cfg.rms_eps, scratch=s.hc_scratch)
         return out._replace(comb=s.pre.comb[:T * nhc * nhc])

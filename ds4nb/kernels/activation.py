@@ -49,8 +49,8 @@ Q8_0_LANES = 1 if SIMULATOR else 4    # lanes sharing a Q8_0 block (its amax: a 
 Q8_0_WORDS = 4 // Q8_0_LANES          # 8-value words per lane
 Q8_K_LANES = 1 if SIMULATOR else 32
 Q8_K_WORDS = 32 // Q8_K_LANES
-_Q8_0_VALS = 8 * Q8_0_WORDS           # local array sizes must be single constants
-_Q8_K_VALS = 8 * Q8_K_WORDS
+Q8_0_LANE_VALS = 8 * Q8_0_WORDS       # values a lane quantizes (local array sizes must be single constants)
+Q8_K_LANE_VALS = 8 * Q8_K_WORDS
 
 _F127 = np.float32(127.0)
 _FM127 = np.float32(-127.0)
@@ -127,28 +127,32 @@ def _q8_0_word(vals, o, inv):
 
 
 @device
+def q8_0_lane(vals, o, amax, xq, xd, t, nb, b, j, valid):
+    """Quantize this lane's share of Q8_0 block ``b`` of row ``t``: ``vals[o:o + Q8_0_LANE_VALS]`` (word ``j``
+    and, in the simulator, the other three), ``amax`` their largest magnitude.  Every lane of the block's
+    ``Q8_0_LANES`` calls (the block's amax is their max); only ``valid`` ones store."""
+    amax = warp_max(amax, Q8_0_LANES)
+    d = amax / _F127
+    inv = _F1 / d if d != _F0 else _F0
+    for w in range(Q8_0_WORDS):
+        word = _q8_0_word(vals, o + 8 * w, inv)
+        if valid:
+            xq[(t * 4 + j + w) * nb + b] = word
+    if valid and j == 0:
+        xd[t * nb + b] = d
+
+
+@device
 def _q8_0_block(x, k, nb, xq, xd, t, b, j):
     """This lane's share of Q8_0 block ``b`` of row ``t``: word ``j`` (and, in the simulator, the other three)."""
     valid = b < nb
     base = t * k + b * QK8_0 + j * 8
-    vals = cuda.local.array(_Q8_0_VALS, float32)
+    vals = cuda.local.array(Q8_0_LANE_VALS, float32)
     amax = _load8(x, base, valid, vals, 0)
     if Q8_0_WORDS > 1:  # the simulator: the block's other words (a constant-false branch on the GPU)
         for w in range(1, Q8_0_WORDS):
             amax = max(amax, _load8(x, base + 8 * w, valid, vals, 8 * w))
-    amax = warp_max(amax, Q8_0_LANES)
-    d = amax / _F127
-    inv = _F1 / d if d != _F0 else _F0
-    word = _q8_0_word(vals, 0, inv)
-    if valid:
-        xq[(t * 4 + j) * nb + b] = word
-        if j == 0:
-            xd[t * nb + b] = d
-    if Q8_0_WORDS > 1:
-        for w in range(1, Q8_0_WORDS):
-            word = _q8_0_word(vals, 8 * w, inv)
-            if valid:
-                xq[(t * 4 + j + w) * nb + b] = word
+    q8_0_lane(vals, 0, amax, xq, xd, t, nb, b, j, valid)
 
 
 @cuda.jit
@@ -189,30 +193,22 @@ def _xor_word(ws, w, m):
     return shfl_xor(ws[w], m)
 
 
-@cuda.jit
-def _quantize_q8_K_kernel(x, n_tok, k, yq, yd, ybs):
-    wait_prior_grid()
-    nb = k // QK_K
-    gw = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) // Q8_K_LANES
-    lane = cuda.threadIdx.x % Q8_K_LANES
-    t = gw // nb
-    if t >= n_tok:
-        return
-    b = gw - t * nb
-    base = t * k + b * QK_K + lane * _Q8_K_VALS
-    vals = cuda.local.array(_Q8_K_VALS, float32)
+@device
+def q8_K_lane(vals, o, lane, yq, yd, ybs, t, nb, b, valid):
+    """Quantize ``vals[o:o + Q8_K_LANE_VALS]`` as lane ``lane``'s share of Q8_K block ``b`` of row ``t``
+    (values ``lane * Q8_K_LANE_VALS ...`` of the block).  Every lane of the block's warp calls (the scale's
+    value and the bsums cross lanes); only ``valid`` ones store."""
     # first value of largest magnitude: strict '>' keeps the first inside a
     # lane, the lane reduction breaks ties by the smaller index
     best_abs = np.float32(-1.0)
     best_val = _F0
     best_idx = int32(0)
-    for i in range(_Q8_K_VALS):
-        v = x[base + i]
-        vals[i] = v
+    for i in range(Q8_K_LANE_VALS):
+        v = vals[o + i]
         if abs(v) > best_abs:
             best_abs = abs(v)
             best_val = v
-            best_idx = int32(lane * _Q8_K_VALS + i)
+            best_idx = int32(lane * Q8_K_LANE_VALS + i)
     off = Q8_K_LANES // 2
     while off > 0:
         o_abs = shfl_xor(best_abs, off)
@@ -227,11 +223,9 @@ def _quantize_q8_K_kernel(x, n_tok, k, yq, yd, ybs):
     d = _F1 / iscale if best_val != _F0 else _F0
     ws = cuda.local.array(Q8_K_WORDS, int64)   # the sum of each of this lane's words (int64 as numba
     #                                            types int32 sums)
-    word, ws[0] = _q8_K_word(vals, 0, iscale)
-    yq[(t * 32 + lane * Q8_K_WORDS) * nb + b] = word
-    if Q8_K_WORDS > 1:  # the simulator: the block's other words (a constant-false branch on the GPU)
-        for w in range(1, Q8_K_WORDS):
-            word, ws[w] = _q8_K_word(vals, 8 * w, iscale)
+    for w in range(Q8_K_WORDS):
+        word, ws[w] = _q8_K_word(vals, o + 8 * w, iscale)
+        if valid:
             yq[(t * 32 + lane * Q8_K_WORDS + w) * nb + b] = word
     # bsums: words 2i, 2i+1 hold the 16 values of bsum i; bsum word p packs
     # bsum 2p (words 4p, 4p+1) low and bsum 2p+1 (words 4p+2, 4p+3) high
@@ -241,10 +235,27 @@ def _quantize_q8_K_kernel(x, n_tok, k, yq, yd, ybs):
     for w in range(Q8_K_WORDS):
         g = lane * Q8_K_WORDS + w
         hi = _xor_word(s2s, w, 2)
-        if g % 4 == 0:
+        if valid and g % 4 == 0:
             ybs[(t * 8 + g // 4) * nb + b] = as_i32((s2s[w] & 0xFFFF) | ((hi & 0xFFFF) << 16))
-    if lane == 0:
+    if valid and lane == 0:
         yd[t * nb + b] = d
+
+
+@cuda.jit
+def _quantize_q8_K_kernel(x, n_tok, k, yq, yd, ybs):
+    wait_prior_grid()
+    nb = k // QK_K
+    gw = (cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x) // Q8_K_LANES
+    lane = cuda.threadIdx.x % Q8_K_LANES
+    t = gw // nb
+    if t >= n_tok:
+        return
+    b = gw - t * nb
+    base = t * k + b * QK_K + lane * Q8_K_LANE_VALS
+    vals = cuda.local.array(Q8_K_LANE_VALS, float32)
+    for i in range(Q8_K_LANE_VALS):
+        vals[i] = x[base + i]
+    q8_K_lane(vals, 0, lane, yq, yd, ybs, t, nb, b, True)
 
 
 def _check_rows(x: Any, k: int | None = None) -> tuple[int, int]:

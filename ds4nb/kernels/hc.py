@@ -19,13 +19,19 @@ streams ``hc (T, n_hc, n_embd)`` into a sublayer input in three launches:
 1. ``_ss`` (grid ``n_split x T``, 128 threads): each block sums the squares
    of its slice of the flattened ``hc_dim = n_hc * n_embd`` values (float64
    partials).
-2. ``_mix`` (same grid): each block adds the token's partials (every block in
-   the same order, so all get the same ``1 / sqrt(mean + eps)``), forms its
-   slice of ``flat = float32(hc / rms)`` and accumulates the ``n_mix`` dots
+2. ``mix`` (same grid): each thread reads its column's ``fn`` values (weights)
+   before waiting for the prior grid, then its ``hc`` value beside the
+   token's partials; each block adds those partials (every block in the same
+   order, so all get the same ``1 / sqrt(mean + eps)``), forms its slice of
+   ``flat = float32(hc / rms)`` and accumulates the ``n_mix`` dots
    ``fn[m] . flat`` in float64 (F16 ``fn`` values are exact).  The HC state
    is read twice and the F16 ``fn`` (24 x 16384 for DS4) once, spread over
    ~128 blocks instead of 24 rows.
-3. ``_finish`` (one block per token): ``mix = float32(sum of the partials)``,
+3. ``finish`` (one block of 512 threads per token): each thread owns
+   ``FINISH_VALS`` consecutive values of x (8 on the GPU: a Q8_0 word, a Q8_K
+   lane's share) and loads its ``n_hc`` stream values (and, before the wait,
+   its norm weights) up front, so one round of loads serves x, the norm and
+   the quantization.  ``mix = float32(sum of the partials)``,
    then the split (``pre``, ``post``: a thread each) and the Sinkhorn
    normalisation in float64 with the oracle's operations (divisions, not
    reciprocals; products not contracted into FMAs; every row and column sum
@@ -34,10 +40,12 @@ streams ``hc (T, n_hc, n_embd)`` into a sublayer input in three launches:
    entries by shuffles, so a round costs two dependent divisions instead of
    ``2 n_hc^2`` (the same values bit for bit as one thread doing it all, which
    is what the simulator runs); ``pre``, ``post``, ``comb`` are rounded once.
-   While warp 0 runs the Sinkhorn (x needs only ``pre``), the other threads
-   form ``x = float32(sum_h pre[h] * hc[h])``; then optionally
+   Then ``x = float32(sum_h pre[h] * hc[h])`` and optionally
    ``x_norm = float32(x / rms(x) * norm_w)`` (the sublayer's attn_norm /
-   ffn_norm, from the rounded ``x``).  Without a ``comb`` output the finish
+   ffn_norm, from the rounded ``x``), and x_norm as the Q8_0 and Q8_K
+   activations of the sublayer's matmuls (``act.quantize``'s lane functions,
+   so the same blocks; a decode step then launches no quantization of its
+   own for them).  Without a ``comb`` output the finish
    skips the Sinkhorn and writes the ``mix`` values instead: ``hc.comb`` (one
    warp a token, the same Sinkhorn) then runs where nothing waits for it (a
    decode step's branch, beside the sublayer; only ``hc.post`` reads comb).
@@ -57,8 +65,9 @@ in float64, one thread per output value; step 19's ``y = routed + shared``
 
 The simulator runs one split (``SIM`` geometry), the GPU ~one split per 128
 columns; it also runs 16 / 8 threads a block with one lane per reduction group
-(``LANES = 1``: no shuffles) and ``hc.post`` with 8 threads a block, each
-taking 128 outputs.  Parts that run on one thread per mix value loop over the
+(``LANES = 1``: no shuffles), a finish thread owning 256 consecutive values
+(a Q8_K block), and ``hc.post`` with 8 threads a block, each taking 128
+outputs.  Parts that run on one thread per mix value loop over the
 values in the simulator, in branches that are constant-false on the GPU.
 """
 
@@ -72,20 +81,25 @@ from numba import cuda
 
 from ds4nb.kernels import _launch as L
 from ds4nb.kernels import gemm_f64
+from ds4nb.kernels.activation import (QK8_0, QK_K, Q8_0_LANE_VALS, Q8_K_LANE_VALS, Q8_0Act, Q8KAct, q8_0_lane,
+                                      q8_K_lane)
 from ds4nb.kernels.f16_matvec import group_sum
-from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, has_f64_mma, shfl_idx, wait_prior_grid
+from ds4nb.kernels.intrinsics import (SIMULATOR, device, float32, float64, has_f64_mma, int32, jit_kernel, shfl_idx,
+                                     wait_prior_grid)
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
 LANES = 1 if SIMULATOR else 32     # lanes of a reduction group (a warp on the GPU)
+FINISH_THREADS = 8 if SIMULATOR else 512    # a block of one token
+FINISH_WARPS = FINISH_THREADS // LANES
+FINISH_VALS = Q8_K_LANE_VALS    # consecutive x values a finish thread owns a round: a Q8_K lane's share (8 on the GPU)
 MIX_THREADS = 16 if SIMULATOR else 128
 MIX_WARPS = MIX_THREADS // LANES
-FINISH_THREADS = 8 if SIMULATOR else 1024   # a block of one token: many threads, few dependent load rounds
-FINISH_WARPS = FINISH_THREADS // LANES
 SINK_THREADS = 1 if SIMULATOR else 32       # hc.pre's finish: the threads that run the Sinkhorn (warp 0)
 COLS_PER_SPLIT = 128        # GPU: one column per thread per split
 POST_THREADS = 8 if SIMULATOR else 256
 POST_ITEMS = 128 if SIMULATOR else 1   # hc.post outputs per thread
+_F0 = np.float32(0.0)
 _D0 = np.float64(0.0)
 _D1 = np.float64(1.0)
 _D2 = np.float64(2.0)
@@ -217,8 +231,9 @@ def sinkhorn_fns(n_hc: int) -> tuple[Any, Any]:
 
 
 @L.kernel_factory
-def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
-    """(mix, finish) kernels specialised for ``n_hc`` streams and ``n_mix`` control values.
+def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
+    """(mix, finish) kernels specialised for ``n_hc`` streams, ``n_mix`` control values and ``rounds`` slices of
+    ``FINISH_THREADS * FINISH_VALS`` values of x per token (``finish_rounds``).
 
     ``n_mix == n_hc`` is the output head (sigmoid weights), otherwise the
     Sinkhorn split of ``2 n_hc + n_hc^2`` values.
@@ -226,6 +241,11 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
     N_HC = n_hc
     N_MIX = n_mix
     HEAD = n_mix == n_hc
+    ROUNDS = rounds
+    N_VALS = rounds * FINISH_VALS       # x values a finish thread owns
+    N_HC_VALS = n_hc * N_VALS           # (local array sizes must be single constants)
+    MIX_PER_WARP = -(-n_mix // FINISH_WARPS)
+    MIX_LOADS = 4 * MIX_PER_WARP
     sinkhorn_serial, sinkhorn_warp = sinkhorn_fns(n_hc)
 
     @device
@@ -238,31 +258,42 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
     @device
     def mix_values(part_dot, t, n_split, mix, tid):
         """mix = fn . flat from the splits' partials, rounded once: warp w adds the partials of values
-        w, w + warps, ... (lane l taking splits l, l + 32, ...: a fixed order, loads in parallel)."""
+        w, w + warps, ... (lane l taking splits l, l + 32, ...: a fixed order); the first four partials of
+        each of the warp's values are loaded together, before any is added."""
         lane = tid % LANES
-        for m in range(tid // LANES, N_MIX, FINISH_WARPS):
+        w0 = tid // LANES
+        p = cuda.local.array(MIX_LOADS, float64)
+        for k in range(MIX_PER_WARP):
+            m = w0 + k * FINISH_WARPS
+            for q in range(4):
+                s = lane + q * LANES
+                p[4 * k + q] = part_dot[(t * n_split + s) * N_MIX + m] if m < N_MIX and s < n_split else _D0
+        for k in range(MIX_PER_WARP):
+            m = w0 + k * FINISH_WARPS
             d = _D0
-            s = lane
-            while s + 3 * LANES < n_split:      # four loads in flight, added in split order
-                p0 = part_dot[(t * n_split + s) * N_MIX + m]
-                p1 = part_dot[(t * n_split + s + LANES) * N_MIX + m]
-                p2 = part_dot[(t * n_split + s + 2 * LANES) * N_MIX + m]
-                p3 = part_dot[(t * n_split + s + 3 * LANES) * N_MIX + m]
-                d += p0
-                d += p1
-                d += p2
-                d += p3
-                s += 4 * LANES
-            while s < n_split:
+            for q in range(4):
+                d += p[4 * k + q]
+            s = lane + 4 * LANES
+            while m < N_MIX and s < n_split:    # more than 4 * LANES splits
                 d += part_dot[(t * n_split + s) * N_MIX + m]
                 s += LANES
             d = group_sum(d, LANES)
-            if lane == 0:
+            if lane == 0 and m < N_MIX:
                 mix[m] = float32(d)
 
-    @cuda.jit
-    def mix_kernel(x, fn, hc_dim, cols, rms_eps, part_ss, part_dot):
-        wait_prior_grid()
+    @device
+    def early_fn(fn, hc_dim, cols, w):
+        """``w[m] = fn[m, c]`` for the thread's first column ``c`` of its split, every ``m`` (weights: no grid of
+        the step writes them, so this may run before ``wait_prior_grid``)."""
+        c = cuda.blockIdx.x * cols + cuda.threadIdx.x
+        ok = cuda.threadIdx.x < cols and c < hc_dim
+        for m in range(N_MIX):
+            w[m] = float32(fn[m * hc_dim + c]) if ok else _F0
+
+    @device
+    def mix_block(x, fn, hc_dim, cols, rms_eps, n_ss, part_ss, part_dot, w):
+        """Split ``blockIdx.x`` of token ``blockIdx.y``: its ``n_mix`` partial dots ``fn . flat`` (float64) into
+        ``part_dot``; ``w``: the fn values of each thread's first column (``early_fn``)."""
         s = cuda.blockIdx.x
         t = cuda.blockIdx.y
         n_split = cuda.gridDim.x
@@ -271,26 +302,28 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
         warp = tid // LANES
         red_ss = cuda.shared.array(MIX_WARPS, float64)
         red = cuda.shared.array((N_MIX, MIX_WARPS), float64)
-        # 1 / rms of the token from its splits' partials (every block adds them in the same order)
+        c0 = s * cols
+        c1 = min(c0 + cols, hc_dim)
+        xb = t * hc_dim
+        x0 = x[xb + c0 + tid] if c0 + tid < c1 else _F0     # loaded beside the token's partials
+        # 1 / rms of the token from its n_ss partials (every block adds them in the same order)
         ss = _D0
-        for i in range(tid, n_split, MIX_THREADS):
-            ss += part_ss[t * n_split + i]
+        for i in range(tid, n_ss, MIX_THREADS):
+            ss += part_ss[t * n_ss + i]
         v = group_sum(ss, LANES)
         if lane == 0:
             red_ss[warp] = v
         cuda.syncthreads()
         tot = _D0
-        for w in range(MIX_WARPS):
-            tot += red_ss[w]
+        for i in range(MIX_WARPS):
+            tot += red_ss[i]
         inv = _D1 / math.sqrt(tot / float64(hc_dim) + rms_eps)
         acc = cuda.local.array(N_MIX, float64)
+        f = float64(float32(float64(x0) * inv))               # flat = rms(hc), rounded once
         for m in range(N_MIX):
-            acc[m] = _D0
-        c0 = s * cols
-        c1 = min(c0 + cols, hc_dim)
-        xb = t * hc_dim
-        for c in range(c0 + tid, c1, MIX_THREADS):
-            f = float64(float32(float64(x[xb + c]) * inv))     # flat = rms(hc), rounded once
+            acc[m] = float64(w[m]) * f
+        for c in range(c0 + tid + MIX_THREADS, c1, MIX_THREADS):   # the split's further columns (the simulator)
+            f = float64(float32(float64(x[xb + c]) * inv))
             for m in range(N_MIX):
                 acc[m] += float64(fn[m * hc_dim + c]) * f
         for m in range(N_MIX):
@@ -298,22 +331,40 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
             if lane == 0:
                 red[m, warp] = v
         cuda.syncthreads()
-        if tid < N_MIX:
-            mix_out(red, part_dot, t, n_split, s, tid)
-        if MIX_THREADS < N_MIX:  # the simulator: fewer threads than mix values
-            for m in range(tid + MIX_THREADS, N_MIX, MIX_THREADS):
-                mix_out(red, part_dot, t, n_split, s, m)
+        for m in range(tid, N_MIX, MIX_THREADS):
+            mix_out(red, part_dot, t, n_split, s, m)
 
-    @cuda.jit
-    def finish_kernel(x, part_dot, n_split, n_embd, scale, base, iters, hc_eps, rms_eps,
-                      out, post, comb, has_comb, mix_out, has_mix, norm_w, has_norm, norm_out):
-        wait_prior_grid()
-        t = cuda.blockIdx.x
+    @device
+    def value_index(k):
+        """The position in x of this finish thread's value ``k``: round ``k // FINISH_VALS``'s slice of
+        consecutive values (a Q8_K lane's share, a Q8_0 word on the GPU)."""
+        r = k // FINISH_VALS
+        return (r * FINISH_THREADS + cuda.threadIdx.x) * FINISH_VALS + k % FINISH_VALS
+
+    @device
+    def early_norm_w(norm_w, has_norm, n_embd, nw):
+        """The norm weights of this thread's values (weights: may run before ``wait_prior_grid``)."""
+        for k in range(N_VALS):
+            d = value_index(k)
+            nw[k] = norm_w[d] if has_norm and d < n_embd else _F0
+
+    @device
+    def finish_token(t, x, part_dot, n_split, n_embd, scale, base, iters, hc_eps, rms_eps, out, post, comb,
+                     has_comb, mix_out, has_mix, has_norm, norm_out, xq, xd, has_q8_0, yq, yd, ybs, has_q8_K, nw):
+        """Token ``t``'s mix from its splits' partials, the weights (and Sinkhorn), x, x_norm and its Q8_0 / Q8_K
+        forms, by the whole block; ``nw``: the norm weights of the thread's values (``early_norm_w``)."""
         tid = cuda.threadIdx.x
         hc_dim = N_HC * n_embd
         mix = cuda.shared.array(N_MIX, float32)
         wts = cuda.shared.array(N_HC, float32)
         red = cuda.shared.array(FINISH_WARPS, float64)
+        # the thread's stream values first: their loads overlap the partials' and the weights' computation
+        hv = cuda.local.array(N_HC_VALS, float32)
+        xb = t * hc_dim
+        for k in range(N_VALS):
+            d = value_index(k)
+            for h in range(N_HC):
+                hv[h * N_VALS + k] = x[xb + h * n_embd + d] if d < n_embd else _F0
         mix_values(part_dot, t, n_split, mix, tid)
         cuda.syncthreads()
         if has_mix:     # the control values for hc.comb (the Sinkhorn in a launch of its own)
@@ -329,38 +380,70 @@ def _kernels(n_hc: int, n_mix: int) -> tuple[Any, Any]:
                 else:
                     post[t * N_HC + i - N_HC] = float32(_D2 * _sigmoid64(zval(mix, scale, base, i, 1)))
         cuda.syncthreads()
-        # the Sinkhorn group (warp 0; the simulator's thread 0) normalises comb while the other threads form x:
-        # x needs only the pre weights, so the serial Sinkhorn rounds overlap the stream reads
-        x0 = SINK_THREADS if not HEAD and has_comb else 0
-        if not HEAD and has_comb and tid < SINK_THREADS:
+        if not HEAD and has_comb and tid < SINK_THREADS:    # the Sinkhorn group: warp 0 (one thread simulated)
             if SIMULATOR:   # one thread (a constant-false branch on the GPU)
                 sinkhorn_serial(mix, scale, base, iters, hc_eps, comb, t)
             else:
                 sinkhorn_warp(mix, scale, base, iters, hc_eps, comb, t, tid)
         # x = sum_h w[h] * hc[h] (float64, rounded once); the sum of squares of the rounded x for the norm
-        xb = t * hc_dim
+        xs = cuda.local.array(N_VALS, float32)
         ob = t * n_embd
         ss2 = _D0
-        if tid >= x0:
-            for d in range(tid - x0, n_embd, FINISH_THREADS - x0):
-                acc = _D0
-                for h in range(N_HC):
-                    acc += float64(wts[h]) * float64(x[xb + h * n_embd + d])
-                xv = float64(float32(acc))
-                out[ob + d] = float32(xv)
-                ss2 += xv * xv
+        for k in range(N_VALS):
+            acc = _D0
+            for h in range(N_HC):
+                acc += float64(wts[h]) * float64(hv[h * N_VALS + k])
+            xv = float32(acc)
+            xs[k] = xv
+            ss2 += float64(xv) * float64(xv)        # 0 past n_embd
+            d = value_index(k)
+            if d < n_embd:
+                out[ob + d] = xv
         if has_norm:  # uniform branch: has_norm is a launch argument
-            lane = tid % LANES
             v = group_sum(ss2, LANES)
-            if lane == 0:
+            if tid % LANES == 0:
                 red[tid // LANES] = v
             cuda.syncthreads()
             tot = _D0
             for w in range(FINISH_WARPS):
                 tot += red[w]
             inv = _D1 / math.sqrt(tot / float64(n_embd) + rms_eps)
-            for d in range(tid, n_embd, FINISH_THREADS):
-                norm_out[ob + d] = float32(float64(out[ob + d]) * inv * float64(norm_w[d]))
+            for k in range(N_VALS):
+                xs[k] = float32(float64(xs[k]) * inv * float64(nw[k]))
+                d = value_index(k)
+                if d < n_embd:
+                    norm_out[ob + d] = xs[k]
+            # x_norm as the activations of the sublayer's matmuls (the act.quantize kernels' lane functions)
+            if has_q8_0:
+                for o in range(0, N_VALS, Q8_0_LANE_VALS):
+                    d = value_index(o)
+                    amax = _F0
+                    for i in range(Q8_0_LANE_VALS):
+                        amax = max(amax, abs(xs[o + i]))
+                    q8_0_lane(xs, o, amax, xq, xd, t, n_embd // QK8_0, d // QK8_0, d % QK8_0 // 8, d < n_embd)
+            if has_q8_K:
+                for o in range(0, N_VALS, Q8_K_LANE_VALS):
+                    d = value_index(o)
+                    q8_K_lane(xs, o, d % QK_K // Q8_K_LANE_VALS, yq, yd, ybs, t, n_embd // QK_K, d // QK_K,
+                              d < n_embd)
+
+    @jit_kernel(launch_bounds=MIX_THREADS)
+    def mix_kernel(x, fn, hc_dim, cols, rms_eps, n_ss, part_ss, part_dot):
+        w = cuda.local.array(N_MIX, float32)
+        early_fn(fn, hc_dim, cols, w)
+        wait_prior_grid()
+        mix_block(x, fn, hc_dim, cols, rms_eps, n_ss, part_ss, part_dot, w)
+
+    @jit_kernel(launch_bounds=FINISH_THREADS)     # ~110 registers: a 512-thread block needs them capped
+    def finish_kernel(x, part_dot, n_split, n_embd, scale, base, iters, hc_eps, rms_eps, out, post, comb,
+                      has_comb, mix_out, has_mix, norm_w, has_norm, norm_out, xq, xd, has_q8_0, yq, yd, ybs,
+                      has_q8_K):
+        nw = cuda.local.array(N_VALS, float32)
+        early_norm_w(norm_w, has_norm, n_embd, nw)
+        wait_prior_grid()
+        finish_token(cuda.blockIdx.x, x, part_dot, n_split, n_embd, scale, base, iters, hc_eps, rms_eps, out, post,
+                     comb, has_comb, mix_out, has_mix, has_norm, norm_out, xq, xd, has_q8_0, yq, yd, ybs, has_q8_K,
+                     nw)
 
     return mix_kernel, finish_kernel
 
@@ -385,14 +468,18 @@ def _comb_kernel(n_hc: int) -> Any:
 
 
 class HcPreOut(NamedTuple):
-    """Outputs of ``hc.pre``: x (T, n_embd), post (T, n_hc), comb (T, n_hc, n_hc) or None, x_norm or None, and
-    the mix (T, 2 n_hc + n_hc^2) or None (for ``hc.comb``, when comb is left to it)."""
+    """Outputs of ``hc.pre``: x (T, n_embd), post (T, n_hc), comb (T, n_hc, n_hc) or None, x_norm or None, the
+    mix (T, 2 n_hc + n_hc^2) or None (for ``hc.comb``, when comb is left to it), and x_norm quantized as the
+    sublayer's matmuls read it, each or None: ``x_q8_0`` (Q8_0, the dense projections), ``x_q8_K`` (Q8_K, the
+    routed experts)."""
 
     x: Any
     post: Any
     comb: Any
     x_norm: Any = None
     mix: Any = None
+    x_q8_0: Q8_0Act | None = None
+    x_q8_K: Q8KAct | None = None
 
 
 class HcScratch(NamedTuple):
@@ -422,8 +509,13 @@ def eps64(eps: float) -> np.float64:
     return np.float64(np.float32(eps))
 
 
+def finish_rounds(n_embd: int) -> int:
+    """Slices of ``FINISH_THREADS * FINISH_VALS`` values of x a finish block forms (one for DS4 on the GPU)."""
+    return L.cdiv(n_embd, FINISH_THREADS * FINISH_VALS)
+
+
 def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, post, comb, norm_w, norm_out,
-            scratch, stream, mma=None, mix=None):
+            scratch, stream, mma=None, mix=None, x_q8_0=None, x_q8_K=None):
     hc_dim = fn.shape[1]
     n_tok = hc.size // hc_dim
     n_embd = hc_dim // n_hc
@@ -431,31 +523,38 @@ def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, pos
         raise ValueError(f"hc: fn is {tuple(fn.shape)}, expected ({n_mix}, {hc_dim})")
     if n_hc * n_hc > 32:
         raise ValueError(f"hc: {n_hc} streams: the Sinkhorn warp holds at most 32 entries")
+    for q, qk, name in ((x_q8_0, QK8_0, "Q8_0"), (x_q8_K, QK_K, "Q8_K")):
+        if q is not None and (norm_out is None or n_embd % qk):
+            raise ValueError(f"hc.pre: x_norm as {name} needs a norm and n_embd % {qk} == 0 (n_embd {n_embd})")
     ns = n_splits(hc_dim)
     if scratch is None:
         scratch = alloc_scratch(n_tok, hc_dim, n_mix, stream)
     if np.dtype(scratch.part_dot.dtype) != np.float64 or np.dtype(scratch.part_ss.dtype) != np.float64:
         raise ValueError("hc: scratch partials must be float64 (alloc_scratch)")
-    mix_k, fin_k = _kernels(n_hc, n_mix)
+    mix_k, fin_k = _kernels(n_hc, n_mix, finish_rounds(n_embd))
     cols = L.cdiv(hc_dim, ns)
     L.launch(_ss_kernel, (ns, n_tok), MIX_THREADS, stream, L.flat(hc), hc_dim, cols, scratch.part_ss)
     if mma is None:
         mma = n_tok >= gemm_f64.MIN_TOKENS and has_f64_mma()
+    d = L.placeholder(np.float32)
+    u, i = L.placeholder(np.uint64), L.placeholder(np.int32)
+    q0 = x_q8_0 or Q8_0Act(u, d)
+    qk = x_q8_K or Q8KAct(u, d, i)
+    outs = (L.flat(out_x), d if post is None else L.flat(post), d if comb is None else L.flat(comb),
+            int(comb is not None), d if mix is None else L.flat(mix), int(mix is not None),
+            d if norm_w is None else L.flat(norm_w), int(norm_w is not None),
+            d if norm_out is None else L.flat(norm_out), q0.qs, q0.d, int(x_q8_0 is not None), qk.qs, qk.d,
+            qk.bsums, int(x_q8_K is not None))
     if mma:    # a prefill step: the mix as a GEMM on the FP64 tensor cores, K split to fill the GPU
         splits = gemm_f64.hc_mix_splits(hc_dim, n_tok, scratch.part_dot.size // (n_tok * n_mix))
         n_mix_split = gemm_f64.hc_mix(hc, fn, n_tok, scratch.part_ss, ns, eps64(rms_eps), part=scratch.part_dot,
                                       splits=splits, stream=stream)
     else:
         L.launch(mix_k, (ns, n_tok), MIX_THREADS, stream, L.flat(hc), L.flat(fn), hc_dim, cols, eps64(rms_eps),
-                 scratch.part_ss, scratch.part_dot)
+                 ns, scratch.part_ss, scratch.part_dot)
         n_mix_split = ns
-    d = L.placeholder(np.float32)
-    L.launch(fin_k, n_tok, FINISH_THREADS, stream,
-        L.flat(hc), scratch.part_dot, n_mix_split, n_embd, L.flat(scale), L.flat(base), int(iters),
-        eps64(hc_eps), eps64(rms_eps), L.flat(out_x), d if post is None else L.flat(post),
-        d if comb is None else L.flat(comb), int(comb is not None), d if mix is None else L.flat(mix),
-        int(mix is not None), d if norm_w is None else L.flat(norm_w), int(norm_w is not None),
-        d if norm_out is None else L.flat(norm_out))
+    L.launch(fin_k, n_tok, FINISH_THREADS, stream, L.flat(hc), scratch.part_dot, n_mix_split, n_embd,
+             L.flat(scale), L.flat(base), int(iters), eps64(hc_eps), eps64(rms_eps), *outs)
 
 
 @implementation("hc.pre", "split_mix", layout="f16|f32 fn/row-major")
@@ -475,7 +574,7 @@ def hc_pre(hc: Any, fn: Any, scale: Any, base: Any, norm_w: Any | None = None, *
     if out.comb is None and out.mix is None:
         raise ValueError("hc.pre: give out.comb, or out.mix for hc.comb")
     _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out.x, out.post, out.comb, norm_w,
-            out.x_norm, scratch, stream, mma, out.mix)
+            out.x_norm, scratch, stream, mma, out.mix, out.x_q8_0, out.x_q8_K)
     return out
 
 
@@ -654,7 +753,8 @@ OPS = [
     OpSpec("hc.pre", "HC pre: rms of the flat streams, F16 mix matvec, split + Sinkhorn, weighted sum "
            "(+ the sublayer RMSNorm); out.comb None: the mix into out.mix for hc.comb instead of the Sinkhorn",
            "(hc f32 (T, n_hc, n_embd), fn f16 (n_mix, hc_dim), scale f32 (3,), base f32 (n_mix,), "
-           "norm_w f32 (n_embd,) | None, *, out: HcPreOut (x, post, comb | None, x_norm | None, mix | None), "
+           "norm_w f32 (n_embd,) | None, *, out: HcPreOut (x, post, comb | None, x_norm | None, mix | None, "
+           "x_q8_0: Q8_0 of x_norm | None, x_q8_K: Q8_K of x_norm | None), "
            "n_hc, iters, hc_eps, rms_eps, scratch=None, stream)",
            "ops.rms_norm + DenseMatrix.matmul + ops.hc_split_sinkhorn + ops.hc_weighted_sum + ops.rms_norm",
            1e-5, _case_pre),
