@@ -241,7 +241,6 @@ def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
     N_HC = n_hc
     N_MIX = n_mix
     HEAD = n_mix == n_hc
-    ROUNDS = rounds
     N_VALS = rounds * FINISH_VALS       # x values a finish thread owns
     N_HC_VALS = n_hc * N_VALS           # (local array sizes must be single constants)
     MIX_PER_WARP = -(-n_mix // FINISH_WARPS)
@@ -291,7 +290,7 @@ def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
             w[m] = float32(fn[m * hc_dim + c]) if ok else _F0
 
     @device
-    def mix_block(x, fn, hc_dim, cols, rms_eps, n_ss, part_ss, part_dot, w):
+    def mix_block(x, fn, hc_dim, cols, rms_eps, part_ss, part_dot, w):
         """Split ``blockIdx.x`` of token ``blockIdx.y``: its ``n_mix`` partial dots ``fn . flat`` (float64) into
         ``part_dot``; ``w``: the fn values of each thread's first column (``early_fn``)."""
         s = cuda.blockIdx.x
@@ -306,10 +305,10 @@ def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
         c1 = min(c0 + cols, hc_dim)
         xb = t * hc_dim
         x0 = x[xb + c0 + tid] if c0 + tid < c1 else _F0     # loaded beside the token's partials
-        # 1 / rms of the token from its n_ss partials (every block adds them in the same order)
+        # 1 / rms of the token from its splits' partials (every block adds them in the same order)
         ss = _D0
-        for i in range(tid, n_ss, MIX_THREADS):
-            ss += part_ss[t * n_ss + i]
+        for i in range(tid, n_split, MIX_THREADS):
+            ss += part_ss[t * n_split + i]
         v = group_sum(ss, LANES)
         if lane == 0:
             red_ss[warp] = v
@@ -428,11 +427,11 @@ def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
                               d < n_embd)
 
     @jit_kernel(launch_bounds=MIX_THREADS)
-    def mix_kernel(x, fn, hc_dim, cols, rms_eps, n_ss, part_ss, part_dot):
+    def mix_kernel(x, fn, hc_dim, cols, rms_eps, part_ss, part_dot):
         w = cuda.local.array(N_MIX, float32)
         early_fn(fn, hc_dim, cols, w)
         wait_prior_grid()
-        mix_block(x, fn, hc_dim, cols, rms_eps, n_ss, part_ss, part_dot, w)
+        mix_block(x, fn, hc_dim, cols, rms_eps, part_ss, part_dot, w)
 
     @jit_kernel(launch_bounds=FINISH_THREADS)     # ~110 registers: a 512-thread block needs them capped
     def finish_kernel(x, part_dot, n_split, n_embd, scale, base, iters, hc_eps, rms_eps, out, post, comb,
@@ -551,7 +550,7 @@ def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, pos
                                       splits=splits, stream=stream)
     else:
         L.launch(mix_k, (ns, n_tok), MIX_THREADS, stream, L.flat(hc), L.flat(fn), hc_dim, cols, eps64(rms_eps),
-                 ns, scratch.part_ss, scratch.part_dot)
+                 scratch.part_ss, scratch.part_dot)
         n_mix_split = ns
     L.launch(fin_k, n_tok, FINISH_THREADS, stream, L.flat(hc), scratch.part_dot, n_mix_split, n_embd,
              L.flat(scale), L.flat(base), int(iters), eps64(hc_eps), eps64(rms_eps), *outs)
