@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from numba import cuda
 
+from ds4nb.kernels import _launch as L
 from ds4nb.kernels import attention as A
 from ds4nb.kernels import compressor as C
 from ds4nb.kernels import f16_matvec as F
@@ -192,6 +193,61 @@ def test_hc_pre_quantizes_x_norm_for_the_sublayer(kernel_rng):
     with pytest.raises(ValueError, match="needs a norm"):
         H.hc_pre(cuda.to_device(hc), cuda.to_device(fn), cuda.to_device(sc), cuda.to_device(bs), None,
                  out=out._replace(x_norm=None), n_hc=n_hc, iters=20, hc_eps=1e-6, rms_eps=1e-6)
+
+
+def test_hc_pre_unaligned_views(kernel_rng):
+    """Streams and outputs at an offset of one float (not 16-byte aligned: the finish's scalar loads and stores
+    instead of its 16-byte ones) give the aligned arrays' values bit for bit."""
+    n_tok, n_hc, n_embd = 1, 4, 256
+    hc = H._random_hc(kernel_rng, n_tok, n_hc, n_embd)
+    fn, sc, bs, nw, _, _ = _hc_pre_inputs(kernel_rng, hc)
+    weights = (cuda.to_device(fn), cuda.to_device(sc), cuda.to_device(bs), cuda.to_device(nw))
+    kw = dict(n_hc=n_hc, iters=20, hc_eps=1e-6, rms_eps=1e-6)
+
+    def shifted(n):
+        return poisoned(n + 1)[1:]
+
+    hc_off = shifted(hc.size)
+    hc_off.copy_to_device(hc.reshape(-1))
+    assert not L.aligned(hc_off, 16)
+    off = H.hc_pre(hc_off, *weights, out=H.HcPreOut(shifted(n_embd), shifted(n_hc), shifted(n_hc * n_hc),
+                                                     shifted(n_embd)), **kw)
+    ref = H.hc_pre(cuda.to_device(hc), *weights, out=H.alloc_pre(n_tok, n_hc, n_embd), **kw)
+    for name in ("x", "post", "comb", "x_norm"):
+        assert np.array_equal(getattr(off, name).copy_to_host(), getattr(ref, name).copy_to_host()), name
+
+
+def test_hc_post_sums_of_squares_feed_hc_pre(kernel_rng):
+    """hc.post's ss_out: each block's float64 sum of squares of the streams it wrote (numpy's, to summation
+    order); hc.pre given them (n_ss) writes what it writes when it sums the squares itself."""
+    n_tok, n_hc = 2, 4
+    n_embd = H.POST_BLOCK_VALUES // 2          # a token is two hc.post blocks
+    hc_dim, n_mix = n_hc * n_embd, 24
+    parts = H.post_ss_parts(hc_dim)
+    assert parts == 2
+    y = kernel_rng.standard_normal((n_tok, n_embd)).astype(np.float32)
+    hc = H._random_hc(kernel_rng, n_tok, n_hc, n_embd)
+    post = kernel_rng.uniform(0, 2, (n_tok, n_hc)).astype(np.float32)
+    comb = kernel_rng.uniform(0, 1, (n_tok, n_hc, n_hc)).astype(np.float32)
+    scratch = H.alloc_scratch(n_tok, hc_dim, n_mix)
+    new = poisoned(n_tok * hc_dim)
+    H.hc_post(cuda.to_device(y), cuda.to_device(hc), cuda.to_device(post), cuda.to_device(comb), out=new,
+              n_hc=n_hc, ss_out=scratch.part_ss)
+    got = new.copy_to_host()
+    check_bits(got, ops.hc_post(y, hc, post, comb), "hc.post")
+    want = (got.astype(np.float64) ** 2).reshape(n_tok * parts, -1).sum(axis=1)
+    np.testing.assert_allclose(scratch.part_ss.copy_to_host()[:n_tok * parts], want, rtol=1e-13)
+    fn, sc, bs, nw, _, _ = _hc_pre_inputs(kernel_rng, got.reshape(n_tok, n_hc, n_embd))
+    args = (new, cuda.to_device(fn), cuda.to_device(sc), cuda.to_device(bs), cuda.to_device(nw))
+    kw = dict(n_hc=n_hc, iters=20, hc_eps=1e-6, rms_eps=1e-6)
+    given = H.hc_pre(*args, out=H.alloc_pre(n_tok, n_hc, n_embd), scratch=scratch, n_ss=parts, **kw)
+    own = H.hc_pre(*args, out=H.alloc_pre(n_tok, n_hc, n_embd), **kw)
+    for name in ("x", "post", "comb", "x_norm"):
+        assert np.array_equal(getattr(given, name).copy_to_host(), getattr(own, name).copy_to_host()), name
+    with pytest.raises(ValueError, match="whole blocks"):
+        H.hc_post(cuda.to_device(np.ascontiguousarray(y[:, :-32])),
+                  cuda.to_device(np.ascontiguousarray(hc[:, :, :-32])), cuda.to_device(post), cuda.to_device(comb),
+                  out=new, n_hc=n_hc, ss_out=scratch.part_ss)
 
 
 def test_hc_head_and_post(kernel_rng):

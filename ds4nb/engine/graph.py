@@ -169,8 +169,6 @@ def time_groups(launches: Sequence[Launch], stream: Any, *, by: str = "family", 
     the cache effects of their neighbours; the sum is close to, not equal to,
     the whole step.
     """
-    from numba import cuda
-
     groups: dict[str, list[Launch]] = defaultdict(list)
     for launch in kernel_launches(launches):
         key = launch.family or "other"
@@ -182,12 +180,20 @@ def time_groups(launches: Sequence[Launch], stream: Any, *, by: str = "family", 
     for key, group in groups.items():
         graph = capture(group)
         graph.upload(core_stream)
-        graph.launch(core_stream)                          # warm
-        start, stop = cuda.event(), cuda.event()
-        start.record(stream)
-        for _ in range(reps):
-            graph.launch(core_stream)
-        stop.record(stream)
-        stop.synchronize()
-        out.append(GroupTime(key, len(group), 1000.0 * start.elapsed_time(stop) / reps))
+        out.append(GroupTime(key, len(group), replay_us(graph, core_stream, stream, reps)))
     return sorted(out, key=lambda g: -g.gpu_us)
+
+
+def replay_us(graph: Any, core_stream: Any, stream: Any, reps: int) -> float:
+    """GPU microseconds of one replay of an uploaded graph: one warm launch, then ``reps`` between CUDA events
+    on ``stream`` (``core_stream``: its ``cuda.core`` twin)."""
+    from numba import cuda
+
+    graph.launch(core_stream)
+    start, stop = cuda.event(), cuda.event()
+    start.record(stream)
+    for _ in range(reps):
+        graph.launch(core_stream)
+    stop.record(stream)
+    stop.synchronize()
+    return 1000.0 * start.elapsed_time(stop) / reps

@@ -15,10 +15,11 @@ attention (each token reads only the rows its step record counts: causal).
 
 A decode step's kernels are latency-bound, so independent work runs
 side by side (``Recorder.branch``, a parallel path of the graph): each
-sublayer's Sinkhorn (``hc.comb``), with the compressor projections beside the
-query path, or with the shared expert beside the router and the routed
-experts, joined where their outputs are read (the ``SIDE`` lane); and the
-copies of the hash layers' host-mapped experts, ``tid2eid[token]``, from the
+sublayer's Sinkhorn (``hc.comb``), with the compressors (projections and
+pooling) beside the query path, or with the shared expert beside the router
+and the routed experts, joined where their outputs are read (the ``SIDE``
+lane); the window row's store beside the query's norm and projection (the
+``KV`` lane); and the copies of the hash layers' host-mapped experts, ``tid2eid[token]``, from the
 step's start until their layer (the ``PREFETCH`` lane).  Kernels that follow
 a kernel on their stream launch early (``Recorder(early=True)``).  A sampling
 decode step ends by leaving the sampled id where the next step reads its
@@ -43,7 +44,7 @@ from ds4nb.kernels import _launch as L
 from ds4nb.kernels.activation import Q8_0Act, Q8KAct, alloc_q8_0, alloc_q8_K
 from ds4nb.kernels.attention import alloc_attn_scratch
 from ds4nb.kernels.compressor import CompressorProjection, CompressorStateDev, alloc_projection, alloc_state
-from ds4nb.kernels.hc import HcPreOut, alloc_scratch as alloc_hc_scratch
+from ds4nb.kernels.hc import HcPreOut, alloc_scratch as alloc_hc_scratch, post_ss_parts
 from ds4nb.kernels.indexer import indexer_w_scale
 from ds4nb.kernels.moe import count_experts
 from ds4nb.kernels.moe_grouped import SlotGroups, alloc_slot_groups
@@ -490,14 +491,21 @@ class _Builder:
         e, rank, qd, hd = cfg.n_embd, cfg.q_lora_rank, cfg.q_dim, cfg.head_dim
         k.family("hc")
         pre = self.hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm,    # steps 2-4
-                          q8_0=True)
-        with self.concurrent():                                                   # beside steps 5-7:
+                          q8_0=True, after_post=il > 0)
+        with self.concurrent():                                                   # beside steps 5-8:
             self.hc_comb(pre, lw.hc_attn_scale, lw.hc_attn_base)                  # step 3's Sinkhorn
             self.compressors_project(il, lw, pre.x_norm)                          # step 9a
+            self.compress(il, lw)                                                 # steps 9b-d
         k.family("attn_proj")
         x = MatIn(pre.x_norm, T, e, pre.x_q8_0)                                   # step 5
         qr, qr_norm, q, kv = s.qr[:T * rank], s.qr_norm[:T * rank], s.q[:T * qd], s.kv[:T * hd]
         self.q8_pair(lw.attn_q_a, lw.attn_kv, x, qr, kv)                           # step 6 (same activation)
+        with self.concurrent(L.KV):                                               # beside steps 5.3-7:
+            k.family("attention")
+            ls = self.sc.states[il]
+            k.kv_store(kv, self.w(lw.attn_kv_a_norm), out=ls.raw, rope=self.ropes[il], eps=cfg.rms_eps,
+                       steps=self.sc.inputs.steps)                                # step 8: the window row
+        k.family("attn_proj")
         k.rms(qr.reshape(T, rank), self.w(lw.attn_q_a_norm), cfg.rms_eps, out=qr_norm)
         self.q8(lw.attn_q_b, MatIn(qr_norm, T, rank), q)
         k.family("attention")
@@ -505,11 +513,11 @@ class _Builder:
                       steps=self.sc.inputs.steps)                                 # steps 5.4, 7 (q)
         self.indexer_project(il, lw, pre.x_norm, qr_norm)
         heads = s.heads[:T * qd]
-        self.attend(il, lw, q, kv, heads)                                         # steps 8-12
+        self.attend(il, lw, q, heads)                                             # steps 10-12
         k.family("attn_proj")
         y = self.grouped_output(il, lw, heads)                                    # step 13
         k.family("hc")
-        k.hc_post(y, hc, pre.post, pre.comb, out=hc_out, n_hc=cfg.n_hc)           # step 14
+        self.hc_post(y, hc, pre, hc_out)                                          # step 14
 
     def compressors_project(self, il: int, lw: LayerWeights, x_norm: Any) -> None:
         """Step 9a for the step's tokens: the compressor projections (attention and, CSA, indexer)."""
@@ -524,6 +532,26 @@ class _Builder:
             iw = 2 * self.cfg.indexer_head_dim
             k.comp_project(x_norm, self.w(lw.indexer_compressor_kv), self.w(lw.indexer_compressor_gate),
                            out=CompressorProjection(s.index_proj.kv[:T * iw], s.index_proj.score[:T * iw]))
+
+    def compress(self, il: int, lw: LayerWeights) -> None:
+        """Steps 9b-d for the step's tokens: each compressor stores its projections and emits the rows the
+        step's windows close (one token, or every window a prefill step closes at once, leaving the state
+        token-by-token steps would)."""
+        ratio = self.cfg.compress_ratio(il)
+        if not ratio:
+            return
+        k, s, ls, T = self.k, self.s, self.sc.states[il], self.T
+        k.family("compressor")
+        csa = self.cfg.layer_kind(il) == "csa"
+        comp = k.comp_step if T == 1 else k.comp_chunk
+        k_comp = dict(ratio=ratio, rope=self.ropes[il], eps=self.cfg.rms_eps, steps=self.sc.inputs.steps,
+                      grp=self.sc.layout.field(il))
+        arg = 0 if T == 1 else T
+        comp(s.comp_proj, arg, self.w(lw.attn_compressor_ape), self.w(lw.attn_compressor_norm), out=ls.comp,
+             state=ls.attn_compressor, overlap=csa, finish="fp8", **k_comp)
+        if csa:
+            comp(s.index_proj, arg, self.w(lw.indexer_compressor_ape), self.w(lw.indexer_compressor_norm),
+                 out=ls.index_comp, state=ls.index_compressor, overlap=True, finish="qat", **k_comp)
 
     def indexer_project(self, il: int, lw: LayerWeights, x_norm: Any, qr_norm: Any) -> None:
         """Step 10's projections for the step's tokens, skipped on the device while the indexer does not select.
@@ -542,41 +570,23 @@ class _Builder:
                        head_dim=cfg.indexer_head_dim, rope=self.ropes[il], steps=steps, gate_field=sel)
         k.f16_matvec(self.w(lw.indexer_proj), x_norm, out=s.iw[:T * cfg.n_indexer_head], gate=gate)
 
-    def attend(self, il: int, lw: LayerWeights, q: Any, kv: Any, out: Any) -> None:
-        """Steps 8-12 for the step's tokens: window rows, compressors, indexer, attention.
-
-        The window rows of all ``T`` tokens are stored first (the ring has
-        room for them and the window), the compressors pool every window the
-        tokens close at once and leave the state token-by-token steps would,
-        then the indexer and attention run once for all ``T`` queries, each
-        reading only the rows its own step record counts: causal, as
-        token-by-token steps would be.
-        """
-        cfg, k, s, ls, T = self.cfg, self.k, self.s, self.sc.states[il], self.T
+    def attend(self, il: int, lw: LayerWeights, q: Any, out: Any) -> None:
+        """Steps 10-12 for the step's tokens, once the window rows (step 8) and the compressed rows (step 9)
+        are stored: the indexer and attention run once for all ``T`` queries, each reading only the rows its
+        own step record counts: causal, as token-by-token steps would be (the ring has room for the window and
+        all ``T`` tokens' rows)."""
+        cfg, k, ls = self.cfg, self.k, self.sc.states[il]
         steps, grp = self.sc.inputs.steps, self.sc.layout.field(il)
         rope = self.ropes[il]
-        k.family("attention")
-        k.kv_store(kv, self.w(lw.attn_kv_a_norm), out=ls.raw, rope=rope, eps=cfg.rms_eps, steps=steps)
-        k.join()                                                                  # comb, compressor projections
-        ratio = cfg.compress_ratio(il)
-        csa = cfg.layer_kind(il) == "csa"
+        k.join()                                                                  # comb, compressors
+        k.join(L.KV)                                                              # the window row
         sel = None
-        if ratio:                                                                 # step 9
-            k.family("compressor")
-            comp = k.comp_step if T == 1 else k.comp_chunk       # one token, or every window the step closes
-            arg = 0 if T == 1 else T
-            k_comp = dict(ratio=ratio, rope=rope, eps=cfg.rms_eps, steps=steps, grp=grp)
-            comp(s.comp_proj, arg, self.w(lw.attn_compressor_ape), self.w(lw.attn_compressor_norm), out=ls.comp,
-                 state=ls.attn_compressor, overlap=csa, finish="fp8", **k_comp)
-            if csa:
-                comp(s.index_proj, arg, self.w(lw.indexer_compressor_ape), self.w(lw.indexer_compressor_norm),
-                     out=ls.index_comp, state=ls.index_compressor, overlap=True, finish="qat", **k_comp)
-            if self.indexer_selects(il):
-                k.family("indexer")                                               # step 10
-                sel = self.indexer_select(il, ls)
+        if self.indexer_selects(il):
+            k.family("indexer")                                                   # step 10
+            sel = self.indexer_select(il, ls)
         k.family("attention")                                                     # steps 11-12
         k.attention(q, ls.raw, ls.comp, self.w(lw.attn_sinks), sel, out=out, steps=steps, grp=grp,
-                    max_rows=cfg.n_swa + self.max_visible(il), rope=rope, scratch=s.attn_scratch)
+                    max_rows=cfg.n_swa + self.max_visible(il), rope=rope, scratch=self.s.attn_scratch)
 
     def max_visible(self, il: int) -> int:
         """Most compressed rows one token of layer ``il`` attends to (the indexer's k caps CSA layers)."""
@@ -631,7 +641,7 @@ class _Builder:
         e, n_used, ff = cfg.n_embd, cfg.n_expert_used, cfg.n_ff_exp
         k.family("hc")
         pre = self.hc_pre(hc, lw.hc_ffn_fn, lw.hc_ffn_scale, lw.hc_ffn_base, lw.ffn_norm,        # step 15
-                          q8_0=True, q8_K=True)
+                          q8_0=True, q8_K=True, after_post=True)
         x_norm = pre.x_norm
         shared = s.shared[:T * e]
         with self.concurrent():                                                   # beside steps 16-17:
@@ -659,7 +669,7 @@ class _Builder:
         routed = self.routed_experts(il, lw, x_norm, sel_flat, route.weights.reshape(T * n_used), pre.x_q8_K)
         k.join()                                                                  # comb, the shared expert
         k.family("hc")                                                            # step 19: routed + shared
-        k.hc_post(routed, hc, pre.post, pre.comb, out=hc_out, n_hc=cfg.n_hc, y2=shared)
+        self.hc_post(routed, hc, pre, hc_out, y2=shared)
 
     def routed_experts(self, il: int, lw: LayerWeights, x_norm: Any, sel: Any, weights: Any,
                        x_q8_K: Q8KAct | None = None) -> Any:
@@ -802,11 +812,11 @@ class _Builder:
 
     # -- helpers --------------------------------------------------------
 
-    def concurrent(self) -> Any:
-        """``with self.concurrent():`` a decode step's independent launches, on the side stream until the next
-        ``k.join()`` (they read only what is ready and write only their own buffers); a prefill step, whose
-        kernels fill the GPU, keeps them in order."""
-        return self.k.branch() if self.T == 1 else contextlib.nullcontext()
+    def concurrent(self, lane: str = L.SIDE) -> Any:
+        """``with self.concurrent():`` a decode step's independent launches, on branch ``lane``'s stream until
+        the next ``k.join(lane)`` (they read only what is ready and write only their own buffers); a prefill
+        step, whose kernels fill the GPU, keeps them in order."""
+        return self.k.branch(lane) if self.T == 1 else contextlib.nullcontext()
 
     def quant_q8_0(self, x: Any, rows: int, n: int) -> Q8_0Act:
         act = _q8_0_rows(self.s.act, n // 32, 0, rows)
@@ -855,10 +865,11 @@ class _Builder:
         return x.f16
 
     def hc_pre(self, hc: Any, fn: Any, scale: Any, base: Any, norm: Any, *, q8_0: bool = False,
-               q8_K: bool = False) -> HcPreOut:
+               q8_K: bool = False, after_post: bool = False) -> HcPreOut:
         """Steps 2-4 / 15 but comb: x, post, x_norm and the control values, whose Sinkhorn :meth:`hc_comb` runs
         (the returned ``comb`` is its output).  A decode step also takes x_norm's Q8_0 (``q8_0``) and Q8_K
-        (``q8_K``) activations from it, in the scratch rows ``quant_q8_0`` / the routed experts would use."""
+        (``q8_K``) activations from it, in the scratch rows ``quant_q8_0`` / the routed experts would use.
+        ``after_post``: hc is the output of :meth:`hc_post`, which left its sums of squares in the scratch."""
         cfg, s, T = self.cfg, self.s, self.T
         e, nhc = cfg.n_embd, cfg.n_hc
         one = T == 1
@@ -866,8 +877,15 @@ class _Builder:
                        s.pre.mix[:T * cfg.hc_mix_dim], _q8_0_rows(s.act, e // 32, 0, 1) if q8_0 and one else None,
                        _q8_K_rows(s.act_k, e // 256, 0, 1) if q8_K and one else None)
         self.k.hc_pre(hc, self.w(fn), self.w(scale), self.w(base), self.w(norm), out=out, n_hc=nhc,
-                      iters=cfg.hc_sinkhorn_iter, hc_eps=cfg.hc_eps, rms_eps=cfg.rms_eps, scratch=s.hc_scratch)
+                      iters=cfg.hc_sinkhorn_iter, hc_eps=cfg.hc_eps, rms_eps=cfg.rms_eps, scratch=s.hc_scratch,
+                      n_ss=post_ss_parts(cfg.hc_dim) if after_post else 0)
         return out._replace(comb=s.pre.comb[:T * nhc * nhc])
+
+    def hc_post(self, y: Any, hc: Any, pre: HcPreOut, hc_out: Any, y2: Any = None) -> None:
+        """Steps 14 / 19: the new streams, with their sums of squares for the next :meth:`hc_pre` where the
+        kernel's blocks tile a token (``hc.post_ss_parts``)."""
+        ss = self.s.hc_scratch.part_ss if post_ss_parts(self.cfg.hc_dim) else None
+        self.k.hc_post(y, hc, pre.post, pre.comb, out=hc_out, n_hc=self.cfg.n_hc, y2=y2, ss_out=ss)
 
     def hc_comb(self, pre: HcPreOut, scale: Any, base: Any) -> None:
         """Step 3's Sinkhorn: ``pre.comb`` from ``pre.mix`` (read only by the sublayer's ``hc.post``)."""

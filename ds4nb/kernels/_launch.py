@@ -25,6 +25,14 @@ def to_device_flat(a: np.ndarray, stream: Any = 0) -> Any:
     return cuda.to_device(np.ascontiguousarray(a).reshape(-1), stream=stream)
 
 
+def aligned(a: Any, nbytes: int) -> bool:
+    """Whether the first element of ``a`` (a device array, or host memory standing in for one) sits at a
+    multiple of ``nbytes``: what a kernel's wide (vector) loads of it need."""
+    ptr = getattr(a, "device_ctypes_pointer", None)
+    addr = ptr.value if ptr is not None else getattr(getattr(a, "ctypes", None), "data", None)
+    return addr is not None and addr % nbytes == 0
+
+
 _PLACEHOLDERS: dict[str, Any] = {}
 
 
@@ -169,9 +177,10 @@ class Join:
     lane: str = ""
 
 
-#: the branches of a step: work beside a sublayer (``SIDE``), host-memory expert copies ahead of their
-#: layers (``PREFETCH``)
+#: the branches of a step: work beside a sublayer (``SIDE``), the attention window's row beside the query path
+#: (``KV``), host-memory expert copies ahead of their layers (``PREFETCH``)
 SIDE = "side"
+KV = "kv"
 PREFETCH = "prefetch"
 
 

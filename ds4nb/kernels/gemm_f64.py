@@ -7,7 +7,7 @@ several tokens a step they are GEMMs:
 * ``f16.matvec`` (the router, compressor and indexer projections):
   ``out[t, r] = sum_i w[r, i] x[t, i] (+ bias[r])``, F16 / F32 weights times
   float32 activations, optionally a second matrix on the same input;
-* the HC mix of ``hc.pre``: ``part[t, s, m] = sum_{i in split s} fn[m, i]
+* the HC mix of ``hc.pre``: ``part[t, m, s] = sum_{i in split s} fn[m, i]
   flat[t, i]`` with ``flat = float32(hc / rms(hc))`` formed on the fly from the
   token's partial sums of squares (split K: ``hc.pre``'s finish kernel adds
   the splits' partials, as it does for its own mix kernel).
@@ -92,7 +92,7 @@ def _store_quad(q, row0, t0, n_out, n_out2, n_tok, bias, has_bias, out, bias2, h
         if row < n_rows and t < n_tok:
             s = q[e]
             if split_out:
-                part[(t * n_split + split) * n_rows + row] = s
+                part[(t * n_rows + row) * n_split + split] = s
             elif row < n_out:
                 if has_bias:
                     s += float64(float32(bias[row]))
@@ -154,7 +154,7 @@ def _make_gemm(scaled: bool):
     @cuda.jit
     def kernel(w, w2, n_out, n_out2, x, n_tok, n_in, k_len, bias, has_bias, out, bias2, has_bias2, out2,
                split_out, part, part_ss, ns_ss, rms_eps, gate, gate_at):
-        """``split_out``: write each split's float64 sums to ``part[(t * n_split + split) * n_rows + r]``,
+        """``split_out``: write each split's float64 sums to ``part[(t * n_rows + r) * n_split + split]``,
         else the (bias-added) sums to ``out`` / ``out2`` in their dtype (float32: rounded once)."""
         wait_prior_grid()
         if gate_at >= 0 and gate[gate_at] == 0:   # a step-record flag says this step needs no result
@@ -238,7 +238,7 @@ def hc_mix_splits(hc_dim: int, n_tok: int, max_splits: int) -> int:
 
 def hc_mix(hc: Any, fn: Any, n_tok: int, part_ss: Any, ns_ss: int, rms_eps: np.float64, *, part: Any,
            splits: int, stream: Any = 0) -> int:
-    """``part[(t * n_split + s) * n_mix + m] = sum over split s of fn[m, i] * float32(hc[t, i] / rms(hc[t]))``
+    """``part[(t * n_mix + m) * n_split + s] = sum over split s of fn[m, i] * float32(hc[t, i] / rms(hc[t]))``
     (float64), ``1 / rms`` from the ``ns_ss`` partial sums of squares of each token in ``part_ss``.  Returns
     ``n_split``: ``splits`` or fewer (each split a whole number of ``BK`` values)."""
     n_mix, hc_dim = fn.shape

@@ -31,7 +31,10 @@ streams ``hc (T, n_hc, n_embd)`` into a sublayer input in three launches:
    ``FINISH_VALS`` consecutive values of x (8 on the GPU: a Q8_0 word, a Q8_K
    lane's share) and loads its ``n_hc`` stream values (and, before the wait,
    its norm weights) up front, so one round of loads serves x, the norm and
-   the quantization.  ``mix = float32(sum of the partials)``,
+   the quantization; x's values move 16 bytes a thread (``load_f32x4`` /
+   ``store_f32x4``: with scalar accesses each warp instruction would touch
+   eight cache lines), and the mix partials sit (token, value, split), so the
+   lanes adding a value's partials read consecutive addresses.  ``mix = float32(sum of the partials)``,
    then the split (``pre``, ``post``: a thread each) and the Sinkhorn
    normalisation in float64 with the oracle's operations (divisions, not
    reciprocals; products not contracted into FMAs; every row and column sum
@@ -61,7 +64,10 @@ mix kernel's.
 
 ``hc.post`` (steps 14, 19): ``new[j] = y * post[j] + sum_i comb[i, j] * hc[i]``
 in float64, one thread per output value; step 19's ``y = routed + shared``
-(one float32 addition) is formed in the same kernel.
+(one float32 addition) is formed in the same kernel.  It can also leave the
+float64 sum of squares of each block's outputs (``ss_out``, a token being whole
+blocks): the next ``hc.pre`` reads those partials (``n_ss``) instead of
+launching ``_ss``.
 
 The simulator runs one split (``SIM`` geometry), the GPU ~one split per 128
 columns; it also runs 16 / 8 threads a block with one lane per reduction group
@@ -84,8 +90,8 @@ from ds4nb.kernels import gemm_f64
 from ds4nb.kernels.activation import (QK8_0, QK_K, Q8_0_LANE_VALS, Q8_K_LANE_VALS, Q8_0Act, Q8KAct, q8_0_lane,
                                       q8_K_lane)
 from ds4nb.kernels.f16_matvec import group_sum
-from ds4nb.kernels.intrinsics import (SIMULATOR, device, float32, float64, has_f64_mma, int32, jit_kernel, shfl_idx,
-                                     wait_prior_grid)
+from ds4nb.kernels.intrinsics import (SIMULATOR, device, float32, float64, has_f64_mma, jit_kernel, load_f32x4,
+                                     shfl_idx, store_f32x4, wait_prior_grid)
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -99,6 +105,8 @@ SINK_THREADS = 1 if SIMULATOR else 32       # hc.pre's finish: the threads that 
 COLS_PER_SPLIT = 128        # GPU: one column per thread per split
 POST_THREADS = 8 if SIMULATOR else 256
 POST_ITEMS = 128 if SIMULATOR else 1   # hc.post outputs per thread
+POST_BLOCK_VALUES = POST_THREADS * POST_ITEMS   # consecutive outputs of an hc.post block (its sum of squares)
+POST_WARPS = POST_THREADS // LANES
 _F0 = np.float32(0.0)
 _D0 = np.float64(0.0)
 _D1 = np.float64(1.0)
@@ -118,6 +126,48 @@ def _sigmoid64(x):
     return e / (_D1 + e)
 
 
+@device
+def _load4(src, base, d, n, vals, o, vec):
+    """``vals[o:o + 4] = src[base + d:base + d + 4]``, 0 from ``d == n`` on: one 16-byte load when ``vec`` (the
+    launcher checked the alignment) and all four are below ``n``."""
+    if vec and d + 4 <= n:
+        v0, v1, v2, v3 = load_f32x4(src, base + d)
+        vals[o] = v0
+        vals[o + 1] = v1
+        vals[o + 2] = v2
+        vals[o + 3] = v3
+    else:
+        for i in range(4):
+            vals[o + i] = src[base + d + i] if d + i < n else _F0
+
+
+@device
+def _store4(dst, base, d, n, vals, o, vec):
+    """``dst[base + d:base + d + 4] = vals[o:o + 4]`` below ``n``: one 16-byte store when ``vec`` and all four fit."""
+    if vec and d + 4 <= n:
+        store_f32x4(dst, base + d, vals[o], vals[o + 1], vals[o + 2], vals[o + 3])
+    else:
+        for i in range(4):
+            if d + i < n:
+                dst[base + d + i] = vals[o + i]
+
+
+@device
+def _block_total(v, red, n_warps):
+    """The block's float64 sum of ``v`` for thread 0 (the warps' sums, through ``red``, added in warp order);
+    every thread calls it (a barrier)."""
+    w = group_sum(v, LANES)
+    tid = cuda.threadIdx.x
+    if tid % LANES == 0:
+        red[tid // LANES] = w
+    cuda.syncthreads()
+    tot = _D0
+    if tid == 0:
+        for i in range(n_warps):
+            tot += red[i]
+    return tot
+
+
 @cuda.jit
 def _ss_kernel(x, hc_dim, cols, part_ss):
     """Float64 sum of squares of each split's slice of the flattened streams -> part_ss[t, s]."""
@@ -134,15 +184,9 @@ def _ss_kernel(x, hc_dim, cols, part_ss):
         v = float64(x[xb + c])
         ss += v * v
     red = cuda.shared.array(MIX_WARPS, float64)
-    v = group_sum(ss, LANES)
-    if tid % LANES == 0:
-        red[tid // LANES] = v
-    cuda.syncthreads()
+    tot = _block_total(ss, red, MIX_WARPS)
     if tid == 0:
-        d = _D0
-        for w in range(MIX_WARPS):
-            d += red[w]
-        part_ss[t * n_split + s] = d
+        part_ss[t * n_split + s] = tot
 
 
 @device
@@ -252,13 +296,13 @@ def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
         d = _D0
         for w in range(MIX_WARPS):
             d += red[m, w]
-        part_dot[(t * n_split + s) * N_MIX + m] = d
+        part_dot[(t * N_MIX + m) * n_split + s] = d
 
     @device
     def mix_values(part_dot, t, n_split, mix, tid):
         """mix = fn . flat from the splits' partials, rounded once: warp w adds the partials of values
-        w, w + warps, ... (lane l taking splits l, l + 32, ...: a fixed order); the first four partials of
-        each of the warp's values are loaded together, before any is added."""
+        w, w + warps, ... (lane l taking splits l, l + 32, ...: a fixed order, consecutive addresses); the first
+        four partials of each of the warp's values are loaded together, before any is added."""
         lane = tid % LANES
         w0 = tid // LANES
         p = cuda.local.array(MIX_LOADS, float64)
@@ -266,7 +310,7 @@ def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
             m = w0 + k * FINISH_WARPS
             for q in range(4):
                 s = lane + q * LANES
-                p[4 * k + q] = part_dot[(t * n_split + s) * N_MIX + m] if m < N_MIX and s < n_split else _D0
+                p[4 * k + q] = part_dot[(t * N_MIX + m) * n_split + s] if m < N_MIX and s < n_split else _D0
         for k in range(MIX_PER_WARP):
             m = w0 + k * FINISH_WARPS
             d = _D0
@@ -274,7 +318,7 @@ def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
                 d += p[4 * k + q]
             s = lane + 4 * LANES
             while m < N_MIX and s < n_split:    # more than 4 * LANES splits
-                d += part_dot[(t * n_split + s) * N_MIX + m]
+                d += part_dot[(t * N_MIX + m) * n_split + s]
                 s += LANES
             d = group_sum(d, LANES)
             if lane == 0 and m < N_MIX:
@@ -290,9 +334,10 @@ def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
             w[m] = float32(fn[m * hc_dim + c]) if ok else _F0
 
     @device
-    def mix_block(x, fn, hc_dim, cols, rms_eps, part_ss, part_dot, w):
+    def mix_block(x, fn, hc_dim, cols, rms_eps, n_ss, part_ss, part_dot, w):
         """Split ``blockIdx.x`` of token ``blockIdx.y``: its ``n_mix`` partial dots ``fn . flat`` (float64) into
-        ``part_dot``; ``w``: the fn values of each thread's first column (``early_fn``)."""
+        ``part_dot``, the token's ``1 / rms`` from its ``n_ss`` partial sums of squares; ``w``: the fn values of
+        each thread's first column (``early_fn``)."""
         s = cuda.blockIdx.x
         t = cuda.blockIdx.y
         n_split = cuda.gridDim.x
@@ -307,8 +352,8 @@ def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
         x0 = x[xb + c0 + tid] if c0 + tid < c1 else _F0     # loaded beside the token's partials
         # 1 / rms of the token from its splits' partials (every block adds them in the same order)
         ss = _D0
-        for i in range(tid, n_split, MIX_THREADS):
-            ss += part_ss[t * n_split + i]
+        for i in range(tid, n_ss, MIX_THREADS):
+            ss += part_ss[t * n_ss + i]
         v = group_sum(ss, LANES)
         if lane == 0:
             red_ss[warp] = v
@@ -341,17 +386,19 @@ def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
         return (r * FINISH_THREADS + cuda.threadIdx.x) * FINISH_VALS + k % FINISH_VALS
 
     @device
-    def early_norm_w(norm_w, has_norm, n_embd, nw):
+    def early_norm_w(norm_w, has_norm, n_embd, nw, vec):
         """The norm weights of this thread's values (weights: may run before ``wait_prior_grid``)."""
-        for k in range(N_VALS):
-            d = value_index(k)
-            nw[k] = norm_w[d] if has_norm and d < n_embd else _F0
+        if has_norm:
+            for k in range(0, N_VALS, 4):
+                _load4(norm_w, 0, value_index(k), n_embd, nw, k, vec)
 
     @device
     def finish_token(t, x, part_dot, n_split, n_embd, scale, base, iters, hc_eps, rms_eps, out, post, comb,
-                     has_comb, mix_out, has_mix, has_norm, norm_out, xq, xd, has_q8_0, yq, yd, ybs, has_q8_K, nw):
+                     has_comb, mix_out, has_mix, has_norm, norm_out, xq, xd, has_q8_0, yq, yd, ybs, has_q8_K, nw, vec):
         """Token ``t``'s mix from its splits' partials, the weights (and Sinkhorn), x, x_norm and its Q8_0 / Q8_K
-        forms, by the whole block; ``nw``: the norm weights of the thread's values (``early_norm_w``)."""
+        forms, by the whole block; ``nw``: the norm weights of the thread's values (``early_norm_w``).  ``vec``:
+        x's values move four at a time (16-byte loads and stores: a thread's values are consecutive, so scalar
+        accesses would touch eight cache lines a warp instruction)."""
         tid = cuda.threadIdx.x
         hc_dim = N_HC * n_embd
         mix = cuda.shared.array(N_MIX, float32)
@@ -360,10 +407,10 @@ def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
         # the thread's stream values first: their loads overlap the partials' and the weights' computation
         hv = cuda.local.array(N_HC_VALS, float32)
         xb = t * hc_dim
-        for k in range(N_VALS):
+        for k in range(0, N_VALS, 4):
             d = value_index(k)
             for h in range(N_HC):
-                hv[h * N_VALS + k] = x[xb + h * n_embd + d] if d < n_embd else _F0
+                _load4(x, xb + h * n_embd, d, n_embd, hv, h * N_VALS + k, vec)
         mix_values(part_dot, t, n_split, mix, tid)
         cuda.syncthreads()
         if has_mix:     # the control values for hc.comb (the Sinkhorn in a launch of its own)
@@ -395,9 +442,8 @@ def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
             xv = float32(acc)
             xs[k] = xv
             ss2 += float64(xv) * float64(xv)        # 0 past n_embd
-            d = value_index(k)
-            if d < n_embd:
-                out[ob + d] = xv
+        for k in range(0, N_VALS, 4):
+            _store4(out, ob, value_index(k), n_embd, xs, k, vec)
         if has_norm:  # uniform branch: has_norm is a launch argument
             v = group_sum(ss2, LANES)
             if tid % LANES == 0:
@@ -409,9 +455,8 @@ def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
             inv = _D1 / math.sqrt(tot / float64(n_embd) + rms_eps)
             for k in range(N_VALS):
                 xs[k] = float32(float64(xs[k]) * inv * float64(nw[k]))
-                d = value_index(k)
-                if d < n_embd:
-                    norm_out[ob + d] = xs[k]
+            for k in range(0, N_VALS, 4):
+                _store4(norm_out, ob, value_index(k), n_embd, xs, k, vec)
             # x_norm as the activations of the sublayer's matmuls (the act.quantize kernels' lane functions)
             if has_q8_0:
                 for o in range(0, N_VALS, Q8_0_LANE_VALS):
@@ -427,22 +472,22 @@ def _kernels(n_hc: int, n_mix: int, rounds: int) -> tuple[Any, Any]:
                               d < n_embd)
 
     @jit_kernel(launch_bounds=MIX_THREADS)
-    def mix_kernel(x, fn, hc_dim, cols, rms_eps, part_ss, part_dot):
+    def mix_kernel(x, fn, hc_dim, cols, rms_eps, n_ss, part_ss, part_dot):
         w = cuda.local.array(N_MIX, float32)
         early_fn(fn, hc_dim, cols, w)
         wait_prior_grid()
-        mix_block(x, fn, hc_dim, cols, rms_eps, part_ss, part_dot, w)
+        mix_block(x, fn, hc_dim, cols, rms_eps, n_ss, part_ss, part_dot, w)
 
     @jit_kernel(launch_bounds=FINISH_THREADS)     # ~110 registers: a 512-thread block needs them capped
     def finish_kernel(x, part_dot, n_split, n_embd, scale, base, iters, hc_eps, rms_eps, out, post, comb,
                       has_comb, mix_out, has_mix, norm_w, has_norm, norm_out, xq, xd, has_q8_0, yq, yd, ybs,
-                      has_q8_K):
+                      has_q8_K, vec):
         nw = cuda.local.array(N_VALS, float32)
-        early_norm_w(norm_w, has_norm, n_embd, nw)
+        early_norm_w(norm_w, has_norm, n_embd, nw, vec)
         wait_prior_grid()
         finish_token(cuda.blockIdx.x, x, part_dot, n_split, n_embd, scale, base, iters, hc_eps, rms_eps, out, post,
                      comb, has_comb, mix_out, has_mix, has_norm, norm_out, xq, xd, has_q8_0, yq, yd, ybs, has_q8_K,
-                     nw)
+                     nw, vec)
 
     return mix_kernel, finish_kernel
 
@@ -482,18 +527,24 @@ class HcPreOut(NamedTuple):
 
 
 class HcScratch(NamedTuple):
-    part_dot: Any   # f64 (T, n_split, n_mix)
-    part_ss: Any    # f64 (T, n_split)
+    part_dot: Any   # f64 (T, n_mix, n_split): a value's partials side by side
+    part_ss: Any    # f64 (T, max(n_split, hc.post's blocks a token))
 
 
 def n_splits(hc_dim: int) -> int:
     return 1 if SIMULATOR else L.cdiv(hc_dim, COLS_PER_SPLIT)
 
 
+def post_ss_parts(hc_dim: int) -> int:
+    """Partial sums of squares ``hc.post`` writes a token (its blocks of ``POST_BLOCK_VALUES`` outputs), or 0
+    when its blocks would straddle tokens (then ``hc.pre`` sums the squares itself)."""
+    return 0 if hc_dim % POST_BLOCK_VALUES else hc_dim // POST_BLOCK_VALUES
+
+
 def alloc_scratch(n_tok: int, hc_dim: int, n_mix: int, stream: Any = 0) -> HcScratch:
     ns = n_splits(hc_dim)
     return HcScratch(L.device_array(n_tok * ns * n_mix, np.float64, stream),
-                     L.device_array(n_tok * ns, np.float64, stream))
+                     L.device_array(n_tok * max(ns, post_ss_parts(hc_dim)), np.float64, stream))
 
 
 def alloc_pre(n_tok: int, n_hc: int, n_embd: int, with_norm: bool = True, stream: Any = 0) -> HcPreOut:
@@ -514,7 +565,7 @@ def finish_rounds(n_embd: int) -> int:
 
 
 def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, post, comb, norm_w, norm_out,
-            scratch, stream, mma=None, mix=None, x_q8_0=None, x_q8_K=None):
+            scratch, stream, mma=None, mix=None, x_q8_0=None, x_q8_K=None, n_ss=0):
     hc_dim = fn.shape[1]
     n_tok = hc.size // hc_dim
     n_embd = hc_dim // n_hc
@@ -531,8 +582,13 @@ def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, pos
     if np.dtype(scratch.part_dot.dtype) != np.float64 or np.dtype(scratch.part_ss.dtype) != np.float64:
         raise ValueError("hc: scratch partials must be float64 (alloc_scratch)")
     mix_k, fin_k = _kernels(n_hc, n_mix, finish_rounds(n_embd))
+    vec = int(n_embd % 4 == 0 and all(L.aligned(a, 16) for a in (hc, out_x, norm_w, norm_out) if a is not None))
     cols = L.cdiv(hc_dim, ns)
-    L.launch(_ss_kernel, (ns, n_tok), MIX_THREADS, stream, L.flat(hc), hc_dim, cols, scratch.part_ss)
+    if not n_ss:
+        n_ss = ns
+        L.launch(_ss_kernel, (ns, n_tok), MIX_THREADS, stream, L.flat(hc), hc_dim, cols, scratch.part_ss)
+    elif scratch.part_ss.size < n_tok * n_ss:
+        raise ValueError(f"hc.pre: n_ss {n_ss} partial sums a token do not fit the scratch")
     if mma is None:
         mma = n_tok >= gemm_f64.MIN_TOKENS and has_f64_mma()
     d = L.placeholder(np.float32)
@@ -546,34 +602,37 @@ def _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out_x, pos
             qk.bsums, int(x_q8_K is not None))
     if mma:    # a prefill step: the mix as a GEMM on the FP64 tensor cores, K split to fill the GPU
         splits = gemm_f64.hc_mix_splits(hc_dim, n_tok, scratch.part_dot.size // (n_tok * n_mix))
-        n_mix_split = gemm_f64.hc_mix(hc, fn, n_tok, scratch.part_ss, ns, eps64(rms_eps), part=scratch.part_dot,
+        n_mix_split = gemm_f64.hc_mix(hc, fn, n_tok, scratch.part_ss, n_ss, eps64(rms_eps), part=scratch.part_dot,
                                       splits=splits, stream=stream)
     else:
         L.launch(mix_k, (ns, n_tok), MIX_THREADS, stream, L.flat(hc), L.flat(fn), hc_dim, cols, eps64(rms_eps),
-                 scratch.part_ss, scratch.part_dot)
+                 n_ss, scratch.part_ss, scratch.part_dot)
         n_mix_split = ns
     L.launch(fin_k, n_tok, FINISH_THREADS, stream, L.flat(hc), scratch.part_dot, n_mix_split, n_embd,
-             L.flat(scale), L.flat(base), int(iters), eps64(hc_eps), eps64(rms_eps), *outs)
+             L.flat(scale), L.flat(base), int(iters), eps64(hc_eps), eps64(rms_eps), *outs, vec)
 
 
 @implementation("hc.pre", "split_mix", layout="f16|f32 fn/row-major")
 def hc_pre(hc: Any, fn: Any, scale: Any, base: Any, norm_w: Any | None = None, *, out: HcPreOut,
            n_hc: int, iters: int, hc_eps: float, rms_eps: float, scratch: HcScratch | None = None,
-           mma: bool | None = None, stream: Any = 0) -> HcPreOut:
+           mma: bool | None = None, n_ss: int = 0, stream: Any = 0) -> HcPreOut:
     """Steps 2-3 (+4/15): hc (T, n_hc, n_embd) -> x, post, comb (and x_norm = rms(x; norm_w)).
 
     ``out.comb`` None: no Sinkhorn here; ``out.mix`` receives the control
     values instead and ``hc.comb`` turns them into comb, in a launch that can
     run beside the sublayer (a decode step's branch).  ``mma``: the mix of a
     step of several tokens as a GEMM on the FP64 tensor cores (default: from
-    ``gemm_f64.MIN_TOKENS`` tokens where the GPU has them)."""
+    ``gemm_f64.MIN_TOKENS`` tokens where the GPU has them).  ``n_ss``: ``scratch.part_ss`` already holds each
+    token's sum of squares in ``n_ss`` parts (``hc.post``'s ``ss_out``), so no launch of its own sums them."""
     n_mix = 2 * n_hc + n_hc * n_hc
+    if n_ss and scratch is None:
+        raise ValueError("hc.pre: n_ss needs the scratch whose part_ss holds them")
     if (norm_w is None) != (out.x_norm is None):
         raise ValueError("hc.pre: give norm_w and out.x_norm together")
     if out.comb is None and out.mix is None:
         raise ValueError("hc.pre: give out.comb, or out.mix for hc.comb")
     _launch(hc, fn, scale, base, n_hc, n_mix, iters, hc_eps, rms_eps, out.x, out.post, out.comb, norm_w,
-            out.x_norm, scratch, stream, mma, out.mix, out.x_q8_0, out.x_q8_K)
+            out.x_norm, scratch, stream, mma, out.mix, out.x_q8_0, out.x_q8_K, n_ss)
     return out
 
 
@@ -613,36 +672,50 @@ def _post_one(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out, i):
     hb = t * n_hc * n_embd
     for h in range(n_hc):
         acc += float64(comb[cb + h * n_hc + j]) * float64(hc[hb + h * n_embd + d])
-    out[i] = float32(acc)                        # new_j, rounded once
+    v = float32(acc)
+    out[i] = v                                   # new_j, rounded once
+    return v
 
 
 @cuda.jit
-def _post_kernel(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out):
+def _post_kernel(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out, has_ss, part_ss):
+    """Block b forms outputs ``b * POST_BLOCK_VALUES ...`` (consecutive), and with ``has_ss`` their float64 sum
+    of squares into ``part_ss[b]``: the next ``hc.pre``'s partials, a token being whole blocks."""
     wait_prior_grid()
-    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
-    if i >= n_tok * n_hc * n_embd:
-        return
-    _post_one(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out, i)
-    if POST_ITEMS > 1:  # the simulator's further outputs (a constant-false branch on the GPU)
-        for rep in range(1, POST_ITEMS):
-            k = i + rep * cuda.gridDim.x * cuda.blockDim.x
-            if k < n_tok * n_hc * n_embd:
-                _post_one(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out, k)
+    tid = cuda.threadIdx.x
+    n = n_tok * n_hc * n_embd
+    ss = _D0
+    for rep in range(POST_ITEMS):   # one item a thread on the GPU
+        i = (cuda.blockIdx.x * POST_ITEMS + rep) * POST_THREADS + tid
+        if i < n:
+            v = float64(_post_one(y, y2, has_y2, hc, post, comb, n_tok, n_hc, n_embd, out, i))
+            ss += v * v
+    if has_ss:      # uniform branch: a launch argument
+        red = cuda.shared.array(POST_WARPS, float64)
+        tot = _block_total(ss, red, POST_WARPS)
+        if tid == 0:
+            part_ss[cuda.blockIdx.x] = tot
 
 
 @implementation("hc.post", "elementwise", layout="f32")
 def hc_post(y: Any, hc: Any, post: Any, comb: Any, *, out: Any, n_hc: int, y2: Any | None = None,
-            stream: Any = 0) -> Any:
+            ss_out: Any | None = None, stream: Any = 0) -> Any:
     """Steps 14/19: y (T, n_embd), streams hc (T, n_hc, n_embd) -> new streams (T, n_hc, n_embd).
 
     ``y2`` given: the sublayer output is ``float32(y + y2)`` (step 19's routed + shared sum, formed here
-    instead of in a launch of its own)."""
+    instead of in a launch of its own).  ``ss_out`` given (an ``HcScratch.part_ss``): each token's float64 sum
+    of squares of the new streams in ``post_ss_parts(n_hc * n_embd)`` parts, for the next ``hc.pre``'s
+    ``n_ss`` (no launch of its own sums them)."""
     n_tok = post.size // n_hc
     n_embd = y.size // n_tok
     n = n_tok * n_hc * n_embd
-    L.launch(_post_kernel, L.cdiv(n, POST_THREADS * POST_ITEMS), POST_THREADS, stream,
-        L.flat(y), L.flat(y if y2 is None else y2), int(y2 is not None), L.flat(hc), L.flat(post), L.flat(comb),
-        n_tok, n_hc, n_embd, L.flat(out))
+    if ss_out is not None and (not post_ss_parts(n_hc * n_embd) or ss_out.size < n // POST_BLOCK_VALUES):
+        raise ValueError(f"hc.post: sums of squares need whole blocks of {POST_BLOCK_VALUES} values a token "
+                         f"(n_hc * n_embd = {n_hc * n_embd}) and room for them in ss_out")
+    L.launch(_post_kernel, L.cdiv(n, POST_BLOCK_VALUES), POST_THREADS, stream,
+             L.flat(y), L.flat(y if y2 is None else y2), int(y2 is not None), L.flat(hc), L.flat(post), L.flat(comb),
+             n_tok, n_hc, n_embd, L.flat(out), int(ss_out is not None),
+             L.placeholder(np.float64) if ss_out is None else ss_out)
     return out
 
 
@@ -754,7 +827,8 @@ OPS = [
            "(hc f32 (T, n_hc, n_embd), fn f16 (n_mix, hc_dim), scale f32 (3,), base f32 (n_mix,), "
            "norm_w f32 (n_embd,) | None, *, out: HcPreOut (x, post, comb | None, x_norm | None, mix | None, "
            "x_q8_0: Q8_0 of x_norm | None, x_q8_K: Q8_K of x_norm | None), "
-           "n_hc, iters, hc_eps, rms_eps, scratch=None, stream)",
+           "n_hc, iters, hc_eps, rms_eps, scratch=None, mma=None, n_ss=0: partial sums of squares the scratch "
+           "holds (hc.post's ss_out), stream)",
            "ops.rms_norm + DenseMatrix.matmul + ops.hc_split_sinkhorn + ops.hc_weighted_sum + ops.rms_norm",
            1e-5, _case_pre),
     OpSpec("hc.head", "output HC collapse: rms, F16 matvec to n_hc weights, sigmoid, weighted sum",
@@ -768,6 +842,7 @@ OPS = [
            "ops.hc_split_sinkhorn (.comb)", 1e-5, _case_comb),
     OpSpec("hc.post", "HC post: new[j] = y*post[j] + sum_i comb[i, j] hc[i]",
            "(y f32 (T, n_embd), hc f32 (T, n_hc, n_embd), post f32 (T, n_hc), comb f32 (T, n_hc, n_hc), *, "
-           "out f32 (T, n_hc, n_embd), n_hc, y2=None (T, n_embd): y + y2, stream)",
+           "out f32 (T, n_hc, n_embd), n_hc, y2=None (T, n_embd): y + y2, ss_out=None: the next hc.pre's partial "
+           "sums of squares, stream)",
            "ops.hc_post", 1e-6, _case_post),
 ]

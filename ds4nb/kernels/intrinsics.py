@@ -4,7 +4,8 @@ On a real GPU, ``dp4a`` and ``byte_perm`` are the one-instruction ``__dp4a``
 and ``prmt.b32`` wrappers of the tiny CUDA C++ file ``intrinsics.cu``
 (declared with ``cuda.declare_device`` and linked by LTO, so they inline); the
 MMAs (int8 and float64), whose results are several values, are numba
-intrinsics emitting one inline-asm ``mma.sync`` each.  Warp
+intrinsics emitting one inline-asm ``mma.sync`` each; ``load_f32x4`` /
+``store_f32x4`` move four float32 values as one 16-byte access.  Warp
 shuffles are numba's ``shfl_xor_sync`` and the integer reinterpretations are
 plain truncating casts.
 
@@ -242,6 +243,14 @@ def _sim_rint(x):
     return np.float32(np.rint(np.float32(x)))
 
 
+def _sim_load_f32x4(a, i):
+    return a[i], a[i + 1], a[i + 2], a[i + 3]
+
+
+def _sim_store_f32x4(a, i, v0, v1, v2, v3):
+    a[i], a[i + 1], a[i + 2], a[i + 3] = v0, v1, v2, v3
+
+
 def _sim_half_bits(u):
     return np.float64(np.array(int(u) & 0xFFFF, np.uint16).view(np.float16))
 
@@ -330,6 +339,8 @@ if SIMULATOR:
     rint = _sim_rint
     dot8 = _sim_dot8
     half_bits = _sim_half_bits
+    load_f32x4 = _sim_load_f32x4
+    store_f32x4 = _sim_store_f32x4
 
     def warp_sum(v, width):
         """Sum of ``v`` over aligned groups of ``width`` lanes (a power of two <= 32); every lane gets it."""
@@ -391,6 +402,46 @@ else:
         def codegen(context, builder, signature, args):
             h = builder.bitcast(builder.trunc(args[0], ir.IntType(16)), ir.HalfType())
             return builder.fpext(h, ir.DoubleType())
+
+        return sig, codegen
+
+    def _f32x4_pointer(context, builder, aryty, ary, i):
+        """``&a[i]`` of a float32 array as a pointer to 4 floats (16-byte aligned: the caller's promise)."""
+        data = context.make_array(aryty)(context, builder, ary).data
+        ptr = builder.gep(data, [context.cast(builder, i[1], i[0], types.intp)])
+        return builder.bitcast(ptr, ir.VectorType(ir.FloatType(), 4).as_pointer())
+
+    @intrinsic
+    def load_f32x4(typingctx, a, i):
+        """``(a[i], a[i + 1], a[i + 2], a[i + 3])`` of a float32 array in one 16-byte load: ``&a[i]`` must be
+        16-byte aligned (launchers check the array and keep ``i % 4 == 0``)."""
+        if not (isinstance(a, types.Array) and a.dtype == types.float32 and isinstance(i, types.Integer)):
+            return None
+        sig = types.UniTuple(types.float32, 4)(a, i)
+
+        def codegen(context, builder, signature, args):
+            vec = builder.load(_f32x4_pointer(context, builder, signature.args[0], args[0],
+                                              (signature.args[1], args[1])), align=16)
+            return context.make_tuple(builder, signature.return_type,
+                                      [builder.extract_element(vec, ir.IntType(32)(k)) for k in range(4)])
+
+        return sig, codegen
+
+    @intrinsic
+    def store_f32x4(typingctx, a, i, v0, v1, v2, v3):
+        """``a[i:i + 4] = v0, v1, v2, v3`` (float32) in one 16-byte store, ``&a[i]`` 16-byte aligned."""
+        if not (isinstance(a, types.Array) and a.dtype == types.float32 and isinstance(i, types.Integer)):
+            return None
+        sig = types.void(a, i, v0, v1, v2, v3)
+
+        def codegen(context, builder, signature, args):
+            vec = ir.Constant(ir.VectorType(ir.FloatType(), 4), None)
+            for k in range(4):
+                v = context.cast(builder, args[2 + k], signature.args[2 + k], types.float32)
+                vec = builder.insert_element(vec, v, ir.IntType(32)(k))
+            builder.store(vec, _f32x4_pointer(context, builder, signature.args[0], args[0],
+                                              (signature.args[1], args[1])), align=16)
+            return context.get_dummy_value()
 
         return sig, codegen
 
@@ -559,9 +610,11 @@ __all__ = [
     "half_bits",
     "hi_i32",
     "jit_kernel",
+    "load_f32x4",
     "rint",
     "shfl_idx",
     "shfl_xor",
+    "store_f32x4",
     "warp_max",
     "warp_sum",
     "warp_sum_pairwise",
