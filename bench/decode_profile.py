@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         size = sum(t.nbytes for t in engine_tensors(model))
         gb = float(args.placement.rstrip("G"))
-        options = PlacementOptions("partial", gpu_budget=GpuBudget.parse(str(int(size * gb * 2**30 / FULL_FLASH_BYTES))))
+        budget = GpuBudget.parse(str(int(size * gb * 2**30 / FULL_FLASH_BYTES)))
+        options = PlacementOptions("partial", gpu_budget=budget)
     eng = CudaEngine(model, ctx=args.prompt + 64, placement=options)
     rng = np.random.default_rng(0)
     first = int(np.argmax(eng.prefill(list(rng.integers(0, model.config.n_vocab, args.prompt)))))

@@ -19,11 +19,12 @@ sublayer's Sinkhorn (``hc.comb``), with the compressors (projections and
 pooling) beside the query path, or with the shared expert beside the router
 and the routed experts, joined where their outputs are read (the ``SIDE``
 lane); the window row's store beside the query's norm and projection (the
-``KV`` lane); and the copies of the hash layers' host-mapped experts, ``tid2eid[token]``, from the
-step's start until their layer (the ``PREFETCH`` lane).  Kernels that follow
-a kernel on their stream launch early (``Recorder(early=True)``).  A sampling
-decode step ends by leaving the sampled id where the next step reads its
-token (``feed_token``: chained decoding).
+``KV`` lane); and the copies of the hash layers' host-mapped experts,
+``tid2eid[token]``, from the step's start until their layer (the
+``PREFETCH`` lane).  Kernels that follow a kernel on their stream launch
+early (``Recorder(early=True)``).  A sampling decode step ends by leaving the
+sampled id where the next step reads its token (``feed_token``: chained
+decoding).
 """
 
 from __future__ import annotations
@@ -500,8 +501,8 @@ class _Builder:
         x = MatIn(pre.x_norm, T, e, pre.x_q8_0)                                   # step 5
         qr, qr_norm, q, kv = s.qr[:T * rank], s.qr_norm[:T * rank], s.q[:T * qd], s.kv[:T * hd]
         self.q8_pair(lw.attn_q_a, lw.attn_kv, x, qr, kv)                           # step 6 (same activation)
-        with self.concurrent(L.KV):                                               # beside steps 5.3-7:
-            k.family("attention")
+        with self.concurrent(L.KV):                                               # beside the query's
+            k.family("attention")                                                 # norm, projection, RoPE
             ls = self.sc.states[il]
             k.kv_store(kv, self.w(lw.attn_kv_a_norm), out=ls.raw, rope=self.ropes[il], eps=cfg.rms_eps,
                        steps=self.sc.inputs.steps)                                # step 8: the window row

@@ -34,8 +34,8 @@ streams ``hc (T, n_hc, n_embd)`` into a sublayer input in three launches:
    the quantization; x's values move 16 bytes a thread (``load_f32x4`` /
    ``store_f32x4``: with scalar accesses each warp instruction would touch
    eight cache lines), and the mix partials sit (token, value, split), so the
-   lanes adding a value's partials read consecutive addresses.  ``mix = float32(sum of the partials)``,
-   then the split (``pre``, ``post``: a thread each) and the Sinkhorn
+   lanes adding a value's partials read consecutive addresses.
+   ``mix = float32(sum of the partials)``, then the split (``pre``, ``post``: a thread each) and the Sinkhorn
    normalisation in float64 with the oracle's operations (divisions, not
    reciprocals; products not contracted into FMAs; every row and column sum
    added in index order): on the GPU the ``n_hc^2`` entries sit in the first
