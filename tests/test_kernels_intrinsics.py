@@ -137,6 +137,22 @@ def test_reinterpret_and_rint(kernel_rng: np.random.Generator) -> None:
 
 
 @cuda.jit
+def _f32x4_kernel(src, off, dst):
+    """Thread i moves values 4i .. 4i + 3 of ``src[off:]`` to ``dst`` in reverse order, 16 bytes at a time."""
+    i = cuda.threadIdx.x
+    v0, v1, v2, v3 = K.load_f32x4(src, off + 4 * i)
+    K.store_f32x4(dst, 4 * i, v3, v2, v1, v0)
+
+
+def test_f32x4_loads_and_stores(kernel_rng: np.random.Generator) -> None:
+    """One 16-byte load and store a thread, at an aligned offset into the array: the four values, in order."""
+    x = kernel_rng.standard_normal(4 * 64 + 8).astype(np.float32)
+    out = cuda.to_device(np.full(4 * 64, np.nan, np.float32))
+    _f32x4_kernel[1, 64](cuda.to_device(x), 8, out)
+    np.testing.assert_array_equal(out.copy_to_host(), x[8:].reshape(64, 4)[:, ::-1].reshape(-1))
+
+
+@cuda.jit
 def _mma_f64_kernel(a, b, c, d):
     """Two warps, each D = A B + C on its own 8x4, 4x8 and 8x8 matrices (the MMA's fragment layout)."""
     tid = cuda.threadIdx.x
