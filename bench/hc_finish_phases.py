@@ -68,7 +68,7 @@ def main() -> int:
     from numba import types as nt
     from numba.core.extending import intrinsic
 
-    from ds4nb.engine.graph import _core_device, capture
+    from ds4nb.engine.graph import _core_device, capture, replay_us
     from ds4nb.kernels import _launch as L
     from ds4nb.kernels import hc as H
     from ds4nb.kernels.activation import alloc_q8_0, alloc_q8_K
@@ -128,17 +128,7 @@ def main() -> int:
         items = [dataclasses.replace(x, early=x.early and i > 0) for i, x in enumerate(items)]
         g = capture(items)
         g.upload(core)
-        g.launch(core)
-        times = []
-        for _ in range(5):
-            a, b = cuda.event(), cuda.event()
-            a.record(stream)
-            for _ in range(10):
-                g.launch(core)
-            b.record(stream)
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1000 / 10 / 20)
-        return float(np.median(times))
+        return float(np.median([replay_us(g, core, stream, 10) for _ in range(5)])) / 20
 
     print("\n| graph of 20 hc.pre | us per hc.pre |\n|---|---:|")
     for name, q8, keep in (("ss, mix, finish (x_norm's Q8_0 and Q8_K)", True, lambda n: True),
