@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ds4nb.plugins import get_registry  # noqa: E402
 from ds4nb.kernels import argmax as argmax_mod  # noqa: E402
 from ds4nb.kernels import moe, q8_0  # noqa: E402
+from ds4nb.kernels import router as router_mod  # noqa: E402
 from ds4nb.kernels.activation import alloc_q8_0, alloc_q8_K, q8_0_to_device, q8_K_to_device  # noqa: E402
 from ds4nb.kernels.intrinsics import SIMULATOR  # noqa: E402
 from ds4nb.quants import random_blocks  # noqa: E402
@@ -285,8 +286,9 @@ def mapped_copy(w: PackedWeight) -> PackedWeight:
 
 
 def moe_cases(rng, qtype, kind: str, e: int, n: int, k: int, n_used: int, lprs, stream, replicas=(None,),
-              min_blocks=(0,), mapped: bool = False):
-    """Routed-expert kernel cases; ``mapped``: every expert in host-mapped memory, read over the bus."""
+              min_blocks=(None,), mapped: bool = False):
+    """Routed-expert kernel cases; ``mapped``: every expert in host-mapped memory, read over the bus;
+    ``min_blocks``: launch bounds (0: none, None: the launcher's default)."""
     q = qtype.name.lower()
     n_sets = max(2, e // n_used)
 
@@ -314,19 +316,21 @@ def moe_cases(rng, qtype, kind: str, e: int, n: int, k: int, n_used: int, lprs, 
         if kind == "gate_up":
             def launch(i, lpr=lpr, rep=rep, mb=mb):
                 moe._moe_gate_up(qtype, w1, w2, ids[i], weights, xs[i], 10.0, out=outs[i], stream=stream, lpr=lpr,
-                                 replicas=rep, min_blocks=mb)
+                                 replicas=rep, min_blocks=mb or 0)
         elif kind == "down_sum":
-            def launch(i, lpr=lpr, rep=rep):
-                moe._moe_down_sum(qtype, w1, ids[i], xs[i], out=outs[i], stream=stream, lpr=lpr, replicas=rep)
+            def launch(i, lpr=lpr, rep=rep, mb=mb):
+                moe._moe_down_sum(qtype, w1, ids[i], xs[i], out=outs[i], stream=stream, lpr=lpr, replicas=rep,
+                                  min_blocks=moe.DOWN_MIN_BLOCKS if mb is None else mb)
         else:
             def launch(i, lpr=lpr, rep=rep):
                 moe._moe_matvec(qtype, w1, ids[i], xs[i], out=outs[i], stream=stream, lpr=lpr, replicas=rep)
-        default = lpr == moe.default_lanes_per_row(kind, k // 256) and mb == 0 and (
+        default = lpr == moe.default_lanes_per_row(k // 256) and (mb is None or (kind == "gate_up" and mb == 0)) and (
             rep is None or qtype != Q.IQ2_XXS or rep == moe.IQ2_REPLICAS[kind])
-        variant = (f"lpr{lpr}" + (f" R{rep}" if rep is not None else "") + (f" lb{mb}" if mb else "")
+        variant = (f"lpr{lpr}" + (f" R{rep}" if rep is not None else "") + (f" lb{mb}" if mb is not None else "")
                    + (" (default)" if default else "") + (f" {HOST_MAPPED}" if mapped else ""))
         cases.append((op, impl.name, variant, f"{n_used}/{e} x {n}x{k}", wbytes, moved, launch, n_sets,
-                      moe._kernel(kind, qtype, lpr, k // 256, rep, mb)))
+                      moe._kernel(kind, qtype, lpr, k // 256, rep, *(
+                          (moe.DOWN_MIN_BLOCKS if mb is None else mb, 32 * n_used) if kind == "down_sum" else (mb or 0,)))))
     return cases
 
 
@@ -383,9 +387,10 @@ def small_cases(rng, stream, tiny: bool):
 def decode_cases(rng, stream, tiny: bool):
     """The decode step's latency-bound model kernels at DS4 flash shapes (tiny: small ones): the F16 matvecs
     (compressor kv + gate pair, router), decode attention over a CSA layer's 640 rows (window 128 + 512
-    compressed, all visible or the indexer's selection), ``hc.pre`` (with its 20 Sinkhorn rounds, and with 1
-    to show what they cost, and without them: the mix for ``hc.comb``), ``hc.comb`` and ``hc.post``.  Public
-    launchers only."""
+    compressed, all visible or the indexer's selection) and over the 172 rows of a bench/placement.py step
+    (row splits forced or not), ``hc.pre`` (with its 20 Sinkhorn rounds, and with 1 to show what they cost,
+    and without them: the mix for ``hc.comb``), ``hc.comb``, ``hc.post`` and the router's top-6 of 256.
+    Public launchers only."""
     from ds4nb.kernels import attention as attn_mod
     from ds4nb.kernels import hc as hc_mod
     from ds4nb.kernels.step import group_offset, records
@@ -437,6 +442,19 @@ def decode_cases(rng, stream, tiny: bool):
 
             label = name + "".join(f" {k} {v}" for k, v in geom.items() if k != "mma")
             cases.append((impl.op, impl.name, label, f"1x{n_head}x{head_dim}", 0, moved, launch, 1, None))
+    # a decode step of the 20-layer bench (bench/placement.py: ~176 positions): window 128 + 44 compressed rows
+    n_comp = 44
+    steps = cuda.to_device(records(4 * n_comp - 1, 1, n_swa, [(4, n_comp)], ring=n_swa), stream=stream)
+    raw = cuda.to_device(rng.standard_normal((n_swa, head_dim)).astype(np.float16), stream=stream)
+    comp = cuda.to_device(rng.standard_normal((n_comp, head_dim)).astype(np.float16), stream=stream)
+    for geom in ({}, {"splits": 2}, {"splits": 4}, {"splits": 6}):
+        def launch(i, steps=steps, raw=raw, comp=comp, q=q, sinks=sinks, out=out, scratch=scratch, geom=geom):
+            mma(q, raw, comp, sinks, None, out=out, steps=steps, grp=grp, max_rows=n_swa + n_comp, scratch=scratch,
+                stream=stream, mma=True, **geom)
+
+        label = f"{n_swa + n_comp} rows visible" + "".join(f" {k} {v}" for k, v in geom.items())
+        cases.append((mma.op, mma.name, label, f"1x{n_head}x{head_dim}", 0,
+                      (n_swa + n_comp) * head_dim * 2 + 2 * n_head * head_dim * 4, launch, 1, None))
     n_hc = 4
     hc = cuda.to_device(rng.standard_normal((1, n_hc, d)).astype(np.float32), stream=stream)
     fn = cuda.to_device((rng.standard_normal((24, n_hc * d)) / 128).astype(np.float16), stream=stream)
@@ -469,6 +487,13 @@ def decode_cases(rng, stream, tiny: bool):
     new = cuda.device_array(n_hc * d, np.float32, stream=stream)
     cases.append((post.op, post.name, "", f"1x{n_hc}x{d}", 0, 2 * n_hc * d * 4 + d * 4,
                   lambda i: post(y, hc, pw, comb, out=new, n_hc=n_hc, stream=stream), 1, None))
+    route = reg.get("router.select", "block_topk")
+    n_expert = 16 if tiny else 256
+    rlogits = cuda.to_device(rng.standard_normal((1, n_expert)).astype(np.float32), stream=stream)
+    rbias = cuda.to_device((0.1 * rng.standard_normal(n_expert)).astype(np.float32), stream=stream)
+    rout = router_mod.alloc_route(1, 6, stream)
+    cases.append((route.op, route.name, "6 selected", f"1x{n_expert}", 0, n_expert * 8,
+                  lambda i: route(rlogits, rbias, out=rout, k=6, scale=2.5, stream=stream), 1, None))
     return cases
 
 
@@ -502,20 +527,21 @@ def build_cases(rng, stream, tiny: bool, only: list[str]):
         cases += moe_cases(rng, Q.IQ2_XXS, "gate_up", 48, 2048, 4096, 6, (16, 8), stream, replicas=(1,),
                            min_blocks=(0, 4))
         cases += moe_cases(rng, Q.IQ2_XXS, "matvec", 48, 2048, 4096, 6, (16,), stream, replicas=(1,))
-        cases += moe_cases(rng, Q.IQ2_XXS, "down_sum", 48, 4096, 2048, 6, (4,), stream, replicas=(1,))
+        cases += moe_cases(rng, Q.IQ2_XXS, "down_sum", 48, 4096, 2048, 6, (8, 4), stream, replicas=(1,),
+                           min_blocks=(None, 0))
     if want("q2_k"):
-        cases += moe_cases(rng, Q.Q2_K, "down_sum", 48, 4096, 2048, 6, (4, 8), stream)
+        cases += moe_cases(rng, Q.Q2_K, "down_sum", 48, 4096, 2048, 6, (8, 4), stream, min_blocks=(None, 0, 3))
         cases += moe_cases(rng, Q.Q2_K, "matvec", 48, 4096, 2048, 6, (4,), stream)
     if want("q4_k"):
         cases += moe_cases(rng, Q.Q4_K, "gate_up", 24, 2048, 4096, 6, (16,), stream)
-        cases += moe_cases(rng, Q.Q4_K, "down_sum", 24, 4096, 2048, 6, (4,), stream)
+        cases += moe_cases(rng, Q.Q4_K, "down_sum", 24, 4096, 2048, 6, (8, 4), stream, min_blocks=(None, 0))
     if want("small"):
         cases += small_cases(rng, stream, tiny)
     if want("decode"):
         cases += decode_cases(rng, stream, tiny)
     if want("host"):        # the experts a partial / direct placement leaves in host memory
         cases += moe_cases(rng, Q.IQ2_XXS, "gate_up", 48, 2048, 4096, 6, (16,), stream, replicas=(1,), mapped=True)
-        cases += moe_cases(rng, Q.Q2_K, "down_sum", 48, 4096, 2048, 6, (4,), stream, mapped=True)
+        cases += moe_cases(rng, Q.Q2_K, "down_sum", 48, 4096, 2048, 6, (8,), stream, mapped=True)
         cases += moe_cases(rng, Q.Q2_K, "matvec", 48, 4096, 2048, 6, (4,), stream, mapped=True)
         cases += stage_cases(rng, Q.IQ2_XXS, 48, 2048, 4096, 6, stream)
         cases += stage_cases(rng, Q.Q2_K, 48, 4096, 2048, 6, stream)

@@ -117,7 +117,7 @@ def main() -> None:
     kernels = [(Q.IQ2_XXS, "gate_up", d // 256, kw) for kw in GATE_UP_TILES]
     kernels += [(Q.Q2_K, "matvec", f // 256, kw) for kw in DOWN_TILES]
     for qtype, kind, nb, kw in kernels:
-        kern = T._make_tiles(qtype, kind, M.default_lanes_per_row(kind, nb), nb, True, kw["min_blocks"],
+        kern = T._make_tiles(qtype, kind, M.default_lanes_per_row(nb), nb, True, kw["min_blocks"],
                              kw.get("iq2_signs", "table"))
         res = resources(kern, {k: k for k in ("IMMA", "LDS", "POPC", "LDL", "STL")})
         print(f"tiles {qtype.name} {kind} {_tag(kw)}: " + ", ".join(f"{k} {v}" for k, v in res.items()))

@@ -195,6 +195,35 @@ def test_hc_pre_quantizes_x_norm_for_the_sublayer(kernel_rng):
                  out=out._replace(x_norm=None), n_hc=n_hc, iters=20, hc_eps=1e-6, rms_eps=1e-6)
 
 
+@pytest.mark.parametrize("rows, n, weighted", [(3, 96, True), (2, 2080, False)])
+def test_rms_writes_the_q8_0_blocks_of_its_output(rows, n, weighted, kernel_rng):
+    """norm.rms with a Q8_0 output (the next Q8_0 matvec's activation, one launch less): the same float32 row as
+    without it, the oracle's, and the numpy quantizer's blocks of it (an all-zero block included; 2080 values:
+    a second round of 8-value lanes on the GPU)."""
+    from ds4nb.kernels import norm as N
+    from ds4nb.kernels.activation import alloc_q8_0
+    from ds4nb.quants import quantize_q8_0
+    from ds4nb.quants.repack import pack_q8_0_activation
+
+    x = (kernel_rng.standard_normal((rows, n)) * kernel_rng.uniform(0.01, 30, (rows, 1))).astype(np.float32)
+    x[-1, 32:64] = 0
+    w = kernel_rng.uniform(0.5, 1.5, n).astype(np.float32) if weighted else None
+    w_dev = None if w is None else cuda.to_device(w)
+    plain = poisoned(rows * n)
+    N.rms_norm(cuda.to_device(x), w_dev, 1e-6, out=plain)
+    out, q8 = poisoned(rows * n), alloc_q8_0(rows, n)
+    for a in q8:
+        a.copy_to_device(np.full(a.size, 0x55, a.dtype))
+    N.rms_norm(cuda.to_device(x), w_dev, 1e-6, out=out, q8_0=q8)
+    got = out.copy_to_host().reshape(rows, n)
+    assert np.array_equal(got, plain.copy_to_host().reshape(rows, n))
+    assert rel_error(got, ops.rms_norm(x, w, 1e-6)) <= 1e-6
+    for a, want in zip(q8, pack_q8_0_activation(*quantize_q8_0(got)), strict=True):
+        assert np.array_equal(a.copy_to_host(), want.reshape(-1))
+    with pytest.raises(ValueError, match="whole 32-value blocks"):
+        N.rms_norm(cuda.to_device(x[:, :n - 8].copy()), None, 1e-6, out=out, q8_0=q8)
+
+
 def test_hc_pre_unaligned_views(kernel_rng):
     """Streams and outputs at an offset of one float (not 16-byte aligned: the finish's scalar loads and stores
     instead of its 16-byte ones) give the aligned arrays' values bit for bit."""
@@ -335,6 +364,32 @@ def test_attention_decode_variants(kernel_rng, case):
         assert np.array_equal(got, np.zeros_like(got))
     else:
         check_bits(got, ref, "attn.decode", case)
+
+
+def test_attention_decode_writes_the_q8_0_blocks_of_its_heads(kernel_rng):
+    """attn.decode with a Q8_0 output (the grouped output projection's activation, rows of a group's heads):
+    the same heads as without it, and the numpy quantizer's blocks of them."""
+    from ds4nb.kernels.activation import alloc_q8_0
+    from ds4nb.quants import quantize_q8_0
+    from ds4nb.quants.repack import pack_q8_0_activation
+
+    q, raw, comp, sinks = _attn_inputs(kernel_rng, n_raw=8, n_comp=12)
+    rec = cuda.to_device(one_record(0, n_raw=8, visible=12, select=0))
+    args = (cuda.to_device(q), cuda.to_device(raw), cuda.to_device(comp), cuda.to_device(sinks), None)
+    kw = dict(steps=rec, grp=group_offset(1), max_rows=20, chunk=4, splits=3)
+    plain = poisoned(q.size)
+    A.attention_decode(*args, out=plain, **kw)
+    n_row = 2 * q.shape[1]                            # a group = two heads: rows of 128 values
+    out, q8 = poisoned(q.size), alloc_q8_0(q.size // n_row, n_row)
+    for a in q8:
+        a.copy_to_device(np.full(a.size, 0x55, a.dtype))
+    A.attention_decode(*args, out=out, q8_0=q8, q8_0_row=n_row, **kw)
+    got = out.copy_to_host()
+    assert np.array_equal(got, plain.copy_to_host())
+    for a, want in zip(q8, pack_q8_0_activation(*quantize_q8_0(got.reshape(-1, n_row))), strict=True):
+        assert np.array_equal(a.copy_to_host(), want.reshape(-1))
+    with pytest.raises(ValueError, match="whole 32-value blocks"):
+        A.attention_decode(*args, out=out, q8_0=q8, q8_0_row=48, **kw)
 
 
 def test_kv_store_ring_row_f16_cache(kernel_rng):

@@ -478,8 +478,8 @@ class _Builder:
         last = hc[(T - 1) * nhc * e:T * nhc * e]
         k.hc_head(last, self.w(w.output_hc_fn), self.w(w.output_hc_scale), self.w(w.output_hc_base), out=s.x_out,
                   n_hc=nhc, hc_eps=cfg.hc_eps, rms_eps=cfg.rms_eps, scratch=s.head_scratch)
-        k.rms(s.x_out.reshape(1, e), self.w(w.output_norm), cfg.rms_eps, out=s.x_out)
-        k.q8_matvec(self.w(w.output), self.quant_q8_0(s.x_out, 1, e), out=s.logits)   # one token: warp8
+        x_out = self.rms_q8_0(s.x_out, self.w(w.output_norm), 1, e, out=s.x_out)
+        k.q8_matvec(self.w(w.output), x_out.q8, out=s.logits)                         # one token: warp8
         if sample:
             k.family("sample")
             k.sample(s.logits, out=s.sampled, sp=self.sc.inputs.sp, scratch=s.sample_scratch)
@@ -493,10 +493,12 @@ class _Builder:
         k.family("hc")
         pre = self.hc_pre(hc, lw.hc_attn_fn, lw.hc_attn_scale, lw.hc_attn_base, lw.attn_norm,    # steps 2-4
                           q8_0=True, after_post=il > 0)
-        with self.concurrent():                                                   # beside steps 5-8:
+        with self.concurrent(L.COMB):                                             # beside steps 5-13:
             self.hc_comb(pre, lw.hc_attn_scale, lw.hc_attn_base)                  # step 3's Sinkhorn
-            self.compressors_project(il, lw, pre.x_norm)                          # step 9a
-            self.compress(il, lw)                                                 # steps 9b-d
+        with self.concurrent():                                                   # beside steps 5-8:
+            self.compressor(il, lw, pre.x_norm, indexer=False)                    # step 9 (attention rows)
+        with self.concurrent(L.INDEX):
+            self.compressor(il, lw, pre.x_norm, indexer=True)                     # step 9 (the indexer's)
         k.family("attn_proj")
         x = MatIn(pre.x_norm, T, e, pre.x_q8_0)                                   # step 5
         qr, qr_norm, q, kv = s.qr[:T * rank], s.qr_norm[:T * rank], s.q[:T * qd], s.kv[:T * hd]
@@ -507,52 +509,48 @@ class _Builder:
             k.kv_store(kv, self.w(lw.attn_kv_a_norm), out=ls.raw, rope=self.ropes[il], eps=cfg.rms_eps,
                        steps=self.sc.inputs.steps)                                # step 8: the window row
         k.family("attn_proj")
-        k.rms(qr.reshape(T, rank), self.w(lw.attn_q_a_norm), cfg.rms_eps, out=qr_norm)
-        self.q8(lw.attn_q_b, MatIn(qr_norm, T, rank), q)
+        self.q8(lw.attn_q_b, self.rms_q8_0(qr, self.w(lw.attn_q_a_norm), T, rank, out=qr_norm), q)
         k.family("attention")
         k.q_norm_rope(q, out=q, n_head=cfg.n_head, head_dim=hd, eps=cfg.rms_eps, rope=self.ropes[il],
                       steps=self.sc.inputs.steps)                                 # steps 5.4, 7 (q)
         self.indexer_project(il, lw, pre.x_norm, qr_norm)
         heads = s.heads[:T * qd]
-        self.attend(il, lw, q, heads)                                             # steps 10-12
+        heads_q8 = _q8_0_rows(s.act, cfg.out_group_dim // 32, 0, cfg.n_out_group) if T == 1 else None
+        self.attend(il, lw, q, heads, heads_q8)                                   # steps 10-12
         k.family("attn_proj")
-        y = self.grouped_output(il, lw, heads)                                    # step 13
+        y = self.grouped_output(il, lw, heads, heads_q8)                          # step 13
         k.family("hc")
+        k.join(L.COMB)                                                            # comb
         self.hc_post(y, hc, pre, hc_out)                                          # step 14
 
-    def compressors_project(self, il: int, lw: LayerWeights, x_norm: Any) -> None:
-        """Step 9a for the step's tokens: the compressor projections (attention and, CSA, indexer)."""
-        if not self.cfg.compress_ratio(il):
-            return
-        k, s, T = self.k, self.s, self.T
-        k.family("compressor")
-        width = self.cfg.compressor_width(il)
-        k.comp_project(x_norm, self.w(lw.attn_compressor_kv), self.w(lw.attn_compressor_gate),
-                       out=CompressorProjection(s.comp_proj.kv[:T * width], s.comp_proj.score[:T * width]))
-        if self.cfg.layer_kind(il) == "csa":
-            iw = 2 * self.cfg.indexer_head_dim
-            k.comp_project(x_norm, self.w(lw.indexer_compressor_kv), self.w(lw.indexer_compressor_gate),
-                           out=CompressorProjection(s.index_proj.kv[:T * iw], s.index_proj.score[:T * iw]))
-
-    def compress(self, il: int, lw: LayerWeights) -> None:
-        """Steps 9b-d for the step's tokens: each compressor stores its projections and emits the rows the
-        step's windows close (one token, or every window a prefill step closes at once, leaving the state
-        token-by-token steps would)."""
+    def compressor(self, il: int, lw: LayerWeights, x_norm: Any, *, indexer: bool) -> None:
+        """Step 9 for the step's tokens, for the attention's compressor or (``indexer``, CSA layers) the
+        indexer's: its projections, then it stores them and emits the rows the step's windows close (one
+        token, or every window a prefill step closes at once, leaving the state token-by-token steps would)."""
         ratio = self.cfg.compress_ratio(il)
-        if not ratio:
+        csa = self.cfg.layer_kind(il) == "csa"
+        if not ratio or (indexer and not csa):
             return
         k, s, ls, T = self.k, self.s, self.sc.states[il], self.T
         k.family("compressor")
-        csa = self.cfg.layer_kind(il) == "csa"
+        if indexer:
+            proj, width, kv, gate = s.index_proj, 2 * self.cfg.indexer_head_dim, lw.indexer_compressor_kv, \
+                lw.indexer_compressor_gate
+        else:
+            proj, width, kv, gate = s.comp_proj, self.cfg.compressor_width(il), lw.attn_compressor_kv, \
+                lw.attn_compressor_gate
+        proj = CompressorProjection(proj.kv[:T * width], proj.score[:T * width])
+        k.comp_project(x_norm, self.w(kv), self.w(gate), out=proj)
         comp = k.comp_step if T == 1 else k.comp_chunk
         k_comp = dict(ratio=ratio, rope=self.ropes[il], eps=self.cfg.rms_eps, steps=self.sc.inputs.steps,
                       grp=self.sc.layout.field(il))
         arg = 0 if T == 1 else T
-        comp(s.comp_proj, arg, self.w(lw.attn_compressor_ape), self.w(lw.attn_compressor_norm), out=ls.comp,
-             state=ls.attn_compressor, overlap=csa, finish="fp8", **k_comp)
-        if csa:
-            comp(s.index_proj, arg, self.w(lw.indexer_compressor_ape), self.w(lw.indexer_compressor_norm),
+        if indexer:
+            comp(proj, arg, self.w(lw.indexer_compressor_ape), self.w(lw.indexer_compressor_norm),
                  out=ls.index_comp, state=ls.index_compressor, overlap=True, finish="qat", **k_comp)
+        else:
+            comp(proj, arg, self.w(lw.attn_compressor_ape), self.w(lw.attn_compressor_norm), out=ls.comp,
+                 state=ls.attn_compressor, overlap=csa, finish="fp8", **k_comp)
 
     def indexer_project(self, il: int, lw: LayerWeights, x_norm: Any, qr_norm: Any) -> None:
         """Step 10's projections for the step's tokens, skipped on the device while the indexer does not select.
@@ -571,15 +569,16 @@ class _Builder:
                        head_dim=cfg.indexer_head_dim, rope=self.ropes[il], steps=steps, gate_field=sel)
         k.f16_matvec(self.w(lw.indexer_proj), x_norm, out=s.iw[:T * cfg.n_indexer_head], gate=gate)
 
-    def attend(self, il: int, lw: LayerWeights, q: Any, out: Any) -> None:
+    def attend(self, il: int, lw: LayerWeights, q: Any, out: Any, out_q8: Q8_0Act | None = None) -> None:
         """Steps 10-12 for the step's tokens, once the window rows (step 8) and the compressed rows (step 9)
         are stored: the indexer and attention run once for all ``T`` queries, each reading only the rows its
         own step record counts: causal, as token-by-token steps would be (the ring has room for the window and
-        all ``T`` tokens' rows)."""
+        all ``T`` tokens' rows).  ``out_q8``: the heads' Q8_0 blocks too, by output group (one token)."""
         cfg, k, ls = self.cfg, self.k, self.sc.states[il]
         steps, grp = self.sc.inputs.steps, self.sc.layout.field(il)
         rope = self.ropes[il]
-        k.join()                                                                  # comb, compressors
+        k.join()                                                                  # the compressors
+        k.join(L.INDEX)
         k.join(L.KV)                                                              # the window row
         sel = None
         if self.indexer_selects(il):
@@ -587,7 +586,8 @@ class _Builder:
             sel = self.indexer_select(il, ls)
         k.family("attention")                                                     # steps 11-12
         k.attention(q, ls.raw, ls.comp, self.w(lw.attn_sinks), sel, out=out, steps=steps, grp=grp,
-                    max_rows=cfg.n_swa + self.max_visible(il), rope=rope, scratch=self.s.attn_scratch)
+                    max_rows=cfg.n_swa + self.max_visible(il), rope=rope, scratch=self.s.attn_scratch,
+                    q8_0=out_q8, q8_0_row=cfg.out_group_dim)
 
     def max_visible(self, il: int) -> int:
         """Most compressed rows one token of layer ``il`` attends to (the indexer's k caps CSA layers)."""
@@ -615,13 +615,14 @@ class _Builder:
         k.topk(scores, n_rows, top, out=sel, n_from=(steps, grp + ROWS), k_from=(steps, grp + SELECT), n_rows=T)
         return sel
 
-    def grouped_output(self, il: int, lw: LayerWeights, heads: Any) -> Any:
+    def grouped_output(self, il: int, lw: LayerWeights, heads: Any, heads_q8: Q8_0Act | None) -> Any:
+        """Step 13: the grouped low-rank output projection (one token: ``heads_q8``, the heads' Q8_0 by group)."""
         cfg, k, s, T = self.cfg, self.k, self.s, self.T
         G, gd, rank = cfg.n_out_group, cfg.out_group_dim, cfg.out_lora_rank
         low = s.low[:T * G * rank]
         out_a = self.w(lw.attn_output_a)
         if T == 1:
-            k.q8_grouped_matvec(out_a, self.quant_q8_0(heads, G, gd), out=low)   # group g is "row" g
+            k.q8_grouped_matvec(out_a, heads_q8, out=low)                         # group g is "row" g
         else:
             by_group = s.heads_g[:T * G * gd]
             k.swap01(heads, T, G, gd, out=by_group)                               # (T, G, gd) -> (G, T, gd)
@@ -645,8 +646,9 @@ class _Builder:
                           q8_0=True, q8_K=True, after_post=True)
         x_norm = pre.x_norm
         shared = s.shared[:T * e]
-        with self.concurrent():                                                   # beside steps 16-17:
+        with self.concurrent(L.COMB):                                             # beside steps 16-18:
             self.hc_comb(pre, lw.hc_ffn_scale, lw.hc_ffn_base)                    # step 15's Sinkhorn
+        with self.concurrent():                                                   # beside steps 16-17:
             k.family("shared_expert")                                             # step 18
             g, u = s.sh_gate[:T * ff], s.sh_up[:T * ff]
             self.q8_pair(lw.ffn_gate_shexp, lw.ffn_up_shexp, MatIn(x_norm, T, e, pre.x_q8_0), g, u)
@@ -668,7 +670,8 @@ class _Builder:
             k.count_experts(sel_flat, out=self.sc.expert_counts[il])
         k.family("routed_experts")                                                # step 17
         routed = self.routed_experts(il, lw, x_norm, sel_flat, route.weights.reshape(T * n_used), pre.x_q8_K)
-        k.join()                                                                  # comb, the shared expert
+        k.join()                                                                  # the shared expert
+        k.join(L.COMB)                                                            # comb
         k.family("hc")                                                            # step 19: routed + shared
         self.hc_post(routed, hc, pre, hc_out, y2=shared)
 
@@ -823,6 +826,13 @@ class _Builder:
         act = _q8_0_rows(self.s.act, n // 32, 0, rows)
         self.k.quant_q8_0(x[:rows * n].reshape(rows, n), out=act)
         return act
+
+    def rms_q8_0(self, x: Any, w: Any, rows: int, n: int, *, out: Any) -> MatIn:
+        """``out`` = RMSNorm(x) w, entering Q8_0 matmuls: the norm also writes its Q8_0 blocks (one launch), in
+        the scratch rows :meth:`quant_q8_0` uses."""
+        act = _q8_0_rows(self.s.act, n // 32, 0, rows)
+        self.k.rms(x[:rows * n].reshape(rows, n), w, self.cfg.rms_eps, out=out, q8_0=act)
+        return MatIn(out, rows, n, act)
 
     def q8(self, info: Any, x: MatIn, out: Any, *, rows: tuple[int, int] | None = None,
            x_rows: tuple[int, int] | None = None) -> Any:

@@ -178,9 +178,12 @@ class Join:
 
 
 #: the branches of a step: work beside a sublayer (``SIDE``), the attention window's row beside the query path
-#: (``KV``), host-memory expert copies ahead of their layers (``PREFETCH``)
+#: (``KV``), a sublayer's Sinkhorn (``COMB``, read only by its ``hc.post``), the indexer's compressor (``INDEX``,
+#: beside the attention's on ``SIDE``), host-memory expert copies ahead of their layers (``PREFETCH``)
 SIDE = "side"
 KV = "kv"
+COMB = "comb"
+INDEX = "index"
 PREFETCH = "prefetch"
 
 

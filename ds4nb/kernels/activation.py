@@ -143,16 +143,21 @@ def q8_0_lane(vals, o, amax, xq, xd, t, nb, b, j, valid):
 
 
 @device
-def _q8_0_block(x, k, nb, xq, xd, t, b, j):
-    """This lane's share of Q8_0 block ``b`` of row ``t``: word ``j`` (and, in the simulator, the other three)."""
-    valid = b < nb
-    base = t * k + b * QK8_0 + j * 8
+def q8_0_lane_from(x, base, valid, xq, xd, t, nb, b, j):
+    """This lane's share of Q8_0 block ``b`` of row ``t`` (word ``j`` and, in the simulator, the other three) from
+    ``x[base:base + Q8_0_LANE_VALS]``; as :func:`q8_0_lane`, every lane of the block calls."""
     vals = cuda.local.array(Q8_0_LANE_VALS, float32)
     amax = _load8(x, base, valid, vals, 0)
     if Q8_0_WORDS > 1:  # the simulator: the block's other words (a constant-false branch on the GPU)
         for w in range(1, Q8_0_WORDS):
             amax = max(amax, _load8(x, base + 8 * w, valid, vals, 8 * w))
     q8_0_lane(vals, 0, amax, xq, xd, t, nb, b, j, valid)
+
+
+@device
+def _q8_0_block(x, k, nb, xq, xd, t, b, j):
+    """This lane's share of Q8_0 block ``b`` of row ``t``: word ``j`` (and, in the simulator, the other three)."""
+    q8_0_lane_from(x, t * k + b * QK8_0 + j * 8, b < nb, xq, xd, t, nb, b, j)
 
 
 @cuda.jit

@@ -78,6 +78,7 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
+from ds4nb.kernels.activation import Q8_0_LANE_VALS, Q8_0Act, QK8_0, q8_0_lane_from
 from ds4nb.kernels.f16_matvec import block_sum, group_max, group_sum
 from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, rint, wait_prior_grid
 from ds4nb.kernels.parity import CONTRACT, Case
@@ -362,6 +363,7 @@ def visible_row(r, n_raw, first, ring, sel, use_sel, hd):
 ATTN_THREADS = 256
 SHARED_BYTES = 48 * 1024            # static shared memory of a block
 MAX_SPLITS = 32
+FIRST_SPLITS = 8    # splits whose partials a combine thread loads before their factors are known
 TARGET_BLOCKS = 160
 @L.kernel_factory
 def _partial_kernel(hpb: int, head_dim: int, ch: int, nt: int) -> Any:
@@ -490,7 +492,8 @@ def _combine_kernel(head_dim: int) -> Any:
     @device
     def split_factors(part_m, part_l, n_split, n_head, h, sink, fs):
         """``fs[s] = e^(m_s - M)`` with ``M = max(sink, m_s)``; returns ``den = e^(sink - M) + sum_s l_s fs[s]``
-        (added in split order).  GPU: warp 0 computes the factors, a lane per split; every thread calls."""
+        (added in split order).  GPU: warp 0 computes the factors, lane s loading split s's m and l together,
+        lane 0 adds; every thread calls."""
         tid = cuda.threadIdx.x
         den_s = cuda.shared.array(1, float64)
         if SIMULATOR:          # one thread a block (a constant-false branch on the GPU)
@@ -503,8 +506,12 @@ def _combine_kernel(head_dim: int) -> Any:
                 fs[s] = f
                 den += part_l[s * n_head + h] * f
             return den
+        ls = cuda.shared.array(MAX_SPLITS, float64)
         if tid < 32:
-            m = part_m[tid * n_head + h] if tid < n_split else _NEG_INF64
+            m = _NEG_INF64
+            if tid < n_split:
+                m = part_m[tid * n_head + h]
+                ls[tid] = part_l[tid * n_head + h]
             mx = max(group_max(m, 32), sink)
             if tid < n_split:
                 fs[tid] = float64(math.exp(m - mx))
@@ -512,21 +519,35 @@ def _combine_kernel(head_dim: int) -> Any:
             if tid == 0:
                 den = float64(math.exp(sink - mx))
                 for s in range(n_split):
-                    den += part_l[s * n_head + h] * fs[s]
+                    den += ls[s] * fs[s]
                 den_s[0] = den
         cuda.syncthreads()
         return den_s[0]
 
     @device
+    def load_first(part_acc, n_split, n_head, p, u, v):
+        """Pair ``p``'s values in the first ``FIRST_SPLITS`` splits, loaded before their factors are known."""
+        b = cuda.blockIdx.x * HD + 2 * p
+        step = n_head * HD
+        for s in range(FIRST_SPLITS):
+            if s < n_split:
+                u[s] = part_acc[b + s * step]
+                v[s] = part_acc[b + s * step + 1]
+
+    @device
     def combine_pair(part_acc, n_split, n_head, fs, den, out, do_rope, pos, n_rot, ts, fscale, ext, low, denom,
-                     msc, p):
+                     msc, p, u, v, ybuf):
         h = cuda.blockIdx.x
         a0 = _D0
         a1 = _D0
+        for s in range(FIRST_SPLITS):   # added in split order, as the splits past them
+            if s < n_split:
+                a0 += u[s] * fs[s]
+                a1 += v[s] * fs[s]
         b = h * HD + 2 * p
         step = n_head * HD
-        s = 0
-        while s + 4 <= n_split:         # four splits' loads in flight, added in split order
+        s = FIRST_SPLITS
+        while s + 4 <= n_split:         # four splits' loads in flight
             u0 = part_acc[b + s * step]
             v0 = part_acc[b + s * step + 1]
             u1 = part_acc[b + (s + 1) * step]
@@ -556,10 +577,27 @@ def _combine_kernel(head_dim: int) -> Any:
             y0, y1 = rope_rotate(y0, y1, c, s_, True)
         out[h * HD + 2 * p] = y0
         out[h * HD + 2 * p + 1] = y1
+        ybuf[2 * p] = y0
+        ybuf[2 * p + 1] = y1
+
+    @device
+    def head_q8_0(ybuf, t, n_head, xq, xd, q8_row):
+        """The head's outputs (``ybuf``) as Q8_0 blocks of rows of ``q8_row`` values (the flat (token, head, dim)
+        index split into rows), ``Q8_0_LANE_VALS`` consecutive values a thread.  Every thread of the block runs
+        every round: the 4 lanes of a block share its amax by shuffles."""
+        units = HD // Q8_0_LANE_VALS
+        i = cuda.threadIdx.x
+        while i - cuda.threadIdx.x < units:
+            f = (t * n_head + cuda.blockIdx.x) * HD + i * Q8_0_LANE_VALS
+            row = f // q8_row
+            c = f - row * q8_row
+            q8_0_lane_from(ybuf, i * Q8_0_LANE_VALS, i < units, xq, xd, row, q8_row // QK8_0, c // QK8_0,
+                           (c % QK8_0) // 8)
+            i += cuda.blockDim.x
 
     @cuda.jit
     def combine_kernel(part_m, part_l, part_acc, n_split, n_head, sinks, out, do_rope, steps, rec,
-                       n_rot, ts, fscale, ext, low, denom, msc):
+                       n_rot, ts, fscale, ext, low, denom, msc, xq, xd, q8_row):
         wait_prior_grid()
         t = cuda.blockIdx.y                 # the step's token t
         part_m = part_m[t * n_split * n_head:]
@@ -570,16 +608,25 @@ def _combine_kernel(head_dim: int) -> Any:
         h = cuda.blockIdx.x
         p = cuda.threadIdx.x
         fs = cuda.shared.array(MAX_SPLITS, float64)
+        ybuf = cuda.shared.array(HD, float32)
+        u = cuda.local.array(FIRST_SPLITS, float64)
+        v = cuda.local.array(FIRST_SPLITS, float64)
+        if 2 * p < HD:
+            load_first(part_acc, n_split, n_head, p, u, v)
         den = split_factors(part_m, part_l, n_split, n_head, h, float64(sinks[h]), fs)
-        if 2 * p >= HD:
-            return
-        combine_pair(part_acc, n_split, n_head, fs, den, out, do_rope, pos, n_rot, ts, fscale, ext, low, denom, msc, p)
+        if 2 * p < HD:
+            combine_pair(part_acc, n_split, n_head, fs, den, out, do_rope, pos, n_rot, ts, fscale, ext, low, denom,
+                         msc, p, u, v, ybuf)
         if PAIRS > 1:  # the simulator: this thread's further pairs (a constant-false branch on the GPU)
             for e in range(1, PAIRS):
                 if 2 * (p + e * cuda.blockDim.x) >= HD:
                     break
+                load_first(part_acc, n_split, n_head, p + e * cuda.blockDim.x, u, v)
                 combine_pair(part_acc, n_split, n_head, fs, den, out, do_rope, pos, n_rot, ts, fscale, ext, low,
-                             denom, msc, p + e * cuda.blockDim.x)
+                             denom, msc, p + e * cuda.blockDim.x, u, v, ybuf)
+        if q8_row:                          # the same for every thread of the block
+            cuda.syncthreads()
+            head_q8_0(ybuf, t, n_head, xq, xd, q8_row)
 
     return combine_kernel
 
@@ -629,7 +676,8 @@ def attn_geometry(n_head: int, head_dim: int, n_total: int, hpb: int | None = No
 def attention_decode(q: Any, raw: Any, comp: Any | None, sinks: Any, sel: Any | None = None, *, out: Any,
                      steps: Any, rec: int = 0, grp: int = GROUP0, max_rows: int, rope: Any | None = None,
                      scratch: AttnScratch | None = None, hpb: int | None = None, chunk: int = 32,
-                     splits: int | None = None, stream: Any = 0) -> Any:
+                     splits: int | None = None, q8_0: Q8_0Act | None = None, q8_0_row: int = 0,
+                     stream: Any = 0) -> Any:
     """Attention of the step's queries q (T, n_head, head_dim) over their window rows and compressed rows.
 
     Token ``t``'s step record (``steps[rec + t * NF:]``, ``ds4nb.kernels.step``)
@@ -646,7 +694,9 @@ def attention_decode(q: Any, raw: Any, comp: Any | None, sinks: Any, sel: Any | 
     rotated back by the angle of ``POS`` (step 12).  ``raw`` and ``comp`` must
     share a dtype (F16 or F32).  ``hpb``/``chunk``/``splits`` override the
     geometry (heads per block, rows per chunk, row splits) for tests and
-    benchmarks.
+    benchmarks.  ``q8_0`` given: the outputs' Q8_0 blocks too, as
+    ``act.quantize_q8_0`` of ``out`` seen as rows of ``q8_0_row`` values (the
+    grouped output projection's activation).
     """
     n_head, head_dim = sinks.size, raw.shape[1]
     if q.size % (n_head * head_dim) or head_dim % 32:
@@ -668,7 +718,7 @@ def attention_decode(q: Any, raw: Any, comp: Any | None, sinks: Any, sel: Any | 
              L.flat(q), L.flat(raw), raw.shape[0], L.flat(comp), L.flat(sel_arr), sel_stride, steps, int(rec),
              int(grp), kq, n_head, scratch.part_m, scratch.part_l, scratch.part_acc)
     combine_splits(scratch, n_split, sinks, out=out, n_tok=n_tok, head_dim=head_dim, rope=rope, steps=steps,
-                   rec=rec, stream=stream)
+                   rec=rec, q8_0=q8_0, q8_0_row=q8_0_row, stream=stream)
     return out
 
 
@@ -682,13 +732,23 @@ def scratch_splits(scratch: AttnScratch, n_head: int, n_tok: int, n_split: int) 
 
 
 def combine_splits(scratch: AttnScratch, n_split: int, sinks: Any, *, out: Any, n_tok: int, head_dim: int,
-                   rope: Any | None, steps: Any, rec: int = 0, stream: Any = 0) -> None:
+                   rope: Any | None, steps: Any, rec: int = 0, q8_0: Q8_0Act | None = None, q8_0_row: int = 0,
+                   stream: Any = 0) -> None:
     """The second kernel of ``attn.decode``: each (head, token)'s ``n_split`` partials merged with the sink,
-    divided and rounded once into ``out``, then the inverse RoPE of the tail when ``rope`` is given."""
+    divided and rounded once into ``out``, then the inverse RoPE of the tail when ``rope`` is given; with
+    ``q8_0``, out's Q8_0 blocks as rows of ``q8_0_row`` values."""
     n_head = sinks.size
+    if q8_0 is None:
+        xq, xd, q8_0_row = L.placeholder(np.uint64), L.placeholder(np.float32), 0
+    elif q8_0_row <= 0 or q8_0_row % QK8_0 or (n_tok * n_head * head_dim) % q8_0_row \
+            or q8_0.d.size < n_tok * n_head * head_dim // QK8_0:
+        raise ValueError(f"attn.decode: a Q8_0 output needs rows of whole 32-value blocks that tile the "
+                         f"{n_tok} x {n_head} x {head_dim} outputs, and room for them (q8_0_row={q8_0_row})")
+    else:
+        xq, xd = q8_0.qs, q8_0.d
     L.launch(_combine_kernel(head_dim), (n_head, n_tok), pair_threads(head_dim), stream,
              scratch.part_m, scratch.part_l, scratch.part_acc, n_split, n_head, L.flat(sinks), L.flat(out),
-             int(rope is not None), steps, int(rec), *_rope(rope, head_dim))
+             int(rope is not None), steps, int(rec), *_rope(rope, head_dim), xq, xd, int(q8_0_row))
 
 
 # ---------------------------------------------------------------------------
@@ -800,6 +860,6 @@ OPS = [
            "rows, causal within the step, optional inverse RoPE",
            "(q f32 (T, n_head, head_dim), raw (ring, head_dim), comp (n, head_dim) | None, sinks f32 (n_head,), "
            "sel int32 (T, k) | None, *, out f32 (T, n_head, head_dim), steps, rec=0, grp, max_rows, rope=None, "
-           "scratch=None, stream)",
+           "scratch=None, q8_0: Q8_0Act | None = None, q8_0_row=0, stream)",
            "ops.attention_with_sinks (+ ops.apply_rope_tail inverse)", 1e-5, _case_decode),  # CONTRACT
 ]

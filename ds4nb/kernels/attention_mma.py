@@ -366,7 +366,8 @@ def attention_mma(q: Any, raw: Any, comp: Any | None, sinks: Any, sel: Any | Non
                   rec: int = 0, grp: int = GROUP0, max_rows: int, rope: Any | None = None,
                   scratch: Any | None = None, mma: bool | None = None, hpb: int | None = None,
                   chunk: int | None = None, warps: int | None = None, splits: int | None = None,
-                  prefetch: bool = True, min_blocks: int = 0, stream: Any = 0) -> Any:
+                  prefetch: bool = True, min_blocks: int = 0, q8_0: Any | None = None, q8_0_row: int = 0,
+                  stream: Any = 0) -> Any:
     """Attention of a step's queries on float64 MMAs (heads x rows tiles); ``attention_decode`` without them.
 
     Arguments, partials (``scratch``) and outputs as ``attention.attention_decode``.
@@ -380,7 +381,8 @@ def attention_mma(q: Any, raw: Any, comp: Any | None, sinks: Any, sel: Any | Non
         mma = has_f64_mma()
     if not mma:
         return A.attention_decode(q, raw, comp, sinks, sel, out=out, steps=steps, rec=rec, grp=grp,
-                                  max_rows=max_rows, rope=rope, scratch=scratch, stream=stream)
+                                  max_rows=max_rows, rope=rope, scratch=scratch, q8_0=q8_0, q8_0_row=q8_0_row,
+                                  stream=stream)
     if q.size % (n_head * head_dim) or head_dim % 32:
         raise ValueError(f"attn.decode: q has {q.size} values, not tokens of {n_head} x {head_dim} "
                          f"(head_dim % 32 == 0)")
@@ -401,5 +403,5 @@ def attention_mma(q: Any, raw: Any, comp: Any | None, sinks: Any, sel: Any | Non
              L.flat(q), L.flat(raw), raw.shape[0], L.flat(comp), L.flat(sel_arr), sel_stride, steps, int(rec),
              int(grp), kq, n_head, scratch.part_m, scratch.part_l, scratch.part_acc)
     A.combine_splits(scratch, n_split, sinks, out=out, n_tok=n_tok, head_dim=head_dim, rope=rope, steps=steps,
-                   rec=rec, stream=stream)
+                     rec=rec, q8_0=q8_0, q8_0_row=q8_0_row, stream=stream)
     return out

@@ -15,8 +15,8 @@ quant type there are three ops, all taking the selected expert ids
                      deterministic: a fixed slot order, no atomics)
 
 Launch geometry.  A row is handled by ``lpr`` lanes (a power of two, 4..32:
-one per 256-value block, 16 for K=4096, or one per two blocks for
-``moe_down_sum``, see ``default_lanes_per_row``), each lane owning whole
+one per 256-value block, 16 for K=4096, 8 for K=2048, see
+``default_lanes_per_row``), each lane owning whole
 super-blocks ``b = lane, lane+lpr, ...``, so
 the per-block scale arithmetic stays in one lane and a row costs one
 ``log2(lpr)``-step shuffle reduction, pairwise in lane order
@@ -368,8 +368,19 @@ QTYPES = (Q.IQ2_XXS, Q.Q2_K, Q.Q4_K)
 
 #: IQ2_XXS table copies per kind.  Measured on H100 (gate/up, 6 x 2048 x 4096):
 #: 1 copy 19.3-19.8 us, 4 copies 20.3-21.5 us, 8 copies 20.1-22.3 us: filling
-#: the copies costs more than the bank conflicts they remove, so one copy.
+#: the copies costs more than the bank conflicts they remove, so one copy.  On
+#: H200, blocks that fill the copies once and walk 2, 3 or 6 row tiles
+#: (grid-stride) did not pay either: 1 copy 19.3 / 20.2 / 28.8 us, 8 copies
+#: 21.4 / 22.7 / 32.6, 32 copies (a bank a lane) 27.3 / 28.7 / 39.1, against
+#: 19.3 for one copy and one tile a block (fewer blocks: less in flight).
 IQ2_REPLICAS = {"matvec": 1, "gate_up": 1, "down_sum": 1}
+
+#: ``moe_down_sum``'s launch bounds: blocks (of 32 threads a slot) per SM asked of ptxas, 0 for none.  With 4,
+#: ptxas keeps ~80 registers a thread and more of a row's loads in flight instead of 48 (it targets full
+#: occupancy without bounds, which a grid of 512-1024 small blocks never reaches).  Measured on H200 (6 x 4096 x
+#: 2048, 8 lanes a row): Q2_K 10.7 us with 4, 14.4 without, 12.6 with 5 (64 registers); IQ2_XXS 13.0 / 13.7;
+#: Q4_K 13.7 / 17.0.  Against the former geometry (4 lanes a row, no bounds): 12.9, 14.6 and 15.1 us.
+DOWN_MIN_BLOCKS = 4
 
 
 def _partial_pair(qtype: GGMLQuantizationType, replicas: int) -> tuple[Any, Any]:
@@ -496,7 +507,7 @@ def _make_gate_up(qtype, lpr: int, nb: int, replicas: int, min_blocks: int = 0):
 
 
 @L.kernel_factory
-def _make_down_sum(qtype, lpr: int, nb: int, replicas: int):
+def _make_down_sum(qtype, lpr: int, nb: int, replicas: int, min_blocks: int = 0, threads: int = 0):
     partial, _ = _partial_pair(qtype, replicas)
     lut = qtype == Q.IQ2_XXS
     grid_words, sign_words = (256 * replicas, 128 * replicas) if lut else (1, 1)
@@ -520,7 +531,7 @@ def _make_down_sum(qtype, lpr: int, nb: int, replicas: int):
                 s += float64(part[k, col])
             out[rr] = float32(s)   # routed = sum_e down_e, rounded once
 
-    @cuda.jit
+    @jit_kernel(launch_bounds=(threads, min_blocks) if min_blocks else None)
     def kernel(qs, sc, dm, n_rows, ids, yq, yd, ybs, grid_g, sign_g, out):
         wait_prior_grid()
         grid_s = cuda.shared.array(grid_words, uint32)
@@ -556,12 +567,12 @@ _FACTORIES = {"matvec": _make_matvec, "gate_up": _make_gate_up, "down_sum": _mak
 
 
 def _kernel(kind: str, qtype: GGMLQuantizationType, lpr: int, nb: int, replicas: int | None = None,
-            min_blocks: int = 0) -> Any:
-    """``min_blocks`` (gate_up only): launch bounds asking for that many 256-thread blocks per SM.
-    Measured on H100 (IQ2_XXS, 4 blocks: 64 registers with a 24-byte spill instead of 70): no
-    gain (18.8 vs 18.9 us), so the registered launchers leave it at 0."""
+            min_blocks: int = 0, threads: int = THREADS) -> Any:
+    """``min_blocks``: launch bounds asking for that many blocks of ``threads`` per SM (gate_up, down_sum).
+    Measured on H100 (IQ2_XXS gate/up, 4 blocks: 64 registers with a 24-byte spill instead of 70): no
+    gain (18.8 vs 18.9 us), so the gate/up launcher leaves it at 0."""
     replicas = (replicas or IQ2_REPLICAS[kind]) if qtype == Q.IQ2_XXS else 1
-    extra = (min_blocks,) if min_blocks else ()
+    extra = () if not min_blocks else (min_blocks,) if kind == "gate_up" else (min_blocks, threads)
     return _FACTORIES[kind](qtype, lpr, nb, replicas, *extra)
 
 
@@ -570,17 +581,12 @@ def lanes_per_row(nb: int) -> int:
     return L.pow2_at_least(nb, 4, 32)
 
 
-def default_lanes_per_row(kind: str, nb: int) -> int:
-    """One super-block per lane for ``matvec``/``gate_up`` (16 lanes for K=4096), two for
-    ``down_sum`` (4 lanes for K=2048), where blocks hold few rows and a lane walking two
-    blocks overlaps the second's loads with the first's math.  Measured on H100 (6 experts):
-    Q2_K down 4096 x 2048 13.9 us (4 lanes) vs 15.1 (8) and 17.7 (2); IQ2_XXS 2048 x 4096
-    matvec 12.4 us (16 lanes) vs 14.8 (8), gate/up 18.7 us (16) vs 18.8 (8)."""
-    if SIMULATOR:
-        return 1
-    if kind == "down_sum":
-        return L.pow2_at_least(max(1, nb // 2), 4, 32)
-    return lanes_per_row(nb)
+def default_lanes_per_row(nb: int) -> int:
+    """One super-block per lane, every kind (16 lanes for K=4096, 8 for K=2048; one in the simulator).
+    Measured on H100 (6 experts): IQ2_XXS 2048 x 4096 matvec 12.4 us (16 lanes) vs 14.8 (8), gate/up
+    18.7 us (16) vs 18.8 (8).  ``moe_down_sum`` with its launch bounds (:data:`DOWN_MIN_BLOCKS`), on H200:
+    Q2_K 4096 x 2048 10.7 us (8 lanes) vs 11.2 (4); without them 14.4 (8) vs 12.9 (4)."""
+    return 1 if SIMULATOR else lanes_per_row(nb)
 
 
 _DEVICE_CONST: dict[str, Any] = {}
@@ -615,18 +621,18 @@ def _sc(w: PackedWeight, c: dict[str, Any]) -> Any:
     return c["no_sc"] if w.sc is None else w.sc
 
 
-def _geometry(w: PackedWeight, qtype: GGMLQuantizationType, lpr: int | None, kind: str) -> tuple[int, int, int]:
+def _geometry(w: PackedWeight, qtype: GGMLQuantizationType, lpr: int | None) -> tuple[int, int, int]:
     if w.qtype != qtype:
         raise ValueError(f"expected a {qtype.name} expert tensor, got {w.qtype.name}")
     if len(w.shape) != 3:
         raise ValueError(f"expected an (E, N, K) expert tensor, got shape {w.shape}")
     nb = w.n_blocks
-    return w.shape[-2], nb, lpr or default_lanes_per_row(kind, nb)
+    return w.shape[-2], nb, lpr or default_lanes_per_row(nb)
 
 
 def _moe_matvec(qtype: GGMLQuantizationType, w: PackedWeight, ids: Any, x: Q8KAct, *, out: Any,
                 stream: Any = 0, lpr: int | None = None, replicas: int | None = None) -> Any:
-    n_rows, nb, lpr = _geometry(w, qtype, lpr, "matvec")
+    n_rows, nb, lpr = _geometry(w, qtype, lpr)
     n_slots = ids.size
     x_per_slot = 1 if x.d.size == n_slots * nb else 0
     c = _consts()
@@ -640,7 +646,7 @@ def _moe_matvec(qtype: GGMLQuantizationType, w: PackedWeight, ids: Any, x: Q8KAc
 def _moe_gate_up(qtype: GGMLQuantizationType, gate: PackedWeight, up: PackedWeight, ids: Any, weights: Any,
                  x: Q8KAct, clamp: float, *, out: Any, stream: Any = 0, lpr: int | None = None,
                  replicas: int | None = None, min_blocks: int = 0) -> Any:
-    n_rows, nb, lpr = _geometry(gate, qtype, lpr, "gate_up")
+    n_rows, nb, lpr = _geometry(gate, qtype, lpr)
     if up.shape != gate.shape or up.qtype != gate.qtype:
         raise ValueError(f"gate {gate.shape} and up {up.shape} differ")
     n_slots = ids.size
@@ -655,15 +661,17 @@ def _moe_gate_up(qtype: GGMLQuantizationType, gate: PackedWeight, up: PackedWeig
 
 
 def _moe_down_sum(qtype: GGMLQuantizationType, w: PackedWeight, ids: Any, x: Q8KAct, *, out: Any,
-                  stream: Any = 0, lpr: int | None = None, replicas: int | None = None) -> Any:
-    n_rows, nb, lpr = _geometry(w, qtype, lpr, "down_sum")
+                  stream: Any = 0, lpr: int | None = None, replicas: int | None = None,
+                  min_blocks: int = DOWN_MIN_BLOCKS) -> Any:
+    n_rows, nb, lpr = _geometry(w, qtype, lpr)
     n_slots = ids.size
     if not 1 <= n_slots <= MAX_SLOTS:
         raise ValueError(f"moe_down_sum takes 1..{MAX_SLOTS} experts, got {n_slots}")
     c = _consts()
     warp = down_warp(lpr)
     rows_per_block = warp // lpr * DOWN_ROWS_PER_THREAD
-    L.launch(_kernel("down_sum", qtype, lpr, nb, replicas), L.cdiv(n_rows, rows_per_block), warp * n_slots, stream,
+    L.launch(_kernel("down_sum", qtype, lpr, nb, replicas, min_blocks, warp * n_slots), L.cdiv(n_rows, rows_per_block),
+             warp * n_slots, stream,
         w.qs, _sc(w, c), w.dm, n_rows, ids, x.qs, x.d, x.bsums, c["grid"], c["sign"], L.flat(out))
     return out
 

@@ -712,10 +712,10 @@ def _make_gate_up_grouped(qtype, lpr: int, nb: int, n: int, min_blocks: int = 0)
     return kernel
 
 
-def _geometry(w: PackedWeight, qtype: GGMLQuantizationType, groups: SlotGroups, x: Q8KAct, kind: str,
+def _geometry(w: PackedWeight, qtype: GGMLQuantizationType, groups: SlotGroups, x: Q8KAct,
               lpr: int | None) -> tuple[int, int, int, int, int]:
     """(n_rows, nb, lanes per row, n_expert, slots per activation row), checked."""
-    n_rows, nb, lpr = M._geometry(w, qtype, lpr, kind)
+    n_rows, nb, lpr = M._geometry(w, qtype, lpr)
     n_expert = w.shape[0]
     if groups.offsets.size != n_expert + 1:
         raise ValueError(f"offsets has {groups.offsets.size} entries for {n_expert} experts")
@@ -733,11 +733,11 @@ def _moe_matvec_grouped(qtype: GGMLQuantizationType, w: PackedWeight, groups: Sl
 
     Grid ``(n_expert, cdiv(N, 256 / lpr))`` of 256-thread blocks (simulator: ``(n_expert, cdiv(N, 64))`` of
     16 threads, 4 rows a thread); ``div = n_slots / rows(x)``.  ``lpr`` (default
-    ``moe.default_lanes_per_row("matvec", nb)``: the per-slot ``moe_matvec``'s, which the bit-identity
+    ``moe.default_lanes_per_row(nb)``: the per-slot ``moe_matvec``'s, which the bit-identity
     needs), ``slots`` (1..8, slots a weight super-block is read for) and ``min_blocks`` (launch bounds:
     256-thread blocks per SM, 0: none) are tuning knobs that never change the outputs.
     """
-    n_rows, nb, lpr, n_expert, div = _geometry(w, qtype, groups, x, "matvec", lpr)
+    n_rows, nb, lpr, n_expert, div = _geometry(w, qtype, groups, x, lpr)
     c = M._consts()
     nt = M.block_threads(lpr)
     grid = (n_expert, L.cdiv(n_rows, nt // lpr * ROWS_PER_THREAD))
@@ -755,7 +755,7 @@ def _moe_gate_up_grouped(qtype: GGMLQuantizationType, gate: PackedWeight, up: Pa
 
     Geometry and knobs as :func:`_moe_matvec_grouped` (``lpr`` default: ``moe_gate_up``'s).
     """
-    n_rows, nb, lpr, n_expert, div = _geometry(gate, qtype, groups, x, "gate_up", lpr)
+    n_rows, nb, lpr, n_expert, div = _geometry(gate, qtype, groups, x, lpr)
     if up.shape != gate.shape or up.qtype != gate.qtype:
         raise ValueError(f"gate {gate.shape} and up {up.shape} differ")
     c = M._consts()

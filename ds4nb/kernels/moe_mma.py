@@ -579,12 +579,12 @@ def _moe_matvec_tiles(qtype: GGMLQuantizationType, w: PackedWeight, groups: Slot
     """``out[s, r] = W[e][r] . x[s // div]`` for every slot ``s`` of every expert ``e`` in ``groups``.
 
     Stages ``x`` (:func:`stage_slot_acts`), then a grid ``(n_expert, cdiv(N, 64))`` of 4 warps (simulator: one
-    warp, 16 rows); ``lpr`` (default ``moe.default_lanes_per_row("matvec", nb)``) is the per-slot kernel whose
+    warp, 16 rows); ``lpr`` (default ``moe.default_lanes_per_row(nb)``) is the per-slot kernel whose
     sums are reproduced.  Knobs that never change the outputs: ``min_blocks`` (launch bounds; None:
     :data:`MIN_BLOCKS`), ``mma`` (None: the int8 MMA where the GPU has it, False: dp4a, True: the MMA, in the
     simulator too) and ``iq2_signs`` (:data:`SIGNS`).
     """
-    n_rows, nb, lpr, n_expert, div = _geometry(w, qtype, groups, x, "matvec", lpr)
+    n_rows, nb, lpr, n_expert, div = _geometry(w, qtype, groups, x, lpr)
     acts = _staged(groups, x, nb, div, stream)
     c = M._consts()
     sc = M._sc(w, c)
@@ -604,7 +604,7 @@ def _moe_gate_up_tiles(qtype: GGMLQuantizationType, gate: PackedWeight, up: Pack
     Stages ``x``, then a grid ``(n_expert, cdiv(N, 32))`` of 4 warps (simulator: one warp, 8 rows); knobs as
     :func:`_moe_matvec_tiles` (``lpr`` default: ``moe_gate_up``'s).
     """
-    n_rows, nb, lpr, n_expert, div = _geometry(gate, qtype, groups, x, "gate_up", lpr)
+    n_rows, nb, lpr, n_expert, div = _geometry(gate, qtype, groups, x, lpr)
     if up.shape != gate.shape or up.qtype != gate.qtype:
         raise ValueError(f"gate {gate.shape} and up {up.shape} differ")
     acts = _staged(groups, x, nb, div, stream)

@@ -17,6 +17,11 @@ reshape ``(n_tok * n_head, head_dim)`` and call the same op.
 
 In the simulator a block is one thread (``THREADS = LANES = 1``): no shuffle,
 and the one barrier waits for no other thread.
+
+Given a Q8_0 activation (``q8_0``, the next Q8_0 matvec's input), the second
+pass instead gives each thread 8 consecutive values (``activation.q8_0_lane``'s
+share: 4 lanes a 32-value block) and writes their Q8_0 blocks beside the
+float32 row, bit-identical to ``act.quantize_q8_0`` of it: one launch less.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import numpy as np
 from numba import cuda
 
 from ds4nb.kernels import _launch as L
-from ds4nb.kernels.intrinsics import SIMULATOR, float32, float64, wait_prior_grid, warp_sum
+from ds4nb.kernels.activation import Q8_0_LANE_VALS, Q8_0Act, QK8_0, q8_0_lane
+from ds4nb.kernels.intrinsics import SIMULATOR, device, float32, float64, wait_prior_grid, warp_sum
 from ds4nb.kernels.parity import CONTRACT, Case
 from ds4nb.kernels.registry import OpSpec, implementation
 
@@ -37,11 +43,35 @@ LANES = 1 if SIMULATOR else 32   # lanes of a reduction group (a warp on the GPU
 _WARPS = THREADS // LANES        # <= LANES: one group re-reduces the group sums
 _D0 = np.float64(0.0)
 _D1 = np.float64(1.0)
+_F0 = np.float32(0.0)
 DS4_RMS_EPS = 1.0e-6
 
 
+@device
+def _scale_quantize(x, w, has_w, n, inv, out, xq, xd, row, tid):
+    """The scaling pass, ``Q8_0_LANE_VALS`` consecutive values a thread, and their Q8_0 blocks (n % 32 == 0).
+    Every thread runs every round (the lanes of a block share its amax by shuffles); past n, none stores."""
+    base = row * n
+    vals = cuda.local.array(Q8_0_LANE_VALS, float32)
+    for r in range((n + Q8_0_LANE_VALS * THREADS - 1) // (Q8_0_LANE_VALS * THREADS)):
+        first = (r * THREADS + tid) * Q8_0_LANE_VALS
+        valid = first < n
+        amax = _F0
+        for i in range(Q8_0_LANE_VALS):
+            v = _F0
+            if valid:
+                y = float64(x[base + first + i]) * inv
+                if has_w:
+                    y *= float64(w[first + i])
+                v = float32(y)
+                out[base + first + i] = v
+            vals[i] = v
+            amax = max(amax, abs(v))
+        q8_0_lane(vals, 0, amax, xq, xd, row, n // QK8_0, first // QK8_0, (first % QK8_0) // 8, valid)
+
+
 @cuda.jit
-def _rms_norm_kernel(x, w, has_w, n, eps, out):
+def _rms_norm_kernel(x, w, has_w, n, eps, out, xq, xd, has_q8):
     wait_prior_grid()
     row = cuda.blockIdx.x
     tid = cuda.threadIdx.x
@@ -59,6 +89,9 @@ def _rms_norm_kernel(x, w, has_w, n, eps, out):
     total = red[lane] if lane < _WARPS else _D0
     total = warp_sum(total, LANES)
     inv = _D1 / float64(math.sqrt(total / float64(n) + eps))   # eps: float64(float32 eps), a launch argument
+    if has_q8:
+        _scale_quantize(x, w, has_w, n, inv, out, xq, xd, row, tid)
+        return
     for i in range(tid, n, THREADS):
         y = float64(x[base + i]) * inv
         if has_w:
@@ -67,15 +100,24 @@ def _rms_norm_kernel(x, w, has_w, n, eps, out):
 
 
 @implementation("norm.rms", "block_per_row", layout="f32")
-def rms_norm(x: Any, w: Any | None, eps: float = DS4_RMS_EPS, *, out: Any, stream: Any = 0) -> Any:
-    """RMSNorm of each row of x (n_rows, n), optionally times weight w (n,)."""
+def rms_norm(x: Any, w: Any | None, eps: float = DS4_RMS_EPS, *, out: Any, q8_0: Q8_0Act | None = None,
+             stream: Any = 0) -> Any:
+    """RMSNorm of each row of x (n_rows, n), optionally times weight w (n,); ``q8_0`` given (rows of n / 32
+    blocks, n % 32 == 0): out's Q8_0 blocks too, as ``act.quantize_q8_0`` would make them."""
     n = tuple(x.shape)[-1]
     rows = x.size // n
     if w is None:
         w, has_w = L.placeholder(np.float32), 0
     else:
         has_w = 1
-    L.launch(_rms_norm_kernel, rows, THREADS, stream, L.flat(x), w, has_w, n, eps64(eps), L.flat(out))
+    if q8_0 is None:
+        xq, xd, has_q8 = L.placeholder(np.uint64), L.placeholder(np.float32), 0
+    elif n % QK8_0 or q8_0.d.size < rows * (n // QK8_0):
+        raise ValueError(f"norm.rms: a Q8_0 output needs rows of whole 32-value blocks and room for {rows} rows, "
+                         f"got n={n} and {q8_0.d.size} blocks")
+    else:
+        xq, xd, has_q8 = q8_0.qs, q8_0.d, 1
+    L.launch(_rms_norm_kernel, rows, THREADS, stream, L.flat(x), w, has_w, n, eps64(eps), L.flat(out), xq, xd, has_q8)
     return out
 
 
@@ -99,6 +141,6 @@ def _case(rng: np.random.Generator, scale: str) -> Case:
 
 OPS = [
     OpSpec("norm.rms", "RMSNorm of rows, optional per-channel weight",
-           "(x f32 (rows, n), w f32 (n,) | None, eps, *, out f32 (rows, n), stream)",
+           "(x f32 (rows, n), w f32 (n,) | None, eps, *, out f32 (rows, n), q8_0: Q8_0Act | None, stream)",
            "ds4nb.reference.ops.rms_norm", 1e-6, _case),  # CONTRACT: one float64 evaluation, one rounding
 ]
