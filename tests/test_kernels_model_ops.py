@@ -368,7 +368,7 @@ def test_attention_decode_variants(kernel_rng, case):
 
 def test_attention_decode_writes_the_q8_0_blocks_of_its_heads(kernel_rng):
     """attn.decode with a Q8_0 output (the grouped output projection's activation, rows of a group's heads):
-    the same heads as without it, and the numpy quantizer's blocks of them."""
+    the same heads as without it (the oracle's), and the numpy quantizer's blocks of them."""
     from ds4nb.kernels.activation import alloc_q8_0
     from ds4nb.quants import quantize_q8_0
     from ds4nb.quants.repack import pack_q8_0_activation
@@ -386,6 +386,8 @@ def test_attention_decode_writes_the_q8_0_blocks_of_its_heads(kernel_rng):
     A.attention_decode(*args, out=out, q8_0=q8, q8_0_row=n_row, **kw)
     got = out.copy_to_host()
     assert np.array_equal(got, plain.copy_to_host())
+    check_bits(got, ops.attention_with_sinks(q, np.concatenate([raw, comp]).astype(np.float32), sinks),
+               "attn.decode", "with Q8_0")
     for a, want in zip(q8, pack_q8_0_activation(*quantize_q8_0(got.reshape(-1, n_row))), strict=True):
         assert np.array_equal(a.copy_to_host(), want.reshape(-1))
     with pytest.raises(ValueError, match="whole 32-value blocks"):
